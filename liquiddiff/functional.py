@@ -1,0 +1,101 @@
+"""Reference ops in plain PyTorch: the specification every fused kernel is held to.
+
+The math is that of DESIGN.md section 1. These functions are used by the reference modules,
+by the tests (as the ground truth for value and gradient) and by the benchmarks (as the eager
+and ``torch.compile`` baselines). Do not optimise them at the cost of clarity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "cfc_relax",
+    "adaln_modulate",
+    "relaxation_weight",
+    "multiscale_depthwise_conv",
+    "multiscale_depthwise_conv_branches",
+]
+
+
+def _per_channel(v: torch.Tensor) -> torch.Tensor:
+    """[B, C] -> [B, C, 1, 1], broadcastable against [B, C, H, W]."""
+    return v[:, :, None, None]
+
+
+def relaxation_weight(rho: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha = exp(-softplus(rho) * |t|), shape [B, C] from rho [C] and t [B]."""
+    return torch.exp(-F.softplus(rho)[None, :] * t.abs()[:, None])
+
+
+def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
+    """CfC time gate, CfC interpolation and liquid relaxation, in one op.
+
+    gate  = sigmoid(a * f - b)
+    y     = gate * g + (1 - gate) * h
+    alpha = exp(-softplus(rho) * |t|)
+    out   = alpha * x + (1 - alpha) * y   (+ residual)
+
+    f, g, h, x, residual: [B, C, H, W]; a, b: [B, C]; rho: [C]; t: [B].
+    The result dtype follows PyTorch's type promotion over all inputs.
+    """
+    gate = torch.sigmoid(_per_channel(a) * f - _per_channel(b))
+    y = gate * g + (1 - gate) * h
+    alpha = _per_channel(relaxation_weight(rho, t))
+    out = alpha * x + (1 - alpha) * y
+    if residual is not None:
+        out = out + residual
+    return out
+
+
+def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
+    """Per-pixel LayerNorm over channels (no affine), then a time-dependent modulation.
+
+    s     = x (+ residual)
+    x_hat = (s - mean_C(s)) / sqrt(var_C(s) + eps)
+    out   = x_hat * (1 + scale) + shift
+
+    x, residual: [B, C, H, W]; scale, shift: [B, C]. Returns ``out``, or ``(out, s)`` when
+    ``residual`` is given (the residual stream continues from ``s``). The statistics are taken
+    in at least fp32, as every LayerNorm does under autocast; ``out`` has the promoted dtype of
+    (s, scale, shift) and ``s`` the promoted dtype of (x, residual).
+    """
+    s = x if residual is None else x + residual
+    stats_dtype = torch.promote_types(s.dtype, torch.float32)
+    s32 = s.to(stats_dtype)
+    mean = s32.mean(dim=1, keepdim=True)
+    var = (s32 - mean).square().mean(dim=1, keepdim=True)
+    x_hat = (s32 - mean) * torch.rsqrt(var + eps)
+    out_dtype = torch.promote_types(torch.promote_types(s.dtype, scale.dtype), shift.dtype)
+    out = (x_hat * (1 + _per_channel(scale)) + _per_channel(shift)).to(out_dtype)
+    return out if residual is None else (out, s)
+
+
+def _pad_to(weight: torch.Tensor, size: int) -> torch.Tensor:
+    pad = (size - weight.shape[-1]) // 2
+    return F.pad(weight, (pad, pad, pad, pad))
+
+
+def multiscale_depthwise_conv(x, weights, biases):
+    """Sum of depthwise convolutions of odd sizes (3x3, 5x5, 7x7, ...) as ONE convolution.
+
+    Structural re-parameterisation: each kernel is zero-padded to the largest size and the
+    kernels (and biases) are added, so the three branches cost one depthwise conv. Autograd
+    still gives each branch weight its own gradient (the slice of the summed kernel's grad).
+    """
+    size = max(w.shape[-1] for w in weights)
+    weight = sum(_pad_to(w, size) for w in weights)
+    bias = sum(biases)
+    return F.conv2d(x, weight, bias, padding=size // 2, groups=x.shape[1])
+
+
+def multiscale_depthwise_conv_branches(x, weights, biases):
+    """The same function as :func:`multiscale_depthwise_conv`, one convolution per branch.
+
+    This is the seed's literal form; it is kept as the definition the merged form is tested
+    against.
+    """
+    return sum(
+        F.conv2d(x, w, b, padding=w.shape[-1] // 2, groups=x.shape[1])
+        for w, b in zip(weights, biases)
+    )

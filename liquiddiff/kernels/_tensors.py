@@ -1,0 +1,94 @@
+"""Argument checks, dtype rules and layout helpers shared by the kernel launchers.
+
+Every check runs before any launch and names the argument that is wrong.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+try:
+    import triton.language as tl
+except Exception:  # Triton missing: the launchers are never reached (runtime.select_backend)
+    tl = None
+
+
+def check_floating(name: str, t: torch.Tensor) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def check_activation(name: str, t: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    """A [B, C, H, W] floating tensor, with the shape and device of ``like`` when given."""
+    check_floating(name, t)
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D [B, C, H, W] tensor, got shape {tuple(t.shape)}")
+    if like is not None:
+        if t.shape != like.shape:
+            raise ValueError(f"{name}: expected shape {tuple(like.shape)}, got {tuple(t.shape)}")
+        check_device(name, t, like.device)
+
+
+def check_vector(name: str, t: torch.Tensor, shape: tuple[int, ...], device: torch.device) -> None:
+    """A small floating parameter tensor ([B, C], [C] or [B]) of exactly ``shape``."""
+    check_floating(name, t)
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    check_device(name, t, device)
+
+
+def check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device}, got one on {t.device}")
+
+
+def result_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """PyTorch's type promotion over the given tensors, as the reference applies it."""
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors if t is not None))
+
+
+def compute_dtype(*tensors: torch.Tensor | None):
+    """Triton compute dtype: fp64 when any input is fp64 (gradcheck), else fp32."""
+    if any(t is not None and t.dtype == torch.float64 for t in tensors):
+        return tl.float64
+    return tl.float32
+
+
+def pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride_b, stride_c, stride_pixel) viewing [B, C, H, W] as [B, C, H*W].
+
+    Works for NCHW-contiguous (pixel stride 1), channels_last (channel stride 1) and channel
+    slices of either, without a copy. None when H and W cannot be merged into one pixel axis.
+    """
+    _, _, height, width = t.shape
+    sb, sc, sh, sw = t.stride()
+    if height == 1:
+        return sb, sc, sw
+    if width == 1:
+        return sb, sc, sh
+    if sh == width * sw:
+        return sb, sc, sw
+    return None
+
+
+def flat_pixels(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """``t`` with its pixel strides; a tensor whose H and W cannot merge is copied first.
+
+    Only exotic views (a spatial crop, a transposed H/W) take the copy; the layouts the model
+    produces never do.
+    """
+    strides = pixel_strides(t)
+    if strides is None:
+        t = t.contiguous()
+        strides = pixel_strides(t)
+    return t, strides
+
+
+def empty_activation(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An output with the memory format of ``like`` (NCHW or channels_last)."""
+    if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
+        return torch.empty_like(like, dtype=dtype, memory_format=torch.channels_last)
+    return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)

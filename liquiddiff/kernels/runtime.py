@@ -1,0 +1,101 @@
+"""Runtime selection: the one place that decides whether an op runs Triton or PyTorch.
+
+Triton can run an op when Triton imports and either the tensors are on a CUDA device or the
+Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs the kernels on the CPU).
+``LIQUIDDIFF_KERNELS`` chooses the policy:
+
+- ``auto`` (default): Triton where it can run, else the PyTorch reference (a warning, once);
+- ``triton``: Triton or a RuntimeError that says what is missing;
+- ``torch``: always the PyTorch reference.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+POLICIES = ("auto", "triton", "torch")
+ENV_VAR = "LIQUIDDIFF_KERNELS"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "triton" or "torch"
+    reason: str
+
+    @property
+    def is_triton(self) -> bool:
+        return self.name == "triton"
+
+
+def policy() -> str:
+    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    if value not in POLICIES:
+        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(POLICIES)}")
+    return value
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=1)
+def triton_import_error() -> str | None:
+    """None when Triton imports, else why it does not."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return f"triton does not import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_unavailable_reason(device: torch.device) -> str | None:
+    """None when Triton kernels can run on ``device``, else the reason they cannot."""
+    missing = triton_import_error()
+    if missing:
+        return missing
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and interpreter_enabled():
+        return None
+    if device.type == "cpu":
+        return "tensors are on the CPU and the Triton interpreter is off (set TRITON_INTERPRET=1)"
+    return f"Triton kernels do not run on device type {device.type!r}"
+
+
+_warned: set[str] = set()
+
+
+def select_backend(op: str, device: torch.device | str) -> Backend:
+    """Which backend runs ``op`` for tensors on ``device``, and why."""
+    device = torch.device(device)
+    chosen = policy()
+    if chosen == "torch":
+        return Backend("torch", f"{ENV_VAR}=torch")
+    missing = triton_unavailable_reason(device)
+    if missing is None:
+        where = "interpreter" if device.type == "cpu" else device.type
+        return Backend("triton", f"Triton ({where}), {ENV_VAR}={chosen}")
+    if chosen == "triton":
+        raise RuntimeError(f"{op}: {ENV_VAR}=triton, but {missing}")
+    return Backend("torch", f"PyTorch reference: {missing}")
+
+
+def warn_fallback_once(op: str, backend: Backend) -> None:
+    """A fused model that falls back to PyTorch says so once per op, not on every call."""
+    if backend.is_triton or policy() == "torch" or op in _warned:
+        return
+    _warned.add(op)
+    warnings.warn(f"liquiddiff: {op} runs the {backend.reason}", RuntimeWarning, stacklevel=3)
+
+
+@torch.compiler.assume_constant_result
+def use_triton(op: str, device_type: str) -> bool:
+    """Trace-time constant for ``torch.compile``: the choice never costs a graph break."""
+    backend = select_backend(op, torch.device(device_type))
+    warn_fallback_once(op, backend)
+    return backend.is_triton
