@@ -87,8 +87,24 @@ def flat_pixels(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, strides
 
 
+# Tests switch this on (tests/parity.py): every buffer a launcher allocates starts as NaN, so an
+# element that no program writes makes the parity check fail instead of passing by luck.
+poison_outputs = False
+
+
+def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
+    return t.fill_(float("nan")) if poison_outputs else t
+
+
 def empty_activation(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An output with the memory format of ``like`` (NCHW or channels_last)."""
     if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
-        return torch.empty_like(like, dtype=dtype, memory_format=torch.channels_last)
-    return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
+        fmt = torch.channels_last
+    else:
+        fmt = torch.contiguous_format
+    return _maybe_poison(torch.empty_like(like, dtype=dtype, memory_format=fmt))
+
+
+def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A scratch or output buffer (per-program partial sums, saved statistics)."""
+    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))

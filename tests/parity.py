@@ -1,0 +1,46 @@
+"""Helpers shared by the parity tests: error metric, poisoned outputs, shared upstream grads."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from liquiddiff.kernels import _tensors
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in fp64; NaN anywhere makes it NaN (and every check fail)."""
+    out, ref = out.detach().double(), ref.detach().double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """Every buffer a launcher allocates starts as NaN while this is active."""
+    _tensors.poison_outputs = True
+    try:
+        yield
+    finally:
+        _tensors.poison_outputs = False
+
+
+def leaves(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """Fresh leaf copies that require grad, so the fused and reference runs share inputs."""
+    return {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+
+
+def grads_of(out, inputs: dict[str, torch.Tensor], upstream):
+    """Gradients of every input, for one shared upstream gradient (per output)."""
+    outs = out if isinstance(out, tuple) else (out,)
+    ups = upstream if isinstance(upstream, tuple) else (upstream,)
+    names = list(inputs)
+    grads = torch.autograd.grad(outs, [inputs[n] for n in names], ups, allow_unused=True)
+    return dict(zip(names, grads))
+
+
+def assert_close(name: str, out, ref, tol: float) -> None:
+    assert out is not None and ref is not None, f"{name}: missing gradient"
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != {ref.dtype}"
+    err = rel_err(out, ref)
+    assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.0e}"
