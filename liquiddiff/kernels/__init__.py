@@ -1,0 +1,24 @@
+"""Fused Triton kernels, each a ``torch.library.custom_op`` with its own backward.
+
+Each public op has the signature of its reference in :mod:`liquiddiff.functional`; the runtime
+selection in :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or that
+reference run, and :func:`backend_report` says which and why.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adaln import adaln_modulate
+from .cfc_relax import cfc_relax
+from .runtime import Backend, policy, select_backend
+
+OPS = ("cfc_relax", "adaln_modulate")
+
+__all__ = ["cfc_relax", "adaln_modulate", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+
+
+def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:
+    """For each fused op, the backend that will run on ``device`` (default: CUDA if present)."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return {op: select_backend(op, device) for op in OPS}
