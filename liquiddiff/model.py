@@ -1,0 +1,163 @@
+"""The LiquidDiffusion U-Net and its presets."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .modules import (
+    DownSample,
+    FusedSwitch,
+    LiquidDiffusionBlock,
+    SkipFusion,
+    TimestepEmbedding,
+    UpSample,
+)
+
+
+@dataclass(frozen=True)
+class LiquidDiffusionConfig:
+    channels: tuple[int, ...] = (64, 128, 256)
+    blocks: tuple[int, ...] = (2, 2, 4)
+    bottleneck_blocks: int = 2
+    in_channels: int = 3
+    ffn_mult: int = 2
+    name: str = "custom"
+
+    def __post_init__(self):
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+        if not self.channels or len(self.channels) != len(self.blocks):
+            raise ValueError(
+                f"channels {self.channels} and blocks {self.blocks} must be non-empty and of equal length"
+            )
+        if any(c <= 0 for c in self.channels) or any(b < 0 for b in self.blocks):
+            raise ValueError(f"channels must be positive and blocks non-negative: {self.channels}, {self.blocks}")
+        if self.in_channels <= 0:
+            raise ValueError(f"in_channels must be positive, got {self.in_channels}")
+
+    @property
+    def downsample_factor(self) -> int:
+        """H and W must be multiples of this (one stride-2 conv between stages)."""
+        return 2 ** (len(self.channels) - 1)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+PRESETS: dict[str, LiquidDiffusionConfig] = {
+    # Sized for a CPU demo: 32 px digits train in minutes on two cores.
+    "micro": LiquidDiffusionConfig(channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1, name="micro"),
+    "tiny": LiquidDiffusionConfig(channels=(64, 128, 256), blocks=(2, 2, 4), name="tiny"),
+    "small": LiquidDiffusionConfig(channels=(96, 192, 384), blocks=(2, 3, 6), name="small"),
+    "base": LiquidDiffusionConfig(channels=(128, 256, 512), blocks=(2, 4, 8), name="base"),
+    "large": LiquidDiffusionConfig(channels=(128, 256, 512, 768), blocks=(2, 4, 8, 4), name="large"),
+}
+
+
+def _stage(channels: int, n: int, temb_dim: int, ffn_mult: int) -> nn.ModuleList:
+    return nn.ModuleList(LiquidDiffusionBlock(channels, temb_dim, ffn_mult) for _ in range(n))
+
+
+class LiquidDiffusion(nn.Module):
+    """Attention-free U-Net of LiquidDiffusionBlocks predicting the rectified-flow velocity.
+
+    forward(x [B, C, H, W], t [B] in [0, 1]) -> velocity [B, C, H, W].
+    """
+
+    def __init__(self, config: LiquidDiffusionConfig | None = None, *, fused: bool = False, **overrides):
+        super().__init__()
+        config = replace(config or LiquidDiffusionConfig(), **overrides)
+        self.config = config
+        ch = config.channels
+        temb_dim = 4 * ch[0]
+        self.time_embed = TimestepEmbedding(ch[0], temb_dim)
+        self.stem = nn.Sequential(
+            nn.Conv2d(config.in_channels, ch[0], 3, padding=1), nn.SiLU(), nn.Conv2d(ch[0], ch[0], 3, padding=1)
+        )
+        self.encoder = nn.ModuleList(_stage(c, n, temb_dim, config.ffn_mult) for c, n in zip(ch, config.blocks))
+        self.downs = nn.ModuleList(DownSample(ch[i], ch[i + 1]) for i in range(len(ch) - 1))
+        self.bottleneck = _stage(ch[-1], config.bottleneck_blocks, temb_dim, config.ffn_mult)
+        self.ups = nn.ModuleList(UpSample(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
+        self.fusions = nn.ModuleList(SkipFusion(c) for c in ch)
+        self.decoder = nn.ModuleList(_stage(c, n, temb_dim, config.ffn_mult) for c, n in zip(ch, config.blocks))
+        self.head_norm = nn.GroupNorm(min(32, ch[0]), ch[0])
+        self.head = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
+        self.set_fused(fused)
+
+    @property
+    def fused(self) -> bool:
+        return self._fused
+
+    def set_fused(self, fused: bool = True) -> "LiquidDiffusion":
+        """Route the CfC and AdaLN ops through the fused kernels (or back); weights are untouched."""
+        self._fused = bool(fused)
+        for m in self.modules():
+            if isinstance(m, FusedSwitch):
+                m.fused = self._fused
+        return self
+
+    def check_input(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
+        """Shape checks with messages that say what to change; run before any work."""
+        cfg = self.config
+        if x.dim() != 4:
+            raise ValueError(f"x: expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        if x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x: expected {cfg.in_channels} channels, got {x.shape[1]} (shape {tuple(x.shape)})")
+        k = cfg.downsample_factor
+        if x.shape[2] % k or x.shape[3] % k:
+            raise ValueError(
+                f"x: image size {x.shape[2]}x{x.shape[3]} must be a multiple of {k} "
+                f"for {len(cfg.channels)} U-Net stages"
+            )
+        if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
+            raise ValueError(f"t: expected shape [{x.shape[0]}], got {tuple(t.shape)}")
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, t)
+        temb = self.time_embed(t)
+        h = self.stem(x)
+        skips = []
+        for i, stage in enumerate(self.encoder):
+            for block in stage:
+                h = block(h, temb, t)
+            skips.append(h)
+            if i < len(self.downs):
+                h = self.downs[i](h)
+        for block in self.bottleneck:
+            h = block(h, temb, t)
+        for i in reversed(range(len(self.decoder))):
+            if i < len(self.ups):
+                h = self.ups[i](h)
+            h = self.fusions[i](h, skips[i])
+            for block in self.decoder[i]:
+                h = block(h, temb, t)
+        return self.head(F.silu(self.head_norm(h)))
+
+
+def build(preset: str, *, fused: bool = False, **overrides) -> LiquidDiffusion:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; expected one of {', '.join(PRESETS)}")
+    return LiquidDiffusion(PRESETS[preset], fused=fused, **overrides)
+
+
+def liquid_diffusion_micro(*, fused: bool = False, **overrides) -> LiquidDiffusion:
+    return build("micro", fused=fused, **overrides)
+
+
+def liquid_diffusion_tiny(*, fused: bool = False, **overrides) -> LiquidDiffusion:
+    return build("tiny", fused=fused, **overrides)
+
+
+def liquid_diffusion_small(*, fused: bool = False, **overrides) -> LiquidDiffusion:
+    return build("small", fused=fused, **overrides)
+
+
+def liquid_diffusion_base(*, fused: bool = False, **overrides) -> LiquidDiffusion:
+    return build("base", fused=fused, **overrides)
+
+
+def liquid_diffusion_large(*, fused: bool = False, **overrides) -> LiquidDiffusion:
+    return build("large", fused=fused, **overrides)

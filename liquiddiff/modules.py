@@ -1,0 +1,210 @@
+"""Reference modules of LiquidDiffusion (the seed's architecture), with a ``fused`` switch.
+
+Every module computes the same function with ``fused=False`` (plain PyTorch, the specification)
+and ``fused=True`` (the ops of :mod:`liquiddiff.kernels`, which run Triton where it can). The
+flag only changes which implementation of the two fused ops runs; parameters and state_dict keys
+are identical, so checkpoints move freely between the two.
+
+Zero initialisation: every time modulation (AdaLN scale/shift, the CfC gate's time_a/time_b,
+the spatial mix's scale/shift) and the last projection of each residual branch start at zero.
+A fresh block is then close to the identity on its residual stream, as in adaLN-Zero (DiT):
+the deep U-Net trains stably from the first step, and conditioning on t is learned rather than
+injected as random noise by untrained projections.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional, kernels
+
+
+def _ops(fused: bool):
+    """The implementation of cfc_relax / adaln_modulate a module calls."""
+    return kernels if fused else functional
+
+
+def _zero_(module: nn.Module) -> nn.Module:
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class FusedSwitch:
+    """Mixin: ``fused`` selects the fused kernels; flipping it changes no parameter."""
+
+    fused: bool = False
+
+
+class TimestepEmbedding(nn.Module):
+    """Sinusoidal encoding of t in [0, 1] -> MLP -> t_emb [B, dim]."""
+
+    def __init__(self, freq_dim: int, dim: int, max_period: float = 10000.0):
+        super().__init__()
+        if freq_dim % 2:
+            raise ValueError(f"freq_dim must be even, got {freq_dim}")
+        half = freq_dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        # t in [0, 1] is scaled to [0, 1000] so the fastest frequencies resolve small steps in t.
+        args = (1000.0 * t.float())[:, None] * self.freqs[None, :]
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
+
+
+class TimeProjection(nn.Module):
+    """SiLU(t_emb) -> Linear -> n chunks of [B, C]; zero-initialised (see the module docstring)."""
+
+    def __init__(self, temb_dim: int, channels: int, chunks: int):
+        super().__init__()
+        self.chunks = chunks
+        self.proj = _zero_(nn.Linear(temb_dim, chunks * channels))
+
+    def forward(self, temb: torch.Tensor):
+        return self.proj(F.silu(temb)).chunk(self.chunks, dim=1)
+
+
+class AdaLN(FusedSwitch, nn.Module):
+    """Per-pixel LayerNorm over channels, modulated by scale/shift from the time embedding.
+
+    With ``residual`` it also forms the residual sum first and returns ``(out, sum)``.
+    """
+
+    def __init__(self, channels: int, temb_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.time = TimeProjection(temb_dim, channels, 2)
+
+    def forward(self, x, temb, residual=None):
+        scale, shift = self.time(temb)
+        return _ops(self.fused).adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
+
+
+class ParallelCfC(FusedSwitch, nn.Module):
+    """CfC closed form for 2-D features (the seed's Eq. 10) with liquid relaxation.
+
+    backbone = SiLU(Conv1x1(DWConv7x7(n)))
+    f = Conv1x1(backbone); g, h = DWConv3x3 -> SiLU -> Conv1x1 (backbone)
+    gate = sigmoid(time_a(t_emb) * f - time_b(t_emb)); y = gate*g + (1-gate)*h
+    out = alpha*n + (1-alpha)*y + residual, alpha = exp(-softplus(rho)|t|)
+    """
+
+    def __init__(self, channels: int, temb_dim: int):
+        super().__init__()
+        c = channels
+        self.backbone_dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.backbone_pw = nn.Conv2d(c, c, 1)
+        self.f_proj = nn.Conv2d(c, c, 1)
+        self.g_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.g_pw = nn.Conv2d(c, c, 1)
+        self.h_dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.h_pw = nn.Conv2d(c, c, 1)
+        self.time_a = _zero_(nn.Linear(temb_dim, c))
+        self.time_b = _zero_(nn.Linear(temb_dim, c))
+        # softplus(0) = ln 2: alpha = 2^-|t|, half input / half CfC at the noisiest t.
+        self.rho = nn.Parameter(torch.zeros(c))
+
+    def forward(self, n, temb, t, residual):
+        backbone = F.silu(self.backbone_pw(self.backbone_dw(n)))
+        f = self.f_proj(backbone)
+        g = self.g_pw(F.silu(self.g_dw(backbone)))
+        h = self.h_pw(F.silu(self.h_dw(backbone)))
+        e = F.silu(temb)
+        a, b = self.time_a(e), self.time_b(e)
+        return _ops(self.fused).cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
+
+
+class MultiScaleSpatialMix(nn.Module):
+    """Depthwise 3x3 + 5x5 + 7x7 plus a global-average-pool context, modulated by t.
+
+    The three depthwise branches run as one 7x7 conv (functional.multiscale_depthwise_conv);
+    each branch keeps its own parameters and gradient.
+    """
+
+    def __init__(self, channels: int, temb_dim: int, kernel_sizes=(3, 5, 7)):
+        super().__init__()
+        c = channels
+        self.branches = nn.ModuleList(nn.Conv2d(c, c, k, padding=k // 2, groups=c) for k in kernel_sizes)
+        self.context = nn.Conv2d(c, c, 1)
+        self.time = TimeProjection(temb_dim, c, 2)
+        self.out = _zero_(nn.Conv2d(c, c, 1))
+
+    def forward(self, x, temb):
+        local = functional.multiscale_depthwise_conv(
+            x, [m.weight for m in self.branches], [m.bias for m in self.branches]
+        )
+        context = self.context(x.mean(dim=(2, 3), keepdim=True))
+        scale, shift = self.time(temb)
+        y = (local + context) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return self.out(F.silu(y))
+
+
+class FeedForward(nn.Module):
+    """Pointwise MLP: Conv1x1 (C -> mult*C) -> SiLU -> Conv1x1 (-> C, zero-initialised)."""
+
+    def __init__(self, channels: int, mult: int = 2):
+        super().__init__()
+        self.inner = nn.Conv2d(channels, mult * channels, 1)
+        self.out = _zero_(nn.Conv2d(mult * channels, channels, 1))
+
+    def forward(self, x):
+        return self.out(F.silu(self.inner(x)))
+
+
+class LiquidDiffusionBlock(nn.Module):
+    """AdaLN -> ParallelCfC (+res) -> MultiScaleSpatialMix (+res) -> AdaLN -> FeedForward (+res).
+
+    The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
+    fused kernels the add and the norm are one pass over memory.
+    """
+
+    def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
+        super().__init__()
+        self.norm1 = AdaLN(channels, temb_dim)
+        self.cfc = ParallelCfC(channels, temb_dim)
+        self.mix = MultiScaleSpatialMix(channels, temb_dim)
+        self.norm2 = AdaLN(channels, temb_dim)
+        self.ffn = FeedForward(channels, ffn_mult)
+
+    def forward(self, u, temb, t):
+        u = self.cfc(self.norm1(u, temb), temb, t, residual=u)
+        n, u = self.norm2(self.mix(u, temb), temb, residual=u)
+        return u + self.ffn(n)
+
+
+class DownSample(nn.Module):
+    """Stride-2 3x3 conv: halves H and W, changes the channel count."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class UpSample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+
+    def __init__(self, in_ch: int, out_ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SkipFusion(nn.Module):
+    """Concatenate the encoder skip and fuse back to C channels with a 1x1 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.proj = nn.Conv2d(2 * channels, channels, 1)
+
+    def forward(self, x, skip):
+        return self.proj(torch.cat([x, skip], dim=1))

@@ -1,0 +1,239 @@
+"""Rectified-flow training (the seed's objective) with the trimmings users of DiT/SiT expect.
+
+x_t = (1 - t) * x + t * noise, target velocity = noise - x, loss = MSE(model(x_t, t), target).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import checkpoint
+from .model import LiquidDiffusion, LiquidDiffusionConfig
+from .sampling import integrate
+
+TIME_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def sample_times(batch: int, method: str, device, generator=None) -> torch.Tensor:
+    """t in [0, 1]: uniform (the seed), or logit-normal (SD3), which favours the middle of the path."""
+    if method == "uniform":
+        return torch.rand(batch, device=device, generator=generator)
+    if method == "logit_normal":
+        return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
+    raise ValueError(f"time_sampling: expected one of {', '.join(TIME_SAMPLINGS)}, got {method!r}")
+
+
+def rectified_flow_pair(images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """(x_t, target velocity) on the straight line from data (t = 0) to noise (t = 1)."""
+    t4 = t.view(-1, 1, 1, 1).to(images.dtype)
+    return (1 - t4) * images + t4 * noise, noise - images
+
+
+class EMA:
+    """Exponential moving average of a model's weights, with the usual warm-up.
+
+    decay_k = min(decay, (1 + k) / (10 + k)): early averages forget the random init quickly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"ema_decay: expected a value in [0, 1), got {decay}")
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.updates = 0
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        ema_params = list(self.model.parameters())
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for eb, b in zip(self.model.buffers(), model.buffers()):
+            eb.copy_(b)
+        self.updates += 1
+
+
+class RectifiedFlowTrainer:
+    """Trains a LiquidDiffusion model with rectified flow and samples from its EMA weights.
+
+    ``train_step(images)`` takes a batch in [-1, 1] and returns ``{"loss", "grad_norm", "lr",
+    "step"}``; ``sample(batch_size, image_size, num_steps)`` returns images in [-1, 1].
+    """
+
+    def __init__(
+        self,
+        model: LiquidDiffusion,
+        lr: float = 1e-4,
+        device: str | torch.device | None = None,
+        *,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        ema_decay: float = 0.9999,
+        time_sampling: str = "uniform",
+        grad_clip: float | None = 1.0,
+        warmup_steps: int = 0,
+        mixed_precision: bool | None = None,
+    ):
+        if lr <= 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {lr}")
+        if time_sampling not in TIME_SAMPLINGS:
+            raise ValueError(f"time_sampling: expected one of {', '.join(TIME_SAMPLINGS)}, got {time_sampling!r}")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ValueError(f"grad_clip: expected a positive value or None, got {grad_clip}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        self.base_lr = lr
+        self.time_sampling = time_sampling
+        self.grad_clip = grad_clip
+        self.warmup_steps = warmup_steps
+        # bf16 autocast on CUDA by default (no loss scaling needed, unlike fp16).
+        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
+            fused=self.device.type == "cuda",
+        )
+        self.ema = EMA(self.model, ema_decay)
+        self.step = 0
+
+    @property
+    def config(self) -> LiquidDiffusionConfig:
+        return self.model.config
+
+    def _autocast(self):
+        if not self.mixed_precision:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def current_lr(self) -> float:
+        if self.warmup_steps and self.step < self.warmup_steps:
+            return self.base_lr * (self.step + 1) / self.warmup_steps
+        return self.base_lr
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """Rank, channels, size and range checks, with messages that say what is wrong."""
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        if not images.is_floating_point():
+            raise TypeError(f"images: expected a floating-point tensor in [-1, 1], got dtype {images.dtype}")
+        self.model.check_input(images)
+        lo, hi = torch.aminmax(images.detach())
+        lo, hi = lo.item(), hi.item()
+        if not (math.isfinite(lo) and math.isfinite(hi)) or lo < -1.001 or hi > 1.001:
+            raise ValueError(
+                f"images: expected values in [-1, 1], got range [{lo:.3g}, {hi:.3g}] "
+                "(scale uint8 images with x / 127.5 - 1)"
+            )
+
+    def loss(self, images: torch.Tensor, generator=None) -> torch.Tensor:
+        """The rectified-flow loss of one batch (no optimizer step)."""
+        noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
+        t = sample_times(images.shape[0], self.time_sampling, images.device, generator)
+        x_t, target = rectified_flow_pair(images, noise, t)
+        with self._autocast():
+            v = self.model(x_t, t)
+        return F.mse_loss(v.float(), target.float())
+
+    def train_step(self, images: torch.Tensor) -> dict:
+        self.check_images(images)
+        images = images.to(self.device, non_blocking=True)
+        self.model.train()
+        lr = self.current_lr()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = self.loss(images)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        self.optimizer.step()
+        self.ema.update(self.model)
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "step": self.step}
+
+    @torch.no_grad()
+    def sample(
+        self,
+        batch_size: int,
+        image_size: int | tuple[int, int],
+        num_steps: int = 50,
+        *,
+        sampler: str = "euler",
+        use_ema: bool = True,
+        generator: torch.Generator | None = None,
+        progress=None,
+    ) -> torch.Tensor:
+        """Generate ``batch_size`` images by integrating the learned ODE from noise; in [-1, 1]."""
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+        hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        model = self.ema.model if use_ema else self.model
+        shape = (int(batch_size), self.config.in_channels, *hw)
+        model.check_input(torch.empty(shape, device="meta"))
+        was_training = model.training
+        model.eval()
+        z = torch.randn(shape, device=self.device, generator=generator)
+
+        def velocity(z_t, t):
+            with self._autocast():
+                return model(z_t, t).float()
+
+        try:
+            out = integrate(velocity, z, num_steps, sampler, progress)
+        finally:
+            model.train(was_training)
+        return out.clamp(-1, 1)
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": self.config.to_dict(),
+            "model": self.model.state_dict(),
+            "ema": self.ema.model.state_dict(),
+            "ema_updates": self.ema.updates,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "rng": rng,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.check_config(state.get("config"))
+        self.model.load_state_dict(state["model"])
+        self.ema.model.load_state_dict(state["ema"])
+        self.ema.updates = int(state["ema_updates"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def check_config(self, saved: dict | None) -> None:
+        mine = self.config.to_dict()
+        if saved is None:
+            raise ValueError("checkpoint has no model config; it was not written by RectifiedFlowTrainer")
+        diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "name" and saved.get(k) != v}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"checkpoint is for preset {saved.get('name')!r}, the model is {mine['name']!r}: {detail}"
+            )
+
+    def save_checkpoint(self, path: str | Path) -> Path:
+        """One safetensors file, written atomically (see liquiddiff.checkpoint)."""
+        return checkpoint.save(self.state_dict(), path)
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        self.load_state_dict(checkpoint.load(path))

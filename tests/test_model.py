@@ -1,0 +1,99 @@
+"""The U-Net: presets, shapes, input errors, the fused switch and torch.compile."""
+import pytest
+import torch
+
+from liquiddiff import kernels
+from liquiddiff.model import PRESETS, LiquidDiffusion, build, liquid_diffusion_tiny
+from tests.parity import rel_err
+
+
+def _randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random weights everywhere: zero-initialised layers would hide paths from the parity checks."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_every_preset_maps_images_to_their_shape(preset):
+    model = build(preset, in_channels=2)
+    k = model.config.downsample_factor
+    x, t = torch.randn(1, 2, 2 * k, 2 * k), torch.rand(1)
+    with torch.no_grad():
+        assert model(x, t).shape == x.shape
+
+
+def test_preset_overrides_and_config():
+    model = liquid_diffusion_tiny(in_channels=1, channels=(8, 16, 32))
+    assert model.config.in_channels == 1 and model.config.channels == (8, 16, 32)
+    assert model.config.blocks == PRESETS["tiny"].blocks
+    with pytest.raises(ValueError, match="unknown preset"):
+        build("huge")
+    with pytest.raises(ValueError, match="equal length"):
+        LiquidDiffusion(channels=(8, 16), blocks=(1,))
+
+
+def test_fresh_block_starts_near_identity():
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    block = LiquidDiffusionBlock(8, 32)
+    u = torch.randn(2, 8, 6, 6)
+    out = block(u, torch.randn(2, 32), torch.zeros(2))  # t = 0: alpha = 1, CfC returns n
+    n = torch.nn.functional.layer_norm(u.permute(0, 2, 3, 1), (8,), eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, u + n, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [((3, 32, 32), "expected images"), ((1, 4, 32, 32), "expected 3 channels"), ((1, 3, 31, 32), "multiple of 2")],
+)
+def test_bad_input_is_named(shape, message):
+    model = build("micro")
+    with pytest.raises(ValueError, match=message):
+        model(torch.randn(*shape), torch.rand(shape[0]))
+
+
+def _param_grads(model, x, t, up):
+    model.zero_grad(set_to_none=True)
+    out = model(x, t)
+    out.backward(up)
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_model_matches_reference(memory_format):
+    """Same weights, fused=True vs fused=False: output and every parameter gradient agree."""
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=memory_format)
+    t = torch.rand(2)
+    up = torch.randn_like(x)
+    ref_out, ref_grads = _param_grads(model.set_fused(False), x, t, up)
+    out, grads = _param_grads(model.set_fused(True), x, t, up)
+    assert kernels.select_backend("cfc_relax", "cpu").is_triton, "the interpreter should run the kernels here"
+    assert rel_err(out, ref_out) < 1e-5
+    for name, g in grads.items():
+        assert rel_err(g, ref_grads[name]) < 1e-5, name
+
+
+def test_state_dict_is_the_same_fused_or_not():
+    fused, plain = build("micro", fused=True), build("micro", fused=False)
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(_randomise(fused).state_dict())
+    x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
+    with torch.no_grad():
+        assert rel_err(plain(x, t), fused(x, t)) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_fused_model_runs_forward_and_backward():
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True))
+    compiled = torch.compile(model, fullgraph=True)
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    out = compiled(x, t)
+    out.square().mean().backward()
+    with torch.no_grad():
+        assert rel_err(out, model.set_fused(False)(x, t)) < 1e-4
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

@@ -1,0 +1,166 @@
+"""Rectified-flow trainer: overfitting, sampling, checkpoints, input errors, the seed's Quick Start."""
+import pytest
+import torch
+
+from liquiddiff import checkpoint, liquid_diffusion_micro, liquid_diffusion_tiny
+from liquiddiff.training import EMA, RectifiedFlowTrainer, rectified_flow_pair, sample_times
+
+
+def _trainer(**kw):
+    torch.manual_seed(0)
+    model = liquid_diffusion_micro(channels=(16, 32))
+    return RectifiedFlowTrainer(model, lr=kw.pop("lr", 3e-3), device="cpu", **kw)
+
+
+def _images(n=4, size=16, seed=1):
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_overfits_one_fixed_batch():
+    trainer, x = _trainer(), _images()
+    losses = []
+    for _ in range(60):
+        torch.manual_seed(1)  # the same noise and t every step: the loss can go to zero
+        losses.append(trainer.train_step(x)["loss"])
+    assert losses[-1] < losses[0] / 20, losses[::10]
+
+
+def test_train_step_metrics():
+    trainer = _trainer(warmup_steps=4)
+    m = trainer.train_step(_images())
+    assert set(m) >= {"loss", "grad_norm", "lr", "step"}
+    assert m["step"] == 1 and m["lr"] == pytest.approx(3e-3 / 4) and m["grad_norm"] > 0
+
+
+def test_rectified_flow_path():
+    x, noise, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.0, 0.5, 1.0])
+    x_t, v = rectified_flow_pair(x, noise, t)
+    torch.testing.assert_close(x_t[0], x[0])
+    torch.testing.assert_close(x_t[2], noise[2])
+    torch.testing.assert_close(x_t[1], (x[1] + noise[1]) / 2)
+    torch.testing.assert_close(v, noise - x)
+
+
+def test_time_sampling():
+    for method in ("uniform", "logit_normal"):
+        t = sample_times(1000, method, "cpu")
+        assert t.shape == (1000,) and (t >= 0).all() and (t <= 1).all()
+    assert sample_times(4000, "logit_normal", "cpu").std() < sample_times(4000, "uniform", "cpu").std()
+    with pytest.raises(ValueError, match="time_sampling"):
+        sample_times(2, "cosine", "cpu")
+
+
+def test_ema_warmup_and_average():
+    model = torch.nn.Linear(2, 2)
+    ema = EMA(model, decay=0.999)
+    assert ema.current_decay() == pytest.approx(0.1)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = ema.model.weight.clone()
+    ema.update(model)
+    torch.testing.assert_close(ema.model.weight, before + 0.9)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun"])
+def test_sample_shape_and_range(sampler):
+    trainer = _trainer()
+    trainer.train_step(_images())
+    out = trainer.sample(3, 8, num_steps=3, sampler=sampler)
+    assert out.shape == (3, 3, 8, 8)
+    assert out.min() >= -1 and out.max() <= 1 and torch.isfinite(out).all()
+    assert out.std() > 0
+
+
+def test_euler_sampler_integrates_a_known_field():
+    """v = z - x_data is the exact rectified-flow field of a point mass: Euler lands on it."""
+    from liquiddiff.sampling import integrate
+
+    target = torch.randn(2, 3)
+    z = target + torch.randn(2, 3)
+    # dz/dt = (z - target) / t along the straight line; Euler is exact on it.
+    out = integrate(lambda z_t, t: (z_t - target) / t[:, None], z, num_steps=7)
+    torch.testing.assert_close(out, target)
+
+
+def test_checkpoint_round_trip_reproduces_next_step(tmp_path):
+    a = _trainer()
+    for _ in range(3):
+        a.train_step(_images())
+    path = a.save_checkpoint(tmp_path / "ckpt.safetensors")
+    expected = a.train_step(_images())
+    b = _trainer()
+    b.load_checkpoint(path)
+    got = b.train_step(_images())
+    assert got == expected
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    for p, q in zip(a.ema.model.parameters(), b.ema.model.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    trainer = _trainer()
+    path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    trainer.train_step(_images())
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_checkpoint_from_another_preset_is_refused(tmp_path):
+    path = _trainer().save_checkpoint(tmp_path / "micro.safetensors")
+    other = RectifiedFlowTrainer(liquid_diffusion_micro(channels=(8, 16)), device="cpu")
+    with pytest.raises(ValueError, match="checkpoint is for preset"):
+        other.load_checkpoint(path)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable"):
+        other.load_checkpoint(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize(
+    "images, error, message",
+    [
+        (torch.rand(3, 16, 16), ValueError, "expected images"),
+        (torch.rand(2, 1, 16, 16), ValueError, "expected 3 channels"),
+        (torch.rand(2, 3, 15, 16), ValueError, "multiple of 2"),
+        (torch.rand(2, 3, 16, 16) * 255, ValueError, r"values in \[-1, 1\]"),
+        (torch.randint(0, 255, (2, 3, 16, 16)), TypeError, "floating-point"),
+    ],
+)
+def test_bad_images_are_refused_before_work(images, error, message):
+    trainer = _trainer()
+    with pytest.raises(error, match=message):
+        trainer.train_step(images)
+    assert trainer.step == 0
+
+
+def test_trainer_argument_errors():
+    model = liquid_diffusion_micro()
+    with pytest.raises(ValueError, match="lr"):
+        RectifiedFlowTrainer(model, lr=0)
+    with pytest.raises(ValueError, match="time_sampling"):
+        RectifiedFlowTrainer(model, time_sampling="sigmoid")
+    with pytest.raises(ValueError, match="sampler"):
+        RectifiedFlowTrainer(model).sample(1, 8, 2, sampler="rk4")
+
+
+def test_seed_quick_start_runs_as_written():
+    """The seed README's Quick Start, with liquiddiff for liquid_diffusion, at a CPU-sized image."""
+    from liquiddiff import RectifiedFlowTrainer as Trainer
+    from liquiddiff import liquid_diffusion_tiny as tiny
+
+    assert tiny is liquid_diffusion_tiny and Trainer is RectifiedFlowTrainer
+    model = tiny(channels=(8, 16, 32), blocks=(1, 1, 1), bottleneck_blocks=1)
+    trainer = Trainer(model, lr=1e-4, device="cpu")
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    metrics = trainer.train_step(images)
+    print(f"Loss: {metrics['loss']:.4f}")
+    samples = trainer.sample(batch_size=4, image_size=16, num_steps=2)
+    assert samples.shape == (4, 3, 16, 16)
