@@ -1,0 +1,33 @@
+# One-command entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV ?= .venv
+# The CPU build of torch: the test suite and the demo need no GPU. On a CUDA machine, use
+# `make test TORCH=torch` (or your own environment) to get a CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: venv test test-fast demo bench-gpu clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+venv: $(BIN)/.installed
+
+# The whole suite on the CPU: Triton kernels under the interpreter, benchmarks in quick mode.
+test: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Skips the slow tests (torch.compile on the CPU, CLI end to end).
+test-fast: venv
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow"
+
+# Train the CPU demo on the embedded digits and write sample grids under runs/.
+demo: venv
+	$(BIN)/liquiddiff train
+
+clean:
+	rm -rf $(VENV) .pytest_cache .benchmarks
