@@ -1,0 +1,72 @@
+"""Runtime backend selection: the env policy, the report, the fallback warning and the error."""
+import warnings
+
+import pytest
+import torch
+
+from liquiddiff import build, kernels
+from liquiddiff.kernels import runtime
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch):
+    monkeypatch.setattr(runtime, "_warned", set())
+
+
+def test_interpreter_runs_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(runtime.ENV_VAR, "auto")
+    report = kernels.backend_report("cpu")
+    assert set(report) == set(kernels.OPS)
+    assert all(b.is_triton and "interpreter" in b.reason for b in report.values())
+
+
+def test_torch_policy_forces_the_reference(monkeypatch):
+    monkeypatch.setenv(runtime.ENV_VAR, "torch")
+    backend = kernels.select_backend("cfc_relax", "cpu")
+    assert backend.name == "torch" and "LIQUIDDIFF_KERNELS=torch" in backend.reason
+
+
+def test_auto_falls_back_and_warns_once(monkeypatch, fresh_warnings):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(runtime.ENV_VAR, "auto")
+    backend = kernels.select_backend("cfc_relax", "cpu")
+    assert backend.name == "torch" and "TRITON_INTERPRET=1" in backend.reason
+    model = build("micro", channels=(8, 16), fused=True)
+    x, t = torch.randn(1, 3, 8, 8), torch.rand(1)
+    with pytest.warns(RuntimeWarning, match="PyTorch reference"):
+        with torch.no_grad():
+            model(x, t)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            model(x, t)  # the second call stays quiet
+
+
+def test_triton_policy_raises_when_triton_cannot_run(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setenv(runtime.ENV_VAR, "triton")
+    with pytest.raises(RuntimeError, match="LIQUIDDIFF_KERNELS=triton, but .*interpreter is off"):
+        kernels.select_backend("adaln_modulate", "cpu")
+    model = build("micro", channels=(8, 16), fused=True)
+    with pytest.raises(RuntimeError, match="LIQUIDDIFF_KERNELS=triton"):
+        model(torch.randn(1, 3, 8, 8), torch.rand(1))
+
+
+def test_triton_missing_is_reported(monkeypatch):
+    monkeypatch.setattr(runtime, "triton_import_error", lambda: "triton does not import (ImportError: x)")
+    monkeypatch.setenv(runtime.ENV_VAR, "auto")
+    assert "does not import" in kernels.select_backend("cfc_relax", "cpu").reason
+
+
+def test_bad_policy_is_named(monkeypatch):
+    monkeypatch.setenv(runtime.ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match="LIQUIDDIFF_KERNELS='cuda'"):
+        kernels.select_backend("cfc_relax", "cpu")
+
+
+def test_reference_model_never_consults_the_runtime(monkeypatch):
+    monkeypatch.setenv(runtime.ENV_VAR, "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with torch.no_grad():
+        build("micro", channels=(8, 16), fused=False)(torch.randn(1, 3, 8, 8), torch.rand(1))
