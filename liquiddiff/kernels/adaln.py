@@ -1,6 +1,395 @@
-"""Placeholder until the fused AdaLN kernel lands: delegates to the reference."""
+"""Fused AdaLN modulation, with the residual add folded in: Triton kernels and custom ops.
+
+Computes, per pixel over the channel axis (DESIGN.md section 1):
+    s     = x (+ residual)
+    x_hat = (s - mean_C(s)) * rstd,  rstd = 1 / sqrt(var_C(s) + eps)   (biased variance)
+    out   = x_hat * (1 + scale) + shift
+and the gradients of x, residual, scale and shift.
+
+Memory moved (N = B*C*H*W elements, P = B*H*W pixels):
+- forward: reads x (and residual), writes out (and s), writes mean and rstd (2P, in the
+  compute dtype); scale and shift are loaded once per program.
+- backward: reads grad_out (and grad_s), s and the statistics, writes ds once (twice when x and
+  residual differ in dtype, both in the same pass) and per-program partial sums of d scale and
+  d shift (2 * B * C per block of pixels), which torch reduces.
+Saved for backward: s (x itself when there is no residual), scale, mean, rstd; not out.
+
+Layout: x, residual, out, s and the gradients are viewed as [B, C, H*W] with their own strides
+(NCHW-contiguous, channels_last, or channel slices of either), without a copy. One program
+holds a [next_pow2(C), BLOCK_P] tile: the whole channel axis (C <= MAX_CHANNELS), so the
+statistics need no second pass over memory. Triton specialises strides equal to 1, so the same
+kernel gets contiguous (vectorised) loads along pixels for NCHW and along channels for
+channels_last.
+
+Public entry: ``adaln_modulate(x, scale, shift, eps=1e-6, residual=None)`` returns ``out``, or
+``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does. Custom ops:
+``liquiddiff::adaln_modulate`` -> (out, s, mean, rstd) and ``liquiddiff::adaln_modulate_backward``.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+
 from liquiddiff import functional
 
+from . import _tensors, runtime
 
-def adaln_modulate(x, scale, shift, eps=1e-6, residual=None):
-    return functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # Triton missing: runtime.use_triton is False, no launcher is reached
+    triton = None
+
+__all__ = ["adaln_modulate", "launch_config"]
+
+OP_NAME = "adaln_modulate"
+
+# Tile sizing, in elements of one [BLOCK_C, BLOCK_P] tile, at 16 elements per thread: the
+# backward keeps about five live fp32 tiles, which fits in ~100 registers (no spills, several
+# programs per SM) at 16 per thread and needs 130-250, or spills, at 32 (ptxas, sm_90).
+# NCHW loads run along pixels: at least 16 per channel row keep whole 32-byte sectors in bf16,
+# so the tile grows from 4K up to 8K elements (16 warps) for C = 512 before BLOCK_P drops.
+_TARGET_TILE = 4096
+_MAX_TILE = 8192
+_MIN_PIXELS = 16
+_ELEMENTS_PER_THREAD = 16
+# The channel axis lives in one tile: a tile of one pixel holds at most _MAX_TILE channels.
+MAX_CHANNELS = _MAX_TILE
+
+
+def launch_config(channels: int, pixels: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) for C channels and H*W pixels per image."""
+    block_c = triton.next_power_of_2(channels)
+    block_p = max(_MIN_PIXELS, _TARGET_TILE // block_c)
+    block_p = max(1, min(block_p, _MAX_TILE // block_c, triton.next_power_of_2(pixels)))
+    num_warps = min(16, max(2, block_c * block_p // (32 * _ELEMENTS_PER_THREAD)))
+    return block_c, block_p, num_warps
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adaln_fwd_kernel(
+        x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, s_ptr, mean_ptr, rstd_ptr,
+        C, P, eps,
+        sx_b, sx_c, sx_p,
+        sr_b, sr_c, sr_p,
+        so_b, so_c, so_p,
+        ss_b, ss_c, ss_p,
+        sscale_b, sscale_c,
+        sshift_b, sshift_c,
+        HAS_RESIDUAL: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_c = c < C
+        mask = mask_c[:, None] & (p < P)[None, :]
+        # int64 offsets: a large activation can exceed 2**31 elements.
+        c64 = c.to(tl.int64)[:, None]
+        p64 = p.to(tl.int64)[None, :]
+
+        x = tl.load(x_ptr + b * sx_b + c64 * sx_c + p64 * sx_p, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + b * sr_b + c64 * sr_c + p64 * sr_p, mask=mask, other=0.0)
+            s = x.to(COMPUTE) + r.to(COMPUTE)
+            # The stored s is rounded to its dtype; normalise that value (as the reference
+            # does), so backward, which reloads s, sees the same x_hat.
+            s_store = s.to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + b * ss_b + c64 * ss_c + p64 * ss_p, s_store, mask=mask)
+            s = s_store.to(COMPUTE)
+        else:
+            s = x.to(COMPUTE)
+
+        mean = tl.sum(s, axis=0) / C
+        # Padded channels hold 0, not s - mean: keep them out of the variance.
+        diff = tl.where(mask_c[:, None], s - mean[None, :], 0.0)
+        var = tl.sum(diff * diff, axis=0) / C
+        rstd = 1.0 / tl.sqrt(var + tl.cast(eps, COMPUTE))
+        x_hat = diff * rstd[None, :]
+
+        scale = tl.load(scale_ptr + b * sscale_b + c64 * sscale_c, mask=mask_c[:, None], other=0.0)
+        shift = tl.load(shift_ptr + b * sshift_b + c64 * sshift_c, mask=mask_c[:, None], other=0.0)
+        out = x_hat * (1.0 + scale.to(COMPUTE)) + shift.to(COMPUTE)
+        tl.store(out_ptr + b * so_b + c64 * so_c + p64 * so_p,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+        mask_p = p < P
+        tl.store(mean_ptr + b * P + p, mean, mask=mask_p)
+        tl.store(rstd_ptr + b * P + p, rstd, mask=mask_p)
+
+    @triton.jit
+    def _adaln_bwd_kernel(
+        g_ptr, gs_ptr, s_ptr, scale_ptr, mean_ptr, rstd_ptr,
+        ds_ptr, ds2_ptr, dscale_part_ptr, dshift_part_ptr,
+        B, C, P,
+        sg_b, sg_c, sg_p,
+        sgs_b, sgs_c, sgs_p,
+        ss_b, ss_c, ss_p,
+        sd_b, sd_c, sd_p,
+        sd2_b, sd2_c, sd2_p,
+        sscale_b, sscale_c,
+        HAS_GRAD_S: tl.constexpr,
+        WRITE_DS: tl.constexpr,
+        WRITE_DS2: tl.constexpr,
+        PARAM_GRADS: tl.constexpr,
+        COMPUTE: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_c = c < C
+        mask_p = p < P
+        mask = mask_c[:, None] & mask_p[None, :]
+        c64 = c.to(tl.int64)[:, None]
+        p64 = p.to(tl.int64)[None, :]
+
+        # Masked lanes load g = 0, so padded channels and pixels add nothing to the channel
+        # sums below or to the pixel partial sums.
+        g = tl.load(g_ptr + b * sg_b + c64 * sg_c + p64 * sg_p, mask=mask, other=0.0).to(COMPUTE)
+        s = tl.load(s_ptr + b * ss_b + c64 * ss_c + p64 * ss_p, mask=mask, other=0.0).to(COMPUTE)
+        mean = tl.load(mean_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
+        rstd = tl.load(rstd_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
+        x_hat = (s - mean[None, :]) * rstd[None, :]
+
+        if PARAM_GRADS:
+            row = (pid_p * B + b) * C + c
+            tl.store(dscale_part_ptr + row, tl.sum(g * x_hat, axis=1), mask=mask_c)
+            tl.store(dshift_part_ptr + row, tl.sum(g, axis=1), mask=mask_c)
+
+        if WRITE_DS or WRITE_DS2:
+            scale = tl.load(scale_ptr + b * sscale_b + c64 * sscale_c,
+                            mask=mask_c[:, None], other=0.0).to(COMPUTE)
+            dxhat = g * (1.0 + scale)
+            mean_dxhat = tl.sum(dxhat, axis=0) / C
+            mean_dxhat_xhat = tl.sum(dxhat * x_hat, axis=0) / C
+            ds = rstd[None, :] * (dxhat - mean_dxhat[None, :] - x_hat * mean_dxhat_xhat[None, :])
+            if HAS_GRAD_S:
+                gs = tl.load(gs_ptr + b * sgs_b + c64 * sgs_c + p64 * sgs_p, mask=mask, other=0.0)
+                ds += gs.to(COMPUTE)
+            if WRITE_DS:
+                tl.store(ds_ptr + b * sd_b + c64 * sd_c + p64 * sd_p,
+                         ds.to(ds_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DS2:
+                tl.store(ds2_ptr + b * sd2_b + c64 * sd2_c + p64 * sd2_p,
+                         ds.to(ds2_ptr.dtype.element_ty), mask=mask)
+
+
+def _stats_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    return torch.float64 if _tensors.compute_dtype(*tensors) == tl.float64 else torch.float32
+
+
+def _forward_buffers(x, scale, shift, residual):
+    """(out, s, mean, rstd) for the forward op; the fake kernel uses the same allocation."""
+    batch, _, height, width = x.shape
+    s_dtype = _tensors.result_dtype(x, residual)
+    out = _tensors.empty_activation(x, _tensors.result_dtype(x, residual, scale, shift))
+    if residual is None:
+        s = _tensors.empty_buffer((0,), s_dtype, x.device)
+    else:
+        s = _tensors.empty_activation(x, s_dtype)
+    stats_dtype = _stats_dtype(x, residual, scale, shift)
+    mean = _tensors.empty_buffer((batch, height * width), stats_dtype, x.device)
+    rstd = _tensors.empty_buffer((batch, height * width), stats_dtype, x.device)
+    return out, s, mean, rstd
+
+
+@torch.library.custom_op("liquiddiff::adaln_modulate", mutates_args=())
+def _adaln_forward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    eps: float,
+    residual: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, s, mean, rstd); s is an empty tensor when there is no residual."""
+    out, s, mean, rstd = _forward_buffers(x, scale, shift, residual)
+    if x.numel() == 0:
+        return out, s, mean, rstd
+    batch, channels, height, width = x.shape
+    pixels = height * width
+    x, x_strides = _tensors.flat_pixels(x)
+    out_strides = _tensors.pixel_strides(out)
+    if residual is None:
+        res, res_strides, s_arg, s_strides = x, x_strides, out, out_strides
+    else:
+        res, res_strides = _tensors.flat_pixels(residual)
+        s_arg, s_strides = s, _tensors.pixel_strides(s)
+    block_c, block_p, num_warps = launch_config(channels, pixels)
+    grid = (triton.cdiv(pixels, block_p), batch)
+    _adaln_fwd_kernel[grid](
+        x, res, scale, shift, out, s_arg, mean, rstd,
+        channels, pixels, eps,
+        *x_strides, *res_strides, *out_strides, *s_strides,
+        *scale.stride(), *shift.stride(),
+        HAS_RESIDUAL=residual is not None,
+        COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )
+    return out, s, mean, rstd
+
+
+@_adaln_forward.register_fake
+def _(x, scale, shift, eps, residual):
+    return _forward_buffers(x, scale, shift, residual)
+
+
+def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads):
+    """(ds, ds2, d scale, d shift) for the backward op; unused ones are empty tensors."""
+    batch, channels = scale.shape
+    device = s.device
+    ds = _tensors.empty_activation(s, ds_dtype) if write_ds else _tensors.empty_buffer((0,), ds_dtype, device)
+    if ds2_dtype is None:
+        ds2 = _tensors.empty_buffer((0,), ds_dtype, device)
+    else:
+        ds2 = _tensors.empty_activation(s, ds2_dtype)
+    param_shape = (batch, channels) if param_grads else (0,)
+    dscale = _tensors.empty_buffer(param_shape, mean.dtype, device)
+    dshift = _tensors.empty_buffer(param_shape, mean.dtype, device)
+    return ds, ds2, dscale, dshift
+
+
+@torch.library.custom_op("liquiddiff::adaln_modulate_backward", mutates_args=())
+def _adaln_backward(
+    grad_out: torch.Tensor,
+    grad_s: Optional[torch.Tensor],
+    s: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    ds_dtype: torch.dtype,
+    ds2_dtype: Optional[torch.dtype],
+    write_ds: bool,
+    param_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (out, s) -> (ds, ds2, d scale, d shift).
+
+    ds: d s in ``ds_dtype`` (written when ``write_ds``); ds2: the same values in ``ds2_dtype``
+    (when given: residual and x differ in dtype); d scale, d shift in the statistics' dtype
+    (when ``param_grads``). Skipped outputs are empty tensors.
+    """
+    ds, ds2, dscale, dshift = _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
+    batch, channels, height, width = s.shape
+    pixels = height * width
+    block_c, block_p, num_warps = launch_config(max(channels, 1), max(pixels, 1))
+    n_blocks = triton.cdiv(pixels, block_p)
+    if param_grads:
+        dscale_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)
+        dshift_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)
+    else:
+        dscale_part = dshift_part = dscale
+    if s.numel() > 0:
+        grad_out, g_strides = _tensors.flat_pixels(grad_out)
+        s, s_strides = _tensors.flat_pixels(s)
+        if grad_s is None:
+            gs, gs_strides = grad_out, g_strides
+        else:
+            gs, gs_strides = _tensors.flat_pixels(grad_s)
+        ds_strides = _tensors.pixel_strides(ds) if write_ds else g_strides
+        ds2_strides = g_strides if ds2_dtype is None else _tensors.pixel_strides(ds2)
+        _adaln_bwd_kernel[(n_blocks, batch)](
+            grad_out, gs, s, scale, mean, rstd,
+            ds, ds2, dscale_part, dshift_part,
+            batch, channels, pixels,
+            *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
+            *scale.stride(),
+            HAS_GRAD_S=grad_s is not None,
+            WRITE_DS=write_ds,
+            WRITE_DS2=ds2_dtype is not None,
+            PARAM_GRADS=param_grads,
+            COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        )
+    if param_grads:
+        # Deterministic: a fixed-order torch reduction over the per-program partial sums.
+        torch.sum(dscale_part, dim=0, out=dscale)
+        torch.sum(dshift_part, dim=0, out=dshift)
+    return ds, ds2, dscale, dshift
+
+
+@_adaln_backward.register_fake
+def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, param_grads):
+    return _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scale, shift, _eps, residual = inputs
+    _out, s, mean, rstd = output
+    ctx.save_for_backward(x if residual is None else s, scale, mean, rstd)
+    ctx.x_dtype = x.dtype
+    ctx.residual_dtype = None if residual is None else residual.dtype
+    ctx.scale_dtype = scale.dtype
+    ctx.shift_dtype = shift.dtype
+    # The statistics are saved state, not results to differentiate; s is a placeholder without
+    # residual, and a constant when neither x nor residual requires grad (as in the reference).
+    ctx.mark_non_differentiable(mean, rstd)
+    if residual is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]):
+        ctx.mark_non_differentiable(s)
+    # An output that does not reach the loss then comes to backward as None, not as an
+    # activation-sized tensor of zeros.
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd):
+    s, scale, mean, rstd = ctx.saved_tensors
+    need_x, need_scale, need_shift, _, need_res = ctx.needs_input_grad
+    has_residual = ctx.residual_dtype is not None
+    if grad_out is None:
+        # Only s reached the loss: the norm branch contributes nothing.
+        grad_x = None if grad_s is None or not need_x else grad_s.to(ctx.x_dtype)
+        grad_res = None if grad_s is None or not need_res else grad_s.to(ctx.residual_dtype)
+        return grad_x, None, None, None, grad_res
+
+    same_dtype = not has_residual or ctx.residual_dtype == ctx.x_dtype
+    write_ds = need_x or (need_res and same_dtype)
+    ds2_dtype = ctx.residual_dtype if need_res and not same_dtype else None
+    param_grads = need_scale or need_shift
+    ds, ds2, dscale, dshift = _adaln_backward(
+        grad_out, grad_s, s, scale, mean, rstd, ctx.x_dtype, ds2_dtype, write_ds, param_grads)
+    grad_x = ds if need_x else None
+    grad_res = (ds if same_dtype else ds2) if need_res else None
+    grad_scale = dscale.to(ctx.scale_dtype) if need_scale else None
+    grad_shift = dshift.to(ctx.shift_dtype) if need_shift else None
+    return grad_x, grad_scale, grad_shift, None, grad_res
+
+
+_adaln_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check_eps(eps) -> float:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
+    eps = float(eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(f"eps: expected a positive finite float, got {eps}")
+    return eps
+
+
+def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
+    """Fused :func:`liquiddiff.functional.adaln_modulate`: same signature, dtypes and results.
+
+    Returns ``out``, or ``(out, s)`` when ``residual`` is given.
+    """
+    _tensors.check_activation("x", x)
+    batch, channels = x.shape[:2]
+    _tensors.check_vector("scale", scale, (batch, channels), x.device)
+    _tensors.check_vector("shift", shift, (batch, channels), x.device)
+    if residual is not None:
+        _tensors.check_activation("residual", residual, like=x)
+    eps = _check_eps(eps)
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
+    if not runtime.use_triton(OP_NAME, x.device.type):
+        return functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
+    out, s, _mean, _rstd = _adaln_forward(x, scale, shift, eps, residual)
+    return out if residual is None else (out, s)
