@@ -74,8 +74,12 @@ def test_fused_model_matches_reference(memory_format):
     out, grads = _param_grads(model.set_fused(True), x, t, up)
     assert kernels.select_backend("cfc_relax", "cpu").is_triton, "the interpreter should run the kernels here"
     assert rel_err(out, ref_out) < 1e-5
+    # Some gradients are zero in exact arithmetic (a bias that a per-channel GroupNorm removes):
+    # those are held to the rounding noise of the whole gradient instead of their own norm.
+    noise = 1e-7 * torch.cat([g.flatten() for g in ref_grads.values()]).norm()
     for name, g in grads.items():
-        assert rel_err(g, ref_grads[name]) < 1e-5, name
+        ref = ref_grads[name]
+        assert (g - ref).norm() <= 1e-5 * ref.norm() + noise, (name, rel_err(g, ref))
 
 
 def test_state_dict_is_the_same_fused_or_not():
