@@ -70,3 +70,21 @@ def test_reference_model_never_consults_the_runtime(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with torch.no_grad():
         build("micro", channels=(8, 16), fused=False)(torch.randn(1, 3, 8, 8), torch.rand(1))
+
+
+def test_package_works_without_triton():
+    """On a machine where Triton does not import, a fused model runs the reference and says so."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, warnings, torch; sys.modules['triton'] = None\n"
+        "import liquiddiff\n"
+        "m = liquiddiff.build('micro', channels=(8, 16), fused=True)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    m(torch.randn(1, 3, 8, 8), torch.rand(1))\n"
+        "print(sorted({str(x.message).split(':')[1].strip().split()[0] for x in w}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "['adaln_modulate', 'cfc_relax']", out.stdout + out.stderr

@@ -24,8 +24,12 @@ to 1, so the same kernel issues vector loads along pixels (NCHW) or along channe
 import typing
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # Triton missing: runtime.use_triton is False, no launcher is reached
+    triton = None
 
 from liquiddiff import functional
 
@@ -45,143 +49,144 @@ _BWD_TILE = 1024
 _BWD_MAX_TILES = 16
 # ...but a backward grid keeps at least this many programs while it can (small B * C, big H * W).
 _BWD_MIN_PROGRAMS = 1024
-# torch's softplus switches to the identity above this (F.softplus default threshold).
-_SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
+if triton is not None:
+    # torch's softplus switches to the identity above this (F.softplus default threshold).
+    _SOFTPLUS_THRESHOLD = tl.constexpr(20.0)
 
 
-@triton.jit
-def _softplus(r):
-    # Thresholded like torch's; below it log1p(exp(r)) by Kahan's trick (no libdevice log1p in the
-    # interpreter): log(u) * e / (u - 1) stays exact where 1 + e rounds, and is e itself once
-    # 1 + e == 1, so very negative r gives exp(r), not 0 or a cancellation error. The clamps keep
-    # the discarded branches free of overflow and 0 / 0.
-    e = tl.exp(tl.minimum(r, _SOFTPLUS_THRESHOLD))
-    u = 1.0 + e
-    small = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
-    return tl.where(r > _SOFTPLUS_THRESHOLD, r, small)
+    @triton.jit
+    def _softplus(r):
+        # Thresholded like torch's; below it log1p(exp(r)) by Kahan's trick (no libdevice log1p in the
+        # interpreter): log(u) * e / (u - 1) stays exact where 1 + e rounds, and is e itself once
+        # 1 + e == 1, so very negative r gives exp(r), not 0 or a cancellation error. The clamps keep
+        # the discarded branches free of overflow and 0 / 0.
+        e = tl.exp(tl.minimum(r, _SOFTPLUS_THRESHOLD))
+        u = 1.0 + e
+        small = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
+        return tl.where(r > _SOFTPLUS_THRESHOLD, r, small)
 
 
-@triton.jit
-def _cfc_relax_fwd_kernel(
-    f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr,
-    C, P,
-    sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
-    sr_b, sr_c, sr_p, so_b, so_c, so_p,
-    sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
-    HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not.
-    pid_b = tl.program_id(2).to(tl.int64)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    c_mask = cs < C
-    mask = c_mask[:, None] & (ps < P)[None, :]
-    c_col = cs[:, None]
-    p_row = ps[None, :]
-
-    av = tl.load(a_ptr + pid_b * sa_b + cs * sa_c, mask=c_mask).to(COMPUTE)[:, None]
-    bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
-    rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
-    tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
-    alpha = tl.exp(-_softplus(rho) * tl.abs(tv))[:, None]
-
-    f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
-    g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
-    h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
-    x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
-
-    gate = tl.sigmoid(av * f - bv)
-    y = gate * g + (1.0 - gate) * h
-    out = alpha * x + (1.0 - alpha) * y
-    if HAS_RESIDUAL:
-        out += tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
-    o_ptrs = out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _cfc_relax_bwd_kernel(
-    go_ptr, f_ptr, g_ptr, h_ptr, x_ptr, a_ptr, b_ptr, rho_ptr, t_ptr,
-    df_ptr, dg_ptr, dh_ptr, dx_ptr, part_ptr,
-    B, C, P,
-    sgo_b, sgo_c, sgo_p, sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p,
-    sx_b, sx_c, sx_p, sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p,
-    sdx_b, sdx_c, sdx_p,
-    sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
-    NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr,
-    NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr,
-    BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
-):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    pid_b = tl.program_id(2).to(tl.int64)
-    cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_mask = cs < C
-    c_col = cs[:, None]
-
-    av = tl.load(a_ptr + pid_b * sa_b + cs * sa_c, mask=c_mask).to(COMPUTE)[:, None]
-    bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
-    rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
-    tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
-    softplus = _softplus(rho)
-    alpha_c = tl.exp(-softplus * tl.abs(tv))
-    alpha = alpha_c[:, None]
-
-    # Accumulate whole tiles and reduce once at the end: one cross-thread reduction per program
-    # instead of one per tile.
-    acc_da = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
-    acc_db = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
-    acc_dalpha = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
-    for i in range(TILES):
-        ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+    @triton.jit
+    def _cfc_relax_fwd_kernel(
+        f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr,
+        C, P,
+        sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
+        sr_b, sr_c, sr_p, so_b, so_c, so_p,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not.
+        pid_b = tl.program_id(2).to(tl.int64)
+        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        c_mask = cs < C
         mask = c_mask[:, None] & (ps < P)[None, :]
+        c_col = cs[:, None]
         p_row = ps[None, :]
-        # Every load is issued before the first store: the compiler cannot prove the outputs
-        # don't alias the inputs, so a load after a store would cost another memory round trip.
-        go = tl.load(go_ptr + pid_b * sgo_b + c_col * sgo_c + p_row * sgo_p, mask=mask).to(COMPUTE)
-        f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
-        if NEED_DF or NEED_PARAMS:
-            g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
-            h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
-        if NEED_PARAMS:
-            x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
-        gate = tl.sigmoid(av * f - bv)
-        dy = (1.0 - alpha) * go
-        if NEED_DF or NEED_PARAMS:
-            dz = dy * (g - h) * gate * (1.0 - gate)
-        if NEED_PARAMS:
-            y = gate * g + (1.0 - gate) * h
-            # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
-            acc_da += tl.where(mask, dz * f, 0.0)
-            acc_db += tl.where(mask, dz, 0.0)
-            acc_dalpha += tl.where(mask, go * (x - y), 0.0)
-        if NEED_DF:
-            tl.store(df_ptr + pid_b * sdf_b + c_col * sdf_c + p_row * sdf_p,
-                     (dz * av).to(df_ptr.dtype.element_ty), mask=mask)
-        if NEED_DG:
-            tl.store(dg_ptr + pid_b * sdg_b + c_col * sdg_c + p_row * sdg_p,
-                     (gate * dy).to(dg_ptr.dtype.element_ty), mask=mask)
-        if NEED_DH:
-            tl.store(dh_ptr + pid_b * sdh_b + c_col * sdh_c + p_row * sdh_p,
-                     ((1.0 - gate) * dy).to(dh_ptr.dtype.element_ty), mask=mask)
-        if NEED_DX:
-            tl.store(dx_ptr + pid_b * sdx_b + c_col * sdx_c + p_row * sdx_p,
-                     (alpha * go).to(dx_ptr.dtype.element_ty), mask=mask)
 
-    if NEED_PARAMS:
-        dalpha_alpha = tl.sum(acc_dalpha, axis=1) * alpha_c
-        # Chain factors folded in here so torch only adds partials: d alpha / d rho and / d t.
-        d_softplus = tl.where(rho > _SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(rho))
-        sign_t = tl.where(tv > 0, 1.0, 0.0) - tl.where(tv < 0, 1.0, 0.0)
-        stride_k = tl.num_programs(0) * B * C
-        part = part_ptr + (pid_p * B + pid_b) * C + cs
-        tl.store(part, tl.sum(acc_da, axis=1), mask=c_mask)
-        tl.store(part + stride_k, -tl.sum(acc_db, axis=1), mask=c_mask)
-        tl.store(part + 2 * stride_k, dalpha_alpha * -tl.abs(tv) * d_softplus, mask=c_mask)
-        tl.store(part + 3 * stride_k, dalpha_alpha * -softplus * sign_t, mask=c_mask)
+        av = tl.load(a_ptr + pid_b * sa_b + cs * sa_c, mask=c_mask).to(COMPUTE)[:, None]
+        bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
+        rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
+        tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
+        alpha = tl.exp(-_softplus(rho) * tl.abs(tv))[:, None]
+
+        f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
+        g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
+        h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
+        x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
+
+        gate = tl.sigmoid(av * f - bv)
+        y = gate * g + (1.0 - gate) * h
+        out = alpha * x + (1.0 - alpha) * y
+        if HAS_RESIDUAL:
+            out += tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
+        o_ptrs = out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+    @triton.jit
+    def _cfc_relax_bwd_kernel(
+        go_ptr, f_ptr, g_ptr, h_ptr, x_ptr, a_ptr, b_ptr, rho_ptr, t_ptr,
+        df_ptr, dg_ptr, dh_ptr, dx_ptr, part_ptr,
+        B, C, P,
+        sgo_b, sgo_c, sgo_p, sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p,
+        sx_b, sx_c, sx_p, sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p,
+        sdx_b, sdx_c, sdx_p,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        pid_c = tl.program_id(1)
+        pid_b = tl.program_id(2).to(tl.int64)
+        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        c_col = cs[:, None]
+
+        av = tl.load(a_ptr + pid_b * sa_b + cs * sa_c, mask=c_mask).to(COMPUTE)[:, None]
+        bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
+        rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
+        tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
+        softplus = _softplus(rho)
+        alpha_c = tl.exp(-softplus * tl.abs(tv))
+        alpha = alpha_c[:, None]
+
+        # Accumulate whole tiles and reduce once at the end: one cross-thread reduction per program
+        # instead of one per tile.
+        acc_da = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
+        acc_db = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
+        acc_dalpha = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
+        for i in range(TILES):
+            ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask = c_mask[:, None] & (ps < P)[None, :]
+            p_row = ps[None, :]
+            # Every load is issued before the first store: the compiler cannot prove the outputs
+            # don't alias the inputs, so a load after a store would cost another memory round trip.
+            go = tl.load(go_ptr + pid_b * sgo_b + c_col * sgo_c + p_row * sgo_p, mask=mask).to(COMPUTE)
+            f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
+            if NEED_DF or NEED_PARAMS:
+                g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
+                h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
+            if NEED_PARAMS:
+                x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
+            gate = tl.sigmoid(av * f - bv)
+            dy = (1.0 - alpha) * go
+            if NEED_DF or NEED_PARAMS:
+                dz = dy * (g - h) * gate * (1.0 - gate)
+            if NEED_PARAMS:
+                y = gate * g + (1.0 - gate) * h
+                # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
+                acc_da += tl.where(mask, dz * f, 0.0)
+                acc_db += tl.where(mask, dz, 0.0)
+                acc_dalpha += tl.where(mask, go * (x - y), 0.0)
+            if NEED_DF:
+                tl.store(df_ptr + pid_b * sdf_b + c_col * sdf_c + p_row * sdf_p,
+                         (dz * av).to(df_ptr.dtype.element_ty), mask=mask)
+            if NEED_DG:
+                tl.store(dg_ptr + pid_b * sdg_b + c_col * sdg_c + p_row * sdg_p,
+                         (gate * dy).to(dg_ptr.dtype.element_ty), mask=mask)
+            if NEED_DH:
+                tl.store(dh_ptr + pid_b * sdh_b + c_col * sdh_c + p_row * sdh_p,
+                         ((1.0 - gate) * dy).to(dh_ptr.dtype.element_ty), mask=mask)
+            if NEED_DX:
+                tl.store(dx_ptr + pid_b * sdx_b + c_col * sdx_c + p_row * sdx_p,
+                         (alpha * go).to(dx_ptr.dtype.element_ty), mask=mask)
+
+        if NEED_PARAMS:
+            dalpha_alpha = tl.sum(acc_dalpha, axis=1) * alpha_c
+            # Chain factors folded in here so torch only adds partials: d alpha / d rho and / d t.
+            d_softplus = tl.where(rho > _SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(rho))
+            sign_t = tl.where(tv > 0, 1.0, 0.0) - tl.where(tv < 0, 1.0, 0.0)
+            stride_k = tl.num_programs(0) * B * C
+            part = part_ptr + (pid_p * B + pid_b) * C + cs
+            tl.store(part, tl.sum(acc_da, axis=1), mask=c_mask)
+            tl.store(part + stride_k, -tl.sum(acc_db, axis=1), mask=c_mask)
+            tl.store(part + 2 * stride_k, dalpha_alpha * -tl.abs(tv) * d_softplus, mask=c_mask)
+            tl.store(part + 3 * stride_k, dalpha_alpha * -softplus * sign_t, mask=c_mask)
 
 
 def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
