@@ -1,0 +1,470 @@
+"""Shared builders for the benchmarks: op inputs, the callables to time, trainers, timers.
+
+One place, used by the pytest-benchmark suites (``bench_ops.py``, ``bench_model.py``), the GPU
+report (``gpu_report.py``) and the memcheck driver (``sanitize_ops.py``). The baselines are the
+reference functions of :mod:`liquiddiff.functional`, called as they are (eager) or through
+``torch.compile``; the fused ops are :mod:`liquiddiff.kernels`. No formula is copied here.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# Before liquiddiff.kernels is imported: without CUDA, Triton runs under its interpreter.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from liquiddiff import functional, kernels  # noqa: E402
+from liquiddiff.model import build  # noqa: E402
+from liquiddiff.training import RectifiedFlowTrainer  # noqa: E402
+
+# --------------------------------------------------------------------------------- sizes
+OP_SHAPE = (8, 64, 256, 256)  # the anchors' op size: 67 MB per bf16 tensor, far above L2
+QUICK_OP_SHAPE = (2, 8, 16, 16)  # CPU / interpreter / CI
+LAYOUTS = ("nchw", "channels_last")
+# Extra layouts for the awkward-shape checks: channel slices of a wider tensor (no copy).
+SLICE_LAYOUTS = ("nchw_slice", "cl_slice")
+IMPLS = ("eager", "compile", "fused")
+MODES = ("fwd", "fwdbwd")
+MODE_TITLES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
+IMPL_TITLES = {"eager": "eager reference", "compile": "torch.compile(reference)", "fused": "fused"}
+
+
+def full_sizes() -> bool:
+    """The pytest suites use the report's sizes on a GPU, small ones on a CPU (or with
+    LIQUIDDIFF_BENCH_QUICK=1)."""
+    return torch.cuda.is_available() and os.environ.get("LIQUIDDIFF_BENCH_QUICK", "0") != "1"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on a GPU; fp32 on the CPU (the Triton interpreter has no bf16)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def set_compile_limits() -> None:
+    """Many (op, layout, grad) variants share one code object: let dynamo keep them all."""
+    cfg = torch._dynamo.config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(64, getattr(cfg, name)))
+    for name in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(512, getattr(cfg, name)))
+
+
+# --------------------------------------------------------------------------------- ops
+@dataclass(frozen=True)
+class OpSpec:
+    """One fused op as the benchmarks see it.
+
+    ``saved`` and ``grad_writes`` define the memory floor of the backward: the fewest tensors a
+    backward must read besides the upstream grads (names of inputs, or ``"out:i"`` for the
+    i-th output) and the gradients it must write (a gradient equal to an upstream grad, like
+    d residual of cfc_relax, or written once for two inputs, like ds of AdaLN, is not counted
+    twice).
+    """
+
+    name: str
+    title: str
+    reference: Callable
+    fused: Callable
+    activations: tuple[str, ...]
+    outputs: tuple[str, ...]
+    saved: tuple[str, ...]
+    grad_writes: tuple[str, ...]
+    residual: bool = False
+
+    def make_inputs(self, shape, dtype, device, layout, generator) -> dict[str, torch.Tensor]:
+        B, C, _, _ = shape
+        out = {}
+        if self.reference is functional.cfc_relax:
+            for n in ("f", "g", "h", "x"):
+                out[n] = _activation(shape, dtype, device, layout, generator)
+            out["a"] = _randn((B, C), dtype, device, generator)
+            out["b"] = _randn((B, C), dtype, device, generator)
+            out["rho"] = _randn((C,), dtype, device, generator)
+            # |t| matters (alpha = exp(-softplus(rho)|t|)); keep it away from 0, where d|t| kinks.
+            out["t"] = (0.05 + 0.9 * torch.rand((B,), generator=generator, device=device)).to(dtype)
+        else:
+            out["x"] = _activation(shape, dtype, device, layout, generator)
+            out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
+            out["shift"] = 0.5 * _randn((B, C), dtype, device, generator)
+        if self.residual:
+            out["residual"] = _activation(shape, dtype, device, layout, generator)
+        return out
+
+
+OPS: dict[str, OpSpec] = {
+    "cfc_relax": OpSpec(
+        name="cfc_relax", title="CfC gate+relax", reference=functional.cfc_relax, fused=kernels.cfc_relax,
+        activations=("f", "g", "h", "x"), outputs=("out",),
+        saved=("f", "g", "h", "x", "a", "b", "rho", "t"),
+        grad_writes=("f", "g", "h", "x", "a", "b", "rho", "t"),
+    ),
+    # Not in the report's table (the model's CfC calls pass a residual; the anchors time the op
+    # without): used by the awkward-shape checks.
+    "cfc_relax_residual": OpSpec(
+        name="cfc_relax_residual", title="CfC gate+relax + residual", reference=functional.cfc_relax,
+        fused=kernels.cfc_relax, activations=("f", "g", "h", "x", "residual"), outputs=("out",),
+        saved=("f", "g", "h", "x", "a", "b", "rho", "t"),
+        grad_writes=("f", "g", "h", "x", "a", "b", "rho", "t"), residual=True,
+    ),
+    "adaln": OpSpec(
+        name="adaln", title="AdaLN", reference=functional.adaln_modulate, fused=kernels.adaln_modulate,
+        activations=("x",), outputs=("out",), saved=("x", "scale"), grad_writes=("x", "scale", "shift"),
+    ),
+    "adaln_residual": OpSpec(
+        name="adaln_residual", title="AdaLN + residual", reference=functional.adaln_modulate,
+        fused=kernels.adaln_modulate, activations=("x", "residual"), outputs=("out", "s"),
+        saved=("out:1", "scale"), grad_writes=("x", "scale", "shift"), residual=True,
+    ),
+}
+OP_NAMES = ("cfc_relax", "adaln", "adaln_residual")  # the report's and the suites' ops
+ALL_OP_NAMES = tuple(OPS)
+
+
+def _randn(shape, dtype, device, generator):
+    return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(dtype)
+
+
+def _activation(shape, dtype, device, layout, generator):
+    """Fresh N(0, 1) values in the requested memory layout (never zeros)."""
+    B, C, H, W = shape
+    if layout in SLICE_LAYOUTS:
+        wide = _randn((B, C + 3, H, W), dtype, device, generator)
+        if layout == "cl_slice":
+            wide = wide.contiguous(memory_format=torch.channels_last)
+        return wide[:, 1 : C + 1]
+    t = _randn(shape, dtype, device, generator)
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    if layout != "nchw":
+        raise ValueError(f"layout: expected one of {LAYOUTS + SLICE_LAYOUTS}, got {layout!r}")
+    return t
+
+
+def as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+@dataclass
+class OpCase:
+    """Inputs and upstream grads of one op at one shape / dtype / layout, built once."""
+
+    spec: OpSpec
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    device: torch.device
+    layout: str
+    inputs: dict[str, torch.Tensor]
+    upstream: tuple[torch.Tensor, ...]
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """Copies of the inputs that require grad (same values, same layout)."""
+        out = {}
+        for k, v in self.inputs.items():
+            leaf = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+            out[k] = leaf.copy_(v).requires_grad_(True)
+        return out
+
+    # -- the callables that are timed ---------------------------------------------------
+    def fwd(self, fn) -> Callable[[], tuple]:
+        inputs = self.inputs
+
+        def run():
+            return as_tuple(fn(**inputs))
+
+        return run
+
+    def fwdbwd(self, fn) -> Callable[[], tuple]:
+        """Forward then the gradients of every input for the fixed upstream grads.
+
+        ``torch.autograd.grad`` returns fresh gradients: nothing accumulates into ``.grad``, so
+        no implementation pays for an add the others do not have.
+        """
+        leaves = self.leaves()
+        params = list(leaves.values())
+        upstream = self.upstream
+
+        def run():
+            outs = as_tuple(fn(**leaves))
+            return torch.autograd.grad(outs, params, upstream, allow_unused=True)
+
+        return run
+
+    # -- the memory floor ------------------------------------------------------------------
+    def floor_bytes(self, mode: str) -> int:
+        ins = sum(nbytes(t) for t in self.inputs.values())
+        outs = sum(nbytes(u) for u in self.upstream)  # outputs have the upstream's shape/dtype
+        fwd = ins + outs
+        if mode == "fwd":
+            return fwd
+        reads = outs  # the upstream grads
+        for name in self.spec.saved:
+            if name.startswith("out:"):
+                reads += nbytes(self.upstream[int(name[4:])])
+            else:
+                reads += nbytes(self.inputs[name])
+        writes = sum(nbytes(self.inputs[n]) for n in self.spec.grad_writes)
+        return fwd + reads + writes
+
+
+def make_op_case(name: str, shape=None, dtype=None, device=None, layout="nchw", seed=0, cast=None) -> OpCase:
+    """Inputs of op ``name`` in ``dtype``; ``cast`` gives some inputs another dtype (autocast
+    mixes: bf16 activations with fp32 ``rho``, ``t`` and residual stream)."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    shape = tuple(shape or (OP_SHAPE if device.type == "cuda" else QUICK_OP_SHAPE))
+    spec = OPS[name]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    inputs = spec.make_inputs(shape, dtype, device, layout, gen)
+    for k, dt in (cast or {}).items():
+        if k in inputs:
+            v = inputs[k]
+            inputs[k] = torch.empty_strided(v.shape, v.stride(), dtype=dt, device=device).copy_(v)
+    with torch.no_grad():
+        outs = as_tuple(spec.reference(**inputs))
+    # Upstream grads: fixed, random, in each output's dtype and memory format.
+    upstream = tuple(
+        _randn(o.shape, o.dtype, device, gen).contiguous(memory_format=_format_of(o)) for o in outs
+    )
+    return OpCase(spec, shape, dtype, device, layout, inputs, upstream)
+
+
+def _format_of(t: torch.Tensor):
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def implementation(spec: OpSpec, impl: str) -> Callable:
+    """The callable for ``impl``: the reference, a fresh torch.compile of it, or the fused op."""
+    if impl == "eager":
+        return spec.reference
+    if impl == "fused":
+        return spec.fused
+    if impl == "compile":
+        set_compile_limits()
+        # Static shapes: a recompile for the other layout must not turn on dynamic shapes.
+        return torch.compile(spec.reference, dynamic=False)
+    raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
+
+
+def op_callable(case: OpCase, impl: str, mode: str, fn: Callable | None = None) -> Callable[[], tuple]:
+    fn = fn or implementation(case.spec, impl)
+    if mode == "fwd":
+        return case.fwd(fn)
+    if mode == "fwdbwd":
+        return case.fwdbwd(fn)
+    raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+
+
+# --------------------------------------------------------------------------------- checks
+def rel_err(out: torch.Tensor | None, ref: torch.Tensor | None) -> float:
+    """||out - ref|| / ||ref|| in fp64 (on ref's device); NaN anywhere gives NaN; missing is inf."""
+    if out is None or ref is None:
+        return float("inf")
+    out = out.detach().to(device=ref.device, dtype=torch.float64)
+    ref = ref.detach().to(torch.float64)
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def parity(case: OpCase, fn: Callable | None = None, ref_device=None) -> dict[str, float]:
+    """Relative errors of ``fn`` (default: the fused op) against the reference on fp64 upcasts
+    of the same inputs, for every output and every input gradient (same upstream grads)."""
+    fn = fn or case.spec.fused
+    leaves = case.leaves()
+    names = list(leaves)
+    outs = as_tuple(fn(**leaves))
+    grads = torch.autograd.grad(outs, [leaves[n] for n in names], case.upstream, allow_unused=True)
+    ref_device = torch.device(ref_device) if ref_device is not None else case.device
+    ref_leaves = {
+        k: v.detach().to(device=ref_device, dtype=torch.float64).requires_grad_(True) for k, v in case.inputs.items()
+    }
+    ref_outs = as_tuple(case.spec.reference(**ref_leaves))
+    ups = [u.to(device=ref_device, dtype=torch.float64) for u in case.upstream]
+    ref_grads = torch.autograd.grad(ref_outs, [ref_leaves[n] for n in names], ups, allow_unused=True)
+    errors = {}
+    for oname, o, r in zip(case.spec.outputs, outs, ref_outs):
+        errors[oname] = rel_err(o, r)
+    for n, g, r in zip(names, grads, ref_grads):
+        errors["d" + n] = rel_err(g, r)
+    return errors
+
+
+def max_error(errors: dict[str, float]) -> float:
+    vals = list(errors.values())
+    if any(v != v for v in vals):
+        return float("nan")
+    return max(vals) if vals else float("nan")
+
+
+def check_finite(name: str, tensors) -> None:
+    """Raises when any output or gradient is missing or not finite: a smoke check, no timing."""
+    for i, t in enumerate(tensors):
+        if t is None:
+            raise AssertionError(f"{name}: result {i} is missing")
+        if not torch.isfinite(t.detach()).all():
+            raise AssertionError(f"{name}: result {i} has non-finite values")
+
+
+# --------------------------------------------------------------------------------- memory
+def saved_tensor_bytes(fn: Callable, case: OpCase) -> dict[str, float]:
+    """What the forward keeps for backward: unique storages seen by the saved-tensor pack hook.
+
+    ``saved_MB`` counts every unique storage (inputs included: saving an input keeps it alive);
+    ``saved_new_MB`` only those that are not inputs (intermediates and outputs).
+    """
+    leaves = case.leaves()
+    input_ptrs = {v.untyped_storage().data_ptr() for v in leaves.values()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        seen[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        outs = as_tuple(fn(**leaves))
+    del outs
+    total = sum(seen.values())
+    new = sum(b for p, b in seen.items() if p not in input_ptrs)
+    return {"saved_MB": total / 1e6, "saved_new_MB": new / 1e6, "saved_tensors": len(seen)}
+
+
+def retained_after_forward(fn: Callable, case: OpCase) -> float | None:
+    """CUDA: bytes newly allocated and still held after a forward with grad (outputs included)."""
+    if case.device.type != "cuda":
+        return None
+    leaves = case.leaves()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    outs = as_tuple(fn(**leaves))
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    del outs
+    return (after - before) / 1e6
+
+
+# --------------------------------------------------------------------------------- timing
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable, device, warmup_ms: float = 25, rep_ms: float = 100) -> float:
+    """Median time of ``fn`` in ms: CUDA events through triton.testing.do_bench on a GPU, the
+    wall clock on the CPU (a few calls: the CPU numbers only prove the code runs)."""
+    if torch.device(device).type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    stop = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < stop and len(times) < 50):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def copy_bandwidth_GBps(device, nbytes_total: int | None = None) -> float:
+    """One large device-to-device copy, counting bytes read plus bytes written."""
+    device = torch.device(device)
+    if nbytes_total is None:
+        nbytes_total = (1 << 30) if device.type == "cuda" else (64 << 20)
+    src = torch.empty(nbytes_total // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    ms = time_ms(lambda: dst.copy_(src), device, warmup_ms=25, rep_ms=200)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+# --------------------------------------------------------------------------------- models
+@dataclass(frozen=True)
+class E2EConfig:
+    preset: str = "tiny"
+    image: int = 256
+    batch: int = 8
+    overrides: tuple = ()  # (name, value) pairs for liquiddiff.model.build
+    train_warmup: int = 2
+    train_steps: int = 10
+    sample_steps: int = 50
+    sample_runs: int = 1
+
+    def describe(self) -> str:
+        extra = f" {dict(self.overrides)}" if self.overrides else ""
+        return f"{self.preset}{extra}, {self.image} px, batch {self.batch}"
+
+
+FULL_E2E = E2EConfig()
+# Small enough for the CPU (fused ops under the interpreter): proves the code path only.
+QUICK_E2E = E2EConfig(
+    preset="micro", image=16, batch=2, overrides=(("channels", (16, 32)),),
+    train_warmup=1, train_steps=2, sample_steps=3, sample_runs=1,
+)
+
+
+def e2e_config(quick: bool) -> E2EConfig:
+    return QUICK_E2E if quick else FULL_E2E
+
+
+def memory_format(layout: str):
+    return torch.channels_last if layout == "channels_last" else torch.contiguous_format
+
+
+def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed: int = 0) -> RectifiedFlowTrainer:
+    """A RectifiedFlowTrainer (AdamW, EMA, bf16 autocast on CUDA) over the preset, in ``layout``.
+
+    The model is put in its memory format before the trainer is made, so the EMA copy and the
+    optimizer see the same layout.
+    """
+    device = torch.device(device) if device is not None else default_device()
+    torch.manual_seed(seed)
+    model = build(cfg.preset, fused=fused, **dict(cfg.overrides))
+    model = model.to(device=device, memory_format=memory_format(layout))
+    return RectifiedFlowTrainer(model, lr=1e-4, device=device)
+
+
+def make_images(cfg: E2EConfig, layout: str, device=None, seed: int = 1) -> torch.Tensor:
+    """A fixed batch of random images in [-1, 1] (random, not zeros), in ``layout``."""
+    device = torch.device(device) if device is not None else default_device()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(cfg.batch, 3, cfg.image, cfg.image, generator=gen) * 2 - 1
+    return x.to(device).contiguous(memory_format=memory_format(layout))
+
+
+def compile_model(trainer: RectifiedFlowTrainer) -> RectifiedFlowTrainer:
+    """``torch.compile`` of the trainer's model, in place (``nn.Module.compile``), so every path
+    that calls the module (train_step, sample with use_ema=False) runs the compiled forward
+    whatever attribute the trainer calls it through. The fused ops stay opaque custom ops. The
+    EMA copy, made when the trainer was built, stays eager."""
+    set_compile_limits()
+    trainer.model.compile()
+    return trainer
+
+
+def dynamo_counts() -> dict[str, int]:
+    """Graphs dynamo compiled and graph breaks so far in this process (0 graphs: not compiled)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return {
+            "graphs": int(counters["stats"].get("unique_graphs", 0)),
+            "graph_breaks": int(sum(counters["graph_break"].values())),
+        }
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {}

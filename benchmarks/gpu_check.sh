@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# The prepared GPU check, one command on a machine with one CUDA GPU, from the repository root:
+#
+#   PYTHONPATH=. bash benchmarks/gpu_check.sh OUT_DIR
+#
+# 1. the `gpu`-marked tests                    -> OUT_DIR/gpu_tests.log
+# 2. compute-sanitizer memcheck of the fused ops at small awkward shapes (benchmarks/sanitize_ops.py)
+#                                               -> OUT_DIR/sanitizer.log
+# 3. the GPU report (python -m benchmarks.gpu_report) -> OUT_DIR/report.{json,md}, ratios.png,
+#                                                  report.log, workers.log
+# Every stage has a timeout and runs whatever happened before it; a summary comes last.
+# Budget, seconds (environment overrides): GPU_CHECK_BUDGET=510 for everything, GPU_TESTS_TIMEOUT=100,
+# SANITIZER_TIMEOUT=120, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this).
+# Exit status: 0 when every stage passed, else 1 (see the summary). Without a GPU it says so and
+# exits 2, unless GPU_CHECK_ALLOW_CPU=1 (a dry run of this script: tests skip, no sanitizer,
+# sanitize_ops and a --quick report under the Triton interpreter).
+set -o pipefail
+cd "$(dirname "$0")/.." || exit 2
+OUT="${1:-${OUT:-gpu_check_out}}"
+mkdir -p "$OUT" || exit 2
+OUT="$(cd "$OUT" && pwd)"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+START=$(date +%s)
+BUDGET=${GPU_CHECK_BUDGET:-510}
+T_TESTS=${GPU_TESTS_TIMEOUT:-100}
+T_SAN=${SANITIZER_TIMEOUT:-120}
+REPORT_MAX=${REPORT_BUDGET_MAX:-330}
+
+elapsed() { echo $(( $(date +%s) - START )); }
+say() { echo "[gpu_check $(elapsed)s] $*"; }
+SUMMARY=()
+note() { SUMMARY+=("$*"); }
+FAILED=0
+
+say "python $PY; out $OUT; budget ${BUDGET}s"
+GPU_NAME=$("$PY" -c 'import torch; print("GPU=" + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"))' 2>/dev/null | sed -n 's/^GPU=//p' | tail -n 1)
+[ -n "$GPU_NAME" ] || GPU_NAME="none (torch did not import with $PY)"
+"$PY" -c 'import torch, triton; print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)' 2>&1 | tail -n 1
+if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -n 2
+fi
+HAVE_GPU=1
+if [[ "$GPU_NAME" == none* ]]; then
+    HAVE_GPU=0
+    say "NO CUDA GPU visible to torch ($GPU_NAME): this script is meant for a GPU machine"
+    if [ "${GPU_CHECK_ALLOW_CPU:-0}" != "1" ]; then
+        echo "gpu_check: no GPU; set GPU_CHECK_ALLOW_CPU=1 for a dry run on the CPU"
+        exit 2
+    fi
+    say "GPU_CHECK_ALLOW_CPU=1: dry run on the CPU"
+else
+    say "GPU: $GPU_NAME"
+fi
+
+# ---------------------------------------------------------------- 1. gpu-marked tests
+say "stage 1/3: pytest -m gpu tests (timeout ${T_TESTS}s)"
+timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests 2>&1 | tee "$OUT/gpu_tests.log"
+RC=${PIPESTATUS[0]}
+LINE=$(grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran" "$OUT/gpu_tests.log" | tail -n 1)
+case $RC in
+    0) note "gpu tests: PASS ($LINE)";;
+    5) note "gpu tests: NONE COLLECTED ($LINE)"; FAILED=1;;
+    124|137) note "gpu tests: TIMEOUT after ${T_TESTS}s ($LINE)"; FAILED=1;;
+    *) note "gpu tests: FAIL rc=$RC ($LINE)"; FAILED=1
+       while IFS= read -r l; do note "    $l"; done < <(grep -E "^(FAILED|ERROR) " "$OUT/gpu_tests.log" | head -n 15);;
+esac
+if [ "$HAVE_GPU" = 1 ] && [ "$RC" = 0 ] && ! grep -qE "[0-9]+ passed" "$OUT/gpu_tests.log"; then
+    note "gpu tests: WARNING: nothing passed (all skipped?)"; FAILED=1
+fi
+
+# ---------------------------------------------------------------- 2. compute-sanitizer memcheck
+SAN=""
+for c in compute-sanitizer "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    if command -v "$c" >/dev/null 2>&1; then SAN=$(command -v "$c"); break; fi
+done
+SAN_MAX=$(( T_SAN - 45 )); [ "$SAN_MAX" -lt 20 ] && SAN_MAX=20
+run_sanitizer() {  # $@: extra compute-sanitizer options
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -k 10 "$T_SAN" "$SAN" --tool memcheck --error-exitcode 9 "$@" \
+        "$PY" -m benchmarks.sanitize_ops --max-seconds "$SAN_MAX" > "$OUT/sanitizer.log" 2>&1
+}
+if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
+    say "stage 2/3: $SAN --tool memcheck python -m benchmarks.sanitize_ops (timeout ${T_SAN}s)"
+    run_sanitizer --report-api-errors no --print-limit 50
+    RC=$?
+    if ! grep -q "ERROR SUMMARY" "$OUT/sanitizer.log" && grep -qiE "unrecogni[sz]ed|unknown option|invalid option" "$OUT/sanitizer.log"; then
+        say "compute-sanitizer refused an option; again with the minimal options"
+        run_sanitizer
+        RC=$?
+    fi
+    SUMLINE=$(grep -m 1 "ERROR SUMMARY" "$OUT/sanitizer.log" | sed 's/^=* *//')
+    CASES=$(grep -E "^sanitize_ops: [0-9]+/[0-9]+ cases" "$OUT/sanitizer.log" | tail -n 1)
+    grep -E "^(MISMATCH|ERROR) |Invalid __global__|Out of bounds|out of bounds|Address .* is out of bounds|ERROR SUMMARY|^sanitize_ops:" "$OUT/sanitizer.log" | head -n 40
+    case $RC in
+        0) note "sanitizer: PASS (${SUMLINE:-no ERROR SUMMARY line}; ${CASES:-no case summary})";;
+        9) note "sanitizer: MEMCHECK ERRORS (${SUMLINE}; ${CASES}); see sanitizer.log"; FAILED=1
+           while IFS= read -r l; do note "    $l"; done < <(grep -E "Invalid __global__|out of bounds" "$OUT/sanitizer.log" | sort | uniq -c | sort -rn | head -n 8);;
+        124|137) note "sanitizer: TIMEOUT after ${T_SAN}s (${SUMLINE:-no summary}; ${CASES:-cases unfinished})"; FAILED=1;;
+        1) note "sanitizer: MISMATCH or error in sanitize_ops (${SUMLINE}; ${CASES})"; FAILED=1;;
+        2) note "sanitizer: fused ops do not run Triton here (${CASES:-see sanitizer.log})"; FAILED=1;;
+        *) note "sanitizer: rc=$RC (${SUMLINE:-no summary}; ${CASES:-no case summary}): see sanitizer.log"; FAILED=1
+           while IFS= read -r l; do note "    $l"; done < <(tail -n 5 "$OUT/sanitizer.log");;
+    esac
+elif [ "$HAVE_GPU" = 1 ]; then
+    note "sanitizer: NOT RUN: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda)"; FAILED=1
+else
+    say "stage 2/3: no GPU: sanitize_ops without compute-sanitizer (interpreter; checks the script only)"
+    timeout -k 10 "$T_SAN" "$PY" -m benchmarks.sanitize_ops --max-seconds "$SAN_MAX" > "$OUT/sanitizer.log" 2>&1
+    RC=$?
+    note "sanitizer: NOT RUN (no GPU); sanitize_ops alone rc=$RC: $(grep -E '^sanitize_ops: [0-9]+/' "$OUT/sanitizer.log" | tail -n 1)"
+fi
+
+# ---------------------------------------------------------------- 3. the report
+LEFT=$(( BUDGET - $(elapsed) - 15 ))
+RB=$REPORT_MAX; [ "$LEFT" -lt "$RB" ] && RB=$LEFT
+[ "$RB" -lt 90 ] && RB=90
+QUICK=""; [ "$HAVE_GPU" = 1 ] || QUICK="--quick"
+say "stage 3/3: python -m benchmarks.gpu_report --out $OUT --budget $RB $QUICK"
+timeout -k 20 $(( RB + 30 )) "$PY" -m benchmarks.gpu_report --out "$OUT" --budget "$RB" $QUICK 2>&1 | tee "$OUT/report.log"
+RC=${PIPESTATUS[0]}
+STATUS=$("$PY" - "$OUT/report.json" <<'EOF' 2>&1
+import json, sys
+try:
+    r = json.load(open(sys.argv[1]))
+except Exception as exc:
+    print(f"no report.json ({exc})"); sys.exit()
+ops = r.get("ops", [])
+par = sorted({str(o.get("parity")) for o in ops}) or ["-"]
+e2e = r.get("e2e", {})
+done = [f"{k}:{x['name']}" for k in ("train", "sample") for x in e2e.get(k, []) if x.get("status", "").startswith("ok")]
+other = [f"{k}:{x['name']}={x.get('status')}" for k in ("train", "sample") for x in e2e.get(k, []) if not x.get("status", "").startswith("ok")]
+print(f"parity {'/'.join(par)}; {len(done)} model timings ok" + (f"; not ok: {', '.join(other)}" if other else "")
+      + f"; {len(r.get('notes', []))} notes; {r['meta'].get('elapsed_s', 0):.0f}s")
+EOF
+)
+case $RC in
+    0) note "report: OK ($STATUS)";;
+    1) note "report: PARITY FAIL or non-finite model output ($STATUS)"; FAILED=1;;
+    124|137) note "report: TIMEOUT after $(( RB + 30 ))s ($STATUS)"; FAILED=1;;
+    *) note "report: rc=$RC ($STATUS)"; FAILED=1;;
+esac
+
+echo
+echo "==================== gpu_check summary ($(elapsed)s, GPU: $GPU_NAME) ===================="
+for l in "${SUMMARY[@]}"; do echo "$l"; done
+echo "files: $(cd "$OUT" && ls | tr '\n' ' ')"
+[ "$HAVE_GPU" = 1 ] || exit 2
+exit $FAILED

@@ -1,0 +1,872 @@
+"""The GPU report: one command that times the fused ops and the model against their baselines.
+
+    python -m benchmarks.gpu_report --out DIR          # on a machine with one CUDA GPU
+    python -m benchmarks.gpu_report --out DIR --quick  # tiny sizes, CPU or GPU: proves it runs
+
+Writes DIR/report.json (every number, with device, versions, date and command), DIR/report.md
+(the tables; printed last) and DIR/ratios.png (per-op time over the memory floor).
+
+Ops (bf16, [8, 64, 256, 256], NCHW and channels_last): forward and forward+backward times of the
+eager reference, ``torch.compile`` of the reference and the fused op; the memory floor (bytes
+that must move over the measured copy bandwidth); ratios; the fused op's bf16 output and
+gradients against the reference on fp64 upcasts of the same inputs; what each keeps saved for
+backward.
+
+End to end (tiny preset, 256 px, batch 8, bf16 autocast, RectifiedFlowTrainer): train-step time
+and peak memory, and sampling throughput (50 Euler steps), for the reference (eager NCHW, eager
+channels_last, torch.compile channels_last) and the fused model (eager, torch.compile).
+
+Time budget (``--budget``, seconds): each model variant runs in its own worker process. All
+workers start at once, so the full-model compiles overlap each other and the op checks; when
+they are ready (or the compile deadline passes), everything is timed one worker at a time on a
+quiet machine. A variant that would overrun the budget is skipped with a note; the report is
+always written.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import queue
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks import cases  # sets TRITON_INTERPRET before liquiddiff.kernels is imported
+from liquiddiff import kernels
+
+ROOT = Path(__file__).resolve().parent.parent
+MARK = "@@ldbench "
+TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-2, torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+@dataclass(frozen=True)
+class Variant:
+    label: str
+    fused: bool
+    layout: str
+    compiled: bool
+
+
+VARIANTS = {
+    "ref_eager_nchw": Variant("reference eager", False, "nchw", False),
+    "ref_eager_cl": Variant("reference eager", False, "channels_last", False),
+    "ref_compile_cl": Variant("torch.compile(reference)", False, "channels_last", True),
+    "fused_nchw": Variant("fused", True, "nchw", False),
+    "fused_cl": Variant("fused", True, "channels_last", False),
+    "fused_compile_cl": Variant("torch.compile(fused)", True, "channels_last", True),
+}
+# Timed in this order; when time runs short the last ones are skipped.
+TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw", "fused_cl", "fused_compile_cl")
+SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "ref_eager_cl", "ref_eager_nchw", "fused_nchw")
+# Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
+# eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
+# less; the ops 36 do_bench calls of ~0.2 s. They set the compile deadline (budget minus all of
+# them) and decide, task by task, whether what is left of the budget still fits.
+ESTIMATE_S = {
+    False: {("train", False): 6, ("train", True): 4, ("sample", False): 7, ("sample", True): 4, "ops": 15},
+    True: {("train", False): 12, ("train", True): 8, ("sample", False): 8, ("sample", True): 8, "ops": 15},
+}
+WRITE_MARGIN_S = 10
+
+
+# ============================================================================ worker side
+def _worker_main(args) -> int:
+    """One model variant, one task (train or sample), in its own process.
+
+    Protocol on the original stdout (everything else printed goes to stderr, the log): a
+    ``ready`` line once built (and compiled and warmed up, for compiled variants); then it waits
+    for ``go`` on stdin, times, and sends ``result`` (or ``error``) and exits.
+    """
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # stray prints (Python or C) go to the log, not into the protocol
+    sys.stdout = sys.stderr
+
+    def send(**msg):
+        proto.write(MARK + json.dumps(msg) + "\n")
+        proto.flush()
+
+    variant = VARIANTS[args.worker]
+    task = args.task
+    cfg = cases.e2e_config(args.quick)
+    device = cases.default_device()
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # several workers share the cores; spinning OpenMP threads would stall
+    try:
+        trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device)
+        images = cases.make_images(cfg, variant.layout, device)
+        compile_s = None
+        if variant.compiled:
+            cases.compile_model(trainer)
+            t0 = time.perf_counter()
+            _warm_up(trainer, task, cfg, images)
+            cases.sync(device)
+            compile_s = time.perf_counter() - t0
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # hold no more than the model while others run
+        send(event="ready", compile_s=compile_s, **cases.dynamo_counts())
+        if sys.stdin.readline().strip() != "go":
+            return 0
+        if not variant.compiled:
+            _warm_up(trainer, task, cfg, images)
+        result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device)
+        send(event="result", **result, **cases.dynamo_counts())
+        return 0
+    except BaseException:  # noqa: BLE001 - reported to the parent, which notes it
+        tb = traceback.format_exc()
+        print(tb, file=sys.stderr, flush=True)
+        send(event="error", error=tb[-3000:])
+        return 1
+
+
+def _warm_up(trainer, task, cfg, images):
+    if task == "train":
+        for _ in range(max(1, cfg.train_warmup)):
+            trainer.train_step(images)
+    else:
+        trainer.sample(cfg.batch, cfg.image, num_steps=2, use_ema=False)
+
+
+def _memory_start(device):
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def _memory_report(device, base):
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated()
+    return {"peak_GiB": peak / 2**30, "base_GiB": base / 2**30, "transient_GiB": (peak - base) / 2**30}
+
+
+def _measure_train(trainer, images, cfg, device) -> dict:
+    base = _memory_start(device)
+    times, metrics = [], None
+    for _ in range(cfg.train_steps):
+        cases.sync(device)
+        t0 = time.perf_counter()
+        metrics = trainer.train_step(images)
+        cases.sync(device)
+        times.append(time.perf_counter() - t0)
+    out = {
+        "train_ms": statistics.median(times) * 1e3,
+        "train_ms_all": [t * 1e3 for t in times],
+        "loss": metrics["loss"],
+        "grad_norm": metrics["grad_norm"],
+    }
+    out.update(_memory_report(device, base))
+    return out
+
+
+def _measure_sample(trainer, cfg, device) -> dict:
+    base = _memory_start(device)
+    times, images = [], None
+    for _ in range(max(1, cfg.sample_runs)):
+        cases.sync(device)
+        t0 = time.perf_counter()
+        images = trainer.sample(cfg.batch, cfg.image, num_steps=cfg.sample_steps, use_ema=False)
+        cases.sync(device)
+        times.append(time.perf_counter() - t0)
+    seconds = statistics.median(times)
+    out = {
+        "sample_s": seconds,
+        "sample_s_all": times,
+        "images_per_s": cfg.batch / seconds,
+        "steps": cfg.sample_steps,
+        "finite": bool(torch.isfinite(images).all()),
+    }
+    out.update(_memory_report(device, base))
+    return out
+
+
+# ============================================================================ parent side
+class Clock:
+    def __init__(self, budget_s: float):
+        self.t0 = time.monotonic()
+        self.end = self.t0 + budget_s
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+
+class Worker:
+    """A worker process for one (task, variant), and what it reported."""
+
+    def __init__(self, task: str, name: str, quick: bool, env: dict, log_path: Path, clock: Clock):
+        self.task, self.name, self.variant = task, name, VARIANTS[name]
+        self.clock = clock
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--worker", name, "--task", task]
+        if quick:
+            cmd.append("--quick")
+        self.proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+            text=True, bufsize=1,
+        )
+        self.events: queue.Queue = queue.Queue()
+        self.state = "starting"  # -> ready -> done | error | killed | skipped
+        self.compile_s = None
+        self.ready_at = None
+        self.result: dict | None = None
+        self.error: str | None = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    @property
+    def key(self) -> str:
+        return f"{self.task}:{self.name}"
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.startswith(MARK):
+                try:
+                    self.events.put(json.loads(line[len(MARK):]))
+                except ValueError:
+                    pass
+        self.events.put({"event": "exit"})
+
+    def drain(self, timeout: float = 0.0) -> None:
+        try:
+            ev = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._apply(ev)
+            try:
+                ev = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _apply(self, ev: dict) -> None:
+        kind = ev.get("event")
+        if kind == "ready" and self.state == "starting":
+            self.state, self.compile_s, self.ready_at = "ready", ev.get("compile_s"), self.clock.elapsed()
+        elif kind == "result":
+            self.state, self.result = "done", ev
+        elif kind == "error":
+            self.state, self.error = "error", ev.get("error", "unknown error")
+        elif kind == "exit" and self.state in ("starting", "ready", "running"):
+            self.proc.wait()
+            self.state = "error"
+            self.error = self.error or f"worker exited with code {self.proc.returncode} before reporting (see its log)"
+
+    def go(self) -> None:
+        self.state = "running"
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+
+    def wait_done(self, timeout: float) -> None:
+        end = time.monotonic() + max(0.0, timeout)
+        while self.state == "running" and time.monotonic() < end:
+            self.drain(timeout=min(0.5, max(0.01, end - time.monotonic())))
+
+    def kill(self, state: str, reason: str) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.state, self.error = state, reason
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("quit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - a stuck or dead worker is killed below
+                pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def _estimate(quick: bool, task: str, compiled: bool) -> float:
+    return ESTIMATE_S[quick][(task, compiled)]
+
+
+def _worker_env(quick: bool, compiled: bool, device) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONUNBUFFERED"] = "1"
+    if compiled and device.type == "cuda":
+        # Several processes compile at once: share the cores instead of 16 compile workers each.
+        env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "4")
+    return env
+
+
+# ---------------------------------------------------------------------------- ops
+def prepare_ops(args, clock, device, dtype, shape, notes, reserve_s, entries: list) -> list[dict]:
+    """Inputs, parity, saved-for-backward memory and the op compiles (not timed), appended to
+    ``entries`` as they are made (an interrupted run still reports what was done)."""
+    for op in cases.OP_NAMES:
+        for layout in cases.LAYOUTS:
+            label = f"{op} {layout}"
+            entry = {"op": op, "title": cases.OPS[op].title, "layout": layout, "fns": {}, "compile_s": {}}
+            entries.append(entry)
+            try:
+                case = cases.make_op_case(op, shape, dtype, device, layout, seed=len(entries))
+            except Exception as exc:  # noqa: BLE001
+                notes.append(f"{label}: could not build the inputs: {exc!r}")
+                continue
+            entry["case"] = case
+            spec = case.spec
+            tol = TOL.get(dtype, 1e-2)
+            for who, fn in (("fused", spec.fused), ("eager", spec.reference)):
+                try:
+                    errs = cases.parity(case, fn)
+                    entry[f"parity_{who}"] = errs
+                except Exception as exc:  # noqa: BLE001
+                    entry[f"parity_{who}"] = None
+                    notes.append(f"{label}: parity of {who} failed to run: {exc!r}")
+            errs = entry.get("parity_fused")
+            if errs:
+                worst = cases.max_error(errs)
+                entry["parity_max_err"] = worst
+                entry["parity_tol"] = tol
+                entry["parity"] = "PASS" if worst == worst and worst <= tol else "FAIL"
+                if entry["parity"] == "FAIL":
+                    bad = {k: f"{v:.2e}" for k, v in errs.items() if not (v <= tol)}
+                    notes.append(f"{label}: PARITY FAIL (tol {tol:.0e}): {bad}")
+            else:
+                entry["parity"] = "ERROR"
+            for impl in ("eager", "fused"):
+                entry["fns"][impl] = cases.implementation(spec, impl)
+            if args.compile:
+                if clock.left() < reserve_s:
+                    notes.append(f"{label}: torch.compile skipped (time budget)")
+                else:
+                    entry["fns"]["compile"] = cases.implementation(spec, "compile")
+            entry["callables"] = {}
+            for impl, fn in list(entry["fns"].items()):
+                for mode in cases.MODES:
+                    try:
+                        call = cases.op_callable(case, impl, mode, fn)
+                        t0 = time.perf_counter()
+                        call()  # compiles (torch.compile, Triton jit) outside the timed region
+                        cases.sync(device)
+                        if impl == "compile":
+                            entry["compile_s"][mode] = time.perf_counter() - t0
+                        entry["callables"][(impl, mode)] = call
+                    except Exception as exc:  # noqa: BLE001
+                        notes.append(f"{label} {impl} {mode}: failed: {type(exc).__name__}: {str(exc)[:300]}")
+            mem = {}
+            for impl, fn in entry["fns"].items():
+                if (impl, "fwdbwd") not in entry["callables"]:
+                    continue
+                try:
+                    mem[impl] = cases.saved_tensor_bytes(fn, case)
+                    mem[impl]["retained_MB"] = cases.retained_after_forward(fn, case)
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"{label} {impl}: saved-tensor measurement failed: {exc!r}")
+            entry["memory"] = mem
+    return entries
+
+
+def time_ops(entries, device, copy_GBps, quick, notes) -> None:
+    warmup, rep = (5, 20) if quick else (25, 100)
+    for entry in entries:
+        case = entry.get("case")
+        if case is None:
+            continue
+        entry["ms"], entry["floor_ms"], entry["floor_bytes"] = {}, {}, {}
+        for mode in cases.MODES:
+            entry["floor_bytes"][mode] = case.floor_bytes(mode)
+            if copy_GBps:
+                entry["floor_ms"][mode] = case.floor_bytes(mode) / (copy_GBps * 1e9) * 1e3
+            for impl in cases.IMPLS:
+                call = entry["callables"].get((impl, mode))
+                if call is None:
+                    continue
+                try:
+                    entry["ms"][(impl, mode)] = cases.time_ms(call, device, warmup, rep)
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"{entry['op']} {entry['layout']} {impl} {mode}: timing failed: {exc!r}")
+
+
+def op_rows(entries) -> list[dict]:
+    rows = []
+    for entry in entries:
+        ms = entry.get("ms", {})
+        for mode in cases.MODES:
+            eager, comp, fused = (ms.get((i, mode)) for i in cases.IMPLS)
+            floor = entry.get("floor_ms", {}).get(mode)
+            row = {
+                "op": entry["op"], "title": entry["title"], "layout": entry["layout"], "pass": mode,
+                "eager_ms": eager, "compile_ms": comp, "fused_ms": fused, "floor_ms": floor,
+                "floor_bytes": entry.get("floor_bytes", {}).get(mode),
+                "fused_over_floor": _ratio(fused, floor), "compile_over_floor": _ratio(comp, floor),
+                "eager_over_floor": _ratio(eager, floor),
+                "compile_over_fused": _ratio(comp, fused), "eager_over_fused": _ratio(eager, fused),
+                "compile_s": entry.get("compile_s", {}).get(mode),
+                "parity": entry.get("parity"),
+            }
+            errs = entry.get("parity_fused") or {}
+            outs = [k for k in errs if not k.startswith("d")]
+            picked = {k: v for k, v in errs.items() if (k in outs) == (mode == "fwd")}
+            row["parity_err"] = cases.max_error(picked) if picked else None
+            tol = entry.get("parity_tol")
+            if row["parity_err"] is not None and tol is not None:
+                err = row["parity_err"]
+                row["parity"] = "PASS" if err == err and err <= tol else "FAIL"
+            ref_errs = entry.get("parity_eager") or {}
+            ref_picked = {k: v for k, v in ref_errs.items() if (k in outs) == (mode == "fwd")}
+            row["eager_bf16_err"] = cases.max_error(ref_picked) if ref_picked else None
+            rows.append(row)
+    return rows
+
+
+def _ratio(a, b):
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def memory_rows(entries) -> list[dict]:
+    rows = []
+    for entry in entries:
+        mem = entry.get("memory") or {}
+        row = {"op": entry["op"], "title": entry["title"], "layout": entry["layout"]}
+        for impl in cases.IMPLS:
+            m = mem.get(impl) or {}
+            row[f"{impl}_saved_MB"] = m.get("saved_MB")
+            row[f"{impl}_saved_new_MB"] = m.get("saved_new_MB")
+            row[f"{impl}_saved_tensors"] = m.get("saved_tensors")
+            row[f"{impl}_retained_MB"] = m.get("retained_MB")
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+def _fmt(v, spec=".3f", none="-"):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return none
+    return format(v, spec)
+
+
+def _fmt_mb(v):
+    if v is None:
+        return "-"
+    return format(v, ".0f") if v >= 10 else format(v, ".3g")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def render_markdown(report: dict) -> str:
+    meta = report["meta"]
+    out = ["# liquiddiff GPU report", ""]
+    out.append(f"- date: {meta['date']}")
+    out.append(f"- device: {meta['device']} ({meta.get('device_detail', '')})")
+    out.append(f"- torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, python {meta['python']}")
+    out.append(f"- command: `{meta['command']}`" + (f" (git {meta['git_commit']})" if meta.get("git_commit") else ""))
+    out.append(f"- fused backends: {meta['kernel_backends']}")
+    out.append(f"- copy bandwidth: {_fmt(meta.get('copy_GBps'), '.0f')} GB/s (one device-to-device copy, read + write)")
+    out.append(f"- wall time: {_fmt(meta.get('elapsed_s'), '.0f')} s of a {meta['budget_s']:.0f} s budget"
+               + (" (QUICK MODE: tiny sizes, numbers only prove the code runs)" if meta["quick"] else ""))
+    hl = report.get("headline") or []
+    if hl:
+        out += ["", "## Headline", ""] + [f"- {line}" for line in hl]
+
+    shape, dtype = meta["op_shape"], meta["op_dtype"]
+    out += ["", f"## Fused ops ({dtype}, {shape}): median ms", ""]
+    rows = []
+    for r in report["ops"]:
+        par = "-"
+        if r.get("parity_err") is not None:
+            par = f"{r['parity']} {r['parity_err']:.1e}" + (
+                f" (ref {r['eager_bf16_err']:.1e})" if r.get("eager_bf16_err") is not None else "")
+        elif r.get("parity"):
+            par = r["parity"]
+        rows.append([
+            r["title"], r["layout"], cases.MODE_TITLES[r["pass"]], _fmt(r["eager_ms"]), _fmt(r["compile_ms"]),
+            _fmt(r["fused_ms"]), _fmt(r["floor_ms"]), _fmt(r["fused_over_floor"], ".2f"),
+            _fmt(r["compile_over_fused"], ".2f"), _fmt(r["eager_over_fused"], ".2f"), par,
+        ])
+    out.append(_table(["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor",
+                       "compile/fused", "eager/fused", "parity vs fp64 (max rel err)"], rows))
+    out += ["", "Saved for backward (MB, unique storages seen by the saved-tensor hook; new = not an input) "
+            "and retained after a forward with grad (MB, new allocations incl. outputs):", ""]
+    rows = []
+    for r in report["op_memory"]:
+        rows.append([r["title"], r["layout"]] + [
+            f"{_fmt_mb(r[f'{i}_saved_MB'])} / {_fmt_mb(r[f'{i}_saved_new_MB'])}" for i in cases.IMPLS
+        ] + [_fmt_mb(r[f"{i}_retained_MB"]) for i in cases.IMPLS])
+    out.append(_table(["op", "layout", "saved eager (all/new)", "saved compile", "saved fused",
+                       "retained eager", "retained compile", "retained fused"], rows))
+
+    e2e = report.get("e2e") or {}
+    out += ["", f"## End to end ({e2e.get('config', '-')}): train step (RectifiedFlowTrainer.train_step)", ""]
+    rows = []
+    for r in e2e.get("train", []):
+        rows.append([r["label"], r["layout"], _fmt(r.get("train_ms"), ".1f"), _fmt(r.get("speedup_vs_ref_eager_nchw"), ".2f"),
+                     _fmt(r.get("speedup_vs_ref_compile_cl"), ".2f"), _fmt(r.get("peak_GiB"), ".2f"),
+                     _fmt(r.get("transient_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"), r.get("status", "-")])
+    out.append(_table(["variant", "layout", "step ms", "x vs eager NCHW", "x vs compile ref CL", "peak GiB",
+                       "step GiB", "compile s", "status"], rows))
+    out += ["", f"Sampling ({e2e.get('sample_steps', '-')} Euler steps, batch {e2e.get('batch', '-')}, "
+            "RectifiedFlowTrainer.sample):", ""]
+    rows = []
+    for r in e2e.get("sample", []):
+        rows.append([r["label"], r["layout"], _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("sample_s"), ".2f"),
+                     _fmt(r.get("peak_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"), r.get("status", "-")])
+    out.append(_table(["variant", "layout", "images/s", "s per batch", "peak GiB", "compile s", "status"], rows))
+    if report.get("notes"):
+        out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
+    out += ["", "Columns: see benchmarks/README.md. floor = bytes that must move / copy bandwidth.", ""]
+    return "\n".join(out)
+
+
+def headline(report: dict) -> list[str]:
+    lines = []
+    for r in report["ops"]:
+        if r["layout"] != "channels_last" or r["fused_ms"] is None:
+            continue
+        lines.append(
+            f"{r['title']} {cases.MODE_TITLES[r['pass']]} (channels_last): fused {_fmt(r['fused_ms'])} ms = "
+            f"{_fmt(r['fused_over_floor'], '.2f')}x floor; torch.compile {_fmt(r['compile_ms'])} ms "
+            f"({_fmt(r['compile_over_fused'], '.2f')}x fused); parity {r.get('parity')}"
+        )
+    train = {r["name"]: r for r in (report.get("e2e") or {}).get("train", [])}
+    base = train.get("ref_compile_cl", {})
+    for name in ("fused_cl", "fused_compile_cl"):
+        r = train.get(name)
+        if r and r.get("train_ms") is not None:
+            lines.append(
+                f"train step, {r['label']} channels_last: {_fmt(r['train_ms'], '.1f')} ms, peak {_fmt(r.get('peak_GiB'), '.1f')} GiB "
+                f"vs torch.compile(reference) channels_last {_fmt(base.get('train_ms'), '.1f')} ms, "
+                f"{_fmt(base.get('peak_GiB'), '.1f')} GiB"
+            )
+    for r in (report.get("e2e") or {}).get("sample", []):
+        if r.get("images_per_s") is not None:
+            lines.append(f"sampling, {r['label']} {r['layout']}: {_fmt(r['images_per_s'], '.1f')} images/s")
+    return lines
+
+
+def plot_ratios(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colors = {"eager": "#999999", "compile": "#4477aa", "fused": "#ee6677"}
+    for ax, mode in zip(axes, cases.MODES):
+        rows = [r for r in report["ops"] if r["pass"] == mode]
+        xs = range(len(rows))
+        width = 0.27
+        for k, impl in enumerate(cases.IMPLS):
+            vals = [r.get(f"{impl}_over_floor") or 0.0 for r in rows]
+            bars = ax.bar([x + (k - 1) * width for x in xs], vals, width, label=cases.IMPL_TITLES[impl], color=colors[impl])
+            for b, v in zip(bars, vals):
+                if v:
+                    ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
+        ax.axhline(1.0, color="black", lw=1)
+        ax.axhline(1.25, color="black", lw=1, ls="--")
+        ax.set_xticks(list(xs))
+        ax.set_xticklabels([f"{r['title']}\n{'NCHW' if r['layout'] == 'nchw' else 'channels_last'}" for r in rows],
+                           fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(f"{cases.MODE_TITLES[mode]}: time / memory floor (1 = floor, dashed = 1.25x target)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3, which="both")
+    axes[0].set_ylabel("time / floor (log)")
+    axes[0].legend(fontsize=8)
+    meta = report["meta"]
+    fig.suptitle(f"{meta['device']}, {meta['op_dtype']} {meta['op_shape']}, torch {meta['torch']}, triton {meta['triton']}, "
+                 f"{meta['date']}" + (" (QUICK)" if meta["quick"] else ""), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def environment(args, device, argv) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001
+        triton_version = None
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m benchmarks.gpu_report", *argv]),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "quick": bool(args.quick),
+        "budget_s": float(args.budget),
+        "env": {k: os.environ.get(k) for k in ("LIQUIDDIFF_KERNELS", "TRITON_INTERPRET", "TORCHINDUCTOR_COMPILE_THREADS")},
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        meta["device"] = torch.cuda.get_device_name(device)
+        meta["device_detail"] = f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor}"
+    else:
+        meta["device"] = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+        meta["device_detail"] = "no CUDA: fused ops under the Triton interpreter"
+    try:
+        meta["kernel_backends"] = {op: f"{b.name} ({b.reason})" for op, b in kernels.backend_report(device).items()}
+    except Exception as exc:  # noqa: BLE001 - e.g. LIQUIDDIFF_KERNELS=triton where Triton cannot run
+        meta["kernel_backends"] = {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        meta["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5
+        ).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        meta["git_commit"] = None
+    return meta
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):
+    raise _Interrupted(f"signal {signum}")
+
+
+def run_report(args, argv) -> int:
+    clock = Clock(args.budget)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Worker logs live in a scratch folder and are joined into OUT/workers.log at the end (the
+    # output folder stays a handful of files).
+    log_dir = Path(tempfile.mkdtemp(prefix="ldbench_workers_"))
+    device = cases.default_device()
+    dtype = cases.default_dtype(device)
+    shape = cases.QUICK_OP_SHAPE if args.quick else cases.OP_SHAPE
+    quick = bool(args.quick)
+    est = ESTIMATE_S[quick]
+    notes: list[str] = []
+    report = {"meta": environment(args, device, argv), "ops": [], "op_memory": [], "e2e": {}, "notes": notes}
+    report["meta"].update(op_shape=list(shape), op_dtype=str(dtype).replace("torch.", ""))
+    cfg = cases.e2e_config(quick)
+    workers: dict[tuple[str, str], Worker] = {}
+    status = 0
+    entries: list[dict] = []
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    print(f"[{clock.elapsed():6.1f}s] {report['meta']['device']}, torch {torch.__version__}, "
+          f"triton {report['meta']['triton']}; budget {args.budget:.0f} s; out {out_dir}", flush=True)
+    for op, b in report["meta"]["kernel_backends"].items():
+        print(f"          {op}: {b}", flush=True)
+        if device.type == "cuda" and not str(b).startswith("triton"):
+            notes.append(f"{op}: the fused op runs the PyTorch reference here ({b}): 'fused' = reference")
+    try:
+        if device.type == "cuda":
+            cases.set_compile_limits()
+        # 1. Start every model worker: their builds and compiles overlap the op checks below.
+        tasks = []
+        if args.e2e:
+            for name in TRAIN_ORDER:
+                tasks.append(("train", name))
+            for name in SAMPLE_ORDER:
+                tasks.append(("sample", name))
+            tasks = [(t, n) for t, n in tasks if args.compile or not VARIANTS[n].compiled]
+            if args.variants:
+                tasks = [(t, n) for t, n in tasks if n in args.variants]
+            if not args.compile:
+                notes.append("model torch.compile variants not run (--no-compile)")
+            for task, name in tasks:
+                compiled = VARIANTS[name].compiled
+                workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, compiled, device),
+                                               log_dir / f"{task}_{name}.log", clock)
+            print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
+        reserve = est["ops"] + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks) + WRITE_MARGIN_S
+
+        # 2. Ops: inputs, parity, saved memory, compiles (nothing timed yet).
+        if args.ops:
+            prepare_ops(args, clock, device, dtype, shape, notes, reserve, entries)
+            print(f"[{clock.elapsed():6.1f}s] ops prepared (parity, memory, compiles)", flush=True)
+
+        # 3. Wait for the workers to be ready (compiled), up to the compile deadline.
+        deadline = clock.end - reserve
+        last_print = 0.0
+        while True:
+            for w in workers.values():
+                w.drain()
+            pending = [w for w in workers.values() if w.state == "starting"]
+            if not pending or time.monotonic() >= deadline:
+                break
+            if time.monotonic() - last_print > 30:
+                last_print = time.monotonic()
+                print(f"[{clock.elapsed():6.1f}s] waiting for {', '.join(w.key for w in pending)}", flush=True)
+            time.sleep(0.25)
+        for w in workers.values():
+            if w.state == "starting":
+                w.kill("skipped", f"not ready (compiling) by the compile deadline, {clock.elapsed():.0f} s into "
+                                  f"a {args.budget:.0f} s budget")
+            elif w.state == "ready" and w.compile_s is not None:
+                print(f"[{clock.elapsed():6.1f}s] {w.key} compiled and warmed up in {w.compile_s:.0f} s", flush=True)
+
+        # 4. Timing, one thing at a time: copy bandwidth, ops, then each worker.
+        try:
+            copy_GBps = cases.copy_bandwidth_GBps(device)
+            print(f"[{clock.elapsed():6.1f}s] copy bandwidth {copy_GBps:.0f} GB/s", flush=True)
+        except Exception as exc:  # noqa: BLE001 - no floor then, the rest goes on
+            copy_GBps = None
+            notes.append(f"copy bandwidth measurement failed: {exc!r}: no floor")
+        report["meta"]["copy_GBps"] = copy_GBps
+        if entries:
+            time_ops(entries, device, copy_GBps, quick, notes)
+            report["ops"] = op_rows(entries)
+            report["op_memory"] = memory_rows(entries)
+            print(f"[{clock.elapsed():6.1f}s] ops timed", flush=True)
+        entries.clear()
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        for task, name in tasks:
+            w = workers[(task, name)]
+            w.drain()
+            if w.state != "ready":
+                continue
+            need = _estimate(quick, task, VARIANTS[name].compiled)
+            if clock.left() < need + WRITE_MARGIN_S:
+                w.kill("skipped", f"skipped: {clock.left():.0f} s left of the budget, about {need} s needed")
+                continue
+            w.go()
+            w.wait_done(timeout=min(clock.left() - WRITE_MARGIN_S, max(4 * need, 60)))
+            if w.state == "running":
+                w.kill("killed", f"no result within {max(4 * need, 60)} s (or the budget)")
+            w.close()
+            r = w.result or {}
+            if task == "train" and "train_ms" in r:
+                extra = f", peak {r['peak_GiB']:.2f} GiB" if "peak_GiB" in r else ""
+                print(f"[{clock.elapsed():6.1f}s] train {name}: {r['train_ms']:.1f} ms{extra}", flush=True)
+            elif task == "sample" and "images_per_s" in r:
+                print(f"[{clock.elapsed():6.1f}s] sample {name}: {r['images_per_s']:.2f} images/s", flush=True)
+    except _Interrupted as exc:
+        notes.append(f"interrupted ({exc}) at {clock.elapsed():.0f} s: partial report")
+        status = 3
+    except Exception:  # noqa: BLE001 - the report is written whatever happened
+        notes.append("report error: " + traceback.format_exc()[-1500:])
+        status = 2
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # finish writing the report
+        for w in workers.values():
+            w.close()
+        _join_logs(workers, out_dir / "workers.log", log_dir)
+    if entries and not report["ops"]:  # interrupted before the ops were timed: what there is
+        report["ops"], report["op_memory"] = op_rows(entries), memory_rows(entries)
+    entries.clear()
+    report["e2e"] = e2e_section(workers, cfg, notes)
+    report["meta"]["elapsed_s"] = clock.elapsed()
+    report["headline"] = headline(report)
+    e2e_rows = report["e2e"].get("train", []) + report["e2e"].get("sample", [])
+    if any(r.get("parity") in ("FAIL", "ERROR") for r in report["ops"]) or any(
+            r.get("status") == "NON-FINITE" for r in e2e_rows):
+        status = status or 1
+    report["meta"]["status"] = status
+    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    md = render_markdown(report)
+    (out_dir / "report.md").write_text(md)
+    try:
+        plot_ratios(report, out_dir / "ratios.png")
+    except Exception as exc:  # noqa: BLE001
+        print(f"plot failed: {exc!r}", flush=True)
+    print(f"[{clock.elapsed():6.1f}s] wrote {out_dir}/report.json, report.md, ratios.png" + (", workers.log" if workers else "") + "\n", flush=True)
+    print(md, flush=True)
+    return status
+
+
+def _join_logs(workers, path: Path, log_dir: Path) -> None:
+    if workers:
+        with open(path, "w") as out:
+            for w in workers.values():
+                out.write(f"===== {w.key}: {w.state}" + (f" ({w.error.strip().splitlines()[-1]})" if w.error else "") + "\n")
+                try:
+                    out.write(w.log_path.read_text(errors="replace")[-200_000:])
+                except OSError as exc:
+                    out.write(f"(no log: {exc})\n")
+                out.write("\n")
+    shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def e2e_section(workers, cfg, notes) -> dict:
+    section = {"config": cfg.describe(), "batch": cfg.batch, "image": cfg.image, "preset": cfg.preset,
+               "train_steps": cfg.train_steps, "train_warmup": cfg.train_warmup, "sample_steps": cfg.sample_steps,
+               "autocast": "bf16 (CUDA)" if torch.cuda.is_available() else "none (CPU)", "train": [], "sample": []}
+    for (task, name), w in workers.items():
+        v = VARIANTS[name]
+        row = {"name": name, "label": v.label, "layout": v.layout, "fused": v.fused, "compiled": v.compiled,
+               "compile_s": w.compile_s, "status": "ok" if w.state == "done" else w.state}
+        row.update({k: val for k, val in (w.result or {}).items() if k != "event"})
+        loss = row.get("loss")
+        if (loss is not None and not math.isfinite(loss)) or row.get("finite") is False:
+            row["status"] = "NON-FINITE"
+            notes.append(f"{task} {name}: non-finite {'loss' if task == 'train' else 'samples'}")
+        elif v.compiled and w.state == "done" and row.get("graphs") is not None:
+            if row["graphs"] == 0:
+                row["status"] = "NOT COMPILED"
+                notes.append(f"{task} {name}: dynamo compiled no graph: this row ran eager")
+            else:
+                row["status"] = f"ok ({row['graphs']} graph(s), {row.get('graph_breaks', 0)} break(s))"
+        if w.state != "done":
+            msg = (w.error or "").strip().splitlines()
+            notes.append(f"{task} {name}: {w.state}: {msg[-1] if msg else 'no result'}"
+                         + (" (see workers.log)" if w.state == "error" else ""))
+        section[task].append(row)
+    train = {r["name"]: r for r in section["train"]}
+    for r in section["train"]:
+        for base_name, key in (("ref_eager_nchw", "speedup_vs_ref_eager_nchw"), ("ref_compile_cl", "speedup_vs_ref_compile_cl")):
+            base = train.get(base_name, {}).get("train_ms")
+            r[key] = _ratio(base, r.get("train_ms"))
+    order = {n: i for i, n in enumerate(TRAIN_ORDER)}
+    section["train"].sort(key=lambda r: order[r["name"]])
+    section["sample"].sort(key=lambda r: order[r["name"]])
+    return section
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="gpu_report", help="output folder (report.json, report.md, ratios.png)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (CPU or GPU): proves the code runs")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole report (default 330 on a GPU, 200 with --quick)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None, help="include torch.compile baselines")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-e2e", dest="e2e", action="store_false", default=True, help="skip the model benchmarks")
+    p.add_argument("--no-ops", dest="ops", action="store_false", default=True, help="skip the op benchmarks")
+    p.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=None,
+                   help=f"only these model variants (comma-separated: {', '.join(VARIANTS)})")
+    p.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--task", choices=("train", "sample"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return _worker_main(args)
+    unknown = set(args.variants or ()) - set(VARIANTS)
+    if unknown:
+        p.error(f"--variants: unknown {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    on_gpu = torch.cuda.is_available()
+    if args.budget is None:
+        args.budget = 200.0 if args.quick else 330.0
+    if args.compile is None:
+        args.compile = on_gpu  # on the CPU torch.compile costs minutes; --compile forces it
+    return run_report(args, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

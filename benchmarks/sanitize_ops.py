@@ -1,0 +1,120 @@
+"""The fused ops at small awkward shapes: the program compute-sanitizer's memcheck runs.
+
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \\
+        python -m benchmarks.sanitize_ops
+
+Forward and backward of both fused ops (with and without a residual) at shapes whose channel and
+pixel counts are not multiples of any block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
+channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
+activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
+program writes shows up as a mismatch. Each output and gradient is compared with the reference
+on fp64 upcasts of the same inputs, computed on the CPU (the GPU runs little besides the fused
+kernels). ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` gives every tensor its own allocation, so memcheck
+sees an access past the end of a tensor instead of inside the caching allocator's pool.
+
+Exit codes: 0 all cases ran and matched; 1 a mismatch or an error; 2 the fused ops do not run
+Triton here (nothing of ours to check). Under compute-sanitizer ``--error-exitcode 9``, 9 means
+memcheck found bad accesses. Without CUDA it runs fp32 under the Triton interpreter (a check of
+this script, not of memory safety).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from benchmarks import cases
+from liquiddiff import kernels
+
+SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
+# Looser than the parity tests' (bf16 1e-2, fp32 1e-5): tiny C makes LayerNorm ill-conditioned,
+# and this program looks for wrong or missing writes (errors of order 1, or NaN), not precision.
+TOL = {"bf16": 2e-2, "fp32": 1e-4, "mixed": 2e-2}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "mixed": torch.bfloat16}
+MIXED_CAST = {"rho": torch.float32, "t": torch.float32, "residual": torch.float32}
+
+
+def case_list(on_gpu: bool) -> list[tuple]:
+    """(op, shape, layout, dtype name), most telling first (a time limit cuts the tail)."""
+    ops = cases.ALL_OP_NAMES
+    out = []
+    if on_gpu:
+        for shape in SHAPES:
+            for layout in cases.LAYOUTS:
+                out += [(op, shape, layout, "bf16") for op in ops]
+        mid = SHAPES[1]
+        out += [(op, mid, layout, "bf16") for layout in cases.SLICE_LAYOUTS for op in ops]
+        out += [(op, mid, layout, "mixed") for layout in cases.LAYOUTS for op in ops if op != "adaln"]
+        out += [(op, mid, layout, "fp32") for layout in cases.LAYOUTS for op in ops]
+    else:  # the interpreter: fp32 only, small shapes
+        for shape in SHAPES[1:]:
+            for layout in cases.LAYOUTS:
+                out += [(op, shape, layout, "fp32") for op in ops]
+        out += [(op, SHAPES[2], layout, "fp32") for layout in cases.SLICE_LAYOUTS for op in ops]
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.sanitize_ops", description=__doc__.split("\n")[0])
+    p.add_argument("--max-seconds", type=float, default=0, help="start no new case after this (0: no limit)")
+    args = p.parse_args(argv)
+    t0 = time.monotonic()
+    device = cases.default_device()
+    on_gpu = device.type == "cuda"
+    backends = kernels.backend_report(device)
+    name = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter)"
+    print(f"sanitize_ops: {name}, torch {torch.__version__}; backends: "
+          + ", ".join(f"{op}={b.name}" for op, b in backends.items()), flush=True)
+    if not all(b.is_triton for b in backends.values()):
+        print("sanitize_ops: WARNING: a fused op runs the PyTorch reference here, not Triton: "
+              + "; ".join(f"{op}: {b.reason}" for op, b in backends.items()), flush=True)
+        return 2
+    try:
+        from liquiddiff.kernels import _tensors
+
+        _tensors.poison_outputs = True  # launcher buffers start as NaN
+    except (ImportError, AttributeError):
+        print("sanitize_ops: note: output poisoning unavailable", flush=True)
+
+    todo = case_list(on_gpu)
+    ran = mismatches = errors = 0
+    stopped = None
+    for i, (op, shape, layout, dname) in enumerate(todo):
+        if args.max_seconds and time.monotonic() - t0 > args.max_seconds:
+            stopped = i
+            break
+        label = f"{op:<19} {str(shape):<17} {layout:<13} {dname:<5}"
+        try:
+            case = cases.make_op_case(op, shape, DTYPES[dname], device, layout, seed=i,
+                                      cast=MIXED_CAST if dname == "mixed" else None)
+            errs = cases.parity(case, case.spec.fused, ref_device="cpu")
+            cases.sync(device)
+        except Exception as exc:  # noqa: BLE001 - reported, counted, and fatal if CUDA is broken
+            errors += 1
+            ran += 1
+            print(f"ERROR    {label} {type(exc).__name__}: {str(exc)[:400]}", flush=True)
+            if on_gpu and ("CUDA" in str(exc) or "cuda" in type(exc).__name__.lower()):
+                print("sanitize_ops: CUDA error: the context is unusable, stopping", flush=True)
+                stopped = i + 1
+                break
+            continue
+        ran += 1
+        worst = cases.max_error(errs)
+        ok = worst == worst and worst <= TOL[dname]
+        if not ok:
+            mismatches += 1
+            bad = ", ".join(f"{k} {v:.1e}" for k, v in errs.items() if not v <= TOL[dname])
+            print(f"MISMATCH {label} max rel err {worst:.1e} (tol {TOL[dname]:.0e}): {bad}", flush=True)
+        else:
+            print(f"ok       {label} max rel err {worst:.1e}", flush=True)
+    elapsed = time.monotonic() - t0
+    incomplete = f", INCOMPLETE: stopped after {stopped} of {len(todo)} (time limit or CUDA error)" if stopped is not None else ""
+    print(f"sanitize_ops: {ran}/{len(todo)} cases run, {mismatches} mismatches, {errors} errors "
+          f"in {elapsed:.0f} s{incomplete}", flush=True)
+    return 1 if (mismatches or errors) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
