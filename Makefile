@@ -29,5 +29,11 @@ test-fast: venv
 demo: venv
 	$(BIN)/liquiddiff train
 
+# On a machine with one CUDA GPU: gpu-marked tests, compute-sanitizer, then the benchmark
+# report (table, JSON, plot) written to $(OUT). See benchmarks/README.md.
+OUT ?= gpu_report
+bench-gpu:
+	PYTHONPATH=. bash benchmarks/gpu_check.sh $(OUT)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .benchmarks
