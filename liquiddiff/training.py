@@ -67,6 +67,8 @@ class RectifiedFlowTrainer:
 
     ``train_step(images)`` takes a batch in [-1, 1] and returns ``{"loss", "grad_norm", "lr",
     "step"}``; ``sample(batch_size, image_size, num_steps)`` returns images in [-1, 1].
+    ``distributed=True`` (under torchrun, once the process group is up) averages gradients
+    across ranks with DistributedDataParallel; each rank passes its own batch.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class RectifiedFlowTrainer:
         grad_clip: float | None = 1.0,
         warmup_steps: int = 0,
         mixed_precision: bool | None = None,
+        distributed: bool = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
@@ -93,6 +96,10 @@ class RectifiedFlowTrainer:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         self.model = model.to(self.device)
+        # Under torchrun, the forward/backward pass goes through DistributedDataParallel, which
+        # averages gradients across ranks during backward (and broadcasts rank 0's weights now);
+        # self.model stays the plain module, so EMA, state_dict and sample never see the wrapper.
+        self._ddp = self._wrap_ddp(self.model) if distributed else None
         self.base_lr = lr
         self.time_sampling = time_sampling
         self.grad_clip = grad_clip
@@ -105,6 +112,20 @@ class RectifiedFlowTrainer:
         )
         self.ema = EMA(self.model, ema_decay)
         self.step = 0
+
+    @property
+    def forward_model(self) -> nn.Module:
+        """What train steps call: the DDP wrapper under torchrun, else the model itself."""
+        return self._ddp if self._ddp is not None else self.model
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        import torch.distributed as dist
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("distributed=True needs an initialised process group (run under torchrun)")
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
 
     @property
     def config(self) -> LiquidDiffusionConfig:
@@ -141,13 +162,13 @@ class RectifiedFlowTrainer:
         t = sample_times(images.shape[0], self.time_sampling, images.device, generator)
         x_t, target = rectified_flow_pair(images, noise, t)
         with self._autocast():
-            v = self.model(x_t, t)
+            v = self.forward_model(x_t, t)
         return F.mse_loss(v.float(), target.float())
 
     def train_step(self, images: torch.Tensor) -> dict:
         self.check_images(images)
         images = images.to(self.device, non_blocking=True)
-        self.model.train()
+        self.forward_model.train()  # the DDP wrapper too, when there is one
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr

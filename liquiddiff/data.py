@@ -1,0 +1,212 @@
+"""Training data without torchvision: an image folder and the digits scikit-learn ships.
+
+Both datasets return float tensors [C, H, W] in [-1, 1], the range the trainer expects.
+Random horizontal flips are not done here but on the batch in the training loop, with the
+global torch RNG, so that they are part of the RNG state a checkpoint restores.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+
+# What PIL raises on a file that is not an image, is truncated or is otherwise broken.
+_BROKEN_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 [H, W] or [H, W, C] -> float [C, H, W] in [-1, 1]."""
+    x = torch.from_numpy(np.array(pixels, dtype=np.uint8)).float()  # a copy: PIL's buffer is read-only
+    if x.dim() == 2:
+        x = x.unsqueeze(-1)
+    return x.permute(2, 0, 1) / 127.5 - 1.0
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Scale the short side to ``size`` (antialiased), then cut the centred square."""
+    w, h = img.size
+    scale = size / min(w, h)
+    # max(size, ...) guards against rounding the short side to size - 1.
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def find_images(root: str | Path) -> list[Path]:
+    """Image files under ``root``, searched recursively, in a stable (sorted) order."""
+    root = Path(root)
+    if not root.exists():
+        raise FileNotFoundError(f"--data: folder {root} does not exist")
+    if not root.is_dir():
+        raise ValueError(f"--data: {root} is not a folder")
+    files = sorted(
+        p for p in root.rglob("*")
+        if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() and not p.name.startswith(".")
+    )
+    if not files:
+        raise ValueError(
+            f"--data: no images in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return files
+
+
+def _check_image(path: Path, size: int) -> str | None:
+    """None if PIL can read ``path`` as an image, else a short reason.
+
+    verify() checks the file structure (PNG chunk CRCs included) but not the pixel data, so the
+    image is decoded too: a truncated JPEG passes verify() and only fails there. JPEGs decode
+    at a reduced scale (draft), which keeps the scan of a large folder cheap.
+    """
+    try:
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            img.draft("RGB", (size, size))
+            img.load()
+    except UnidentifiedImageError:
+        return "not an image PIL can read"
+    except _BROKEN_IMAGE_ERRORS as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@dataclass
+class ScanReport:
+    found: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def usable(self) -> int:
+        return self.found - len(self.skipped)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """Every png/jpg/webp under a folder, resized and centre-cropped to ``image_size``, as RGB.
+
+    Files PIL cannot read are skipped and counted (``report``) by a scan that decodes every
+    file once. A file that breaks after the scan (``load_failures``) is skipped from then on, and
+    the loader serves the next readable image instead: one bad file never stops a long run.
+    """
+
+    channels = 3
+
+    def __init__(self, root: str | Path, image_size: int, progress: bool = False):
+        from tqdm import tqdm
+
+        self.root = Path(root)
+        self.image_size = int(image_size)
+        files = find_images(self.root)
+        self.report = ScanReport(found=len(files))
+        self.files = []
+        scan = tqdm(files, desc="checking images", unit="file", disable=not progress or len(files) < 1000)
+        for path in scan:
+            reason = _check_image(path, self.image_size)
+            if reason is None:
+                self.files.append(path)
+            else:
+                self.report.skipped.append((path, reason))
+        if not self.files:
+            raise ValueError(
+                f"--data: none of the {len(files)} image files in {self.root} could be read "
+                f"(first: {files[0]}: {self.report.skipped[0][1]})"
+            )
+        self.load_failures: dict[int, str] = {}  # index -> reason, in this process
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def load(self, index: int) -> torch.Tensor:
+        path = self.files[index]
+        with Image.open(path) as img:
+            img.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced size
+            img = img.convert("RGB")
+        return to_unit_range(np.asarray(resize_center_crop(img, self.image_size)))
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        for offset in range(len(self.files)):
+            i = (index + offset) % len(self.files)
+            if i in self.load_failures:
+                continue
+            try:
+                return self.load(i)
+            except _BROKEN_IMAGE_ERRORS as exc:
+                self.load_failures[i] = str(exc)
+                warnings.warn(f"skipping unreadable image {self.files[i]}: {exc}", RuntimeWarning, stacklevel=2)
+        raise ValueError(f"--data: no image in {self.root} could be decoded")
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """The 1797 8x8 handwritten digits bundled with scikit-learn, upscaled; no download.
+
+    Pixels are 0..16 in the original; bilinear upscaling gives smooth strokes rather than
+    blocks, which makes the generated digits easier to judge by eye.
+    """
+
+    channels = 1
+
+    def __init__(self, image_size: int):
+        from sklearn.datasets import load_digits  # scikit-learn ships the data in its wheel
+
+        self.image_size = int(image_size)
+        digits = torch.from_numpy(load_digits().images).float().unsqueeze(1) / 16.0  # [N, 1, 8, 8]
+        up = F.interpolate(digits, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        self.images = (up.clamp(0, 1) * 2 - 1).contiguous()
+        self.report = ScanReport(found=len(self.images))
+        self.root = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        # Batched fetch: one gather instead of a Python call and a collate per image.
+        return self.images[torch.as_tensor(indices)]
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Flip each image of a batch left-right with probability 1/2 (global torch RNG)."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+class ResumableBatches(torch.utils.data.Sampler):
+    """Endless batches of indices, epoch after epoch, that can start at any step.
+
+    The order of epoch ``e`` comes from ``DistributedSampler`` (seed + e), so each rank of a
+    torchrun job sees its own shard and a resumed run sees the same batches it would have
+    seen: the position is a function of the step alone, no sampler state to save.
+    """
+
+    def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start_step: int = 0):
+        self.sampler = torch.utils.data.DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batch_size = batch_size
+        self.batches_per_epoch = len(self.sampler) // batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"--batch-size {batch_size} is larger than the {len(self.sampler)} images each of "
+                f"{world_size} process(es) gets; use a smaller batch"
+            )
+        self.start_step = start_step
+
+    def __iter__(self):
+        epoch, skip = divmod(self.start_step, self.batches_per_epoch)
+        while True:
+            self.sampler.set_epoch(epoch)
+            order = list(self.sampler)
+            for b in range(skip, self.batches_per_epoch):
+                yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            epoch, skip = epoch + 1, 0

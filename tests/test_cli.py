@@ -1,0 +1,329 @@
+"""The `liquiddiff` command end to end, at a tiny size: train, resume, sample, bad input, torchrun.
+
+In-process runs call cli.main(argv); the SIGKILL and torchrun tests need real processes.
+"""
+import json
+import re
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from liquiddiff import RectifiedFlowTrainer, build, checkpoint, cli
+from liquiddiff.data import DigitsDataset, ImageFolder, ResumableBatches, find_images, resize_center_crop
+from liquiddiff.images import make_grid
+
+REPO = Path(__file__).resolve().parents[1]
+# Two stages of 8 and 16 channels at 8 px: a few milliseconds a step.
+TINY = ["--channels", "8,16", "--image-size", "8", "--batch-size", "4", "--sample-n", "4",
+        "--sample-steps", "2", "--log-every", "1", "--warmup-steps", "0", "--no-progress"]
+
+
+def _run(argv, capsys):
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _subprocess_env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["OMP_NUM_THREADS"] = "1"  # several processes on a 2-core runner: no oversubscription
+    return env
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _write_images(folder: Path, n: int, size=(20, 12)) -> list[Path]:
+    """n small random pictures in assorted formats and modes, some in a sub-folder."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        sub = folder / ("nested/deeper" if i % 2 else "")
+        sub.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        img = Image.fromarray(pixels)
+        ext, img = [(".png", img), (".jpg", img), (".webp", img), (".PNG", img.convert("L")),
+                    (".jpeg", img.convert("RGB")), (".png", img.convert("RGBA"))][i % 6]
+        path = sub / f"img{i}{ext}"
+        img.save(path, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(ext, "PNG"))
+        paths.append(path)
+    return paths
+
+
+# -- options, help, info -----------------------------------------------------------------------
+@pytest.mark.parametrize("command", ["train", "sample", "info"])
+def test_help_explains_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([command, "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    sub = next(a for a in cli.build_parser()._actions if hasattr(a, "choices") and isinstance(a.choices, dict))
+    for action in sub.choices[command]._actions:
+        assert action.help, f"{command} {action.option_strings} has no help"
+        assert action.option_strings[-1] in out
+
+
+def test_info_names_device_versions_and_backends(capsys):
+    code, out, _ = _run(["info"], capsys)
+    assert code == 0
+    assert torch.__version__ in out and "device" in out and "python" in out
+    for op in ("cfc_relax", "adaln_modulate"):
+        line = next(line for line in out.splitlines() if op in line)
+        assert ("triton" in line or "torch" in line) and len(line.split()) > 3  # backend and a reason
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--steps", "0"], "positive integer"),
+    (["train", "--lr", "-0.001"], "positive number"),
+    (["train", "--lr=-1e-3"], "positive number"),
+    (["train", "--ema-decay", "1.5"], r"\[0, 1\)"),
+    (["train", "--batch-size", "many"], "positive integer"),
+    (["train", "--channels", "8,x"], "comma-separated"),
+    (["train", "--preset", "huge"], "invalid choice"),
+    (["train", "--name", "../escape"], "letters, digits"),
+    (["sample", "--n", "0"], "positive integer"),
+    (["sample", "--sampler", "rk4"], "invalid choice"),
+])
+def test_out_of_range_options_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error" in err and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("not an image")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG not really")
+    (broken / "b.jpg").write_bytes(b"")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a checkpoint")
+    runs = ["--runs-dir", tmp_path / "runs"]
+    cases = [
+        (["train", "--data", tmp_path / "missing", *runs], "does not exist"),
+        (["train", "--data", empty, *runs], "no images in"),
+        (["train", "--data", broken, *runs], "none of the 2 image files"),
+        (["train", "--image-size", "15", *runs], "multiple of 2"),
+        (["train", "--channels", "8,16,32", *runs], "must be non-empty and of equal length"),
+        (["train", "--precision", "bf16", "--device", "cpu", *runs], "needs a CUDA GPU"),
+        (["train", "--resume", *runs], "no run to continue"),
+        (["train", "--batch-size", "5000", *TINY[:4], *runs], "larger than the 1797 images"),
+        (["sample", "--ckpt", junk], "not a readable safetensors file"),
+        (["sample", "--ckpt", tmp_path / "nothing.safetensors"], "does not exist"),
+        (["sample", *runs], "no checkpoint given"),
+    ]
+    for argv, message in cases:
+        code, out, err = _run(argv, capsys)
+        assert code == 2, (argv, out, err)
+        assert err.startswith("liquiddiff: error: ") and message in err, (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.safetensors"))
+
+
+# -- data ------------------------------------------------------------------------------------
+def test_image_folder_searches_recursively_and_skips_broken_files(tmp_path):
+    good = _write_images(tmp_path, 6)
+    (tmp_path / "garbage.png").write_bytes(b"hello")
+    jpg = good[1].read_bytes()
+    (tmp_path / "nested" / "truncated.jpg").write_bytes(jpg[: len(jpg) // 2])
+    (tmp_path / "readme.txt").write_text("ignored: not an image extension")
+    assert len(find_images(tmp_path)) == 8
+    ds = ImageFolder(tmp_path, 8)
+    assert len(ds) == 6 and ds.report.found == 8 and len(ds.report.skipped) == 2
+    assert {p.name for p, _ in ds.report.skipped} == {"garbage.png", "truncated.jpg"}
+    for i in range(len(ds)):
+        x = ds[i]
+        assert x.shape == (3, 8, 8) and x.min() >= -1 and x.max() <= 1
+
+
+def test_image_folder_serves_the_next_image_when_a_file_breaks_later(tmp_path):
+    paths = _write_images(tmp_path, 3)
+    ds = ImageFolder(tmp_path, 8)
+    broken = ds.files[0]
+    broken.write_bytes(b"broken after the scan")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        x = ds[0]
+    torch.testing.assert_close(x, ds.load(1))
+    assert list(ds.load_failures) == [0] and len(paths) == 3
+
+
+def test_resize_center_crop_keeps_the_middle():
+    pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+    pixels[:, 10:20] = 255  # a white middle third
+    out = np.asarray(resize_center_crop(Image.fromarray(pixels), 5))
+    assert out.shape == (5, 5, 3) and out.min() > 200
+
+
+def test_digits_are_single_channel_in_range():
+    ds = DigitsDataset(16)
+    assert len(ds) == 1797 and ds.channels == 1
+    batch = ds.__getitems__([0, 5, 7])
+    assert batch.shape == (3, 1, 16, 16) and batch.min() >= -1 and batch.max() <= 1 and batch.std() > 0.3
+
+
+def test_batches_resume_mid_epoch_and_shard_across_ranks():
+    data = list(range(50))
+    fresh = iter(ResumableBatches(data, 8, seed=3))
+    first = [next(fresh) for _ in range(14)]  # 6 batches an epoch: crosses two epochs
+    resumed = iter(ResumableBatches(data, 8, seed=3, start_step=9))
+    assert [next(resumed) for _ in range(5)] == first[9:]
+    assert first[0] != first[6]  # a new order each epoch
+    ranks = [next(iter(ResumableBatches(data, 5, rank=r, world_size=2, seed=3))) for r in (0, 1)]
+    assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_grid_layout():
+    grid = make_grid(torch.zeros(5, 1, 4, 4), nrow=3, pad=1, scale=2)
+    assert grid.size == (2 * (3 * 5 + 1), 2 * (2 * 5 + 1)) and grid.mode == "L"
+    assert make_grid(torch.zeros(4, 3, 4, 4)).mode == "RGB"
+
+
+# -- end to end ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_then_sample(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    code, out, err = _run(["train", "--runs-dir", runs, *TINY, "--steps", "6", "--sample-every", "3",
+                           "--ckpt-every", "4"], capsys)
+    assert code == 0, err
+    run = runs / "digits"
+    assert f"sample grid: {run / 'samples.png'}" in out
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(m["loss"]) and m["images_per_s"] > 0 for m in _metrics(run))
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step_0000003.png", "step_0000006.png"]
+    assert Image.open(run / "loss.png").size[0] > 300
+    grid = Image.open(run / "samples.png")
+    assert grid.mode == "L" and grid.size == (8 * (2 * 10 + 2),) * 2  # 2x2 tiles of 8 px + padding, x8
+    state = checkpoint.load(run / "last.safetensors")
+    assert state["step"] == 6 and state["config"]["in_channels"] == 1 and state["run"]["image_size"] == 8
+    assert json.loads((run / "run.json").read_text())["steps"] == 6
+
+    # A second run without --name does not overwrite the first.
+    code, out, _ = _run(["train", "--runs-dir", runs, *TINY, "--steps", "1"], capsys)
+    assert code == 0 and (runs / "digits-2" / "last.safetensors").is_file()
+    # An explicit --name that holds a checkpoint needs --resume.
+    code, _, err = _run(["train", "--runs-dir", runs, "--name", "digits", *TINY], capsys)
+    assert code == 2 and "add --resume" in err
+    # ... and a checkpoint of another model size is refused, with the difference.
+    code, _, err = _run(["train", "--runs-dir", runs, "--name", "digits", "--resume", "--channels", "16,32"], capsys)
+    assert code == 2 and "checkpoint is for preset 'micro'" in err and "channels" in err
+
+    out_png = tmp_path / "gen" / "grid.png"
+    code, out, err = _run(["sample", "--ckpt", run / "last.safetensors", "--n", "5", "--steps", "3",
+                           "--sampler", "heun", "--seed", "1", "--out", out_png, "--separate", "--batch-size", "2",
+                           "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"wrote {out_png}" in out
+    singles = sorted((tmp_path / "gen" / "grid").iterdir())
+    assert [p.name for p in singles] == [f"{i:04d}.png" for i in range(5)]
+    assert Image.open(singles[0]).size == (8, 8)
+    first = np.asarray(Image.open(out_png))
+    code, _, _ = _run(["sample", "--ckpt", run, "--n", "5", "--steps", "3", "--sampler", "heun", "--seed", "1",
+                       "--out", out_png, "--batch-size", "2", "--no-progress"], capsys)
+    assert code == 0 and np.array_equal(first, np.asarray(Image.open(out_png)))  # the seed fixes the images
+    code, _, err = _run(["sample", "--ckpt", run, "--image-size", "7"], capsys)
+    assert code == 2 and "multiple of 2" in err
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path, capsys):
+    """3 steps, then --resume to 6, logs the same losses as 6 steps in one go."""
+    runs = ["--runs-dir", tmp_path]
+    assert _run(["train", *runs, "--name", "whole", *TINY, "--steps", "6", "--ckpt-every", "3"], capsys)[0] == 0
+    assert _run(["train", *runs, "--name", "split", *TINY, "--steps", "3"], capsys)[0] == 0
+    code, out, err = _run(["train", *runs, "--name", "split", "--resume", "--steps", "6"], capsys)
+    assert code == 0, err
+    assert "at step 3" in out
+    whole, split = _metrics(tmp_path / "whole"), _metrics(tmp_path / "split")
+    assert [m["step"] for m in split] == [1, 2, 3, 4, 5, 6]
+    assert [m["loss"] for m in split] == [m["loss"] for m in whole]
+    a = checkpoint.load(tmp_path / "whole" / "last.safetensors")
+    b = checkpoint.load(tmp_path / "split" / "last.safetensors")
+    for key in a["ema"]:
+        assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+@pytest.mark.slow
+def test_train_on_a_folder_with_corrupt_images(tmp_path, capsys):
+    data = tmp_path / "photos"
+    _write_images(data, 6)
+    (data / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    (data / "nested" / "empty.jpg").write_bytes(b"")
+    code, out, err = _run(["train", "--data", data, "--runs-dir", tmp_path / "runs", *TINY, "--steps", "2",
+                           "--sample-every", "2"], capsys)
+    assert code == 0, err
+    assert "(6 images, 8 px)" in out and "skipped 2 of 8 files" in out
+    assert "corrupt.png" in out and "empty.jpg" in out
+    grid = Image.open(tmp_path / "runs" / "photos" / "samples.png")
+    assert grid.mode == "RGB"
+    assert checkpoint.load(tmp_path / "runs" / "photos" / "last.safetensors")["config"]["in_channels"] == 3
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill(tmp_path):
+    steps = 100
+    argv = [sys.executable, "-m", "liquiddiff", "train", "--runs-dir", str(tmp_path), "--name", "killed", *TINY,
+            "--steps", str(steps), "--ckpt-every", "5", "--sample-every", "1000"]
+    ckpt = tmp_path / "killed" / "last.safetensors"
+    proc = subprocess.Popen(argv, env=_subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 240
+        while not ckpt.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint within the time limit"
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = checkpoint.load(ckpt)["step"]  # the newest checkpoint is whole, whatever the kill interrupted
+    assert 5 <= killed_at < steps and killed_at % 5 == 0
+
+    (tmp_path / "killed" / ".last.safetensors.x1y2.tmp").write_bytes(b"half a checkpoint")  # as a kill mid-save leaves
+    done = subprocess.run([*argv[:4], "--runs-dir", str(tmp_path), "--name", "killed", "--resume", "--no-progress"],
+                          env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert f"at step {killed_at}" in done.stdout and "Traceback" not in done.stderr
+    state = checkpoint.load(ckpt)
+    assert state["step"] == steps and state["run"]["steps"] == steps
+    logged = [m["step"] for m in _metrics(tmp_path / "killed")]
+    assert logged == list(range(1, steps + 1))  # steps logged after the checkpoint were dropped and redone
+    assert not [p for p in (tmp_path / "killed").iterdir() if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path):
+    """The same command under torchrun: DDP over gloo on the CPU, rank 0 alone writes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "liquiddiff", "train", "--runs-dir", str(tmp_path), "--name", "ddp", *TINY,
+           "--steps", "4", "--ckpt-every", "2", "--sample-every", "4"]
+    done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert done.stdout.count("done: steps 0 -> 4") == 1  # rank 0 alone reports
+    assert [m["step"] for m in _metrics(run)] == [1, 2, 3, 4]
+    assert json.loads((run / "run.json").read_text())["world_size"] == 2
+    assert [p.name for p in (run / "samples").iterdir()] == ["step_0000004.png"]
+    state = checkpoint.load(run / "last.safetensors")
+    assert state["step"] == 4
+    ranks = state["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])  # each rank its own noise
+    trainer = RectifiedFlowTrainer(build("micro", in_channels=1, channels=(8, 16)), device="cpu")
+    trainer.load_checkpoint(run / "last.safetensors")
+    assert trainer.step == 4
