@@ -85,6 +85,7 @@ class RectifiedFlowTrainer:
         warmup_steps: int = 0,
         mixed_precision: bool | None = None,
         distributed: bool = False,
+        channels_last: bool = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
@@ -95,7 +96,10 @@ class RectifiedFlowTrainer:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.model = model.to(self.device)
+        # channels_last runs every conv in NHWC (cuDNN's fast depthwise path) and the fused kernels
+        # read that layout directly: images are converted once per step, weights once here.
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
         # Under torchrun, the forward/backward pass goes through DistributedDataParallel, which
         # averages gradients across ranks during backward (and broadcasts rank 0's weights now);
         # self.model stays the plain module, so EMA, state_dict and sample never see the wrapper.
@@ -167,7 +171,7 @@ class RectifiedFlowTrainer:
 
     def train_step(self, images: torch.Tensor) -> dict:
         self.check_images(images)
-        images = images.to(self.device, non_blocking=True)
+        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         self.forward_model.train()  # the DDP wrapper too, when there is one
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
@@ -203,7 +207,7 @@ class RectifiedFlowTrainer:
         model.check_input(torch.empty(shape, device="meta"))
         was_training = model.training
         model.eval()
-        z = torch.randn(shape, device=self.device, generator=generator)
+        z = torch.randn(shape, device=self.device, generator=generator).contiguous(memory_format=self.memory_format)
 
         def velocity(z_t, t):
             with self._autocast():

@@ -164,3 +164,19 @@ def test_seed_quick_start_runs_as_written():
     print(f"Loss: {metrics['loss']:.4f}")
     samples = trainer.sample(batch_size=4, image_size=16, num_steps=2)
     assert samples.shape == (4, 3, 16, 16)
+
+
+def test_channels_last_trains_the_same_function():
+    images = _images()
+    plain, nhwc = _trainer(), _trainer(channels_last=True)
+    assert nhwc.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        t = torch.rand(4)
+        torch.testing.assert_close(nhwc.model(images, t), plain.model(images, t), rtol=1e-5, atol=1e-6)
+    torch.manual_seed(3)
+    a = plain.train_step(images)
+    torch.manual_seed(3)
+    b = nhwc.train_step(images)
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    assert nhwc.sample(2, 8, num_steps=2).shape == (2, 3, 8, 8)
