@@ -1,0 +1,21 @@
+"""The saved-for-backward accounting (benchmarks/saved_memory.py) on a CPU-sized model."""
+from benchmarks.saved_memory import report, saved_by_module
+from liquiddiff import build
+
+
+def test_fused_ops_keep_less_for_backward():
+    model = build("micro", channels=(8, 16))
+    ref = saved_by_module(model.set_fused(False), batch=2, size=16, channels_last=False)
+    fused = saved_by_module(model.set_fused(True), batch=2, size=16, channels_last=False)
+    # Only the two fused ops change what is saved: the AdaLN keeps s, its statistics and scale
+    # instead of the reference's intermediates, the CfC op its inputs instead of gate and y.
+    assert fused["AdaLN"] < ref["AdaLN"] / 2
+    assert fused["ParallelCfC"] < ref["ParallelCfC"]
+    assert fused["FeedForward"] == ref["FeedForward"]
+    assert sum(fused.values()) < sum(ref.values())
+
+
+def test_report_lists_every_variant():
+    text = report("micro", size=8, batch=1)
+    for row in ("| reference | NCHW |", "| reference | channels_last |", "| fused | NCHW |", "| fused | channels_last |"):
+        assert row in text
