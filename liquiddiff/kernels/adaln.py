@@ -72,6 +72,21 @@ def launch_config(channels: int, pixels: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
+    def _program_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """This program's batch item, pixel indices, masks and [BLOCK_C, BLOCK_P] offsets.
+
+        The whole channel axis is in the tile (BLOCK_C >= C); int64 offsets, since a large
+        activation can exceed 2**31 elements.
+        """
+        b = tl.program_id(1).to(tl.int64)
+        c = tl.arange(0, BLOCK_C)
+        p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        mask_c = c < C
+        mask_p = p < P
+        mask = mask_c[:, None] & mask_p[None, :]
+        return b, p, mask_c, mask_p, mask, c.to(tl.int64)[:, None], p.to(tl.int64)[None, :]
+
+    @triton.jit
     def _adaln_fwd_kernel(
         x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, s_ptr, mean_ptr, rstd_ptr,
         C, P, eps,
@@ -86,15 +101,7 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        c = tl.arange(0, BLOCK_C)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_c = c < C
-        mask = mask_c[:, None] & (p < P)[None, :]
-        # int64 offsets: a large activation can exceed 2**31 elements.
-        c64 = c.to(tl.int64)[:, None]
-        p64 = p.to(tl.int64)[None, :]
+        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(C, P, BLOCK_C, BLOCK_P)
 
         x = tl.load(x_ptr + b * sx_b + c64 * sx_c + p64 * sx_p, mask=mask, other=0.0)
         if HAS_RESIDUAL:
@@ -121,7 +128,6 @@ if triton is not None:
         tl.store(out_ptr + b * so_b + c64 * so_c + p64 * so_p,
                  out.to(out_ptr.dtype.element_ty), mask=mask)
 
-        mask_p = p < P
         tl.store(mean_ptr + b * P + p, mean, mask=mask_p)
         tl.store(rstd_ptr + b * P + p, rstd, mask=mask_p)
 
@@ -144,15 +150,7 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
-        c = tl.arange(0, BLOCK_C)
-        p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_c = c < C
-        mask_p = p < P
-        mask = mask_c[:, None] & mask_p[None, :]
-        c64 = c.to(tl.int64)[:, None]
-        p64 = p.to(tl.int64)[None, :]
+        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(C, P, BLOCK_C, BLOCK_P)
 
         # Masked lanes load g = 0, so padded channels and pixels add nothing to the channel
         # sums below or to the pixel partial sums.
@@ -163,7 +161,7 @@ if triton is not None:
         x_hat = (s - mean[None, :]) * rstd[None, :]
 
         if PARAM_GRADS:
-            row = (pid_p * B + b) * C + c
+            row = (tl.program_id(0) * B + b) * C + tl.arange(0, BLOCK_C)
             tl.store(dscale_part_ptr + row, tl.sum(g * x_hat, axis=1), mask=mask_c)
             tl.store(dshift_part_ptr + row, tl.sum(g, axis=1), mask=mask_c)
 
