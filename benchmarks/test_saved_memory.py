@@ -7,11 +7,12 @@ def test_fused_ops_keep_less_for_backward():
     model = build("micro", channels=(8, 16))
     ref = saved_by_module(model.set_fused(False), batch=2, size=16, channels_last=False)
     fused = saved_by_module(model.set_fused(True), batch=2, size=16, channels_last=False)
-    # Only the two fused ops change what is saved: the AdaLN keeps s, its statistics and scale
-    # instead of the reference's intermediates, the CfC op its inputs instead of gate and y.
+    # The AdaLN keeps s, its statistics and scale instead of the reference's intermediates, the
+    # CfC op its inputs instead of gate and y, each SiLU -> 1x1 conv its pre-activation alone.
     assert fused["AdaLN"] < ref["AdaLN"] / 2
-    assert fused["ParallelCfC"] < ref["ParallelCfC"]
-    assert fused["FeedForward"] == ref["FeedForward"]
+    for kind in ("ParallelCfC", "FeedForward", "MultiScaleSpatialMix"):
+        assert fused[kind] < ref[kind], kind
+    assert fused["DownSample"] == ref["DownSample"]  # untouched by the fused switch
     assert sum(fused.values()) < sum(ref.values())
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "relaxation_weight",
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
+    "silu_conv1x1",
 ]
 
 
@@ -99,3 +100,9 @@ def multiscale_depthwise_conv_branches(x, weights, biases):
         F.conv2d(x, w, b, padding=w.shape[-1] // 2, groups=x.shape[1])
         for w, b in zip(weights, biases)
     )
+
+
+def silu_conv1x1(z, weight, bias=None):
+    """SiLU then a 1x1 convolution: the end of every residual branch (FeedForward, spatial mix)
+    and of the CfC g/h heads. z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None."""
+    return F.conv2d(F.silu(z), weight, bias)

@@ -1,9 +1,10 @@
 """Reference modules of LiquidDiffusion (the seed's architecture), with a ``fused`` switch.
 
 Every module computes the same function with ``fused=False`` (plain PyTorch, the specification)
-and ``fused=True`` (the ops of :mod:`liquiddiff.kernels`, which run Triton where it can). The
-flag only changes which implementation of the two fused ops runs; parameters and state_dict keys
-are identical, so checkpoints move freely between the two.
+and ``fused=True`` (the ops of :mod:`liquiddiff.kernels`: the Triton CfC and AdaLN kernels where
+Triton can run, and SiLU -> 1x1 conv pairs that keep only the pre-activation for backward). The
+flag only changes which implementation of those ops runs; parameters and state_dict keys are
+identical, so checkpoints move freely between the two.
 
 Zero initialisation: every time modulation (AdaLN scale/shift, the CfC gate's time_a/time_b,
 the spatial mix's scale/shift) and the last projection of each residual branch start at zero.
@@ -110,16 +111,17 @@ class ParallelCfC(FusedSwitch, nn.Module):
         self.rho = nn.Parameter(torch.zeros(c))
 
     def forward(self, n, temb, t, residual):
+        ops = _ops(self.fused)
         backbone = F.silu(self.backbone_pw(self.backbone_dw(n)))
         f = self.f_proj(backbone)
-        g = self.g_pw(F.silu(self.g_dw(backbone)))
-        h = self.h_pw(F.silu(self.h_dw(backbone)))
+        g = ops.silu_conv1x1(self.g_dw(backbone), self.g_pw.weight, self.g_pw.bias)
+        h = ops.silu_conv1x1(self.h_dw(backbone), self.h_pw.weight, self.h_pw.bias)
         e = F.silu(temb)
         a, b = self.time_a(e), self.time_b(e)
-        return _ops(self.fused).cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
+        return ops.cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
 
 
-class MultiScaleSpatialMix(nn.Module):
+class MultiScaleSpatialMix(FusedSwitch, nn.Module):
     """Depthwise 3x3 + 5x5 + 7x7 plus a global-average-pool context, modulated by t.
 
     The three depthwise branches run as one 7x7 conv (functional.multiscale_depthwise_conv);
@@ -141,10 +143,10 @@ class MultiScaleSpatialMix(nn.Module):
         context = self.context(x.mean(dim=(2, 3), keepdim=True))
         scale, shift = self.time(temb)
         y = (local + context) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return self.out(F.silu(y))
+        return _ops(self.fused).silu_conv1x1(y, self.out.weight, self.out.bias)
 
 
-class FeedForward(nn.Module):
+class FeedForward(FusedSwitch, nn.Module):
     """Pointwise MLP: Conv1x1 (C -> mult*C) -> SiLU -> Conv1x1 (-> C, zero-initialised)."""
 
     def __init__(self, channels: int, mult: int = 2):
@@ -153,7 +155,7 @@ class FeedForward(nn.Module):
         self.out = _zero_(nn.Conv2d(mult * channels, channels, 1))
 
     def forward(self, x):
-        return self.out(F.silu(self.inner(x)))
+        return _ops(self.fused).silu_conv1x1(self.inner(x), self.out.weight, self.out.bias)
 
 
 class LiquidDiffusionBlock(nn.Module):

@@ -11,10 +11,12 @@ import torch
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
 from .runtime import Backend, policy, select_backend
+from .silu_conv import silu_conv1x1
 
+# The ops with Triton kernels; silu_conv1x1 is a memory-saving autograd op on cuDNN / aten.
 OPS = ("cfc_relax", "adaln_modulate")
 
-__all__ = ["cfc_relax", "adaln_modulate", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:
