@@ -436,7 +436,7 @@ def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed
     torch.manual_seed(seed)
     model = build(cfg.preset, fused=fused, **dict(cfg.overrides))
     model = model.to(device=device, memory_format=memory_format(layout))
-    return RectifiedFlowTrainer(model, lr=1e-4, device=device)
+    return RectifiedFlowTrainer(model, lr=1e-4, device=device, channels_last=layout == "channels_last")
 
 
 def make_images(cfg: E2EConfig, layout: str, device=None, seed: int = 1) -> torch.Tensor:

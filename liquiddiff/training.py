@@ -85,7 +85,7 @@ class RectifiedFlowTrainer:
         warmup_steps: int = 0,
         mixed_precision: bool | None = None,
         distributed: bool = False,
-        channels_last: bool = False,
+        channels_last: bool | None = None,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
@@ -96,10 +96,13 @@ class RectifiedFlowTrainer:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        # channels_last runs every conv in NHWC (cuDNN's fast depthwise path) and the fused kernels
-        # read that layout directly: images are converted once per step, weights once here.
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(self.device, memory_format=self.memory_format)
+        # channels_last=True runs every conv in NHWC (cuDNN's fast depthwise path), and the fused
+        # kernels read that layout directly: weights are converted once here, batches once per
+        # step. False converts to NCHW; None (default) keeps the layouts the caller gave.
+        self.memory_format = {True: torch.channels_last, False: torch.contiguous_format}.get(channels_last)
+        self.model = model.to(self.device)
+        if self.memory_format is not None:
+            self.model = self.model.to(memory_format=self.memory_format)
         # Under torchrun, the forward/backward pass goes through DistributedDataParallel, which
         # averages gradients across ranks during backward (and broadcasts rank 0's weights now);
         # self.model stays the plain module, so EMA, state_dict and sample never see the wrapper.
@@ -140,6 +143,9 @@ class RectifiedFlowTrainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
+    def _in_layout(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)
+
     def current_lr(self) -> float:
         if self.warmup_steps and self.step < self.warmup_steps:
             return self.base_lr * (self.step + 1) / self.warmup_steps
@@ -171,7 +177,7 @@ class RectifiedFlowTrainer:
 
     def train_step(self, images: torch.Tensor) -> dict:
         self.check_images(images)
-        images = images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        images = self._in_layout(images.to(self.device, non_blocking=True))
         self.forward_model.train()  # the DDP wrapper too, when there is one
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
@@ -207,7 +213,7 @@ class RectifiedFlowTrainer:
         model.check_input(torch.empty(shape, device="meta"))
         was_training = model.training
         model.eval()
-        z = torch.randn(shape, device=self.device, generator=generator).contiguous(memory_format=self.memory_format)
+        z = self._in_layout(torch.randn(shape, device=self.device, generator=generator))
 
         def velocity(z_t, t):
             with self._autocast():

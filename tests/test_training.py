@@ -180,3 +180,11 @@ def test_channels_last_trains_the_same_function():
     assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
     assert nhwc.sample(2, 8, num_steps=2).shape == (2, 3, 8, 8)
+
+
+def test_trainer_keeps_the_callers_layout_by_default():
+    model = liquid_diffusion_micro(channels=(16, 32)).to(memory_format=torch.channels_last)
+    trainer = RectifiedFlowTrainer(model, device="cpu")
+    assert trainer.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    trainer = RectifiedFlowTrainer(model, device="cpu", channels_last=False)
+    assert trainer.model.stem[0].weight.is_contiguous()
