@@ -102,7 +102,13 @@ def multiscale_depthwise_conv_branches(x, weights, biases):
     )
 
 
-def silu_conv1x1(z, weight, bias=None):
-    """SiLU then a 1x1 convolution: the end of every residual branch (FeedForward, spatial mix)
-    and of the CfC g/h heads. z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None."""
+def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
+    """An optional per-channel modulation, SiLU, then a 1x1 convolution: the end of every residual
+    branch (FeedForward; the spatial mix, modulated by t) and of the CfC g/h heads.
+
+    y = z * (1 + scale) + shift (when given), out = conv1x1(silu(y)).
+    z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None; scale, shift: [B, Ci] or None.
+    """
+    if scale is not None:
+        z = z * (1 + _per_channel(scale)) + _per_channel(shift)
     return F.conv2d(F.silu(z), weight, bias)

@@ -142,8 +142,7 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         )
         context = self.context(x.mean(dim=(2, 3), keepdim=True))
         scale, shift = self.time(temb)
-        y = (local + context) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
-        return _ops(self.fused).silu_conv1x1(y, self.out.weight, self.out.bias)
+        return _ops(self.fused).silu_conv1x1(local + context, self.out.weight, self.out.bias, scale, shift)
 
 
 class FeedForward(FusedSwitch, nn.Module):

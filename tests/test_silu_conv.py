@@ -1,4 +1,5 @@
-"""SiLU -> 1x1 conv keeping only the pre-activation: same values and gradients as the reference."""
+"""(Modulation ->) SiLU -> 1x1 conv keeping only its input: same values and gradients as the
+reference."""
 import pytest
 import torch
 
@@ -6,20 +7,23 @@ from liquiddiff import functional, kernels
 from tests.parity import assert_close, grads_of, leaves
 
 
-def _inputs(dtype=torch.float64, layout=torch.contiguous_format, bias=True, ci=6, co=5):
+def _inputs(dtype=torch.float64, layout=torch.contiguous_format, bias=True, modulated=False, ci=6, co=5):
     z = torch.randn(2, ci, 5, 7, dtype=dtype).to(memory_format=layout)
     w = torch.randn(co, ci, 1, 1, dtype=dtype).to(memory_format=layout)
-    return {"z": z, "weight": w, "bias": torch.randn(co, dtype=dtype) if bias else None}
+    ins = {"z": z, "weight": w, "bias": torch.randn(co, dtype=dtype) if bias else None}
+    if modulated:
+        ins.update(scale=torch.randn(2, ci, dtype=dtype), shift=torch.randn(2, ci, dtype=dtype))
+    return ins
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("bias", [True, False])
-def test_matches_reference(dtype, tol, layout, bias):
-    raw = _inputs(dtype, layout, bias)
+@pytest.mark.parametrize("bias, modulated", [(True, False), (False, False), (True, True), (False, True)])
+def test_matches_reference(dtype, tol, layout, bias, modulated):
+    raw = _inputs(dtype, layout, bias, modulated)
     ins, ref_ins = leaves(raw), leaves(raw)
-    out = kernels.silu_conv1x1(**ins, **({} if bias else {"bias": None}))
-    ref = functional.silu_conv1x1(**ref_ins, **({} if bias else {"bias": None}))
+    out = kernels.silu_conv1x1(**ins)
+    ref = functional.silu_conv1x1(**ref_ins)
     up = torch.randn_like(ref)
     assert_close("out", out, ref, tol)
     assert out.is_contiguous(memory_format=layout)
@@ -28,9 +32,13 @@ def test_matches_reference(dtype, tol, layout, bias):
         assert_close(name, got[name], want[name], tol)
 
 
-def test_matches_reference_under_autocast():
-    raw = _inputs(torch.float32, torch.channels_last)
-    raw["z"] = raw["z"].bfloat16()  # activations are bf16 under autocast, parameters fp32
+@pytest.mark.parametrize("modulated", [False, True])
+def test_matches_reference_under_autocast(modulated):
+    raw = _inputs(torch.float32, torch.channels_last, modulated=modulated)
+    # Under autocast activations (and the Linear-made scale/shift) are bf16, parameters fp32.
+    for name in ("z", "scale", "shift"):
+        if name in raw:
+            raw[name] = raw[name].bfloat16()
     ins, ref_ins = leaves(raw), leaves(raw)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = kernels.silu_conv1x1(**ins)
@@ -44,13 +52,15 @@ def test_matches_reference_under_autocast():
         assert_close(name, got[name], want[name], 1e-6)
 
 
-def test_gradcheck():
-    ins = leaves(_inputs())
-    assert torch.autograd.gradcheck(kernels.silu_conv1x1, (ins["z"], ins["weight"], ins["bias"]))
+@pytest.mark.parametrize("modulated", [False, True])
+def test_gradcheck(modulated):
+    ins = leaves(_inputs(modulated=modulated))
+    assert torch.autograd.gradcheck(lambda *a: kernels.silu_conv1x1(*a), tuple(ins.values()))
 
 
-def test_keeps_only_the_pre_activation():
-    ins = leaves(_inputs(torch.float32))
+@pytest.mark.parametrize("modulated", [False, True])
+def test_keeps_only_its_input(modulated):
+    ins = leaves(_inputs(torch.float32, modulated=modulated))
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         kernels.silu_conv1x1(**ins)
@@ -66,3 +76,7 @@ def test_bad_arguments_are_named():
         kernels.silu_conv1x1(z, torch.randn(5, 6, 1, 1), torch.randn(4))
     with pytest.raises(TypeError, match="z: expected a floating-point"):
         kernels.silu_conv1x1(z.long(), torch.randn(5, 6, 1, 1))
+    with pytest.raises(ValueError, match="scale, shift: give both"):
+        kernels.silu_conv1x1(z, torch.randn(5, 6, 1, 1), scale=torch.randn(2, 6))
+    with pytest.raises(ValueError, match="shift: expected shape"):
+        kernels.silu_conv1x1(z, torch.randn(5, 6, 1, 1), scale=torch.randn(2, 6), shift=torch.randn(6))
