@@ -218,6 +218,12 @@ def _bwd_tiles(C: int, P: int, B: int, block_c: int, block_p: int) -> int:
     return max(1, min(_BWD_MAX_TILES, pixel_tiles, one_tile_programs // _BWD_MIN_PROGRAMS))
 
 
+def _flat(*tensors):
+    """The tensors (copied only if H and W cannot merge) and their [B, C, H*W] strides."""
+    flat = [_tensors.flat_pixels(t) for t in tensors]
+    return [t for t, _ in flat], [strides for _, strides in flat]
+
+
 def _compute(*tensors):
     tl_dtype = _tensors.compute_dtype(*tensors)
     return tl_dtype, (torch.float64 if tl_dtype == tl.float64 else torch.float32)
@@ -244,11 +250,7 @@ def _cfc_relax_op(
     out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
     B, C, H, W = x.shape
     P = H * W
-    f, sf = _tensors.flat_pixels(f)
-    g, sg = _tensors.flat_pixels(g)
-    h, sh = _tensors.flat_pixels(h)
-    x, sx = _tensors.flat_pixels(x)
-    _, so = _tensors.flat_pixels(out)
+    (f, g, h, x, _), (sf, sg, sh, sx, so) = _flat(f, g, h, x, out)
     if residual is None:
         res, sr = x, (0, 0, 0)
     else:
@@ -285,11 +287,7 @@ def _cfc_relax_backward_op(
     need_params = any(needs[4:])
     B, C, H, W = x.shape
     P = H * W
-    go, sgo = _tensors.flat_pixels(grad_out)
-    f, sf = _tensors.flat_pixels(f)
-    g, sg = _tensors.flat_pixels(g)
-    h, sh = _tensors.flat_pixels(h)
-    x, sx = _tensors.flat_pixels(x)
+    (go, f, g, h, x), (sgo, sf, sg, sh, sx) = _flat(grad_out, f, g, h, x)
     # A skipped gradient is passed as its (never touched) input, with zero strides.
     d_args, d_strides = [], []
     for grad, tensor, need in zip((df, dg, dh, dx), (f, g, h, x), needs):
