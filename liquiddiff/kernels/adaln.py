@@ -35,7 +35,7 @@ import torch
 
 from liquiddiff import functional
 
-from . import _tensors, runtime
+from . import _eager, _tensors, runtime
 
 try:
     import triton
@@ -202,8 +202,7 @@ def _forward_buffers(x, scale, shift, residual):
     return out, s, mean, rstd
 
 
-@torch.library.custom_op("liquiddiff::adaln_modulate", mutates_args=())
-def _adaln_forward(
+def _forward_kernels(
     x: torch.Tensor,
     scale: torch.Tensor,
     shift: torch.Tensor,
@@ -237,6 +236,9 @@ def _adaln_forward(
     return out, s, mean, rstd
 
 
+_adaln_forward = torch.library.custom_op("liquiddiff::adaln_modulate", mutates_args=())(_forward_kernels)
+
+
 @_adaln_forward.register_fake
 def _(x, scale, shift, eps, residual):
     return _forward_buffers(x, scale, shift, residual)
@@ -257,8 +259,7 @@ def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads
     return ds, ds2, dscale, dshift
 
 
-@torch.library.custom_op("liquiddiff::adaln_modulate_backward", mutates_args=())
-def _adaln_backward(
+def _backward_kernels(
     grad_out: torch.Tensor,
     grad_s: Optional[torch.Tensor],
     s: torch.Tensor,
@@ -315,6 +316,11 @@ def _adaln_backward(
     return ds, ds2, dscale, dshift
 
 
+_adaln_backward = torch.library.custom_op("liquiddiff::adaln_modulate_backward", mutates_args=())(
+    _backward_kernels
+)
+
+
 @_adaln_backward.register_fake
 def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, param_grads):
     return _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
@@ -338,7 +344,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backward):
     s, scale, mean, rstd = ctx.saved_tensors
     need_x, need_scale, need_shift, _, need_res = ctx.needs_input_grad
     has_residual = ctx.residual_dtype is not None
@@ -352,7 +358,7 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd):
     write_ds = need_x or (need_res and same_dtype)
     ds2_dtype = ctx.residual_dtype if need_res and not same_dtype else None
     param_grads = need_scale or need_shift
-    ds, ds2, dscale, dshift = _adaln_backward(
+    ds, ds2, dscale, dshift = launch(
         grad_out, grad_s, s, scale, mean, rstd, ctx.x_dtype, ds2_dtype, write_ds, param_grads)
     grad_x = ds if need_x else None
     grad_res = (ds if same_dtype else ds2) if need_res else None
@@ -362,6 +368,10 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd):
 
 
 _adaln_forward.register_autograd(_backward, setup_context=_setup_context)
+_EagerAdaLN = _eager.eager_function(
+    "_EagerAdaLN", _forward_kernels, _setup_context,
+    lambda ctx, *grads: _backward(ctx, *grads, launch=_backward_kernels),
+)
 
 
 def _check_eps(eps) -> float:
@@ -389,5 +399,6 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
         raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
     if not runtime.use_triton(OP_NAME, x.device.type):
         return functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
-    out, s, _mean, _rstd = _adaln_forward(x, scale, shift, eps, residual)
+    op = _adaln_forward if _eager.needs_custom_op(x) else _EagerAdaLN.apply
+    out, s, _mean, _rstd = op(x, scale, shift, eps, residual)
     return out if residual is None else (out, s)

@@ -33,7 +33,7 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from liquiddiff import functional
 
-from . import _tensors, runtime
+from . import _eager, _tensors, runtime
 
 __all__ = ["cfc_relax"]
 
@@ -241,8 +241,7 @@ def _allocate_activation_grads(f, g, h, x, needs):
     ]
 
 
-@torch.library.custom_op("liquiddiff::cfc_relax", mutates_args=())
-def _cfc_relax_op(
+def _forward_kernels(
     f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
     residual: typing.Optional[torch.Tensor],
@@ -269,13 +268,15 @@ def _cfc_relax_op(
     return out
 
 
+_cfc_relax_op = torch.library.custom_op("liquiddiff::cfc_relax", mutates_args=())(_forward_kernels)
+
+
 @_cfc_relax_op.register_fake
 def _(f, g, h, x, a, b, rho, t, residual):
     return _allocate_out(f, g, h, x, a, b, rho, t, residual)
 
 
-@torch.library.custom_op("liquiddiff::cfc_relax_backward", mutates_args=())
-def _cfc_relax_backward_op(
+def _backward_kernels(
     grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
     needs: typing.Sequence[bool],
@@ -321,6 +322,11 @@ def _cfc_relax_backward_op(
     return df, dg, dh, dx, da, db, drho, dt
 
 
+_cfc_relax_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_backward", mutates_args=())(
+    _backward_kernels
+)
+
+
 @_cfc_relax_backward_op.register_fake
 def _(grad_out, f, g, h, x, a, b, rho, t, needs):
     # Parameter grads are fresh contiguous reductions in the real op.
@@ -337,11 +343,11 @@ def _setup_context(ctx, inputs, output):
     ctx.residual_dtype = None if residual is None else residual.dtype
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, launch=_cfc_relax_backward_op):
     needs = list(ctx.needs_input_grad)
     grads = [None] * 9
     if any(needs[:8]):
-        computed = _cfc_relax_backward_op(grad_out, *ctx.saved_tensors, needs[:8])
+        computed = launch(grad_out, *ctx.saved_tensors, needs[:8])
         grads[:8] = [d if need else None for d, need in zip(computed, needs)]
     if needs[8]:
         grads[8] = grad_out.to(ctx.residual_dtype)
@@ -349,6 +355,10 @@ def _backward(ctx, grad_out):
 
 
 _cfc_relax_op.register_autograd(_backward, setup_context=_setup_context)
+_EagerCfcRelax = _eager.eager_function(
+    "_EagerCfcRelax", _forward_kernels, _setup_context,
+    lambda ctx, grad_out: _backward(ctx, grad_out, launch=_backward_kernels),
+)
 
 
 def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
@@ -363,6 +373,8 @@ def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
     _tensors.check_vector("b", b, (B, C), f.device)
     _tensors.check_vector("rho", rho, (C,), f.device)
     _tensors.check_vector("t", t, (B,), f.device)
-    if runtime.use_triton("cfc_relax", f.device.type):
+    if not runtime.use_triton("cfc_relax", f.device.type):
+        return functional.cfc_relax(f, g, h, x, a, b, rho, t, residual=residual)
+    if _eager.needs_custom_op(f):
         return _cfc_relax_op(f, g, h, x, a, b, rho, t, residual)
-    return functional.cfc_relax(f, g, h, x, a, b, rho, t, residual=residual)
+    return _EagerCfcRelax.apply(f, g, h, x, a, b, rho, t, residual)
