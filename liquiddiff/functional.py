@@ -13,6 +13,7 @@ __all__ = [
     "cfc_relax",
     "adaln_modulate",
     "relaxation_weight",
+    "depthwise_conv",
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
     "silu_conv1x1",
@@ -72,6 +73,11 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
     return out if residual is None else (out, s)
 
 
+def depthwise_conv(x, weight, bias=None):
+    """Depthwise convolution with an odd square kernel [C, 1, k, k], 'same' padding."""
+    return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
+
+
 def _pad_to(weight: torch.Tensor, size: int) -> torch.Tensor:
     pad = (size - weight.shape[-1]) // 2
     return F.pad(weight, (pad, pad, pad, pad))
@@ -85,9 +91,7 @@ def multiscale_depthwise_conv(x, weights, biases):
     still gives each branch weight its own gradient (the slice of the summed kernel's grad).
     """
     size = max(w.shape[-1] for w in weights)
-    weight = sum(_pad_to(w, size) for w in weights)
-    bias = sum(biases)
-    return F.conv2d(x, weight, bias, padding=size // 2, groups=x.shape[1])
+    return depthwise_conv(x, sum(_pad_to(w, size) for w in weights), sum(biases))
 
 
 def multiscale_depthwise_conv_branches(x, weights, biases):

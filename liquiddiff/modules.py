@@ -2,7 +2,7 @@
 
 Every module computes the same function with ``fused=False`` (plain PyTorch, the specification)
 and ``fused=True`` (the ops of :mod:`liquiddiff.kernels`: the Triton CfC and AdaLN kernels where
-Triton can run, and SiLU -> 1x1 conv pairs that keep only the pre-activation for backward). The
+Triton can run, and convolutions that keep only their input for backward). The
 flag only changes which implementation of those ops runs; parameters and state_dict keys are
 identical, so checkpoints move freely between the two.
 
@@ -112,7 +112,8 @@ class ParallelCfC(FusedSwitch, nn.Module):
 
     def forward(self, n, temb, t, residual):
         ops = _ops(self.fused)
-        backbone = F.silu(self.backbone_pw(self.backbone_dw(n)))
+        dw = ops.depthwise_conv(n, self.backbone_dw.weight, self.backbone_dw.bias)
+        backbone = F.silu(self.backbone_pw(dw))
         f = self.f_proj(backbone)
         g = ops.silu_conv1x1(self.g_dw(backbone), self.g_pw.weight, self.g_pw.bias)
         h = ops.silu_conv1x1(self.h_dw(backbone), self.h_pw.weight, self.h_pw.bias)

@@ -11,12 +11,13 @@ import torch
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
 from .runtime import Backend, policy, select_backend
-from .silu_conv import silu_conv1x1
+from .recompute import depthwise_conv, silu_conv1x1
 
-# The ops with Triton kernels; silu_conv1x1 is a memory-saving autograd op on cuDNN / aten.
+# The ops with Triton kernels; silu_conv1x1 and depthwise_conv are memory-saving autograd ops on
+# cuDNN / aten (recompute.py).
 OPS = ("cfc_relax", "adaln_modulate")
 
-__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "depthwise_conv", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

@@ -1,5 +1,5 @@
-"""(Modulation ->) SiLU -> 1x1 conv keeping only its input: same values and gradients as the
-reference."""
+"""Convolutions that keep only their input for backward (kernels/recompute.py): same values and
+gradients as the reference."""
 import pytest
 import torch
 
@@ -80,3 +80,60 @@ def test_bad_arguments_are_named():
         kernels.silu_conv1x1(z, torch.randn(5, 6, 1, 1), scale=torch.randn(2, 6))
     with pytest.raises(ValueError, match="shift: expected shape"):
         kernels.silu_conv1x1(z, torch.randn(5, 6, 1, 1), scale=torch.randn(2, 6), shift=torch.randn(6))
+
+
+def _depthwise_inputs(dtype=torch.float64, layout=torch.contiguous_format, k=7, c=6):
+    return {
+        "x": torch.randn(2, c, 9, 8, dtype=dtype).to(memory_format=layout),
+        "weight": torch.randn(c, 1, k, k, dtype=dtype),
+        "bias": torch.randn(c, dtype=dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("k", [3, 7])
+def test_depthwise_matches_reference(dtype, tol, layout, k):
+    raw = _depthwise_inputs(dtype, layout, k)
+    ins, ref_ins = leaves(raw), leaves(raw)
+    out, ref = kernels.depthwise_conv(**ins), functional.depthwise_conv(**ref_ins)
+    up = torch.randn_like(ref)
+    assert_close("out", out, ref, tol)
+    assert out.is_contiguous(memory_format=layout)
+    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    for name in ins:
+        assert_close(name, got[name], want[name], tol)
+
+
+def test_depthwise_keeps_its_fp32_input_under_autocast():
+    """The model's case: an fp32 input (kept by the CfC op too) meets a bf16 autocast conv."""
+    raw = _depthwise_inputs(torch.float32, torch.channels_last)
+    ins, ref_ins = leaves(raw), leaves(raw)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = kernels.depthwise_conv(**ins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = functional.depthwise_conv(**ref_ins)
+    assert [t for t in saved if t.dim() == 4 and t.shape[0] == 2] == [ins["x"]]
+    assert out.dtype == ref.dtype == torch.bfloat16
+    up = torch.randn_like(ref)
+    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    assert_close("out", out, ref, 1e-6)
+    for name in ins:
+        assert_close(name, got[name], want[name], 1e-6)
+
+
+def test_depthwise_gradcheck():
+    ins = leaves(_depthwise_inputs(k=3, c=3))
+    assert torch.autograd.gradcheck(kernels.depthwise_conv, tuple(ins.values()))
+
+
+def test_depthwise_bad_arguments_are_named():
+    x = torch.randn(2, 6, 5, 5)
+    with pytest.raises(ValueError, match=r"weight: expected shape \[6, 1, k, k\] \(k odd\)"):
+        kernels.depthwise_conv(x, torch.randn(6, 1, 4, 4))
+    with pytest.raises(ValueError, match=r"weight: expected shape \[6, 1, k, k\]"):
+        kernels.depthwise_conv(x, torch.randn(5, 1, 3, 3))
+    with pytest.raises(ValueError, match="bias: expected shape"):
+        kernels.depthwise_conv(x, torch.randn(6, 1, 3, 3), torch.randn(5))

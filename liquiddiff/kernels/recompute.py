@@ -1,4 +1,6 @@
-"""(Modulation ->) SiLU -> 1x1 conv that keeps only its input for backward (no Triton kernel).
+"""Convolutions that keep only their input for backward and recompute the rest (no Triton).
+
+``silu_conv1x1``: (modulation ->) SiLU -> 1x1 conv.
 
 Autograd on ``conv(silu(z * (1 + scale) + shift))`` keeps z (for the modulation's scale
 gradient), y (for SiLU's backward) and silu(y) (the conv's input, for its weight gradient); on
@@ -7,6 +9,11 @@ backward, elementwise passes that cost far less than the memory they free: one a
 FeedForward (twice C wide) and CfC g/h head, two per spatial mix. The convolution itself, forward
 and backward, stays with cuDNN / the CPU backend (``aten.convolution_backward``), in the dtype
 autocast picks, so values and gradients are those of the reference.
+
+``depthwise_conv``: under autocast a conv saves the bf16 copy autocast made of its input. When
+that input is an fp32 tensor some other op saves anyway (ParallelCfC's normalised input, which
+the CfC op keeps as x), this conv keeps the fp32 tensor itself and casts it again in backward:
+one bf16 activation less per block, for one cast.
 
 Layout: any; the conv keeps the input's memory format (NCHW or channels_last).
 """
@@ -17,7 +24,7 @@ import torch.nn.functional as F
 
 from . import _tensors
 
-__all__ = ["silu_conv1x1"]
+__all__ = ["silu_conv1x1", "depthwise_conv"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -35,15 +42,19 @@ def _modulate(z, scale, shift):
     return z * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
-class _SiluConv1x1(torch.autograd.Function):
+class _RecomputedConv(torch.autograd.Function):
+    """conv(act(modulate(z))), act = SiLU or identity, saving z (and the small parameters) only."""
+
     @staticmethod
-    def forward(ctx, z, weight, bias, scale, shift):
+    def forward(ctx, z, weight, bias, scale, shift, activate, padding, groups):
         dtype = _conv_dtype(z, weight, bias)
         with torch.autocast(z.device.type, enabled=False):
-            a = F.silu(_modulate(z, scale, shift)).to(dtype)
-            out = F.conv2d(a, weight.to(dtype), None if bias is None else bias.to(dtype))
+            y = _modulate(z, scale, shift)
+            a = (F.silu(y) if activate else y).to(dtype)
+            out = F.conv2d(a, weight.to(dtype), None if bias is None else bias.to(dtype),
+                           padding=padding, groups=groups)
         ctx.save_for_backward(z, weight, scale, shift)
-        ctx.dtype = dtype
+        ctx.conv = (dtype, activate, padding, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -51,17 +62,21 @@ class _SiluConv1x1(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
-        need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad
+        dtype, activate, padding, groups = ctx.conv
+        need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
         need_y = need_z or need_scale or need_shift
-        dtype = ctx.dtype
         with torch.autocast(z.device.type, enabled=False):
             y = _modulate(z, scale, shift)
             d_a, d_w, d_b = torch.ops.aten.convolution_backward(
-                grad_out.to(dtype), F.silu(y).to(dtype), weight.to(dtype), ctx.bias_shape,
-                [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                grad_out.to(dtype), (F.silu(y) if activate else y).to(dtype), weight.to(dtype),
+                ctx.bias_shape, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups,
                 [need_y, need_w, need_b and ctx.bias_shape is not None],
             )
-            d_y = torch.ops.aten.silu_backward(d_a.to(y.dtype), y) if need_y else None
+            d_y = None
+            if need_y:
+                d_y = d_a.to(y.dtype)
+                if activate:
+                    d_y = torch.ops.aten.silu_backward(d_y, y)
         d_z = d_scale = d_shift = None
         if need_z:
             d_z = (d_y if scale is None else d_y * (1 + scale[:, :, None, None])).to(z.dtype)
@@ -71,21 +86,37 @@ class _SiluConv1x1(torch.autograd.Function):
             d_shift = d_y.sum((2, 3)).to(shift.dtype)
         d_w = d_w.to(weight.dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b and ctx.bias_shape is not None else None
-        return d_z, d_w, d_b, d_scale, d_shift
+        return d_z, d_w, d_b, d_scale, d_shift, None, None, None
+
+
+def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool) -> int:
+    """Argument checks before any work; returns the kernel size (odd, 'same' padding)."""
+    _tensors.check_activation(name, z)
+    _tensors.check_floating("weight", weight)
+    k = weight.shape[-1] if kernel is None and weight.dim() == 4 else kernel
+    channels = z.shape[1]
+    expected = (channels if depthwise else weight.shape[0], 1 if depthwise else channels, k, k)
+    if weight.dim() != 4 or tuple(weight.shape) != expected or not k or k % 2 == 0:
+        shape = f"[{channels}, 1, k, k] (k odd)" if depthwise else f"[Co, {channels}, 1, 1]"
+        raise ValueError(f"weight: expected shape {shape}, got {tuple(weight.shape)}")
+    _tensors.check_device("weight", weight, z.device)
+    if bias is not None:
+        _tensors.check_vector("bias", bias, (weight.shape[0],), z.device)
+    return k
 
 
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
     """:func:`liquiddiff.functional.silu_conv1x1`, keeping only its inputs for backward."""
-    _tensors.check_activation("z", z)
-    _tensors.check_floating("weight", weight)
-    if weight.dim() != 4 or weight.shape[1] != z.shape[1] or weight.shape[2:] != (1, 1):
-        raise ValueError(f"weight: expected shape [Co, {z.shape[1]}, 1, 1], got {tuple(weight.shape)}")
-    _tensors.check_device("weight", weight, z.device)
-    if bias is not None:
-        _tensors.check_vector("bias", bias, (weight.shape[0],), z.device)
+    _check_conv("z", z, weight, bias, kernel=1, depthwise=False)
     if (scale is None) != (shift is None):
         raise ValueError("scale, shift: give both (the modulation) or neither")
     if scale is not None:
         _tensors.check_vector("scale", scale, z.shape[:2], z.device)
         _tensors.check_vector("shift", shift, z.shape[:2], z.device)
-    return _SiluConv1x1.apply(z, weight, bias, scale, shift)
+    return _RecomputedConv.apply(z, weight, bias, scale, shift, True, 0, 1)
+
+
+def depthwise_conv(x, weight, bias=None):
+    """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
+    k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
+    return _RecomputedConv.apply(x, weight, bias, None, None, False, k // 2, x.shape[1])
