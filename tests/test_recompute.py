@@ -7,6 +7,18 @@ from liquiddiff import functional, kernels
 from tests.parity import assert_close, grads_of, leaves
 
 
+def check_parity(op: str, raw: dict, tol: float, layout) -> None:
+    """The op vs its reference: value (in the input's layout) and every gradient, one upstream."""
+    ins, ref_ins = leaves(raw), leaves(raw)
+    out, ref = getattr(kernels, op)(**ins), getattr(functional, op)(**ref_ins)
+    up = torch.randn_like(ref)
+    assert_close("out", out, ref, tol)
+    assert out.is_contiguous(memory_format=layout)
+    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    for name in ins:
+        assert_close(name, got[name], want[name], tol)
+
+
 def _inputs(dtype=torch.float64, layout=torch.contiguous_format, bias=True, modulated=False, ci=6, co=5):
     z = torch.randn(2, ci, 5, 7, dtype=dtype).to(memory_format=layout)
     w = torch.randn(co, ci, 1, 1, dtype=dtype).to(memory_format=layout)
@@ -20,16 +32,7 @@ def _inputs(dtype=torch.float64, layout=torch.contiguous_format, bias=True, modu
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("bias, modulated", [(True, False), (False, False), (True, True), (False, True)])
 def test_matches_reference(dtype, tol, layout, bias, modulated):
-    raw = _inputs(dtype, layout, bias, modulated)
-    ins, ref_ins = leaves(raw), leaves(raw)
-    out = kernels.silu_conv1x1(**ins)
-    ref = functional.silu_conv1x1(**ref_ins)
-    up = torch.randn_like(ref)
-    assert_close("out", out, ref, tol)
-    assert out.is_contiguous(memory_format=layout)
-    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
-    for name in ins:
-        assert_close(name, got[name], want[name], tol)
+    check_parity("silu_conv1x1", _inputs(dtype, layout, bias, modulated), tol, layout)
 
 
 @pytest.mark.parametrize("modulated", [False, True])
@@ -94,15 +97,7 @@ def _depthwise_inputs(dtype=torch.float64, layout=torch.contiguous_format, k=7, 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("k", [3, 7])
 def test_depthwise_matches_reference(dtype, tol, layout, k):
-    raw = _depthwise_inputs(dtype, layout, k)
-    ins, ref_ins = leaves(raw), leaves(raw)
-    out, ref = kernels.depthwise_conv(**ins), functional.depthwise_conv(**ref_ins)
-    up = torch.randn_like(ref)
-    assert_close("out", out, ref, tol)
-    assert out.is_contiguous(memory_format=layout)
-    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
-    for name in ins:
-        assert_close(name, got[name], want[name], tol)
+    check_parity("depthwise_conv", _depthwise_inputs(dtype, layout, k), tol, layout)
 
 
 def test_depthwise_keeps_its_fp32_input_under_autocast():
