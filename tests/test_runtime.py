@@ -88,3 +88,14 @@ def test_package_works_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "['adaln_modulate', 'cfc_relax']", out.stdout + out.stderr
+
+
+def test_grid_arithmetic_matches_triton():
+    import triton
+
+    from liquiddiff.kernels import _tensors
+
+    for n in range(1, 3000):
+        assert _tensors.next_power_of_2(n) == triton.next_power_of_2(n)
+        for block in (1, 3, 64, 1024):
+            assert _tensors.cdiv(n, block) == triton.cdiv(n, block)

@@ -14,6 +14,18 @@ except Exception:  # Triton missing: the launchers are never reached (runtime.se
     tl = None
 
 
+# Launch-grid arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
+# constexpr-function objects in recent Triton, whose calls cost microseconds of host time each
+# (a tenth of an eager CfC call's Python overhead, benchmarks/host_overhead.py).
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of 2 >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def check_floating(name: str, t: torch.Tensor) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")

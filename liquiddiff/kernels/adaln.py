@@ -62,9 +62,9 @@ MAX_CHANNELS = _MAX_TILE
 
 def launch_config(channels: int, pixels: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_P, num_warps) for C channels and H*W pixels per image."""
-    block_c = triton.next_power_of_2(channels)
+    block_c = _tensors.next_power_of_2(channels)
     block_p = max(_MIN_PIXELS, _TARGET_TILE // block_c)
-    block_p = max(1, min(block_p, _MAX_TILE // block_c, triton.next_power_of_2(pixels)))
+    block_p = max(1, min(block_p, _MAX_TILE // block_c, _tensors.next_power_of_2(pixels)))
     num_warps = min(16, max(2, block_c * block_p // (32 * _ELEMENTS_PER_THREAD)))
     return block_c, block_p, num_warps
 
@@ -223,7 +223,7 @@ def _forward_kernels(
         res, res_strides = _tensors.flat_pixels(residual)
         s_arg, s_strides = s, _tensors.pixel_strides(s)
     block_c, block_p, num_warps = launch_config(channels, pixels)
-    grid = (triton.cdiv(pixels, block_p), batch)
+    grid = (_tensors.cdiv(pixels, block_p), batch)
     _adaln_fwd_kernel[grid](
         x, res, scale, shift, out, s_arg, mean, rstd,
         channels, pixels, eps,
@@ -281,7 +281,7 @@ def _backward_kernels(
     batch, channels, height, width = s.shape
     pixels = height * width
     block_c, block_p, num_warps = launch_config(max(channels, 1), max(pixels, 1))
-    n_blocks = triton.cdiv(pixels, block_p)
+    n_blocks = _tensors.cdiv(pixels, block_p)
     if param_grads:
         dscale_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)
         dshift_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)

@@ -199,11 +199,11 @@ def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
     channels_last = x_strides[1] == 1 and C > 1
     elements = _BWD_TILE if backward else _FWD_TILE
     if channels_last:
-        block_c = min(triton.next_power_of_2(C), 128)
-        block_p = min(triton.next_power_of_2(P), max(elements // block_c, 1))
+        block_c = min(_tensors.next_power_of_2(C), 128)
+        block_p = min(_tensors.next_power_of_2(P), max(elements // block_c, 1))
     else:
-        block_p = min(triton.next_power_of_2(P), 1024)
-        block_c = min(triton.next_power_of_2(C), max(elements // block_p, 1))
+        block_p = min(_tensors.next_power_of_2(P), 1024)
+        block_c = min(_tensors.next_power_of_2(C), max(elements // block_p, 1))
     # Elements per thread and tensor, as measured best: channels_last forward tiles run faster on
     # 4 warps than on 8.
     per_thread = 8 if backward else (32 if channels_last else 16)
@@ -213,8 +213,8 @@ def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
 
 def _bwd_tiles(C: int, P: int, B: int, block_c: int, block_p: int) -> int:
     """Pixel tiles per backward program."""
-    pixel_tiles = triton.cdiv(P, block_p)
-    one_tile_programs = pixel_tiles * triton.cdiv(C, block_c) * B
+    pixel_tiles = _tensors.cdiv(P, block_p)
+    one_tile_programs = pixel_tiles * _tensors.cdiv(C, block_c) * B
     return max(1, min(_BWD_MAX_TILES, pixel_tiles, one_tile_programs // _BWD_MIN_PROGRAMS))
 
 
@@ -256,7 +256,7 @@ def _forward_kernels(
         res, sr = _tensors.flat_pixels(residual)
     compute, _ = _compute(f, g, h, x, a, b, rho, t, residual)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
-    grid = (triton.cdiv(P, block_p), triton.cdiv(C, block_c), B)
+    grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
     _cfc_relax_fwd_kernel[grid](
         f, g, h, x, res, a, b, rho, t, out,
         C, P,
@@ -297,7 +297,7 @@ def _backward_kernels(
     compute, part_dtype = _compute(go, f, g, h, x, a, b, rho, t)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=True)
     tiles = _bwd_tiles(C, P, B, block_c, block_p)
-    grid = (triton.cdiv(P, block_p * tiles), triton.cdiv(C, block_c), B)
+    grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)
     partials = _tensors.empty_buffer((4, grid[0], B, C), part_dtype, x.device) if need_params else x
     _cfc_relax_bwd_kernel[grid](
         go, f, g, h, x, a, b, rho, t, *d_args, partials,
