@@ -1,8 +1,11 @@
-"""Fused Triton kernels, each a ``torch.library.custom_op`` with its own backward.
+"""The fused model's ops, each with the signature of its reference in :mod:`liquiddiff.functional`.
 
-Each public op has the signature of its reference in :mod:`liquiddiff.functional`; the runtime
-selection in :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or that
-reference run, and :func:`backend_report` says which and why.
+``cfc_relax`` and ``adaln_modulate``: Triton forward and backward kernels, registered as
+``torch.library.custom_op``s (what torch.compile traces) and called through a plain
+autograd.Function in eager mode (``_eager.py``). The runtime selection in
+:mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or the reference run, and
+:func:`backend_report` says which and why. ``silu_conv1x1`` and ``depthwise_conv``
+(``recompute.py``): convolutions that keep less for backward, on cuDNN / aten, no Triton.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ A ``torch.library.custom_op`` is what ``torch.compile`` needs (one opaque op, no
 but in eager mode its Python dispatch (schema checks, default filling, redispatch, a second
 custom op for the backward) costs host time the GPU cannot hide when an op is small:
 ``python -m benchmarks.host_overhead`` (launches stubbed out) measured the CfC op's
-forward+backward at 269 us of Python through the custom op and 167 us through a plain
+forward+backward at about 270 us of Python through the custom op and 170 us through a plain
 autograd.Function over the same launchers, on the 2-core CI machine (benchmarks/RESULTS.md). Eager calls take this path; traced calls take the
 custom op (:func:`needs_custom_op`).
 """
