@@ -17,6 +17,7 @@ __all__ = [
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
     "silu_conv1x1",
+    "silu_convs",
 ]
 
 
@@ -116,3 +117,14 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
     if scale is not None:
         z = z * (1 + _per_channel(scale)) + _per_channel(shift)
     return F.conv2d(F.silu(z), weight, bias)
+
+
+def silu_convs(z, weights, biases):
+    """SiLU once, then several 'same'-padded convolutions of the result, each 1x1 or depthwise as
+    its weight's shape says (groups = C_in / weight.shape[1]): the CfC backbone feeding f and
+    the g and h heads. Returns a tuple, one output per weight."""
+    a = F.silu(z)
+    return tuple(
+        F.conv2d(a, w, b, padding=w.shape[-1] // 2, groups=z.shape[1] // w.shape[1])
+        for w, b in zip(weights, biases)
+    )

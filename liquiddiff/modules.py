@@ -113,10 +113,11 @@ class ParallelCfC(FusedSwitch, nn.Module):
     def forward(self, n, temb, t, residual):
         ops = _ops(self.fused)
         dw = ops.depthwise_conv(n, self.backbone_dw.weight, self.backbone_dw.bias)
-        backbone = F.silu(self.backbone_pw(dw))
-        f = self.f_proj(backbone)
-        g = ops.silu_conv1x1(self.g_dw(backbone), self.g_pw.weight, self.g_pw.bias)
-        h = ops.silu_conv1x1(self.h_dw(backbone), self.h_pw.weight, self.h_pw.bias)
+        heads = (self.f_proj, self.g_dw, self.h_dw)  # all three read backbone = SiLU(pw(dw))
+        weights, biases = [m.weight for m in heads], [m.bias for m in heads]
+        f, g_dw, h_dw = ops.silu_convs(self.backbone_pw(dw), weights, biases)
+        g = ops.silu_conv1x1(g_dw, self.g_pw.weight, self.g_pw.bias)
+        h = ops.silu_conv1x1(h_dw, self.h_pw.weight, self.h_pw.bias)
         e = F.silu(temb)
         a, b = self.time_a(e), self.time_b(e)
         return ops.cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)

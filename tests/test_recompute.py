@@ -19,6 +19,17 @@ def check_parity(op: str, raw: dict, tol: float, layout) -> None:
         assert_close(name, got[name], want[name], tol)
 
 
+def autocast_run(op: str, ins: dict, ref_ins: dict):
+    """The op and its reference under CPU bf16 autocast, and the activations the op saved."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = getattr(kernels, op)(**ins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = getattr(functional, op)(**ref_ins)
+    return out, ref, [t for t in saved if t.dim() == 4 and t.shape[0] == 2]
+
+
 def _inputs(dtype=torch.float64, layout=torch.contiguous_format, bias=True, modulated=False, ci=6, co=5):
     z = torch.randn(2, ci, 5, 7, dtype=dtype).to(memory_format=layout)
     w = torch.randn(co, ci, 1, 1, dtype=dtype).to(memory_format=layout)
@@ -104,13 +115,8 @@ def test_depthwise_keeps_its_fp32_input_under_autocast():
     """The model's case: an fp32 input (kept by the CfC op too) meets a bf16 autocast conv."""
     raw = _depthwise_inputs(torch.float32, torch.channels_last)
     ins, ref_ins = leaves(raw), leaves(raw)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out = kernels.depthwise_conv(**ins)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = functional.depthwise_conv(**ref_ins)
-    assert [t for t in saved if t.dim() == 4 and t.shape[0] == 2] == [ins["x"]]
+    out, ref, saved = autocast_run("depthwise_conv", ins, ref_ins)
+    assert saved == [ins["x"]]
     assert out.dtype == ref.dtype == torch.bfloat16
     up = torch.randn_like(ref)
     got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
@@ -132,3 +138,79 @@ def test_depthwise_bad_arguments_are_named():
         kernels.depthwise_conv(x, torch.randn(5, 1, 3, 3))
     with pytest.raises(ValueError, match="bias: expected shape"):
         kernels.depthwise_conv(x, torch.randn(6, 1, 3, 3), torch.randn(5))
+
+
+def _fanout_inputs(dtype=torch.float64, layout=torch.contiguous_format, c=6):
+    return {
+        "z": torch.randn(2, c, 7, 5, dtype=dtype).to(memory_format=layout),
+        "weights": [torch.randn(c, c, 1, 1, dtype=dtype), torch.randn(c, 1, 3, 3, dtype=dtype),
+                    torch.randn(c, 1, 3, 3, dtype=dtype)],
+        "biases": [torch.randn(c, dtype=dtype), torch.randn(c, dtype=dtype), None],
+    }
+
+
+def _fanout_leaves(raw):
+    grad = lambda t: None if t is None else t.detach().clone().requires_grad_(True)  # noqa: E731
+    return {"z": grad(raw["z"]), "weights": [grad(w) for w in raw["weights"]],
+            "biases": [grad(b) for b in raw["biases"]]}
+
+
+def _flat(ins):
+    return [ins["z"], *ins["weights"], *(b for b in ins["biases"] if b is not None)]
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("used", [(0, 1, 2), (1,)])
+def test_silu_convs_matches_reference(dtype, tol, layout, used):
+    raw = _fanout_inputs(dtype, layout)
+    ins, ref_ins = _fanout_leaves(raw), _fanout_leaves(raw)
+    outs, refs = kernels.silu_convs(**ins), functional.silu_convs(**ref_ins)
+    assert len(outs) == 3
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert_close(f"out {i}", o, r, tol)
+        assert o.is_contiguous(memory_format=layout)
+    ups = [torch.randn_like(refs[i]) for i in used]
+    got = torch.autograd.grad([outs[i] for i in used], _flat(ins), ups, allow_unused=True)
+    want = torch.autograd.grad([refs[i] for i in used], _flat(ref_ins), ups, allow_unused=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or not g.any(), i
+        else:
+            assert_close(f"grad {i}", g, w, tol)
+
+
+def test_silu_convs_under_autocast_keeps_only_z():
+    raw = _fanout_inputs(torch.float32, torch.channels_last)
+    raw["z"] = raw["z"].bfloat16()
+    ins, ref_ins = _fanout_leaves(raw), _fanout_leaves(raw)
+    outs, refs, saved = autocast_run("silu_convs", ins, ref_ins)
+    assert saved == [ins["z"]]
+    ups = [torch.randn_like(r) for r in refs]
+    got = torch.autograd.grad(outs, _flat(ins), ups)
+    want = torch.autograd.grad(refs, _flat(ref_ins), ups)
+    for o, r in zip(outs, refs):
+        assert o.dtype == r.dtype == torch.bfloat16
+        assert_close("out", o, r, 1e-6)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype
+        # dz sums three bf16 conv grads: this op in fp32, autograd in bf16 (bf16 rounding apart).
+        assert_close(f"grad {i}", g, w, 1e-2 if i == 0 else 1e-6)
+
+
+def test_silu_convs_gradcheck():
+    ins = _fanout_leaves(_fanout_inputs(c=3))
+    n = len(ins["weights"])
+
+    def fn(z, *params):
+        return kernels.silu_convs(z, list(params[:n]), [params[n], params[n + 1], None])
+
+    assert torch.autograd.gradcheck(fn, tuple(_flat(ins)))
+
+
+def test_silu_convs_bad_arguments_are_named():
+    z = torch.randn(2, 6, 5, 5)
+    with pytest.raises(ValueError, match="weights, biases: expected equally many"):
+        kernels.silu_convs(z, [torch.randn(6, 6, 1, 1)], [])
+    with pytest.raises(ValueError, match=r"weight: expected shape \[6, 1, k, k\] \(k odd\)"):
+        kernels.silu_convs(z, [torch.randn(6, 1, 4, 4)], [None])

@@ -10,6 +10,9 @@ FeedForward (twice C wide) and CfC g/h head, two per spatial mix. The convolutio
 and backward, stays with cuDNN / the CPU backend (``aten.convolution_backward``), in the dtype
 autocast picks, so values and gradients are those of the reference.
 
+``silu_convs``: SiLU once, then several convolutions of it (the CfC backbone feeding f, g and h):
+each conv would keep silu(z); this op keeps z alone, once for all of them.
+
 ``depthwise_conv``: under autocast a conv saves the bf16 copy autocast made of its input. When
 that input is an fp32 tensor some other op saves anyway (ParallelCfC's normalised input, which
 the CfC op keeps as x), this conv keeps the fp32 tensor itself and casts it again in backward:
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 
 from . import _tensors
 
-__all__ = ["silu_conv1x1", "depthwise_conv"]
+__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -89,6 +92,57 @@ class _RecomputedConv(torch.autograd.Function):
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None
 
 
+class _SiluConvs(torch.autograd.Function):
+    """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only."""
+
+    @staticmethod
+    def forward(ctx, z, n, *params):
+        weights, biases = params[:n], params[n:]
+        dtype = _conv_dtype(z, weights[0], biases[0])
+        with torch.autocast(z.device.type, enabled=False):
+            a = F.silu(z).to(dtype)
+            outs = tuple(
+                F.conv2d(a, w.to(dtype), None if b is None else b.to(dtype), padding=w.shape[-1] // 2,
+                         groups=z.shape[1] // w.shape[1])
+                for w, b in zip(weights, biases)
+            )
+        ctx.save_for_backward(z, *weights)
+        ctx.dtype = dtype
+        ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
+        return outs
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        z, *weights = ctx.saved_tensors
+        n = len(weights)
+        needs = ctx.needs_input_grad
+        dtype = ctx.dtype
+        with torch.autocast(z.device.type, enabled=False):
+            a = F.silu(z).to(dtype)
+            d_a = None
+            d_ws, d_bs = [], []
+            for i, (w, g, bias) in enumerate(zip(weights, grad_outs, ctx.biases)):
+                need_w, need_b = needs[2 + i], bias is not None and needs[2 + n + i]
+                if g is None:
+                    d_ws.append(None)
+                    d_bs.append(None)
+                    continue
+                d_ai, d_w, d_b = torch.ops.aten.convolution_backward(
+                    g.to(dtype), a, w.to(dtype), None if bias is None else bias[0],
+                    [1, 1], [w.shape[-1] // 2] * 2, [1, 1], False, [0, 0], z.shape[1] // w.shape[1],
+                    [needs[0], need_w, need_b],
+                )
+                if needs[0]:  # summed in >= fp32: autograd would add bf16 grads in bf16
+                    d_ai = d_ai.to(torch.promote_types(d_ai.dtype, torch.float32))
+                    d_a = d_ai if d_a is None else d_a + d_ai
+                d_ws.append(d_w.to(w.dtype) if need_w else None)
+                d_bs.append(d_b.to(bias[1]) if need_b else None)
+            d_z = None
+            if needs[0] and d_a is not None:
+                d_z = torch.ops.aten.silu_backward(d_a.to(z.dtype), z)
+        return (d_z, None, *d_ws, *d_bs)
+
+
 def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool) -> int:
     """Argument checks before any work; returns the kernel size (odd, 'same' padding)."""
     _tensors.check_activation(name, z)
@@ -120,3 +174,13 @@ def depthwise_conv(x, weight, bias=None):
     """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
     k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
     return _RecomputedConv.apply(x, weight, bias, None, None, False, k // 2, x.shape[1])
+
+
+def silu_convs(z, weights, biases):
+    """:func:`liquiddiff.functional.silu_convs`, keeping only ``z`` for backward."""
+    if len(weights) != len(biases) or not weights:
+        raise ValueError(f"weights, biases: expected equally many (at least one), got {len(weights)} and {len(biases)}")
+    for w, b in zip(weights, biases):
+        depthwise = isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] == 1 and w.shape[-1] > 1
+        _check_conv("z", z, w, b, kernel=None if depthwise else 1, depthwise=depthwise)
+    return _SiluConvs.apply(z, len(weights), *weights, *biases)
