@@ -9,7 +9,7 @@
 # 3. the GPU report (python -m benchmarks.gpu_report) -> OUT_DIR/report.{json,md}, ratios.png,
 #                                                  report.log, workers.log
 # Every stage has a timeout and runs whatever happened before it; a summary comes last.
-# Budget, seconds (environment overrides): GPU_CHECK_BUDGET=510 for everything, GPU_TESTS_TIMEOUT=100,
+# Budget, seconds (environment overrides): GPU_CHECK_BUDGET=540 for everything, GPU_TESTS_TIMEOUT=150,
 # SANITIZER_TIMEOUT=120, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this).
 # Exit status: 0 when every stage passed, else 1 (see the summary). Without a GPU it says so and
 # exits 2, unless GPU_CHECK_ALLOW_CPU=1 (a dry run of this script: tests skip, no sanitizer,
@@ -23,8 +23,8 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 START=$(date +%s)
-BUDGET=${GPU_CHECK_BUDGET:-510}
-T_TESTS=${GPU_TESTS_TIMEOUT:-100}
+BUDGET=${GPU_CHECK_BUDGET:-540}
+T_TESTS=${GPU_TESTS_TIMEOUT:-150}
 T_SAN=${SANITIZER_TIMEOUT:-120}
 REPORT_MAX=${REPORT_BUDGET_MAX:-330}
 
