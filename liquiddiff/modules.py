@@ -14,6 +14,7 @@ injected as random noise by untrained projections.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -115,12 +116,22 @@ class ParallelCfC(FusedSwitch, nn.Module):
         dw = ops.depthwise_conv(n, self.backbone_dw.weight, self.backbone_dw.bias)
         heads = (self.f_proj, self.g_dw, self.h_dw)  # all three read backbone = SiLU(pw(dw))
         weights, biases = [m.weight for m in heads], [m.bias for m in heads]
-        f, g_dw, h_dw = ops.silu_convs(self.backbone_pw(dw), weights, biases)
-        g = ops.silu_conv1x1(g_dw, self.g_pw.weight, self.g_pw.bias)
-        h = ops.silu_conv1x1(h_dw, self.h_pw.weight, self.h_pw.bias)
+        z = self.backbone_pw(dw)
+        f, g_dw, h_dw = ops.silu_convs(z, weights, biases)
+        g_call = (g_dw, self.g_pw.weight, self.g_pw.bias)
+        h_call = (h_dw, self.h_pw.weight, self.h_pw.bias)
+        g, h = ops.silu_conv1x1(*g_call), ops.silu_conv1x1(*h_call)
         e = F.silu(temb)
         a, b = self.time_a(e), self.time_b(e)
-        return ops.cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
+        keep_less = contextlib.nullcontext()
+        if self.fused:  # f, g, h are recomputed from z, g_dw, h_dw, which backward keeps anyway
+            keep_less = kernels.recompute_saved(
+                (f, kernels.silu_conv1x1, (z, self.f_proj.weight, self.f_proj.bias)),
+                (g, kernels.silu_conv1x1, g_call),
+                (h, kernels.silu_conv1x1, h_call),
+            )
+        with keep_less:
+            return ops.cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
 
 
 class MultiScaleSpatialMix(FusedSwitch, nn.Module):

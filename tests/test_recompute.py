@@ -1,5 +1,9 @@
 """Convolutions that keep only their input for backward (kernels/recompute.py): same values and
 gradients as the reference."""
+import contextlib
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -214,3 +218,45 @@ def test_silu_convs_bad_arguments_are_named():
         kernels.silu_convs(z, [torch.randn(6, 6, 1, 1)], [])
     with pytest.raises(ValueError, match=r"weight: expected shape \[6, 1, k, k\] \(k odd\)"):
         kernels.silu_convs(z, [torch.randn(6, 1, 4, 4)], [None])
+
+
+def _gated_step(ins: dict, other: torch.Tensor, recompute: bool):
+    """sigmoid(other) * silu_conv1x1(z): the product saves the conv output, which
+    ``recompute_saved`` replaces by its call; returns the loss and a weak reference to it."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = kernels.silu_conv1x1(**ins)
+        keep_less = kernels.recompute_saved((g, kernels.silu_conv1x1, tuple(ins.values())))
+        with keep_less if recompute else contextlib.nullcontext():
+            loss = (torch.sigmoid(other) * g).float().square().sum()
+    return loss, weakref.ref(g)
+
+
+def test_recompute_saved_frees_the_tensor_and_recomputes_it_exactly():
+    raw = _inputs(torch.float32, torch.channels_last)
+    raw["z"] = raw["z"].bfloat16()
+    other = torch.randn(2, 5, 5, 7)
+    grads = {}
+    for recompute in (False, True):
+        ins, other_leaf = leaves(raw), other.clone().requires_grad_(True)
+        loss, conv_out = _gated_step(ins, other_leaf, recompute)
+        gc.collect()
+        # Only the recomputed run lets the conv output go as soon as the forward is done.
+        assert (conv_out() is None) == recompute
+        # Backward outside autocast, as a trainer runs it: the recipe brings the forward's back.
+        grads[recompute] = torch.autograd.grad(loss, [*ins.values(), other_leaf])
+    for name, got, want in zip([*raw, "other"], grads[True], grads[False]):
+        assert torch.equal(got, want), name
+
+
+def test_recompute_saved_hands_other_tensors_to_the_enclosing_hooks():
+    x = torch.randn(4, 3, requires_grad=True)
+    y = x * 2
+    packed, unpacked = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: unpacked.append(t) or t):
+        with kernels.recompute_saved((y, torch.mul, (x.detach(), 2))):
+            out = torch.sigmoid(x) * y  # the product saves sigmoid's output and y (a recipe)
+    assert len(packed) == 2 and all(t is not y for t in packed)
+    (dx,) = torch.autograd.grad(out.sum(), x)
+    assert len(unpacked) == 2
+    s = torch.sigmoid(x.detach())
+    torch.testing.assert_close(dx, s * (1 - s) * 2 * x.detach() + s * 2)

@@ -5,7 +5,8 @@
 autograd.Function in eager mode (``_eager.py``). The runtime selection in
 :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or the reference run, and
 :func:`backend_report` says which and why. ``silu_conv1x1``, ``silu_convs`` and
-``depthwise_conv`` (``recompute.py``): convolutions that keep less for backward, on cuDNN / aten, no Triton.
+``depthwise_conv`` (``recompute.py``): convolutions that keep less for backward, on cuDNN / aten, no Triton;
+``recompute_saved``: autograd keeps the call that made a tensor instead of the tensor.
 """
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import torch
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
 from .runtime import Backend, policy, select_backend
-from .recompute import depthwise_conv, silu_conv1x1, silu_convs
+from .recompute import depthwise_conv, recompute_saved, silu_conv1x1, silu_convs
 
 # The ops with Triton kernels; silu_conv1x1 and depthwise_conv are memory-saving autograd ops on
 # cuDNN / aten (recompute.py).
 OPS = ("cfc_relax", "adaln_modulate")
 
-__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "silu_convs", "depthwise_conv", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "silu_convs", "depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

@@ -18,16 +18,26 @@ that input is an fp32 tensor some other op saves anyway (ParallelCfC's normalise
 the CfC op keeps as x), this conv keeps the fp32 tensor itself and casts it again in backward:
 one bf16 activation less per block, for one cast.
 
+``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
+made it, and reruns that call when backward needs the tensor. ParallelCfC uses it for f, g and
+h, the 1x1-conv outputs the CfC op saves: each is one 1x1 conv away from a tensor that backward
+keeps anyway (the backbone pre-activation, the g/h depthwise outputs), so three activations of
+the block's nine cost three 1x1 convs in backward.
+
 Layout: any; the conv keeps the input's memory format (NCHW or channels_last).
 """
 from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from . import _tensors
 
-__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv"]
+__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv", "recompute_saved"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -184,3 +194,66 @@ def silu_convs(z, weights, biases):
         depthwise = isinstance(w, torch.Tensor) and w.dim() == 4 and w.shape[1] == 1 and w.shape[-1] > 1
         _check_conv("z", z, w, b, kernel=None if depthwise else 1, depthwise=depthwise)
     return _SiluConvs.apply(z, len(weights), *weights, *biases)
+
+
+class _Recipe:
+    """A saved tensor's replacement: the call that made it and the autocast state it ran in."""
+
+    __slots__ = ("fn", "args", "device_type", "autocast")
+
+    def __init__(self, fn: Callable, args: tuple, device_type: str):
+        self.fn, self.args, self.device_type = fn, args, device_type
+        self.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+
+    def __call__(self) -> torch.Tensor:
+        # Backward may run without the forward's autocast (CUDA's engine thread never has it),
+        # and the recomputed tensor must be the forward's, bit for bit.
+        enabled, dtype = self.autocast
+        with torch.no_grad(), torch.autocast(self.device_type, dtype=dtype, enabled=enabled):
+            return self.fn(*self.args)
+
+
+class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks that pack the listed tensors as their recipes and hand every other
+    tensor to the hooks that were active outside (a caller's ``save_on_cpu``, a memory probe),
+    which a plain nested pair of hooks would silently override."""
+
+    def __init__(self, table: dict):
+        super().__init__(self._pack, self._unpack)
+        self.table, self.outer = table, None
+
+    def __enter__(self):
+        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        super().__enter__()
+
+    def _pack(self, tensor):
+        entry = self.table.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        if self.outer is None:
+            return tensor.detach()  # not the tensor itself: a saved output would be a cycle
+        return self.outer, self.outer[0](tensor)
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, _Recipe):
+            return packed()
+        if isinstance(packed, tuple):
+            (_, unpack), value = packed
+            return unpack(value)
+        return packed
+
+
+def recompute_saved(*recipes: tuple[torch.Tensor, Callable, tuple]):
+    """Context manager: for each ``(tensor, fn, args)``, where ``tensor`` is ``fn(*args)``,
+    autograd saves the call instead of ``tensor`` and reruns it (without grad, in the forward's
+    autocast state) when backward unpacks it. Other saved tensors go to the enclosing hooks.
+
+    It frees memory only when ``args`` are tensors backward keeps anyway, and ``fn`` must be
+    deterministic. Under ``torch.compile`` it does nothing: the compiler chooses what to save.
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    # Keyed by id, checked through a weak reference: autograd keeps the pack hook as long as the
+    # graph lives, and a strong reference there would keep the very tensors this frees.
+    return _RecomputeHooks({id(t): (weakref.ref(t), _Recipe(fn, args, t.device.type)) for t, fn, args in recipes})
