@@ -10,6 +10,9 @@ def test_fused_ops_keep_less_for_backward():
     # The AdaLN keeps s, its statistics and scale instead of the reference's intermediates, the
     # CfC op its inputs instead of gate and y, each SiLU -> 1x1 conv its pre-activation alone.
     assert fused["AdaLN"] < ref["AdaLN"] / 2
+    # The CfC keeps only its convolutions' inputs (dw, z, g_dw, h_dw): its own input n and its
+    # f, g, h are recomputed in backward (recompute_saved), n from the u that norm1 keeps.
+    assert fused["ParallelCfC"] < ref["ParallelCfC"] / 3
     for kind in ("ParallelCfC", "FeedForward", "MultiScaleSpatialMix"):
         assert fused[kind] < ref[kind], kind
     assert fused["DownSample"] == ref["DownSample"]  # untouched by the fused switch

@@ -174,7 +174,8 @@ class LiquidDiffusionBlock(nn.Module):
     """AdaLN -> ParallelCfC (+res) -> MultiScaleSpatialMix (+res) -> AdaLN -> FeedForward (+res).
 
     The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
-    fused kernels the add and the norm are one pass over memory.
+    fused kernels the add and the norm are one pass over memory. Fused, the CfC's input is not
+    kept for backward but recomputed by the first AdaLN from u, which that AdaLN keeps.
     """
 
     def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
@@ -186,7 +187,12 @@ class LiquidDiffusionBlock(nn.Module):
         self.ffn = FeedForward(channels, ffn_mult)
 
     def forward(self, u, temb, t):
-        u = self.cfc(self.norm1(u, temb), temb, t, residual=u)
+        n = self.norm1(u, temb)
+        keep_less = contextlib.nullcontext()
+        if self.cfc.fused:  # the CfC keeps its fp32 input n; norm1 keeps u, one AdaLN pass from n
+            keep_less = kernels.recompute_saved((n, self.norm1, (u, temb)))
+        with keep_less:
+            u = self.cfc(n, temb, t, residual=u)
         n, u = self.norm2(self.mix(u, temb), temb, residual=u)
         return u + self.ffn(n)
 
