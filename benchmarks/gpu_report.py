@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cases  # sets TRITON_INTERPRET before liquiddiff.kernels is imported
+from benchmarks import step_profile
 from liquiddiff import kernels
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,11 +76,12 @@ TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw",
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "ref_eager_cl", "ref_eager_nchw", "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
 # eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
-# less; the ops 36 do_bench calls of ~0.2 s. They set the compile deadline (budget minus all of
-# them) and decide, task by task, whether what is left of the budget still fits.
+# less; the ops 36 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
+# and the trace's processing. They set the compile deadline (budget minus all of them) and
+# decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
-    False: {("train", False): 6, ("train", True): 4, ("sample", False): 7, ("sample", True): 4, "ops": 15},
-    True: {("train", False): 12, ("train", True): 8, ("sample", False): 8, ("sample", True): 8, "ops": 15},
+    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 15},
+    True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 15},
 }
 WRITE_MARGIN_S = 10
 
@@ -124,6 +126,11 @@ def _worker_main(args) -> int:
         if not variant.compiled:
             _warm_up(trainer, task, cfg, images)
         result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device)
+        if task == "train" and args.worker in step_profile.PROFILED:
+            try:  # after the timing, so the profiler's overhead touches no number above
+                result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
+            except Exception as exc:  # noqa: BLE001 - the timing stands without it
+                result["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         send(event="result", **result, **cases.dynamo_counts())
         return 0
     except BaseException:  # noqa: BLE001 - reported to the parent, which notes it
@@ -533,6 +540,13 @@ def render_markdown(report: dict) -> str:
         rows.append([r["label"], r["layout"], _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("sample_s"), ".2f"),
                      _fmt(r.get("peak_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"), r.get("status", "-")])
     out.append(_table(["variant", "layout", "images/s", "s per batch", "peak GiB", "compile s", "status"], rows))
+    profiled = [r for r in e2e.get("train", []) if r.get("profile") or r.get("profile_error")]
+    if profiled:
+        out += ["", "## Where a train step's time goes (torch.profiler, benchmarks/step_profile.py)", ""]
+        for r in profiled:
+            label = f"{r['label']} {r['layout']}"
+            out += (step_profile.render(label, r["profile"]) if r.get("profile")
+                    else [f"**{label}**: profile failed: {r['profile_error']}"]) + [""]
     if report.get("notes"):
         out += ["", "## Notes", ""] + [f"- {n}" for n in report["notes"]]
     out += ["", "Columns: see benchmarks/README.md. floor = bytes that must move / copy bandwidth.", ""]

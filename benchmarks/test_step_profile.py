@@ -1,0 +1,33 @@
+"""The train-step profile (benchmarks/step_profile.py): kernel kinds and the shares it reports."""
+import pytest
+import torch
+
+from benchmarks import step_profile
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("dgrad2d_c1_k1_nhwc_specialized", "depthwise conv"),
+    ("wgrad2d_c1_k1_nhwc", "depthwise conv"),
+    ("_cfc_relax_bwd_kernel", "Triton CfC / AdaLN (ours)"),
+    ("triton_red_fused__to_copy_add_div", "inductor Triton"),
+    ("nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT", "GEMM, 1x1 and dense conv"),
+    ("sm90_xmma_dgrad_implicit_gemm_bf16bf16", "GEMM, 1x1 and dense conv"),
+    ("void at::native::elementwise_kernel<128, 4>", "elementwise, copies, other"),
+])
+def test_kernel_kinds(name, kind):
+    assert step_profile.kind_of(name) == kind
+
+
+def test_profile_of_a_cpu_step_adds_up():
+    w = torch.randn(64, 64, requires_grad=True)
+    x = torch.randn(32, 64)
+
+    def step():
+        torch.nn.functional.silu(x @ w).sum().backward()
+
+    prof = step_profile.profile_steps(step, "cpu", steps=2, top=5)
+    assert prof["steps"] == 2 and prof["wall_ms"] > 0 and 0 < prof["busy_ms"]
+    assert sum(share for _, _, share in prof["kinds"]) == pytest.approx(1.0)
+    assert any(name == "aten::mm" for name, _, _ in prof["top"]) and len(prof["top"]) <= 5
+    text = "\n".join(step_profile.render("step", prof))
+    assert "| GEMM, 1x1 and dense conv |" in text and "`aten::mm`" in text
