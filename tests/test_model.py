@@ -62,9 +62,13 @@ def _param_grads(model, x, t, up):
     return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_fused_model_matches_reference(memory_format):
+@pytest.mark.parametrize("memory_format, setting", [
+    (torch.contiguous_format, "auto"), (torch.channels_last, "auto"),
+    (torch.channels_last, "auto,depthwise_conv=triton"),  # the opt-in Triton depthwise convs too
+])
+def test_fused_model_matches_reference(monkeypatch, memory_format, setting):
     """Same weights, fused=True vs fused=False: output and every parameter gradient agree."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
     model = model.to(memory_format=memory_format)
     x = torch.randn(2, 3, 8, 8).to(memory_format=memory_format)

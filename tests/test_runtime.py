@@ -18,7 +18,31 @@ def test_interpreter_runs_triton_on_cpu(monkeypatch):
     monkeypatch.setenv(runtime.ENV_VAR, "auto")
     report = kernels.backend_report("cpu")
     assert set(report) == set(kernels.OPS)
-    assert all(b.is_triton and "interpreter" in b.reason for b in report.values())
+    for op, b in report.items():
+        if op in runtime.OPT_IN:  # not measured faster yet: PyTorch unless asked for
+            assert not b.is_triton and b.reason == runtime.OPT_IN[op]
+        else:
+            assert b.is_triton and "interpreter" in b.reason
+
+
+@pytest.mark.parametrize("setting, expected", [
+    ("auto,depthwise_conv=triton", {"cfc_relax": "triton", "depthwise_conv": "triton"}),
+    ("torch, cfc_relax=auto", {"cfc_relax": "triton", "adaln_modulate": "torch", "depthwise_conv": "torch"}),
+    ("triton", {"cfc_relax": "triton", "depthwise_conv": "triton"}),
+    ("adaln_modulate=torch", {"adaln_modulate": "torch", "cfc_relax": "triton"}),
+])
+def test_per_op_settings(monkeypatch, setting, expected):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    for op, name in expected.items():
+        assert kernels.select_backend(op, "cpu").name == name, op
+
+
+@pytest.mark.parametrize("setting", ["fast", "auto,depthwise_conv=fast", "auto,=triton"])
+def test_bad_setting_is_named(monkeypatch, setting):
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    with pytest.raises(ValueError, match="LIQUIDDIFF_KERNELS=.*expected a policy"):
+        kernels.select_backend("cfc_relax", "cpu")
 
 
 def test_torch_policy_forces_the_reference(monkeypatch):

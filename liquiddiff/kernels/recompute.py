@@ -1,4 +1,4 @@
-"""Convolutions that keep only their input for backward and recompute the rest (no Triton).
+"""Convolutions that keep only their input for backward and recompute the rest.
 
 ``silu_conv1x1``: (modulation ->) SiLU -> 1x1 conv.
 
@@ -6,9 +6,8 @@ Autograd on ``conv(silu(z * (1 + scale) + shift))`` keeps z (for the modulation'
 gradient), y (for SiLU's backward) and silu(y) (the conv's input, for its weight gradient); on
 ``conv(silu(z))``, z and silu(z). This op keeps z alone and recomputes y and silu(y) in the
 backward, elementwise passes that cost far less than the memory they free: one activation per
-FeedForward (twice C wide) and CfC g/h head, two per spatial mix. The convolution itself, forward
-and backward, stays with cuDNN / the CPU backend (``aten.convolution_backward``), in the dtype
-autocast picks, so values and gradients are those of the reference.
+FeedForward (twice C wide) and CfC g/h head, two per spatial mix. The convolution itself runs in
+the dtype autocast picks, so values and gradients are those of the reference.
 
 ``silu_convs``: SiLU once, then several convolutions of it (the CfC backbone feeding f, g and h):
 each conv would keep silu(z); this op keeps z alone, once for all of them.
@@ -16,13 +15,18 @@ each conv would keep silu(z); this op keeps z alone, once for all of them.
 ``depthwise_conv``: under autocast a conv saves the bf16 copy autocast made of its input. When
 that input is an fp32 tensor some other op saves anyway (ParallelCfC's normalised input, which
 the CfC op keeps as x), this conv keeps the fp32 tensor itself and casts it again in backward:
-one bf16 activation less per block, for one cast.
+one bf16 activation less per block, for one cast (none with the Triton depthwise kernel, which
+rounds in registers).
 
 ``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
 made it, and reruns that call when backward needs the tensor. ParallelCfC uses it for f, g and
 h, the 1x1-conv outputs the CfC op saves: each is one 1x1 conv away from a tensor that backward
 keeps anyway (the backbone pre-activation, the g/h depthwise outputs), so three activations of
 the block's nine cost three 1x1 convs in backward.
+
+The convolutions run on cuDNN / the CPU backend (``aten.convolution`` and its backward), except
+the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py``, opt-in:
+``runtime.OPT_IN``).
 
 Layout: any; the conv keeps the input's memory format (NCHW or channels_last).
 """
@@ -35,7 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from . import _tensors
+from . import _tensors, depthwise, runtime
 
 __all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv", "recompute_saved"]
 
@@ -46,6 +50,29 @@ def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
     return _tensors.result_dtype(z, weight, bias)
+
+
+def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    return depthwise.is_depthwise(a, weight, groups) and runtime.use_triton("depthwise_conv", a.device.type)
+
+
+def _conv(a, weight, bias, dtype, padding: int, groups: int) -> torch.Tensor:
+    """The reference's convolution in ``dtype``: the Triton depthwise kernel where selected (it
+    rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``."""
+    if _triton_depthwise(a, weight, groups):
+        return depthwise.forward(a, weight, bias, dtype)
+    return F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                    padding=padding, groups=groups)
+
+
+def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs):
+    """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed."""
+    if _triton_depthwise(a, weight, groups):
+        return depthwise.backward(grad_out, a, weight, dtype, needs)
+    return torch.ops.aten.convolution_backward(
+        grad_out.to(dtype), a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
+        False, [0, 0], groups, needs,
+    )
 
 
 def _modulate(z, scale, shift):
@@ -63,9 +90,7 @@ class _RecomputedConv(torch.autograd.Function):
         dtype = _conv_dtype(z, weight, bias)
         with torch.autocast(z.device.type, enabled=False):
             y = _modulate(z, scale, shift)
-            a = (F.silu(y) if activate else y).to(dtype)
-            out = F.conv2d(a, weight.to(dtype), None if bias is None else bias.to(dtype),
-                           padding=padding, groups=groups)
+            out = _conv(F.silu(y) if activate else y, weight, bias, dtype, padding, groups)
         ctx.save_for_backward(z, weight, scale, shift)
         ctx.conv = (dtype, activate, padding, groups)
         ctx.bias_shape = None if bias is None else list(bias.shape)
@@ -80,9 +105,8 @@ class _RecomputedConv(torch.autograd.Function):
         need_y = need_z or need_scale or need_shift
         with torch.autocast(z.device.type, enabled=False):
             y = _modulate(z, scale, shift)
-            d_a, d_w, d_b = torch.ops.aten.convolution_backward(
-                grad_out.to(dtype), (F.silu(y) if activate else y).to(dtype), weight.to(dtype),
-                ctx.bias_shape, [1, 1], [padding, padding], [1, 1], False, [0, 0], groups,
+            d_a, d_w, d_b = _conv_backward(
+                grad_out, F.silu(y) if activate else y, weight, ctx.bias_shape, dtype, padding, groups,
                 [need_y, need_w, need_b and ctx.bias_shape is not None],
             )
             d_y = None
@@ -111,11 +135,8 @@ class _SiluConvs(torch.autograd.Function):
         dtype = _conv_dtype(z, weights[0], biases[0])
         with torch.autocast(z.device.type, enabled=False):
             a = F.silu(z).to(dtype)
-            outs = tuple(
-                F.conv2d(a, w.to(dtype), None if b is None else b.to(dtype), padding=w.shape[-1] // 2,
-                         groups=z.shape[1] // w.shape[1])
-                for w, b in zip(weights, biases)
-            )
+            outs = tuple(_conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1])
+                         for w, b in zip(weights, biases))
         ctx.save_for_backward(z, *weights)
         ctx.dtype = dtype
         ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
@@ -137,10 +158,9 @@ class _SiluConvs(torch.autograd.Function):
                     d_ws.append(None)
                     d_bs.append(None)
                     continue
-                d_ai, d_w, d_b = torch.ops.aten.convolution_backward(
-                    g.to(dtype), a, w.to(dtype), None if bias is None else bias[0],
-                    [1, 1], [w.shape[-1] // 2] * 2, [1, 1], False, [0, 0], z.shape[1] // w.shape[1],
-                    [needs[0], need_w, need_b],
+                d_ai, d_w, d_b = _conv_backward(
+                    g, a, w, None if bias is None else bias[0], dtype, w.shape[-1] // 2,
+                    z.shape[1] // w.shape[1], [needs[0], need_w, need_b],
                 )
                 if needs[0]:  # summed in >= fp32: autograd would add bf16 grads in bf16
                     d_ai = d_ai.to(torch.promote_types(d_ai.dtype, torch.float32))

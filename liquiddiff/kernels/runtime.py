@@ -7,6 +7,10 @@ Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs the kernels on the
 - ``auto`` (default): Triton where it can run, else the PyTorch reference (a warning, once);
 - ``triton``: Triton or a RuntimeError that says what is missing;
 - ``torch``: always the PyTorch reference.
+
+Per-op settings follow after commas and override it for that op: ``auto,depthwise_conv=triton``.
+An op in ``OPT_IN`` runs its PyTorch path under ``auto`` until its kernel has been measured
+faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``).
 """
 from __future__ import annotations
 
@@ -31,11 +35,26 @@ class Backend:
         return self.name == "triton"
 
 
-def policy() -> str:
-    value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
-    if value not in POLICIES:
-        raise ValueError(f"{ENV_VAR}={value!r}: expected one of {', '.join(POLICIES)}")
-    return value
+# Ops whose Triton kernel is not the default yet, and why.
+OPT_IN = {
+    "depthwise_conv": "cuDNN: the Triton depthwise conv is opt-in until the GPU report shows it faster",
+}
+
+
+def policy(op: str | None = None) -> str:
+    """The policy for ``op`` (its own setting, else the global one), or the global policy."""
+    raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+    glob, per_op = "auto", {}
+    for item in (part.strip() for part in raw.split(",")):
+        name, sep, value = item.rpartition("=")
+        if value not in POLICIES or (sep and not name):
+            raise ValueError(f"{ENV_VAR}={raw!r}: expected a policy ({', '.join(POLICIES)}), then optional "
+                             f"op=policy items separated by commas, got {item!r}")
+        if sep:
+            per_op[name.strip()] = value
+        else:
+            glob = value
+    return per_op.get(op, glob)
 
 
 def interpreter_enabled() -> bool:
@@ -73,9 +92,11 @@ _warned: set[str] = set()
 def select_backend(op: str, device: torch.device | str) -> Backend:
     """Which backend runs ``op`` for tensors on ``device``, and why."""
     device = torch.device(device)
-    chosen = policy()
+    chosen = policy(op)
     if chosen == "torch":
-        return Backend("torch", f"{ENV_VAR}=torch")
+        return Backend("torch", f"{ENV_VAR}=torch (for {op})")
+    if chosen == "auto" and op in OPT_IN:
+        return Backend("torch", OPT_IN[op])
     missing = triton_unavailable_reason(device)
     if missing is None:
         where = "interpreter" if device.type == "cpu" else device.type
@@ -87,7 +108,7 @@ def select_backend(op: str, device: torch.device | str) -> Backend:
 
 def warn_fallback_once(op: str, backend: Backend) -> None:
     """A fused model that falls back to PyTorch says so once per op, not on every call."""
-    if backend.is_triton or policy() == "torch" or op in _warned:
+    if backend.is_triton or policy(op) == "torch" or op in OPT_IN or op in _warned:
         return
     _warned.add(op)
     warnings.warn(f"liquiddiff: {op} runs the {backend.reason}", RuntimeWarning, stacklevel=3)
