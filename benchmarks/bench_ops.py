@@ -31,7 +31,7 @@ def _compile_allowed(op, mode, layout):
 def _params():
     for op in cases.OP_NAMES:
         for mode in cases.MODES:
-            for layout in cases.LAYOUTS:
+            for layout in cases.OPS[op].layouts:
                 for impl in cases.IMPLS:
                     marks = []
                     if impl == "compile":

@@ -7,6 +7,7 @@ reference functions of :mod:`liquiddiff.functional`, called as they are (eager) 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -20,6 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from liquiddiff import functional, kernels  # noqa: E402
+from liquiddiff.kernels import runtime  # noqa: E402
 from liquiddiff.model import build  # noqa: E402
 from liquiddiff.training import RectifiedFlowTrainer  # noqa: E402
 
@@ -82,11 +84,17 @@ class OpSpec:
     saved: tuple[str, ...]
     grad_writes: tuple[str, ...]
     residual: bool = False
+    kernel: int = 0  # depthwise convolutions: k of the k x k weight
+    layouts: tuple[str, ...] = LAYOUTS  # the layouts the report times
 
     def make_inputs(self, shape, dtype, device, layout, generator) -> dict[str, torch.Tensor]:
         B, C, _, _ = shape
         out = {}
-        if self.reference is functional.cfc_relax:
+        if self.kernel:
+            out["x"] = _activation(shape, dtype, device, layout, generator)
+            out["weight"] = 0.2 * _randn((C, 1, self.kernel, self.kernel), dtype, device, generator)
+            out["bias"] = _randn((C,), dtype, device, generator)
+        elif self.reference is functional.cfc_relax:
             for n in ("f", "g", "h", "x"):
                 out[n] = _activation(shape, dtype, device, layout, generator)
             out["a"] = _randn((B, C), dtype, device, generator)
@@ -101,6 +109,27 @@ class OpSpec:
         if self.residual:
             out["residual"] = _activation(shape, dtype, device, layout, generator)
         return out
+
+
+@contextlib.contextmanager
+def _kernels_setting(extra: str):
+    """``LIQUIDDIFF_KERNELS`` with ``extra`` appended (per-op settings win), for a while."""
+    old = os.environ.get(runtime.ENV_VAR)
+    os.environ[runtime.ENV_VAR] = f"{old or 'auto'},{extra}"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[runtime.ENV_VAR]
+        else:
+            os.environ[runtime.ENV_VAR] = old
+
+
+def triton_depthwise_conv(x, weight, bias):
+    """kernels.depthwise_conv on its opt-in Triton kernels: the 'fused' of the depthwise rows
+    (the backend is chosen in the forward and kept for the backward)."""
+    with _kernels_setting("depthwise_conv=triton"):
+        return kernels.depthwise_conv(x, weight, bias)
 
 
 OPS: dict[str, OpSpec] = {
@@ -127,8 +156,18 @@ OPS: dict[str, OpSpec] = {
         fused=kernels.adaln_modulate, activations=("x", "residual"), outputs=("out", "s"),
         saved=("out:1", "scale"), grad_writes=("x", "scale", "shift"), residual=True,
     ),
+    # The model's depthwise convolutions (7x7: CfC backbone and spatial mix; 3x3: CfC g/h heads):
+    # cuDNN against the opt-in Triton kernel, channels_last (the layout that matters).
+    **{
+        f"dwconv{k}": OpSpec(
+            name=f"dwconv{k}", title=f"depthwise conv {k}x{k}", reference=functional.depthwise_conv,
+            fused=triton_depthwise_conv, activations=("x",), outputs=("out",), saved=("x", "weight"),
+            grad_writes=("x", "weight", "bias"), kernel=k, layouts=("channels_last",),
+        )
+        for k in (7, 3)
+    },
 }
-OP_NAMES = ("cfc_relax", "adaln", "adaln_residual")  # the report's and the suites' ops
+OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "dwconv7", "dwconv3")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)
 
 

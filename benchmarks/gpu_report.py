@@ -49,6 +49,7 @@ import torch
 from benchmarks import cases  # sets TRITON_INTERPRET before liquiddiff.kernels is imported
 from benchmarks import step_profile
 from liquiddiff import kernels
+from liquiddiff.kernels import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 MARK = "@@ldbench "
@@ -61,7 +62,12 @@ class Variant:
     fused: bool
     layout: str
     compiled: bool
+    kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings for its worker
 
+
+# The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
+# the step (runtime.OPT_IN), beside the op rows dwconv7 / dwconv3.
+TRITON_DW = "depthwise_conv=triton"
 
 VARIANTS = {
     "ref_eager_nchw": Variant("reference eager", False, "nchw", False),
@@ -70,17 +76,20 @@ VARIANTS = {
     "fused_nchw": Variant("fused", True, "nchw", False),
     "fused_cl": Variant("fused", True, "channels_last", False),
     "fused_compile_cl": Variant("torch.compile(fused)", True, "channels_last", True),
+    "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
 }
 # Timed in this order; when time runs short the last ones are skipped.
-TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw", "fused_cl", "fused_compile_cl")
-SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "ref_eager_cl", "ref_eager_nchw", "fused_nchw")
+TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw", "fused_cl", "fused_compile_cl",
+               "fused_dw_cl")
+SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw",
+                "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
 # eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
-# less; the ops 36 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
+# less; the ops 60 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
 # and the trace's processing. They set the compile deadline (budget minus all of them) and
 # decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
-    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 15},
+    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 22},
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 15},
 }
 WRITE_MARGIN_S = 10
@@ -311,8 +320,11 @@ def _estimate(quick: bool, task: str, compiled: bool) -> float:
     return ESTIMATE_S[quick][(task, compiled)]
 
 
-def _worker_env(quick: bool, compiled: bool, device) -> dict:
+def _worker_env(quick: bool, variant: Variant, device) -> dict:
     env = dict(os.environ)
+    if variant.kernels:
+        env[runtime.ENV_VAR] = f"{env.get(runtime.ENV_VAR) or 'auto'},{variant.kernels}"
+    compiled = variant.compiled
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     if compiled and device.type == "cuda":
@@ -326,7 +338,7 @@ def prepare_ops(args, clock, device, dtype, shape, notes, reserve_s, entries: li
     """Inputs, parity, saved-for-backward memory and the op compiles (not timed), appended to
     ``entries`` as they are made (an interrupted run still reports what was done)."""
     for op in cases.OP_NAMES:
-        for layout in cases.LAYOUTS:
+        for layout in cases.OPS[op].layouts:
             label = f"{op} {layout}"
             entry = {"op": op, "title": cases.OPS[op].title, "layout": layout, "fns": {}, "compile_s": {}}
             entries.append(entry)
@@ -565,7 +577,7 @@ def headline(report: dict) -> list[str]:
         )
     train = {r["name"]: r for r in (report.get("e2e") or {}).get("train", [])}
     base = train.get("ref_compile_cl", {})
-    for name in ("fused_cl", "fused_compile_cl"):
+    for name in ("fused_cl", "fused_compile_cl", "fused_dw_cl"):
         r = train.get(name)
         if r and r.get("train_ms") is not None:
             lines.append(
@@ -685,7 +697,7 @@ def run_report(args, argv) -> int:
           f"triton {report['meta']['triton']}; budget {args.budget:.0f} s; out {out_dir}", flush=True)
     for op, b in report["meta"]["kernel_backends"].items():
         print(f"          {op}: {b}", flush=True)
-        if device.type == "cuda" and not str(b).startswith("triton"):
+        if device.type == "cuda" and not str(b).startswith("triton") and op not in runtime.OPT_IN:
             notes.append(f"{op}: the fused op runs the PyTorch reference here ({b}): 'fused' = reference")
     try:
         if device.type == "cuda":
@@ -703,8 +715,7 @@ def run_report(args, argv) -> int:
             if not args.compile:
                 notes.append("model torch.compile variants not run (--no-compile)")
             for task, name in tasks:
-                compiled = VARIANTS[name].compiled
-                workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, compiled, device),
+                workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device),
                                                log_dir / f"{task}_{name}.log", clock)
             print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
         reserve = est["ops"] + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks) + WRITE_MARGIN_S

@@ -3,8 +3,9 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \\
         python -m benchmarks.sanitize_ops
 
-Forward and backward of both fused ops (with and without a residual) at shapes whose channel and
-pixel counts are not multiples of any block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
+Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the Triton
+depthwise convs 7x7 and 3x3) at shapes whose channel and pixel counts are not multiples of any
+block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
 activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
 program writes shows up as a mismatch. Each output and gradient is compared with the reference
@@ -27,6 +28,7 @@ import torch
 
 from benchmarks import cases
 from liquiddiff import kernels
+from liquiddiff.kernels import runtime
 
 SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
 # Looser than the parity tests' (bf16 1e-2, fp32 1e-5): tiny C makes LayerNorm ill-conditioned,
@@ -46,7 +48,8 @@ def case_list(on_gpu: bool) -> list[tuple]:
                 out += [(op, shape, layout, "bf16") for op in ops]
         mid = SHAPES[1]
         out += [(op, mid, layout, "bf16") for layout in cases.SLICE_LAYOUTS for op in ops]
-        out += [(op, mid, layout, "mixed") for layout in cases.LAYOUTS for op in ops if op != "adaln"]
+        mixed = [op for op in ops if op != "adaln" and not cases.OPS[op].kernel]  # ops with an fp32 input
+        out += [(op, mid, layout, "mixed") for layout in cases.LAYOUTS for op in mixed]
         out += [(op, mid, layout, "fp32") for layout in cases.LAYOUTS for op in ops]
     else:  # the interpreter: fp32 only, small shapes
         for shape in SHAPES[1:]:
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter)"
     print(f"sanitize_ops: {name}, torch {torch.__version__}; backends: "
           + ", ".join(f"{op}={b.name}" for op, b in backends.items()), flush=True)
-    if not all(b.is_triton for b in backends.values()):
+    # An opt-in op's cases force its kernels (cases.triton_depthwise_conv): its default is not asked.
+    if not all(b.is_triton for op, b in backends.items() if op not in runtime.OPT_IN):
         print("sanitize_ops: WARNING: a fused op runs the PyTorch reference here, not Triton: "
               + "; ".join(f"{op}: {b.reason}" for op, b in backends.items()), flush=True)
         return 2

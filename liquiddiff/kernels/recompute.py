@@ -53,21 +53,23 @@ def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
+    """Whether this convolution runs the Triton depthwise kernels: chosen once, in the forward,
+    and kept for its backward."""
     return depthwise.is_depthwise(a, weight, groups) and runtime.use_triton("depthwise_conv", a.device.type)
 
 
-def _conv(a, weight, bias, dtype, padding: int, groups: int) -> torch.Tensor:
-    """The reference's convolution in ``dtype``: the Triton depthwise kernel where selected (it
+def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> torch.Tensor:
+    """The reference's convolution in ``dtype``: the Triton depthwise kernel if ``triton`` (it
     rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``."""
-    if _triton_depthwise(a, weight, groups):
+    if triton:
         return depthwise.forward(a, weight, bias, dtype)
     return F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                     padding=padding, groups=groups)
 
 
-def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs):
+def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs, triton: bool):
     """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed."""
-    if _triton_depthwise(a, weight, groups):
+    if triton:
         return depthwise.backward(grad_out, a, weight, dtype, needs)
     return torch.ops.aten.convolution_backward(
         grad_out.to(dtype), a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
@@ -88,11 +90,12 @@ class _RecomputedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, weight, bias, scale, shift, activate, padding, groups):
         dtype = _conv_dtype(z, weight, bias)
+        triton = _triton_depthwise(z, weight, groups)
         with torch.autocast(z.device.type, enabled=False):
             y = _modulate(z, scale, shift)
-            out = _conv(F.silu(y) if activate else y, weight, bias, dtype, padding, groups)
+            out = _conv(F.silu(y) if activate else y, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
-        ctx.conv = (dtype, activate, padding, groups)
+        ctx.conv = (dtype, activate, padding, groups, triton)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -100,14 +103,14 @@ class _RecomputedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
-        dtype, activate, padding, groups = ctx.conv
+        dtype, activate, padding, groups, triton = ctx.conv
         need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
         need_y = need_z or need_scale or need_shift
         with torch.autocast(z.device.type, enabled=False):
             y = _modulate(z, scale, shift)
             d_a, d_w, d_b = _conv_backward(
                 grad_out, F.silu(y) if activate else y, weight, ctx.bias_shape, dtype, padding, groups,
-                [need_y, need_w, need_b and ctx.bias_shape is not None],
+                [need_y, need_w, need_b and ctx.bias_shape is not None], triton,
             )
             d_y = None
             if need_y:
@@ -133,10 +136,11 @@ class _SiluConvs(torch.autograd.Function):
     def forward(ctx, z, n, *params):
         weights, biases = params[:n], params[n:]
         dtype = _conv_dtype(z, weights[0], biases[0])
+        ctx.triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
         with torch.autocast(z.device.type, enabled=False):
             a = F.silu(z).to(dtype)
-            outs = tuple(_conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1])
-                         for w, b in zip(weights, biases))
+            outs = tuple(_conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], triton)
+                         for w, b, triton in zip(weights, biases, ctx.triton))
         ctx.save_for_backward(z, *weights)
         ctx.dtype = dtype
         ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
@@ -152,7 +156,7 @@ class _SiluConvs(torch.autograd.Function):
             a = F.silu(z).to(dtype)
             d_a = None
             d_ws, d_bs = [], []
-            for i, (w, g, bias) in enumerate(zip(weights, grad_outs, ctx.biases)):
+            for i, (w, g, bias, triton) in enumerate(zip(weights, grad_outs, ctx.biases, ctx.triton)):
                 need_w, need_b = needs[2 + i], bias is not None and needs[2 + n + i]
                 if g is None:
                     d_ws.append(None)
@@ -160,7 +164,7 @@ class _SiluConvs(torch.autograd.Function):
                     continue
                 d_ai, d_w, d_b = _conv_backward(
                     g, a, w, None if bias is None else bias[0], dtype, w.shape[-1] // 2,
-                    z.shape[1] // w.shape[1], [needs[0], need_w, need_b],
+                    z.shape[1] // w.shape[1], [needs[0], need_w, need_b], triton,
                 )
                 if needs[0]:  # summed in >= fp32: autograd would add bf16 grads in bf16
                     d_ai = d_ai.to(torch.promote_types(d_ai.dtype, torch.float32))
