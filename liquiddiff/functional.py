@@ -14,6 +14,7 @@ __all__ = [
     "adaln_modulate",
     "relaxation_weight",
     "depthwise_conv",
+    "merged_depthwise_weight",
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
     "silu_conv1x1",
@@ -84,15 +85,21 @@ def _pad_to(weight: torch.Tensor, size: int) -> torch.Tensor:
     return F.pad(weight, (pad, pad, pad, pad))
 
 
+def merged_depthwise_weight(weights, biases):
+    """The one depthwise kernel (and bias) equal to the sum of odd-sized ones: each kernel
+    zero-padded to the largest size, then kernels and biases added."""
+    size = max(w.shape[-1] for w in weights)
+    return sum(_pad_to(w, size) for w in weights), sum(biases)
+
+
 def multiscale_depthwise_conv(x, weights, biases):
     """Sum of depthwise convolutions of odd sizes (3x3, 5x5, 7x7, ...) as ONE convolution.
 
-    Structural re-parameterisation: each kernel is zero-padded to the largest size and the
-    kernels (and biases) are added, so the three branches cost one depthwise conv. Autograd
-    still gives each branch weight its own gradient (the slice of the summed kernel's grad).
+    Structural re-parameterisation (:func:`merged_depthwise_weight`): the three branches cost
+    one depthwise conv. Autograd still gives each branch weight its own gradient (the slice of
+    the summed kernel's grad).
     """
-    size = max(w.shape[-1] for w in weights)
-    return depthwise_conv(x, sum(_pad_to(w, size) for w in weights), sum(biases))
+    return depthwise_conv(x, *merged_depthwise_weight(weights, biases))
 
 
 def multiscale_depthwise_conv_branches(x, weights, biases):

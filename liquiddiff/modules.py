@@ -150,12 +150,11 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         self.out = _zero_(nn.Conv2d(c, c, 1))
 
     def forward(self, x, temb):
-        local = functional.multiscale_depthwise_conv(
-            x, [m.weight for m in self.branches], [m.bias for m in self.branches]
-        )
+        ops = _ops(self.fused)
+        local = ops.multiscale_depthwise_conv(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
         context = self.context(x.mean(dim=(2, 3), keepdim=True))
         scale, shift = self.time(temb)
-        return _ops(self.fused).silu_conv1x1(local + context, self.out.weight, self.out.bias, scale, shift)
+        return ops.silu_conv1x1(local + context, self.out.weight, self.out.bias, scale, shift)
 
 
 class FeedForward(FusedSwitch, nn.Module):

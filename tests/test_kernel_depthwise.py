@@ -107,6 +107,23 @@ def test_silu_convs_depthwise_heads(triton_dw):
         parity.assert_close(f"grad {i}", g, w, 1e-5)
 
 
+def test_multiscale_spatial_mix(triton_dw):
+    """The spatial mix's merged 3x3 + 5x5 + 7x7 conv on the kernels: every branch's gradient."""
+    x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last)
+    params = [torch.randn(4, 1, k, k, dtype=torch.float64, device=DEVICE) for k in (3, 5, 7)]
+    params += [torch.randn(4, dtype=torch.float64, device=DEVICE) for _ in range(3)]
+    leaves = [t.clone().requires_grad_() for t in [x, *params]]
+    ref_leaves = [t.clone().requires_grad_() for t in [x, *params]]
+    with parity.poisoned_outputs():
+        out = kernels.multiscale_depthwise_conv(leaves[0], leaves[1:4], leaves[4:])
+        ref = functional.multiscale_depthwise_conv_branches(ref_leaves[0], ref_leaves[1:4], ref_leaves[4:])
+        up = torch.randn_like(ref)
+        got, want = torch.autograd.grad(out, leaves, up), torch.autograd.grad(ref, ref_leaves, up)
+    parity.assert_close("out", out, ref, 1e-12)
+    for i, (g, w) in enumerate(zip(got, want)):
+        parity.assert_close(f"grad {i}", g, w, 1e-12)
+
+
 def test_gradcheck_fp64(triton_dw):
     ins = parity.leaves(_inputs((1, 2, 4, 5), 3, torch.float64))
     assert torch.autograd.gradcheck(lambda *a: kernels.depthwise_conv(*a), tuple(ins.values()), fast_mode=True)

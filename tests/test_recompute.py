@@ -129,6 +129,26 @@ def test_depthwise_keeps_its_fp32_input_under_autocast():
         assert_close(name, got[name], want[name], 1e-6)
 
 
+def test_multiscale_keeps_the_autocast_copy_like_the_reference():
+    """The spatial mix: nothing else keeps its fp32 input, so backward keeps the bf16 copy (as
+    the reference does), and value and gradients are the reference's."""
+    raw = {"x": torch.randn(2, 6, 9, 8).to(memory_format=torch.channels_last),
+           "weights": [torch.randn(6, 1, k, k) for k in (3, 5, 7)], "biases": [torch.randn(6) for _ in range(3)]}
+
+    def fresh():
+        return {"x": raw["x"].clone().requires_grad_(), "weights": [w.clone().requires_grad_() for w in raw["weights"]],
+                "biases": [b.clone().requires_grad_() for b in raw["biases"]]}
+
+    ins, ref_ins = fresh(), fresh()
+    out, ref, saved = autocast_run("multiscale_depthwise_conv", ins, ref_ins)
+    assert len(saved) == 1 and saved[0].dtype == torch.bfloat16 and saved[0].shape == raw["x"].shape
+    flat, ref_flat = [ins["x"], *ins["weights"], *ins["biases"]], [ref_ins["x"], *ref_ins["weights"], *ref_ins["biases"]]
+    up = torch.randn_like(ref)
+    assert_close("out", out, ref, 1e-6)
+    for i, (g, w) in enumerate(zip(torch.autograd.grad(out, flat, up), torch.autograd.grad(ref, ref_flat, up))):
+        assert_close(f"grad {i}", g, w, 1e-6)
+
+
 def test_depthwise_gradcheck():
     ins = leaves(_depthwise_inputs(k=3, c=3))
     assert torch.autograd.gradcheck(kernels.depthwise_conv, tuple(ins.values()))

@@ -39,9 +39,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from liquiddiff import functional
+
 from . import _tensors, depthwise, runtime
 
-__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv", "recompute_saved"]
+__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -208,6 +210,15 @@ def depthwise_conv(x, weight, bias=None):
     """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
     k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
     return _RecomputedConv.apply(x, weight, bias, None, None, False, k // 2, x.shape[1])
+
+
+def multiscale_depthwise_conv(x, weights, biases):
+    """:func:`liquiddiff.functional.multiscale_depthwise_conv` on :func:`depthwise_conv` (so on
+    the Triton depthwise kernels when selected). Nothing else keeps ``x`` (the spatial mix's
+    input), so it is cast to the conv dtype first, as autocast casts it for the reference: what
+    backward keeps is that copy, half the bytes of an fp32 ``x``."""
+    weight, bias = functional.merged_depthwise_weight(weights, biases)
+    return depthwise_conv(x.to(_conv_dtype(x, weight, bias)), weight, bias)
 
 
 def silu_convs(z, weights, biases):
