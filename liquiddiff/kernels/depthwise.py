@@ -35,12 +35,21 @@ from . import _eager, _tensors
 
 __all__ = ["forward", "backward", "is_depthwise"]
 
-# Pixel tile of a forward / input-gradient program: 8 x 8 pixels (a 14 x 14 input footprint for
-# 7 x 7, 64 KiB of L1 at 128 bf16 channels). Weight-gradient programs hold a [k*k (padded), W
-# run, channels] product, 16K elements, and walk rows until partials stay small.
+# Tile sizes from the compiler alone (no GPU has run these kernels yet): registers per thread
+# and spills of the sm_90 compile (``python -m benchmarks.kernel_resources``), with the GPU
+# image's Triton 3.6 and this project's 3.9. Forward / input gradient: an 8 x 8 pixel tile of
+# 32 channels on 8 warps (8 elements per thread and tensor), one tap per iteration of two
+# runtime loops: 102 registers (3.6) / 63-77 (3.9), no spill. Unrolled taps spilled (7x7: 12.8 KB
+# of stack), and 16 elements per thread took 183 registers on 3.6. Weight gradient: a [taps
+# (padded to a power of 2), W run, 32 channels] product of 2048 elements (one pixel per row step
+# for 7x7), 8 warps: 92 (7x7) and 125 (3x3) registers on 3.6, 64 on 3.9.
 _TILE_H, _TILE_W = 8, 8
-_WGRAD_ELEMENTS = 16384
+_MAX_BLOCK_C = 32
+_FWD_WARPS = 8
+_WGRAD_WARPS = 8
+_WGRAD_ELEMENTS = 2048
 _WGRAD_MIN_PROGRAMS = 1024
+
 
 if triton is not None:
 
@@ -64,10 +73,11 @@ if triton is not None:
         c_mask = cs < C
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
         acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=ACC)
-        for u in tl.static_range(K):
+        # Runtime loops, not unrolled: an unrolled 7x7 keeps too many loads live and spills.
+        for u in range(K):
             ih = oh + (u - K // 2)
             row_ok = (ih >= 0) & (ih < H)
-            for v in tl.static_range(K):
+            for v in range(K):
                 iw = ow + (v - K // 2)
                 ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
                 if FLIP:
@@ -87,9 +97,10 @@ if triton is not None:
     @triton.jit
     def _dwconv_wgrad_kernel(
         x_ptr, go_ptr, part_ptr,
-        B, C, H, W, ROWS,
+        B, C, H, W,
         sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
-        K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr,
+        # constexpr: Triton 3.6's interpreter cannot loop over a runtime int (with NumPy 2).
+        ROWS: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
@@ -150,7 +161,7 @@ def _tl(dtype: torch.dtype):
 
 
 def _channel_block(C: int) -> int:
-    return min(_tensors.next_power_of_2(C), 64)
+    return min(_tensors.next_power_of_2(C), _MAX_BLOCK_C)
 
 
 def _convolve(x, weight, bias, dtype, flip: bool) -> torch.Tensor:
@@ -162,7 +173,7 @@ def _convolve(x, weight, bias, dtype, flip: bool) -> torch.Tensor:
         x, weight, bias if bias is not None else weight, out,
         C, H, W, *x.stride(), *out.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
         K=weight.shape[-1], FLIP=flip, HAS_BIAS=bias is not None, CONV=_tl(dtype), ACC=_acc(dtype),
-        BLOCK_H=_TILE_H, BLOCK_W=_TILE_W, BLOCK_C=block_c, num_warps=4,
+        BLOCK_H=_TILE_H, BLOCK_W=_TILE_W, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
     return out
 
@@ -191,7 +202,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.T
 def _weight_grad(grad_out, x, k: int, dtype, need_bias: bool):
     B, C, H, W = x.shape
     taps = _tensors.next_power_of_2(k * k)
-    block_c = min(_tensors.next_power_of_2(C), 64)
+    block_c = _channel_block(C)
     block_w = max(1, min(_tensors.next_power_of_2(W), _WGRAD_ELEMENTS // (taps * block_c)))
     others = _tensors.cdiv(W, block_w) * _tensors.cdiv(C, block_c) * B
     rows = max(1, min(H, _tensors.cdiv(H * others, _WGRAD_MIN_PROGRAMS)))
@@ -199,9 +210,9 @@ def _weight_grad(grad_out, x, k: int, dtype, need_bias: bool):
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = _tensors.empty_buffer((grid[0], B, taps + 1, C), acc, x.device)
     _dwconv_wgrad_kernel[grid](
-        x, grad_out, part, B, C, H, W, rows, *x.stride(), *grad_out.stride(),
-        K=k, TAPS=taps, NEED_BIAS=need_bias, CONV=_tl(dtype), ACC=_acc(dtype),
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=8,
+        x, grad_out, part, B, C, H, W, *x.stride(), *grad_out.stride(),
+        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, CONV=_tl(dtype), ACC=_acc(dtype),
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
     )
     # Two fresh reductions (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_w = part[:, :, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype)
