@@ -152,7 +152,10 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
     def forward(self, x, temb):
         ops = _ops(self.fused)
         local = ops.multiscale_depthwise_conv(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
-        context = self.context(x.mean(dim=(2, 3), keepdim=True))
+        # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
+        # expanded view divided), sum's is the expanded view itself, added to x's channels_last
+        # gradient in place of a layout round trip.
+        context = self.context(x.sum(dim=(2, 3), keepdim=True) / (x.shape[2] * x.shape[3]))
         scale, shift = self.time(temb)
         return ops.silu_conv1x1(local + context, self.out.weight, self.out.bias, scale, shift)
 

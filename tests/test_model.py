@@ -115,6 +115,30 @@ def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(mon
         assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
 
 
+def test_fused_channels_last_model_makes_no_nchw_activation():
+    """channels_last end to end: no forward or backward op of the fused model writes a dense NCHW
+    activation (a layout round trip); views and [.., B, C] scratch buffers are not activations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    batch, found = 3, []
+
+    class NchwProbe(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if (isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[0] == batch and o.shape[1] > 1
+                        and o.shape[2] * o.shape[3] > 1 and o.is_contiguous()
+                        and not o.is_contiguous(memory_format=torch.channels_last)):
+                    found.append((str(func), tuple(o.shape)))
+            return out
+
+    model = build("micro", channels=(8, 16), fused=True).to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, 16, 16).to(memory_format=torch.channels_last)
+    with NchwProbe():
+        model(x, torch.rand(batch)).backward(torch.randn_like(x))
+    assert not found, found
+
+
 def test_state_dict_is_the_same_fused_or_not():
     fused, plain = build("micro", fused=True), build("micro", fused=False)
     assert list(fused.state_dict()) == list(plain.state_dict())
