@@ -135,7 +135,7 @@ def _worker_main(args) -> int:
         if not variant.compiled:
             _warm_up(trainer, task, cfg, images)
         result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device)
-        if task == "train" and args.worker in step_profile.PROFILED:
+        if task == "train" and args.profile:
             try:  # after the timing, so the profiler's overhead touches no number above
                 result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
             except Exception as exc:  # noqa: BLE001 - the timing stands without it
@@ -229,7 +229,7 @@ class Clock:
 class Worker:
     """A worker process for one (task, variant), and what it reported."""
 
-    def __init__(self, task: str, name: str, quick: bool, env: dict, log_path: Path, clock: Clock):
+    def __init__(self, task: str, name: str, quick: bool, env: dict, log_path: Path, clock: Clock, profile: bool):
         self.task, self.name, self.variant = task, name, VARIANTS[name]
         self.clock = clock
         self.log_path = log_path
@@ -237,6 +237,8 @@ class Worker:
         cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--worker", name, "--task", task]
         if quick:
             cmd.append("--quick")
+        if profile:
+            cmd.append("--profile")
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
             text=True, bufsize=1,
@@ -716,7 +718,7 @@ def run_report(args, argv) -> int:
                 notes.append("model torch.compile variants not run (--no-compile)")
             for task, name in tasks:
                 workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device),
-                                               log_dir / f"{task}_{name}.log", clock)
+                                               log_dir / f"{task}_{name}.log", clock, name in args.profile_variants)
             print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
         reserve = est["ops"] + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks) + WRITE_MARGIN_S
 
@@ -877,14 +879,19 @@ def main(argv=None) -> int:
     p.add_argument("--no-ops", dest="ops", action="store_false", default=True, help="skip the op benchmarks")
     p.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=None,
                    help=f"only these model variants (comma-separated: {', '.join(VARIANTS)})")
+    p.add_argument("--profile-variants", dest="profile_variants", type=lambda v: [x for x in v.split(",") if x],
+                   default=list(step_profile.PROFILED),
+                   help=f"profile these variants' train step (default: {','.join(step_profile.PROFILED)})")
     p.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("train", "sample"), help=argparse.SUPPRESS)
+    p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
         return _worker_main(args)
-    unknown = set(args.variants or ()) - set(VARIANTS)
-    if unknown:
-        p.error(f"--variants: unknown {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
+    for flag, names in (("--variants", args.variants), ("--profile-variants", args.profile_variants)):
+        unknown = set(names or ()) - set(VARIANTS)
+        if unknown:
+            p.error(f"{flag}: unknown {sorted(unknown)}; expected some of {', '.join(VARIANTS)}")
     on_gpu = torch.cuda.is_available()
     if args.budget is None:
         args.budget = 200.0 if args.quick else 330.0

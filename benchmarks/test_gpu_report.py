@@ -84,7 +84,7 @@ def test_render_and_plot_a_partial_report(tmp_path):
 def test_gpu_report_quick_end_to_end(tmp_path):
     """The one command, quick mode, one model variant (two workers): files and rows exist."""
     cmd = [sys.executable, "-m", "benchmarks.gpu_report", "--out", str(tmp_path), "--quick", "--no-compile",
-           "--variants", "fused_cl", "--budget", "240"]
+           "--variants", "ref_eager_cl", "--profile-variants", "ref_eager_cl", "--budget", "240"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a parity FAIL
     report = json.loads((tmp_path / "report.json").read_text())
@@ -94,7 +94,7 @@ def test_gpu_report_quick_end_to_end(tmp_path):
     rows = report["e2e"]["train"] + report["e2e"]["sample"]
     assert [r["status"] for r in rows] == ["ok", "ok"], report["notes"]
     assert rows[0]["train_ms"] > 0 and rows[1]["images_per_s"] > 0
-    assert rows[0]["profile"]["top"], rows[0].get("profile_error")  # fused_cl is profiled
+    assert rows[0]["profile"]["top"], rows[0].get("profile_error")
     assert "## Where a train step's time goes" in proc.stdout
     for name in ("report.md", "ratios.png", "workers.log"):
         assert (tmp_path / name).exists()
