@@ -13,6 +13,8 @@ def test_fused_ops_keep_less_for_backward():
     # The CfC keeps only its convolutions' inputs (dw, z, g_dw, h_dw): its own input n and its
     # f, g, h are recomputed in backward (recompute_saved), n from the u that norm1 keeps.
     assert fused["ParallelCfC"] < ref["ParallelCfC"] / 3
+    # The FFN keeps its inner conv's output alone; its input is remade from norm2's s.
+    assert fused["FeedForward"] < ref["FeedForward"] / 2
     for kind in ("ParallelCfC", "FeedForward", "MultiScaleSpatialMix"):
         assert fused[kind] < ref[kind], kind
     assert fused["DownSample"] == ref["DownSample"]  # untouched by the fused switch

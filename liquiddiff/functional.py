@@ -13,6 +13,7 @@ __all__ = [
     "cfc_relax",
     "adaln_modulate",
     "relaxation_weight",
+    "conv1x1",
     "depthwise_conv",
     "merged_depthwise_weight",
     "multiscale_depthwise_conv",
@@ -73,6 +74,11 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
     out_dtype = torch.promote_types(torch.promote_types(s.dtype, scale.dtype), shift.dtype)
     out = (x_hat * (1 + _per_channel(scale)) + _per_channel(shift)).to(out_dtype)
     return out if residual is None else (out, s)
+
+
+def conv1x1(x, weight, bias=None):
+    """A 1x1 convolution (a per-pixel linear map of the channels): weight [Co, Ci, 1, 1]."""
+    return F.conv2d(x, weight, bias)
 
 
 def depthwise_conv(x, weight, bias=None):

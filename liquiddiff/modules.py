@@ -169,15 +169,16 @@ class FeedForward(FusedSwitch, nn.Module):
         self.out = _zero_(nn.Conv2d(mult * channels, channels, 1))
 
     def forward(self, x):
-        return _ops(self.fused).silu_conv1x1(self.inner(x), self.out.weight, self.out.bias)
+        ops = _ops(self.fused)
+        return ops.silu_conv1x1(ops.conv1x1(x, self.inner.weight, self.inner.bias), self.out.weight, self.out.bias)
 
 
 class LiquidDiffusionBlock(nn.Module):
     """AdaLN -> ParallelCfC (+res) -> MultiScaleSpatialMix (+res) -> AdaLN -> FeedForward (+res).
 
     The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
-    fused kernels the add and the norm are one pass over memory. Fused, the CfC's input is not
-    kept for backward but recomputed by the first AdaLN from u, which that AdaLN keeps.
+    fused kernels the add and the norm are one pass over memory. Fused, the inputs of the CfC
+    and the FFN are not kept for backward but remade by their AdaLN (``_remade``).
     """
 
     def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
@@ -190,13 +191,19 @@ class LiquidDiffusionBlock(nn.Module):
 
     def forward(self, u, temb, t):
         n = self.norm1(u, temb)
-        keep_less = contextlib.nullcontext()
-        if self.cfc.fused:  # the CfC keeps its fp32 input n; norm1 keeps u, one AdaLN pass from n
-            keep_less = kernels.recompute_saved((n, self.norm1, (u, temb)))
-        with keep_less:
+        with self._remade(n, self.norm1, u, temb):
             u = self.cfc(n, temb, t, residual=u)
         n, u = self.norm2(self.mix(u, temb), temb, residual=u)
-        return u + self.ffn(n)
+        with self._remade(n, self.norm2, u, temb):
+            return u + self.ffn(n)
+
+    def _remade(self, n, norm, u, temb):
+        """Fused, the CfC and the FFN do not keep their fp32 input n = norm(u): backward remakes
+        it with one AdaLN pass from u, which the AdaLN keeps anyway (norm2's u is its residual
+        sum, and norm2(u) without the residual is the same n)."""
+        if not self.cfc.fused:
+            return contextlib.nullcontext()
+        return kernels.recompute_saved((n, norm, (u, temb)))
 
 
 class DownSample(nn.Module):

@@ -129,6 +129,32 @@ def test_depthwise_keeps_its_fp32_input_under_autocast():
         assert_close(name, got[name], want[name], 1e-6)
 
 
+def _conv1x1_inputs(dtype=torch.float64, layout=torch.contiguous_format):
+    raw = _inputs(dtype, layout)
+    return {"x": raw.pop("z"), **raw}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_conv1x1_matches_reference(dtype, tol, layout):
+    check_parity("conv1x1", _conv1x1_inputs(dtype, layout), tol, layout)
+
+
+def test_conv1x1_keeps_its_fp32_input_under_autocast():
+    """The FFN's case: its fp32 input (which backward remakes) meets a bf16 autocast conv."""
+    raw = _conv1x1_inputs(torch.float32, torch.channels_last)
+    ins, ref_ins = leaves(raw), leaves(raw)
+    out, ref, saved = autocast_run("conv1x1", ins, ref_ins)
+    assert saved == [ins["x"]]
+    up = torch.randn_like(ref)
+    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    assert_close("out", out, ref, 1e-6)
+    for name in ins:
+        assert_close(name, got[name], want[name], 1e-6)
+    with pytest.raises(ValueError, match=r"weight: expected shape \[Co, 6, 1, 1\]"):
+        kernels.conv1x1(raw["x"], torch.randn(5, 6, 3, 3))
+
+
 def test_multiscale_keeps_the_autocast_copy_like_the_reference():
     """The spatial mix: nothing else keeps its fp32 input, so backward keeps the bf16 copy (as
     the reference does), and value and gradients are the reference's."""

@@ -4,8 +4,8 @@
 ``torch.library.custom_op``s (what torch.compile traces) and called through a plain
 autograd.Function in eager mode (``_eager.py``). The runtime selection in
 :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or the reference run, and
-:func:`backend_report` says which and why. ``silu_conv1x1``, ``silu_convs``, ``depthwise_conv``
-and ``multiscale_depthwise_conv`` (``recompute.py``): convolutions that keep less for backward
+:func:`backend_report` says which and why. ``silu_conv1x1``, ``silu_convs``, ``conv1x1``,
+``depthwise_conv`` and ``multiscale_depthwise_conv`` (``recompute.py``): convolutions that keep less for backward
 (the last: no more than the reference), on cuDNN / aten, their depthwise ones on the Triton
 kernels of ``depthwise.py`` when that backend is chosen (opt-in, ``runtime.OPT_IN``);
 ``recompute_saved``: autograd keeps the call that made a tensor instead of the tensor.
@@ -17,13 +17,13 @@ import torch
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
 from .runtime import Backend, policy, select_backend
-from .recompute import depthwise_conv, multiscale_depthwise_conv, recompute_saved, silu_conv1x1, silu_convs
+from .recompute import conv1x1, depthwise_conv, multiscale_depthwise_conv, recompute_saved, silu_conv1x1, silu_convs
 
 # The ops with Triton kernels, as runtime.select_backend names them ("depthwise_conv": the
 # depthwise convolutions inside the recompute ops).
 OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv")
 
-__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "silu_convs", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

@@ -12,17 +12,18 @@ the dtype autocast picks, so values and gradients are those of the reference.
 ``silu_convs``: SiLU once, then several convolutions of it (the CfC backbone feeding f, g and h):
 each conv would keep silu(z); this op keeps z alone, once for all of them.
 
-``depthwise_conv``: under autocast a conv saves the bf16 copy autocast made of its input. When
-that input is an fp32 tensor some other op saves anyway (ParallelCfC's normalised input, which
-the CfC op keeps as x), this conv keeps the fp32 tensor itself and casts it again in backward:
-one bf16 activation less per block, for one cast (none with the Triton depthwise kernel, which
-rounds in registers).
+``depthwise_conv`` and ``conv1x1``: under autocast a conv saves the bf16 copy autocast made of
+its input. When that input is an fp32 tensor backward has anyway or can remake (the normalised
+inputs of ParallelCfC and FeedForward), this conv keeps the fp32 tensor itself and casts it again
+in backward: one bf16 activation less per use, for one cast (none with the Triton depthwise
+kernel, which rounds in registers).
 
 ``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
 made it, and reruns that call when backward needs the tensor. ParallelCfC uses it for f, g and
 h, the 1x1-conv outputs the CfC op saves: each is one 1x1 conv away from a tensor that backward
 keeps anyway (the backbone pre-activation, the g/h depthwise outputs), so three activations of
-the block's nine cost three 1x1 convs in backward.
+the block's nine cost three 1x1 convs in backward. The block uses it for the normalised inputs
+of the CfC and the FFN, each one AdaLN pass from a tensor its AdaLN keeps.
 
 The convolutions run on cuDNN / the CPU backend (``aten.convolution`` and its backward), except
 the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py``, opt-in:
@@ -43,7 +44,7 @@ from liquiddiff import functional
 
 from . import _tensors, depthwise, runtime
 
-__all__ = ["silu_conv1x1", "silu_convs", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
+__all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -204,6 +205,13 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
         _tensors.check_vector("scale", scale, z.shape[:2], z.device)
         _tensors.check_vector("shift", shift, z.shape[:2], z.device)
     return _RecomputedConv.apply(z, weight, bias, scale, shift, True, 0, 1)
+
+
+def conv1x1(x, weight, bias=None):
+    """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): for an
+    fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
+    _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
+    return _RecomputedConv.apply(x, weight, bias, None, None, False, 0, 1)
 
 
 def depthwise_conv(x, weight, bias=None):
