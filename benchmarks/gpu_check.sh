@@ -9,8 +9,8 @@
 # 3. the GPU report (python -m benchmarks.gpu_report) -> OUT_DIR/report.{json,md}, ratios.png,
 #                                                  report.log, workers.log
 # Every stage has a timeout and runs whatever happened before it; a summary comes last.
-# Budget, seconds (environment overrides): GPU_CHECK_BUDGET=540 for everything, GPU_TESTS_TIMEOUT=150,
-# SANITIZER_TIMEOUT=120, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this).
+# Budget, seconds (environment overrides): GPU_CHECK_BUDGET=540 for everything, GPU_TESTS_TIMEOUT=180,
+# SANITIZER_TIMEOUT=100, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this).
 # Exit status: 0 when every stage passed, else 1 (see the summary). Without a GPU it says so and
 # exits 2, unless GPU_CHECK_ALLOW_CPU=1 (a dry run of this script: tests skip, no sanitizer,
 # sanitize_ops and a --quick report under the Triton interpreter).
@@ -24,8 +24,8 @@ export PYTHONUNBUFFERED=1
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 START=$(date +%s)
 BUDGET=${GPU_CHECK_BUDGET:-540}
-T_TESTS=${GPU_TESTS_TIMEOUT:-150}
-T_SAN=${SANITIZER_TIMEOUT:-120}
+T_TESTS=${GPU_TESTS_TIMEOUT:-180}
+T_SAN=${SANITIZER_TIMEOUT:-100}
 REPORT_MAX=${REPORT_BUDGET_MAX:-330}
 
 elapsed() { echo $(( $(date +%s) - START )); }
