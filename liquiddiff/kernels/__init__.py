@@ -5,10 +5,11 @@
 autograd.Function in eager mode (``_eager.py``). The runtime selection in
 :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or the reference run, and
 :func:`backend_report` says which and why. ``silu_conv1x1``, ``silu_convs``, ``conv1x1``,
-``depthwise_conv`` and ``multiscale_depthwise_conv`` (``recompute.py``): convolutions that keep less for backward
-(the last: no more than the reference), on cuDNN / aten, their depthwise ones on the Triton
-kernels of ``depthwise.py`` when that backend is chosen (opt-in, ``runtime.OPT_IN``);
-``recompute_saved``: autograd keeps the call that made a tensor instead of the tensor.
+``depthwise_conv`` and ``multiscale_depthwise_conv`` (``recompute.py``): convolutions that keep
+less for backward (the last: no more than the reference), on cuDNN / aten, their depthwise ones
+on the Triton kernels of ``depthwise.py`` when that backend is chosen (opt-in,
+``runtime.OPT_IN``); ``recompute_saved``: autograd keeps the call that made a tensor instead of
+the tensor.
 """
 from __future__ import annotations
 

@@ -205,7 +205,8 @@ def _weight_grad(grad_out, x, k: int, dtype, need_bias: bool):
     block_c = _channel_block(C)
     block_w = max(1, min(_tensors.next_power_of_2(W), _WGRAD_ELEMENTS // (taps * block_c)))
     others = _tensors.cdiv(W, block_w) * _tensors.cdiv(C, block_c) * B
-    rows = max(1, min(H, _tensors.cdiv(H * others, _WGRAD_MIN_PROGRAMS)))
+    # A power of 2 (ROWS is a constexpr: few variants to compile).
+    rows = min(_tensors.next_power_of_2(H), _tensors.next_power_of_2(_tensors.cdiv(H * others, _WGRAD_MIN_PROGRAMS)))
     grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = _tensors.empty_buffer((grid[0], B, taps + 1, C), acc, x.device)

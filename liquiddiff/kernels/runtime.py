@@ -37,7 +37,8 @@ class Backend:
 
 # Ops whose Triton kernel is not the default yet, and why.
 OPT_IN = {
-    "depthwise_conv": "cuDNN: the Triton depthwise conv is opt-in until the GPU report shows it faster",
+    "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until the GPU report "
+                      "shows it faster",
 }
 
 
