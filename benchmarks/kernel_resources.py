@@ -40,7 +40,8 @@ def configurations(channels: int = 64) -> list[tuple[str, object, dict, dict, in
     block_c = depthwise._channel_block(channels)
     for k in (3, 7):
         consts = {"K": k, "FLIP": False, "HAS_BIAS": True, "CONV": tl.bfloat16, "ACC": tl.float32,
-                  "BLOCK_H": depthwise._TILE_H, "BLOCK_W": depthwise._TILE_W, "BLOCK_C": block_c}
+                  "ROWS": depthwise._FWD_ROWS, "SLOTS": 1 << (k - 1).bit_length(),
+                  "BLOCK_W": depthwise._FWD_BLOCK_W, "BLOCK_C": block_c}
         strides = ["sx_b", "sx_c", "sx_h", "sx_w", "so_b", "so_c", "so_h", "so_w", "sw_c", "sw_h", "sw_w"]
         sig = _signature({"x_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16"},
                          ["C", "H", "W", *strides], consts)

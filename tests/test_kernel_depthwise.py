@@ -61,6 +61,15 @@ def test_parity_awkward_shapes(triton_dw, shape):
     check_parity(_inputs(shape, 7), 1e-5, torch.channels_last)
 
 
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_sliding_window_across_strips(triton_dw, monkeypatch, k):
+    """Small strips (4 rows, 4 columns): every strip starts and ends inside the image, the last
+    ones partly outside, so the window's halo rows and the slot reuse are all exercised."""
+    monkeypatch.setattr(depthwise, "_FWD_ROWS", 4)
+    monkeypatch.setattr(depthwise, "_FWD_BLOCK_W", 4)
+    check_parity(_inputs((1, 2, 9, 7), k, torch.float64), 1e-12, torch.channels_last)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 def test_weight_gradient_rows_loop(triton_dw, monkeypatch, bias):
     """Fewer, longer weight-gradient programs (each walks several rows, a partial last chunk)."""

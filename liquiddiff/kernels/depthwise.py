@@ -8,12 +8,14 @@ serves both. The weight gradient dw[c, u, v] = sum_{b, i, j} grad_out[b, c, i, j
 x[b, c, i + u - P, j + v - P] (and dbias, the sum of grad_out) leaves each program as fp32
 partial sums over its pixels that torch adds up: deterministic, no atomics.
 
-Memory moved: the forward reads x and writes out once each (the k*k shifted reads of a tile
-are cache hits: its halo is (k - 1) rows and columns); the input gradient the same; the weight
-gradient reads x and grad_out once and writes [programs, k*k, C] fp32 partials.
+Memory moved: the forward reads x and writes out once each: a program walks down a strip of
+rows, loads each input row k times (its horizontal shifts, cache hits after the first) and adds
+it to the k output rows it feeds (a sliding window; the strip's halo is k - 1 rows and columns).
+The input gradient the same; the weight gradient reads x and grad_out once (k*k shifted reads
+per row, cache hits) and writes [programs, k*k, C] fp32 partials.
 
-Layout: a program owns BLOCK_C channels of a pixel tile. In channels_last the channels of a
-pixel are one contiguous run, so every load is a vector load; NCHW runs through the same strides
+Layout: a program owns BLOCK_C channels of a strip. In channels_last the channels of a pixel
+are one contiguous run, so every load is a vector load; NCHW runs through the same strides
 (runs along W), correct but not tuned. Precision: the reference convolves in one dtype (autocast's,
 else the promoted one), so x and w are rounded to it in registers (no cast copy in memory), the
 products accumulate in fp32 (fp64 for fp64) and the output is stored in that dtype.
@@ -37,13 +39,15 @@ __all__ = ["forward", "backward", "is_depthwise"]
 
 # Tile sizes from the compiler alone (no GPU has run these kernels yet): registers per thread
 # and spills of the sm_90 compile (``python -m benchmarks.kernel_resources``), with the GPU
-# image's Triton 3.6 and this project's 3.9. Forward / input gradient: an 8 x 8 pixel tile of
-# 32 channels on 8 warps (8 elements per thread and tensor), one tap per iteration of two
-# runtime loops: 102 registers (3.6) / 63-77 (3.9), no spill. Unrolled taps spilled (7x7: 12.8 KB
-# of stack), and 16 elements per thread took 183 registers on 3.6. Weight gradient: a [taps
-# (padded to a power of 2), W run, 32 channels] product of 2048 elements (one pixel per row step
-# for 7x7), 8 warps: 92 (7x7) and 125 (3x3) registers on 3.6, 64 on 3.9.
-_TILE_H, _TILE_W = 8, 8
+# image's Triton 3.6 and this project's 3.9. Forward / input gradient: strips of 32 rows x 16
+# columns x 32 channels on 8 warps, the horizontal taps a runtime loop: 80 registers (3.6) / 74-78
+# (3.9), no spill; the slot axis of the accumulator lies within each thread, so completing a row
+# is an in-register sum, but each tap's [slots, channels] weight tile crosses warps through 1 KB
+# of shared memory. Unrolled taps cost 150+ registers. (An earlier design, one shifted tile load
+# per tap, read the input k*k times from L1 instead of k.) Weight gradient: a [taps (padded to
+# a power of 2), W run, 32 channels] product of 2048 elements (one pixel per row step for 7x7),
+# 8 warps: 92 (7x7) and 125 (3x3) registers on 3.6, 64 on 3.9.
+_FWD_ROWS, _FWD_BLOCK_W = 32, 16
 _MAX_BLOCK_C = 32
 _FWD_WARPS = 8
 _WGRAD_WARPS = 8
@@ -60,38 +64,55 @@ if triton is not None:
         sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w, sw_c, sw_h, sw_w,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr,
-        BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
+        # Sliding window down a [ROWS, BLOCK_W] strip: each input row is loaded once per
+        # horizontal tap (K loads, not K*K) and added to the K output rows it feeds, which live
+        # in SLOTS (>= K, a power of 2) accumulator rows: output row o in slot o % SLOTS. When
+        # input row r is in, output row r - P is complete: it is stored and its slot cleared.
+        P: tl.constexpr = K // 2
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
         tiles_w = tl.cdiv(W, BLOCK_W)
-        ps = tl.arange(0, BLOCK_H * BLOCK_W)
-        oh = (pid_p // tiles_w) * BLOCK_H + ps // BLOCK_W
-        ow = (pid_p % tiles_w) * BLOCK_W + ps % BLOCK_W
+        row0 = (pid_p // tiles_w) * ROWS
+        ow = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = cs < C
+        slots = tl.arange(0, SLOTS)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
-        acc = tl.zeros([BLOCK_H * BLOCK_W, BLOCK_C], dtype=ACC)
-        # Runtime loops, not unrolled: an unrolled 7x7 keeps too many loads live and spills.
-        for u in range(K):
-            ih = oh + (u - K // 2)
-            row_ok = (ih >= 0) & (ih < H)
-            for v in range(K):
-                iw = ow + (v - K // 2)
-                ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
-                if FLIP:
-                    w_off = (K - 1 - u) * sw_h + (K - 1 - v) * sw_w
-                else:
-                    w_off = u * sw_h + v * sw_w
-                wv = tl.load(w_ptr + cs * sw_c + w_off, mask=c_mask, other=0.0).to(CONV).to(ACC)
-                xv = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0)
-                acc += xv.to(CONV).to(ACC) * wv[None, :]
+        o_base = out_ptr + pid_b * so_b + cs[None, :] * so_c + ow[:, None] * so_w
+        w_base = w_ptr + cs[None, :] * sw_c
+        store_cols = (ow < W)[:, None] & c_mask[None, :]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)[None, :]
-        out_mask = ((oh < H) & (ow < W))[:, None] & c_mask[None, :]
-        o_ptrs = out_ptr + pid_b * so_b + cs[None, :] * so_c + oh[:, None] * so_h + ow[:, None] * so_w
-        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            bias = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
+        acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
+        for i in range(ROWS + K - 1):
+            r = row0 - P + i  # the input row this step reads
+            # Vectors, not scalars: the interpreter rejects a scalar mask & a tensor mask.
+            row_ok = ((ow * 0 + r) >= 0) & ((ow * 0 + r) < H)
+            # Slot s holds the output row o = s (mod SLOTS) of the window [r - P, r - P + SLOTS);
+            # input row r reaches it through the kernel row u = r + P - o (when 0 <= u < K).
+            u = K - 1 - ((slots - (r - P)) & (SLOTS - 1))
+            u_ok = (u >= 0)[:, None] & c_mask[None, :]
+            if FLIP:
+                u = K - 1 - u
+            for v in range(K):  # a runtime loop: unrolled taps keep too many loads live
+                iw = ow + (v - P)
+                ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
+                xv = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
+                wv_col = (K - 1 - v) if FLIP else v
+                wt = tl.load(w_base + u[:, None] * sw_h + wv_col * sw_w, mask=u_ok, other=0.0)
+                acc += wt.to(CONV).to(ACC)[:, None, :] * xv[None, :, :]
+            o = r - P  # complete now
+            done = (slots == (o & (SLOTS - 1)))[:, None, None]
+            out = tl.sum(tl.where(done, acc, 0.0), axis=0)
+            if HAS_BIAS:
+                out += bias[None, :]
+            o_vec = ow * 0 + o
+            keep = (o_vec >= row0) & (o_vec < row0 + ROWS) & (o_vec < H)
+            tl.store(o_base + o * so_h, out.to(out_ptr.dtype.element_ty), mask=store_cols & keep[:, None])
+            acc = tl.where(done, 0.0, acc)
 
 
     @triton.jit
@@ -166,14 +187,17 @@ def _channel_block(C: int) -> int:
 
 def _convolve(x, weight, bias, dtype, flip: bool) -> torch.Tensor:
     B, C, H, W = x.shape
+    k = weight.shape[-1]
     out = _tensors.empty_activation(x, dtype)
     block_c = _channel_block(C)
-    grid = (_tensors.cdiv(H, _TILE_H) * _tensors.cdiv(W, _TILE_W), _tensors.cdiv(C, block_c), B)
+    block_w = min(_tensors.next_power_of_2(W), _FWD_BLOCK_W)
+    rows = min(_tensors.next_power_of_2(H), _FWD_ROWS)
+    grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
     _dwconv_kernel[grid](
         x, weight, bias if bias is not None else weight, out,
         C, H, W, *x.stride(), *out.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-        K=weight.shape[-1], FLIP=flip, HAS_BIAS=bias is not None, CONV=_tl(dtype), ACC=_acc(dtype),
-        BLOCK_H=_TILE_H, BLOCK_W=_TILE_W, BLOCK_C=block_c, num_warps=_FWD_WARPS,
+        K=k, FLIP=flip, HAS_BIAS=bias is not None, CONV=_tl(dtype), ACC=_acc(dtype),
+        ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
     return out
 
