@@ -1,15 +1,18 @@
-"""Registers and spills of Triton kernels (the depthwise convs, AdaLN) as compiled for an
-H100/H200 (sm_90), without a GPU: Triton compiles to a cubin on any machine, and its bundled cuobjdump reads the
-resource usage. A kernel that spills (STACK > 0) or needs so many registers that one block fills
-an SM is slow whatever its memory access; this catches that before a GPU is at hand.
+"""Registers and spills of every Triton kernel as its launcher would launch it on an H100/H200
+(sm_90), without a GPU: Triton compiles to a cubin on any machine, and its bundled cuobjdump
+reads the resource usage. A kernel that spills (stack > 0) or needs so many registers that one
+block fills an SM is slow whatever its memory access; this catches that before a GPU is at hand.
 
     python -m benchmarks.kernel_resources
 
-The configurations are the launchers' (kernels/depthwise.py, kernels/adaln.py) at the model's
-channel counts, in the dtypes of a bf16-autocast train step.
+Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes)
+with its kernel replaced by a recorder; the recorded launch is compiled with the specialisation
+Triton's launcher would give it (integer arguments equal to 1 become constants, pointers and
+multiples of 16 get the divisibility hint), so strides, tiles and warps are the real ones.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 import subprocess
@@ -18,92 +21,147 @@ import tempfile
 
 os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the interpreter
 
+import torch  # noqa: E402
 import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-
-from liquiddiff.kernels import adaln, depthwise  # noqa: E402
 
 TARGET = ("cuda", 90, 32)  # sm_90, warp size 32
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+SHAPE = (8, 64, 256, 256)
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
 
-def _signature(pointers: dict[str, str], ints: list[str], consts: dict) -> dict[str, str]:
-    sig = dict(pointers)
-    sig.update({name: "i32" for name in ints})
-    sig.update({name: "constexpr" for name in consts})
-    return sig
+class _Recorder:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` records the call."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
 
 
-def configurations(channels: int = 64) -> list[tuple[str, object, dict, dict, int]]:
-    """(label, kernel, signature, constexprs, num_warps) as the launchers pick them."""
-    out = []
-    block_c = depthwise._channel_block(channels)
-    for k in (3, 7):
-        consts = {"K": k, "FLIP": False, "HAS_BIAS": True, "CONV": tl.bfloat16, "ACC": tl.float32,
-                  "ROWS": depthwise._FWD_ROWS, "SLOTS": 1 << (k - 1).bit_length(),
-                  "BLOCK_W": depthwise._FWD_BLOCK_W, "BLOCK_C": block_c}
-        strides = ["sx_b", "sx_c", "sx_h", "sx_w", "so_b", "so_c", "so_h", "so_w", "sw_c", "sw_h", "sw_w"]
-        sig = _signature({"x_ptr": "*fp32", "w_ptr": "*fp32", "bias_ptr": "*fp32", "out_ptr": "*bf16"},
-                         ["C", "H", "W", *strides], consts)
-        out.append((f"forward {k}x{k} (fp32 input, bf16 conv)", depthwise._dwconv_kernel, sig, consts,
-                    depthwise._FWD_WARPS))
-        taps = 1 << (k * k - 1).bit_length()
-        block_w = max(1, depthwise._WGRAD_ELEMENTS // (taps * block_c))
-        consts = {"ROWS": 64, "K": k, "TAPS": taps, "NEED_BIAS": True, "CONV": tl.bfloat16, "ACC": tl.float32,
-                  "BLOCK_W": block_w, "BLOCK_C": block_c}
-        strides = ["sx_b", "sx_c", "sx_h", "sx_w", "sg_b", "sg_c", "sg_h", "sg_w"]
-        sig = _signature({"x_ptr": "*bf16", "go_ptr": "*bf16", "part_ptr": "*fp32"}, ["B", "C", "H", "W", *strides], consts)
-        out.append((f"weight grad {k}x{k} (W run {block_w})", depthwise._dwconv_wgrad_kernel, sig, consts,
-                    depthwise._WGRAD_WARPS))
-    return out
+def _module(name: str):
+    return importlib.import_module(f"liquiddiff.kernels.{name}")
 
 
-def adaln_configurations(pixels: int = 256 * 256) -> list[tuple[str, object, dict, dict, int]]:
-    """The AdaLN with a residual, as the block's second norm calls it: bf16 x and scale/shift,
-    the fp32 residual stream, fp32 out, s and statistics."""
-    out = []
-    for channels in (64, 256):
-        block_c, block_p, warps = adaln.launch_config(channels, pixels)
-        consts = {"HAS_RESIDUAL": True, "COMPUTE": tl.float32, "BLOCK_C": block_c, "BLOCK_P": block_p}
-        strides = [f"s{t}_{a}" for t in ("x", "r", "o", "s") for a in "bcp"] + ["sscale_b", "sscale_c", "sshift_b", "sshift_c"]
-        sig = _signature({"x_ptr": "*bf16", "res_ptr": "*fp32", "scale_ptr": "*bf16", "shift_ptr": "*bf16",
-                          "out_ptr": "*fp32", "s_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32"},
-                         ["C", "P"], {})
-        sig["eps"] = "fp32"
-        sig.update(_signature({}, strides, consts))
-        out.append((f"AdaLN forward C={channels} ({block_c}x{block_p})", adaln._adaln_fwd_kernel, sig, consts, warps))
-        consts = {"HAS_GRAD_S": True, "WRITE_DS": True, "WRITE_DS2": True, "PARAM_GRADS": True,
-                  "COMPUTE": tl.float32, "BLOCK_C": block_c, "BLOCK_P": block_p}
-        strides = [f"s{t}_{a}" for t in ("g", "gs", "s", "d", "d2") for a in "bcp"] + ["sscale_b", "sscale_c"]
-        sig = _signature({"g_ptr": "*fp32", "gs_ptr": "*fp32", "s_ptr": "*fp32", "scale_ptr": "*bf16",
-                          "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "ds_ptr": "*fp32", "ds2_ptr": "*bf16",
-                          "dscale_part_ptr": "*fp32", "dshift_part_ptr": "*fp32"}, ["B", "C", "P", *strides], consts)
-        out.append((f"AdaLN backward C={channels} ({block_c}x{block_p})", adaln._adaln_bwd_kernel, sig, consts, warps))
-    return out
+def record(module_name: str, kernel_name: str, launch) -> list[tuple]:
+    """(kernel, args, kwargs) of each launch of ``kernel_name`` that ``launch()`` makes."""
+    module = _module(module_name)
+    recorder = _Recorder(getattr(module, kernel_name))
+    setattr(module, kernel_name, recorder)
+    try:
+        launch()
+    finally:
+        setattr(module, kernel_name, recorder.kernel)
+    return [(recorder.kernel, args, kwargs) for args, kwargs in recorder.calls]
 
 
-def resources(kernel, signature: dict, constexprs: dict, num_warps: int) -> dict[str, int]:
-    """{'registers', 'stack', 'shared'} of the sm_90 cubin."""
+def _specialise(kernel, args, kwargs):
+    """Triton's launcher specialisation of one call: (signature, constexprs, attrs, options)."""
+    params = [p for p in kernel.params if not p.is_constexpr]
+    signature, constexprs, attrs = {}, {}, {}
+    for index, (param, value) in enumerate(zip(params, args)):
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _DTYPES[value.dtype]
+            attrs[(kernel.arg_names.index(param.name),)] = [["tt.divisibility", 16]]  # meta: data_ptr 0
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            if value == 1:
+                signature[param.name], constexprs[param.name] = "constexpr", 1
+                continue
+            signature[param.name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(kernel.arg_names.index(param.name),)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[param.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.__name__}: argument {param.name} = {value!r}")
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    for name, value in kwargs.items():
+        signature[name], constexprs[name] = "constexpr", value
+    return signature, constexprs, attrs, options
+
+
+def resources(kernel, args, kwargs) -> dict[str, int]:
+    """{'registers', 'stack', 'shared', 'num_warps'} of the sm_90 cubin of one recorded launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget(*TARGET), options={"num_warps": num_warps})
+    signature, constexprs, attrs, options = _specialise(kernel, args, dict(kwargs))
+    src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget(*TARGET), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
                               check=True).stdout
     found = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
-    return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "shared": int(found["SHARED"])}
+    return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "shared": int(found["SHARED"]),
+            "num_warps": options.get("num_warps", 4)}
+
+
+def _meta(shape, dtype, layout="channels_last"):
+    t = torch.empty(shape, dtype=dtype, device="meta")
+    return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def launches() -> list[tuple[str, str, str, callable]]:
+    """(label, module, kernel, launch) for the model's calls, bf16 autocast dtypes."""
+    B, C, H, W = SHAPE
+    dw, cfc, adaln = _module("depthwise"), _module("cfc_relax"), _module("adaln")
+    out = []
+    for k in (7, 3):
+        w, b = torch.empty(C, 1, k, k, device="meta"), torch.empty(C, device="meta")
+        x32, g16 = _meta(SHAPE, torch.float32), _meta(SHAPE, torch.bfloat16)
+        out += [
+            (f"depthwise {k}x{k} forward (fp32 in)", "depthwise", "_dwconv_kernel",
+             lambda x32=x32, w=w, b=b: dw.forward(x32, w, b, torch.bfloat16)),
+            (f"depthwise {k}x{k} input grad", "depthwise", "_dwconv_kernel",
+             lambda g16=g16, x32=x32, w=w: dw.backward(g16, x32, w, torch.bfloat16, [True, False, False])),
+            (f"depthwise {k}x{k} weight grad", "depthwise", "_dwconv_wgrad_kernel",
+             lambda g16=g16, x32=x32, w=w: dw.backward(g16, x32, w, torch.bfloat16, [False, True, True])),
+        ]
+    for layout in ("channels_last", "nchw"):
+        acts = [_meta(SHAPE, torch.bfloat16, layout) for _ in range(3)] + [_meta(SHAPE, torch.float32, layout)]
+        params = [torch.empty(B, C, dtype=torch.bfloat16, device="meta")] * 2 + [
+            torch.empty(C, device="meta"), torch.empty(B, device="meta")]
+        go = _meta(SHAPE, torch.float32, layout)
+        out += [
+            (f"CfC forward ({layout})", "cfc_relax", "_cfc_relax_fwd_kernel",
+             lambda acts=acts, params=params, r=go: cfc._forward_kernels(*acts, *params, r)),
+            (f"CfC backward ({layout})", "cfc_relax", "_cfc_relax_bwd_kernel",
+             lambda acts=acts, params=params, go=go: cfc._backward_kernels(go, *acts, *params, [True] * 8)),
+        ]
+    for channels in (64, 256):
+        shape = (B, channels, H // (channels // 64), W // (channels // 64))
+        x, r = _meta(shape, torch.bfloat16), _meta(shape, torch.float32)
+        scale = torch.empty(B, channels, dtype=torch.bfloat16, device="meta")
+        s, stats = _meta(shape, torch.float32), torch.empty(B, shape[2] * shape[3], device="meta")
+        out += [
+            (f"AdaLN forward C={channels}", "adaln", "_adaln_fwd_kernel",
+             lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r)),
+            (f"AdaLN backward C={channels}", "adaln", "_adaln_bwd_kernel",
+             lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
+                 s, s, s, scale, stats, stats, torch.float32, torch.bfloat16, True, True)),
+        ]
+    return out
+
+
+def report() -> list[tuple[str, dict]]:
+    rows = []
+    for label, module, kernel, launch in launches():
+        for kernel_fn, args, kwargs in record(module, kernel, launch):
+            rows.append((label, resources(kernel_fn, args, kwargs)))
+    return rows
 
 
 def main() -> int:
-    print(f"sm_{TARGET[1]}, Triton {triton.__version__}: registers per thread, spill stack bytes, shared bytes")
-    for label, kernel, sig, consts, warps in configurations() + adaln_configurations():
-        r = resources(kernel, sig, consts, warps)
-        blocks = 65536 // (r["registers"] * 32 * warps)
-        print(f"{label:<40} {warps} warps: {r['registers']:>3} registers, stack {r['stack']}, "
+    print(f"sm_{TARGET[1]}, Triton {triton.__version__}, launches at {list(SHAPE)}: registers per thread, "
+          "spill stack bytes, shared bytes")
+    for label, r in report():
+        blocks = 65536 // (r["registers"] * 32 * r["num_warps"])
+        print(f"{label:<34} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "
               f"shared {r['shared']}, {blocks} block(s) per SM by registers")
     return 0
 

@@ -218,15 +218,16 @@ def test_parity_shapes_cross_tile_boundaries(backward_loops):
 
 
 def test_tile_heuristic_at_model_size():
-    # The configurations measured on an H200 at [8, 64, 256, 256] (see the constants' comment).
+    # The configurations measured on an H200 at [8, 64, 256, 256] (see the constants' comment);
+    # the channels_last backward's from the compiler's register counts (not yet timed).
     B, C, P = 8, 64, 256 * 256
     nchw, channels_last = (C * P, P, 1), (C * P, 1, C)
     assert cfc_module._tile(C, P, nchw, backward=False) == (4, 1024, 8)
     assert cfc_module._tile(C, P, channels_last, backward=False) == (64, 64, 4)
     assert cfc_module._tile(C, P, nchw, backward=True) == (1, 1024, 4)
-    assert cfc_module._tile(C, P, channels_last, backward=True) == (64, 16, 4)
+    assert cfc_module._tile(C, P, channels_last, backward=True) == (64, 8, 4)
     assert cfc_module._bwd_tiles(C, P, B, 1, 1024) == 16
-    assert cfc_module._bwd_tiles(C, P, B, 64, 16) == 16
+    assert cfc_module._bwd_tiles(C, P, B, 64, 8) == 16
     # One RGB image at 1024 px: fewer tiles per program, so the grid still fills the GPU.
     assert cfc_module._bwd_tiles(3, 1024 * 1024, 1, 1, 1024) == 3
 

@@ -44,8 +44,14 @@ __all__ = ["cfc_relax"]
 # program, which also keeps the partial-sum buffer small. Measured (CUDA graph, floor = bytes /
 # 4152 GB/s copy bandwidth): forward 0.080 ms NCHW, 0.085 channels_last (floor 0.081); backward
 # 0.173 NCHW, 0.220 channels_last (floor 0.145).
+# The channels_last backward is the exception: its [64 channels, pixels] tile also holds the
+# per-channel gate parameters, and at 8 elements per thread the sm_90 compile takes 157
+# registers (Triton 3.6, bf16; NCHW: 115), 12 resident warps per SM, which fits its 1.52x-floor
+# time against NCHW's 1.19x. At 4 elements per thread it takes 96 (20 warps per SM,
+# ``python -m benchmarks.kernel_resources``); not yet timed on a GPU.
 _FWD_TILE = 4096
 _BWD_TILE = 1024
+_BWD_TILE_CHANNELS_LAST = 512
 _BWD_MAX_TILES = 16
 # ...but a backward grid keeps at least this many programs while it can (small B * C, big H * W).
 _BWD_MIN_PROGRAMS = 1024
@@ -197,7 +203,7 @@ def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
     anything else) the tile is a long pixel run over a few channels.
     """
     channels_last = x_strides[1] == 1 and C > 1
-    elements = _BWD_TILE if backward else _FWD_TILE
+    elements = (_BWD_TILE_CHANNELS_LAST if channels_last else _BWD_TILE) if backward else _FWD_TILE
     if channels_last:
         block_c = min(_tensors.next_power_of_2(C), 128)
         block_p = min(_tensors.next_power_of_2(P), max(elements // block_c, 1))
@@ -206,7 +212,7 @@ def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
         block_c = min(_tensors.next_power_of_2(C), max(elements // block_p, 1))
     # Elements per thread and tensor, as measured best: channels_last forward tiles run faster on
     # 4 warps than on 8.
-    per_thread = 8 if backward else (32 if channels_last else 16)
+    per_thread = (4 if channels_last else 8) if backward else (32 if channels_last else 16)
     num_warps = min(8, max(1, block_c * block_p // (32 * per_thread)))
     return block_c, block_p, num_warps
 

@@ -38,15 +38,15 @@ from . import _eager, _tensors
 __all__ = ["forward", "backward", "is_depthwise"]
 
 # Tile sizes from the compiler alone (no GPU has run these kernels yet): registers per thread
-# and spills of the sm_90 compile (``python -m benchmarks.kernel_resources``), with the GPU
-# image's Triton 3.6 and this project's 3.9. Forward / input gradient: strips of 32 rows x 16
-# columns x 32 channels on 8 warps, the horizontal taps a runtime loop: 80 registers (3.6) / 74-78
-# (3.9), no spill; the slot axis of the accumulator lies within each thread, so completing a row
-# is an in-register sum, but each tap's [slots, channels] weight tile crosses warps through 1 KB
-# of shared memory. Unrolled taps cost 150+ registers. (An earlier design, one shifted tile load
-# per tap, read the input k*k times from L1 instead of k.) Weight gradient: a [taps (padded to
-# a power of 2), W run, 32 channels] product of 2048 elements (one pixel per row step for 7x7),
-# 8 warps: 92 (7x7) and 125 (3x3) registers on 3.6, 64 on 3.9.
+# and spills of the sm_90 compile of the launches at [8, 64, 256, 256]
+# (``python -m benchmarks.kernel_resources``), the same with the GPU image's Triton 3.6 and this
+# project's 3.9. Forward / input gradient: strips of 32 rows x 16 columns x 32 channels on 8
+# warps, the horizontal taps a runtime loop: 58-64 registers, no spill; the accumulator's slot
+# axis lies within each thread, so completing a row is an in-register sum, but each tap's
+# [slots, channels] weight tile crosses warps through 1 KB of shared memory. (Unrolled taps
+# spilled; an earlier design, one shifted tile load per tap, read the input k*k times from L1
+# instead of k.) Weight gradient: a [taps (padded to a power of 2), W run, 32 channels] product
+# of 2048 elements (one pixel per row step for 7x7), 8 warps: 46-48 registers.
 _FWD_ROWS, _FWD_BLOCK_W = 32, 16
 _MAX_BLOCK_C = 32
 _FWD_WARPS = 8
