@@ -52,6 +52,7 @@ __all__ = ["cfc_relax"]
 _FWD_TILE = 4096
 _BWD_TILE = 1024
 _BWD_TILE_CHANNELS_LAST = 512
+_BWD_PER_THREAD_CHANNELS_LAST = 4
 _BWD_MAX_TILES = 16
 # ...but a backward grid keeps at least this many programs while it can (small B * C, big H * W).
 _BWD_MIN_PROGRAMS = 1024
@@ -212,7 +213,7 @@ def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
         block_c = min(_tensors.next_power_of_2(C), max(elements // block_p, 1))
     # Elements per thread and tensor, as measured best: channels_last forward tiles run faster on
     # 4 warps than on 8.
-    per_thread = (4 if channels_last else 8) if backward else (32 if channels_last else 16)
+    per_thread = (_BWD_PER_THREAD_CHANNELS_LAST if channels_last else 8) if backward else (32 if channels_last else 16)
     num_warps = min(8, max(1, block_c * block_p // (32 * per_thread)))
     return block_c, block_p, num_warps
 

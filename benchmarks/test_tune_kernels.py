@@ -1,0 +1,15 @@
+"""The tile sweep (benchmarks/tune_kernels.py) in quick mode: every section runs and restores the
+launchers' constants. Nothing here asserts anything about time."""
+from benchmarks import tune_kernels
+
+
+def test_quick_sweep_runs_and_restores_the_tiles(capsys):
+    before = {m: dict(vars(m)) for m in (tune_kernels.DEPTHWISE, tune_kernels.CFC)}
+    assert tune_kernels.main(["--quick"]) == 0
+    text = capsys.readouterr().out
+    for title in ("depthwise 7x7 forward", "depthwise 3x3 weight + bias gradient", "CfC backward kernel"):
+        assert title in text
+    for module, names in before.items():
+        for name in ("_FWD_ROWS", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST"):
+            if name in names:
+                assert getattr(module, name) == names[name]

@@ -1,0 +1,148 @@
+"""Tile sweeps for the kernels whose tiles were chosen without a GPU timing them: one command on
+a GPU machine times each candidate setting against the baseline it must beat, in one process.
+
+    python -m benchmarks.tune_kernels            # a GPU: bf16, [8, 64, 256, 256], channels_last
+    python -m benchmarks.tune_kernels --quick    # any machine: tiny sizes, proves it runs
+
+Sections (each setting is a set of the launcher's module constants, restored afterwards):
+
+- depthwise 7x7 and 3x3 forward, the fp32 input rounded in registers as the model's backbone
+  conv calls it (kernels/depthwise.py: strip rows, strip width, channel block, warps), against
+  cuDNN on the bf16 copy autocast would make (cast included, and without it);
+- depthwise weight gradient (elements per tile, warps, minimum programs) against
+  ``aten.convolution_backward`` for the weight alone;
+- the CfC backward in channels_last (kernels/cfc_relax.py: tile elements, elements per thread),
+  against the same op in NCHW.
+
+The first setting of each grid is the launcher's current one. The winner of each section is what
+the launcher's constants should say; the report (gpu_report.py) then measures the op and the
+model with it. About 40 settings: a minute or two on an H100/H200, Triton compiles included.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import itertools
+import sys
+
+import torch
+
+from benchmarks import cases
+
+DEPTHWISE = importlib.import_module("liquiddiff.kernels.depthwise")
+QUICK_SHAPE = (1, 4, 8, 8)  # the interpreter: seconds, not minutes
+CFC = importlib.import_module("liquiddiff.kernels.cfc_relax")
+
+
+@contextlib.contextmanager
+def configured(module, **values):
+    saved = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def _settings(grid: dict, quick: bool) -> list[dict]:
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    return combos[:1] if quick else combos
+
+
+def _row(label: str, ms: float, base_ms: float, floor_ms: float | None) -> str:
+    floor = f"{ms / floor_ms:.2f}" if floor_ms else "-"
+    return f"| {label} | {ms:.4f} | {base_ms / ms:.2f} | {floor} |"
+
+
+def _table(title: str, rows: list[str]) -> list[str]:
+    return ["", f"### {title}", "", "| setting | ms | x faster than baseline | x floor |", "|---|---|---|---|", *rows]
+
+
+def depthwise_forward(shape, device, gbps, quick) -> list[str]:
+    out = []
+    B, C, H, W = shape
+    x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
+    conv_dtype = cases.default_dtype(device)
+    for k in (7, 3):
+        w, b = torch.randn(C, 1, k, k, device=device), torch.randn(C, device=device)
+        x16, w16, b16 = x.to(conv_dtype), w.to(conv_dtype), b.to(conv_dtype)
+        conv = lambda: torch.nn.functional.conv2d(x16, w16, b16, padding=k // 2, groups=C)  # noqa: E731
+        cast_conv = lambda: torch.nn.functional.conv2d(x.to(conv_dtype), w16, b16, padding=k // 2, groups=C)  # noqa: E731
+        base = cases.time_ms(cast_conv, device)
+        floor = (x.numel() * (x.element_size() + torch.finfo(conv_dtype).bits // 8)) / (gbps * 1e6) if gbps else None
+        rows = [_row("aten (cuDNN) on autocast's cast copy, cast included (baseline)", base, base, floor),
+                _row("aten (cuDNN) on a bf16 input, no cast", cases.time_ms(conv, device), base, floor)]
+        grid = {"_FWD_ROWS": (32,), "_FWD_BLOCK_W": (16, 8, 32), "_MAX_BLOCK_C": (32, 64), "_FWD_WARPS": (8, 4)}
+        for setting in _settings(grid, quick):
+            with configured(DEPTHWISE, **setting):
+                run = lambda: DEPTHWISE.forward(x, w, b, conv_dtype)  # noqa: E731
+                rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
+        out += _table(f"depthwise {k}x{k} forward, fp32 input -> {conv_dtype}, {list(shape)} channels_last", rows)
+    return out
+
+
+def depthwise_weight_grad(shape, device, gbps, quick) -> list[str]:
+    out = []
+    B, C, H, W = shape
+    conv_dtype = cases.default_dtype(device)
+    x = torch.randn(shape, device=device).to(conv_dtype).contiguous(memory_format=torch.channels_last)
+    go = torch.randn_like(x)
+    for k in (7, 3):
+        w = torch.randn(C, 1, k, k, device=device)
+        w16 = w.to(conv_dtype)
+        aten = lambda: torch.ops.aten.convolution_backward(  # noqa: E731
+            go, x, w16, [C], [1, 1], [k // 2] * 2, [1, 1], False, [0, 0], C, [False, True, True])
+        base = cases.time_ms(aten, device)
+        floor = 2 * x.numel() * x.element_size() / (gbps * 1e6) if gbps else None
+        rows = [_row("aten (cuDNN) weight + bias grad (baseline)", base, base, floor)]
+        grid = {"_WGRAD_ELEMENTS": (2048, 1024, 4096), "_WGRAD_WARPS": (8, 4), "_WGRAD_MIN_PROGRAMS": (1024, 4096)}
+        for setting in _settings(grid, quick):
+            with configured(DEPTHWISE, **setting):
+                run = lambda: DEPTHWISE.backward(go, x, w, conv_dtype, [False, True, True])  # noqa: E731
+                rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
+        out += _table(f"depthwise {k}x{k} weight + bias gradient, {list(shape)} channels_last", rows)
+    return out
+
+
+def cfc_backward_channels_last(shape, device, gbps, quick) -> list[str]:
+    dtype = cases.default_dtype(device)
+    timed = {}
+    for layout in ("nchw", "channels_last"):
+        case = cases.make_op_case("cfc_relax", shape, dtype, device, layout)
+        grad = case.upstream[0]
+        ins = [case.inputs[n] for n in ("f", "g", "h", "x", "a", "b", "rho", "t")]
+        timed[layout] = lambda grad=grad, ins=ins: CFC._backward_kernels(grad, *ins, [True] * 8)
+    nchw = cases.time_ms(timed["nchw"], device)
+    rows = [_row("NCHW, current tiles (baseline)", nchw, nchw, None)]
+    grid = {"_BWD_TILE_CHANNELS_LAST": (512, 256, 1024), "_BWD_PER_THREAD_CHANNELS_LAST": (4, 2, 8)}
+    for setting in _settings(grid, quick):
+        with configured(CFC, **setting):
+            rows.append(_row(str(setting), cases.time_ms(timed["channels_last"], device), nchw, None))
+    return _table(f"CfC backward kernel, {dtype}, {list(shape)}: channels_last tiles against NCHW", rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.tune_kernels", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="tiny sizes and one setting per section (any machine)")
+    args = p.parse_args(argv)
+    device = cases.default_device()
+    quick = args.quick or device.type != "cuda"
+    shape = QUICK_SHAPE if quick else cases.OP_SHAPE
+    gbps = cases.copy_bandwidth_GBps(device) if device.type == "cuda" else None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU (Triton interpreter)"
+    lines = [f"## Kernel tile sweeps: {name}, torch {torch.__version__}, "
+             f"`python -m benchmarks.tune_kernels{' --quick' if args.quick else ''}`"]
+    if gbps:
+        lines.append(f"\ncopy bandwidth {gbps:.0f} GB/s; floor = the bytes the op must move / that bandwidth")
+    for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last):
+        lines += section(shape, device, gbps, quick)
+        print("\n".join(lines), flush=True)
+        lines = []
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
