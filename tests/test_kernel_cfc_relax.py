@@ -388,3 +388,15 @@ def test_custom_op_autograd_matches_reference(residual):
     parity.assert_close("out", out, ref, 1e-5)
     for name in inputs:
         parity.assert_close(f"d{name}", grads[name], ref_grads[name], 1e-5)
+
+
+@pytest.mark.parametrize("path", ["eager", "custom op"])
+def test_double_backward_raises(triton_policy, path):
+    """The backward is Triton kernels: a gradient of a gradient (a gradient penalty) must fail
+    loudly on both paths, not come back without its second-order terms."""
+    inputs = make_inputs((1, 3, 2, 3), residual=False)
+    args = _op_args(inputs, True)
+    out = kernels.cfc_relax(*args) if path == "eager" else torch.ops.liquiddiff.cfc_relax(*args)
+    (grad_f,) = torch.autograd.grad(out.square().sum(), args[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice|no autograd formula"):
+        grad_f.sum().backward()

@@ -22,6 +22,10 @@ def eager_function(name: str, forward, setup_context, backward) -> type[torch.au
         setup_context(ctx, inputs, output)
         return output
 
+    # The backward launches Triton kernels, which autograd cannot differentiate again: a double
+    # backward (create_graph=True) raises, as the custom op's does, instead of returning
+    # gradients without a graph.
+    @torch.autograd.function.once_differentiable
     def _backward(ctx, *grads):
         return backward(ctx, *grads)
 
