@@ -139,6 +139,26 @@ def test_fused_channels_last_model_makes_no_nchw_activation():
     assert not found, found
 
 
+def test_fused_model_composes_with_checkpointing_and_offloading(monkeypatch):
+    """The fused model's own saved-tensor hooks (kernels.recompute_saved) nest inside a user's
+    activation checkpointing or CPU offloading: the gradients do not change."""
+    from liquiddiff import modules
+
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)).double()
+    x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    up = torch.randn_like(x)
+    want = _param_grads(model, x, t, up)[1]
+    block_forward = modules.LiquidDiffusionBlock.forward
+    monkeypatch.setattr(modules.LiquidDiffusionBlock, "forward", lambda self, *args: torch.utils.checkpoint.checkpoint(
+        block_forward, self, *args, use_reentrant=False))
+    checkpointed = _param_grads(model, x, t, up)[1]
+    monkeypatch.setattr(modules.LiquidDiffusionBlock, "forward", block_forward)
+    with torch.autograd.graph.save_on_cpu():
+        offloaded = _param_grads(model, x, t, up)[1]
+    for name, g in want.items():
+        assert torch.equal(checkpointed[name], g) and torch.equal(offloaded[name], g), name
+
+
 def test_state_dict_is_the_same_fused_or_not():
     fused, plain = build("micro", fused=True), build("micro", fused=False)
     assert list(fused.state_dict()) == list(plain.state_dict())
