@@ -58,6 +58,16 @@ _WGRAD_MIN_PROGRAMS = 1024
 if triton is not None:
 
     @triton.jit
+    def _strip(C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's strip: batch item (int64, for offsets past 2**31), first row, columns,
+        channels and channel mask. Grid: (row strips x column runs, channel blocks, B)."""
+        tiles_w = tl.cdiv(W, BLOCK_W)
+        pid_p = tl.program_id(0)
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ow = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
+        return tl.program_id(2).to(tl.int64), (pid_p // tiles_w) * ROWS, ow, cs, cs < C
+
+    @triton.jit
     def _dwconv_kernel(
         x_ptr, w_ptr, bias_ptr, out_ptr,
         C, H, W,
@@ -71,14 +81,7 @@ if triton is not None:
         # in SLOTS (>= K, a power of 2) accumulator rows: output row o in slot o % SLOTS. When
         # input row r is in, output row r - P is complete: it is stored and its slot cleared.
         P: tl.constexpr = K // 2
-        pid_p = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
-        tiles_w = tl.cdiv(W, BLOCK_W)
-        row0 = (pid_p // tiles_w) * ROWS
-        ow = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cs < C
+        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         slots = tl.arange(0, SLOTS)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
         o_base = out_ptr + pid_b * so_b + cs[None, :] * so_c + ow[:, None] * so_w
@@ -127,14 +130,7 @@ if triton is not None:
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
         # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load and one
         # reduction over the W run, not k*k of each.
-        pid_p = tl.program_id(0)
-        pid_c = tl.program_id(1)
-        pid_b = tl.program_id(2)
-        tiles_w = tl.cdiv(W, BLOCK_W)
-        row0 = (pid_p // tiles_w) * ROWS
-        ow = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-        c_mask = cs < C
+        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         taps = tl.arange(0, TAPS)
         du = (taps // K - K // 2)[:, None, None]
         dv = (taps % K - K // 2)[:, None, None]
@@ -142,8 +138,8 @@ if triton is not None:
         # Lanes past the image's edge load nothing: 0 * an inf there would poison a tap's sum.
         col_ok = ((taps < K * K)[:, None, None] & (iw >= 0) & (iw < W) & (ow < W)[None, :, None]
                   & c_mask[None, None, :])
-        x_base = x_ptr + pid_b.to(tl.int64) * sx_b + cs[None, None, :] * sx_c + iw * sx_w
-        g_base = go_ptr + pid_b.to(tl.int64) * sg_b + cs[None, :] * sg_c + ow[:, None] * sg_w
+        x_base = x_ptr + pid_b * sx_b + cs[None, None, :] * sx_c + iw * sx_w
+        g_base = go_ptr + pid_b * sg_b + cs[None, :] * sg_c + ow[:, None] * sg_w
         g_mask = (ow < W)[:, None] & c_mask[None, :]
         acc = tl.zeros([TAPS, BLOCK_C], dtype=ACC)
         acc_bias = tl.zeros([BLOCK_C], dtype=ACC)
@@ -159,7 +155,7 @@ if triton is not None:
             if NEED_BIAS:
                 acc_bias += tl.sum(go, axis=0)
         # partials: [programs over pixels, B, TAPS + 1, C]; the last tap row holds dbias.
-        part = part_ptr + ((pid_p * B + pid_b) * (TAPS + 1)) * C
+        part = part_ptr + ((tl.program_id(0) * B + pid_b) * (TAPS + 1)) * C
         tl.store(part + taps[:, None] * C + cs[None, :], acc, mask=(taps < K * K)[:, None] & c_mask[None, :])
         if NEED_BIAS:
             tl.store(part + TAPS * C + cs, acc_bias, mask=c_mask)
