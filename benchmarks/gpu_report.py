@@ -330,10 +330,9 @@ def _worker_env(quick: bool, variant: Variant, device) -> dict:
     env = dict(os.environ)
     if variant.kernels:
         env[runtime.ENV_VAR] = f"{env.get(runtime.ENV_VAR) or 'auto'},{variant.kernels}"
-    compiled = variant.compiled
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
-    if compiled and device.type == "cuda":
+    if variant.compiled and device.type == "cuda":
         # Several processes compile at once: share the cores instead of 16 compile workers each.
         env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "4")
     return env
