@@ -115,7 +115,7 @@ class OpSpec:
 def _kernels_setting(extra: str):
     """``LIQUIDDIFF_KERNELS`` with ``extra`` appended (per-op settings win), for a while."""
     old = os.environ.get(runtime.ENV_VAR)
-    os.environ[runtime.ENV_VAR] = f"{old or 'auto'},{extra}"
+    os.environ[runtime.ENV_VAR] = runtime.setting_with(extra)
     try:
         yield
     finally:

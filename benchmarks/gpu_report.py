@@ -329,7 +329,7 @@ def _estimate(quick: bool, task: str, compiled: bool) -> float:
 def _worker_env(quick: bool, variant: Variant, device) -> dict:
     env = dict(os.environ)
     if variant.kernels:
-        env[runtime.ENV_VAR] = f"{env.get(runtime.ENV_VAR) or 'auto'},{variant.kernels}"
+        env[runtime.ENV_VAR] = runtime.setting_with(variant.kernels)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["PYTHONUNBUFFERED"] = "1"
     if variant.compiled and device.type == "cuda":

@@ -38,6 +38,14 @@ def test_per_op_settings(monkeypatch, setting, expected):
         assert kernels.select_backend(op, "cpu").name == name, op
 
 
+def test_setting_with_appends_per_op_items(monkeypatch):
+    monkeypatch.setenv(runtime.ENV_VAR, "torch")
+    monkeypatch.setenv(runtime.ENV_VAR, runtime.setting_with("cfc_relax=triton"))
+    assert runtime.policy("cfc_relax") == "triton" and runtime.policy("adaln_modulate") == "torch"
+    monkeypatch.delenv(runtime.ENV_VAR)
+    assert runtime.setting_with("depthwise_conv=triton") == "auto,depthwise_conv=triton"
+
+
 @pytest.mark.parametrize("setting", ["fast", "auto,depthwise_conv=fast", "auto,=triton"])
 def test_bad_setting_is_named(monkeypatch, setting):
     monkeypatch.setenv(runtime.ENV_VAR, setting)

@@ -58,6 +58,12 @@ def policy(op: str | None = None) -> str:
     return per_op.get(op, glob)
 
 
+def setting_with(extra: str) -> str:
+    """The current ``LIQUIDDIFF_KERNELS`` value with ``extra`` (``op=policy`` items) appended,
+    which win over what it said for those ops."""
+    return f"{os.environ.get(ENV_VAR, '').strip() or 'auto'},{extra}"
+
+
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
