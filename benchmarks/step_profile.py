@@ -69,7 +69,8 @@ def profile_steps(step: Callable[[], object], device, steps: int = 2, top: int =
     total = sum(ms for _, ms in rows) or float("nan")
     kinds: dict[str, float] = {}
     for name, ms in rows:
-        kinds[kind_of(name)] = kinds.get(kind_of(name), 0.0) + ms
+        kind = kind_of(name)
+        kinds[kind] = kinds.get(kind, 0.0) + ms
     return {
         "steps": steps,
         "what": "CUDA kernels, self device time" if on_gpu else "aten ops, self CPU time",
