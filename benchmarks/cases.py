@@ -85,12 +85,19 @@ class OpSpec:
     grad_writes: tuple[str, ...]
     residual: bool = False
     kernel: int = 0  # depthwise convolutions: k of the k x k weight
+    heads: bool = False  # the CfC heads: z and the f (1x1), g, h (3x3 depthwise) weights and biases
     layouts: tuple[str, ...] = LAYOUTS  # the layouts the report times
 
     def make_inputs(self, shape, dtype, device, layout, generator) -> dict[str, torch.Tensor]:
         B, C, _, _ = shape
         out = {}
-        if self.kernel:
+        if self.heads:
+            out["z"] = _activation(shape, dtype, device, layout, generator)
+            for name in HEAD_NAMES:
+                weight_shape = (C, C, 1, 1) if name == "f" else (C, 1, 3, 3)
+                out[f"{name}_w"] = (0.2 if name != "f" else C ** -0.5) * _randn(weight_shape, dtype, device, generator)
+                out[f"{name}_b"] = _randn((C,), dtype, device, generator)
+        elif self.kernel:
             out["x"] = _activation(shape, dtype, device, layout, generator)
             out["weight"] = 0.2 * _randn((C, 1, self.kernel, self.kernel), dtype, device, generator)
             out["bias"] = _randn((C,), dtype, device, generator)
@@ -132,6 +139,27 @@ def triton_depthwise_conv(x, weight, bias):
         return kernels.depthwise_conv(x, weight, bias)
 
 
+HEAD_NAMES = ("f", "g", "h")
+
+
+def _heads(silu_convs):
+    """``silu_convs`` over the CfC's three heads, its inputs by name (as the benchmarks pass them)."""
+
+    def run(z, f_w, f_b, g_w, g_b, h_w, h_b):
+        return silu_convs(z, [f_w, g_w, h_w], [f_b, g_b, h_b])
+
+    return run
+
+
+def triton_silu_convs(z, weights, biases):
+    """kernels.silu_convs with its g/h heads on the opt-in Triton depthwise kernels (one launch
+    for the pair each way)."""
+    with _kernels_setting("depthwise_conv=triton"):
+        return kernels.silu_convs(z, weights, biases)
+
+
+_HEAD_PARAMS = tuple(f"{n}_{p}" for n in HEAD_NAMES for p in "wb")
+
 OPS: dict[str, OpSpec] = {
     "cfc_relax": OpSpec(
         name="cfc_relax", title="CfC gate+relax", reference=functional.cfc_relax, fused=kernels.cfc_relax,
@@ -166,8 +194,15 @@ OPS: dict[str, OpSpec] = {
         )
         for k in (7, 3)
     },
+    # The CfC backbone's SiLU and its three heads (f: 1x1 on cuDNN; g, h: 3x3 depthwise, the
+    # opt-in Triton pair): what the g/h pairing saves against the reference and its compile.
+    "cfc_heads": OpSpec(
+        name="cfc_heads", title="CfC heads SiLU->f,g,h", reference=_heads(functional.silu_convs),
+        fused=_heads(triton_silu_convs), activations=("z",), outputs=HEAD_NAMES, saved=("z", *_HEAD_PARAMS),
+        grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
+    ),
 }
-OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "dwconv7", "dwconv3")  # the report's and the suites' ops
+OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)
 
 

@@ -111,17 +111,24 @@ def launches() -> list[tuple[str, str, str, callable]]:
     B, C, H, W = SHAPE
     dw, cfc, adaln = _module("depthwise"), _module("cfc_relax"), _module("adaln")
     out = []
-    for k in (7, 3):
-        w, b = torch.empty(C, 1, k, k, device="meta"), torch.empty(C, device="meta")
-        x32, g16 = _meta(SHAPE, torch.float32), _meta(SHAPE, torch.bfloat16)
-        out += [
-            (f"depthwise {k}x{k} forward (fp32 in)", "depthwise", "_dwconv_kernel",
-             lambda x32=x32, w=w, b=b: dw.forward(x32, w, b, torch.bfloat16)),
-            (f"depthwise {k}x{k} input grad", "depthwise", "_dwconv_kernel",
-             lambda g16=g16, x32=x32, w=w: dw.backward(g16, x32, w, torch.bfloat16, [True, False, False])),
-            (f"depthwise {k}x{k} weight grad", "depthwise", "_dwconv_wgrad_kernel",
-             lambda g16=g16, x32=x32, w=w: dw.backward(g16, x32, w, torch.bfloat16, [False, True, True])),
-        ]
+    w7, w3 = (torch.empty(C, 1, k, k, device="meta") for k in (7, 3))
+    bias, bf16 = torch.empty(C, device="meta"), torch.bfloat16
+    x32, d32 = _meta(SHAPE, torch.float32), _meta(SHAPE, torch.float32)
+    g16, a16 = _meta(SHAPE, bf16), _meta(SHAPE, bf16)
+    out += [  # the CfC backbone's 7x7 (its fp32 input rounded in registers), then its g/h pair
+        ("depthwise 7x7 forward (fp32 in)", "depthwise", "_dwconv_kernel",
+         lambda: dw.forward(x32, [w7], [bias], bf16)),
+        ("depthwise 7x7 input grad", "depthwise", "_dwconv_kernel",
+         lambda: dw.backward([g16], x32, [w7], bf16, [True, False, False])),
+        ("depthwise 7x7 weight grad", "depthwise", "_dwconv_wgrad_kernel",
+         lambda: dw.backward([g16], x32, [w7], bf16, [False, True, True])),
+        ("depthwise 3x3 g/h pair forward", "depthwise", "_dwconv_kernel",
+         lambda: dw.forward(a16, [w3, w3], [bias, bias], bf16)),
+        ("depthwise 3x3 g/h input grad+SiLU'", "depthwise", "_dwconv_kernel",
+         lambda: dw.backward([g16, g16], a16, [w3, w3], bf16, [True, False, False], silu_input=g16, addend=d32)),
+        ("depthwise 3x3 g/h weight grad", "depthwise", "_dwconv_wgrad_kernel",
+         lambda: dw.backward([g16, g16], a16, [w3, w3], bf16, [False, True, True])),
+    ]
     for layout in ("channels_last", "nchw"):
         acts = [_meta(SHAPE, torch.bfloat16, layout) for _ in range(3)] + [_meta(SHAPE, torch.float32, layout)]
         params = [torch.empty(B, C, dtype=torch.bfloat16, device="meta")] * 2 + [

@@ -4,7 +4,7 @@
         python -m benchmarks.sanitize_ops
 
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the Triton
-depthwise convs 7x7 and 3x3) at shapes whose channel and pixel counts are not multiples of any
+depthwise convs 7x7 and 3x3, the CfC heads' g/h pair) at shapes whose channel and pixel counts are not multiples of any
 block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
 activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
@@ -48,7 +48,7 @@ def case_list(on_gpu: bool) -> list[tuple]:
                 out += [(op, shape, layout, "bf16") for op in ops]
         mid = SHAPES[1]
         out += [(op, mid, layout, "bf16") for layout in cases.SLICE_LAYOUTS for op in ops]
-        mixed = [op for op in ops if op != "adaln" and not cases.OPS[op].kernel]  # ops with an fp32 input
+        mixed = [op for op in ops if op != "adaln" and not (cases.OPS[op].kernel or cases.OPS[op].heads)]  # ops with an fp32 input
         out += [(op, mid, layout, "mixed") for layout in cases.LAYOUTS for op in mixed]
         out += [(op, mid, layout, "fp32") for layout in cases.LAYOUTS for op in ops]
     else:  # the interpreter: fp32 only, small shapes

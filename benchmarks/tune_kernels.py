@@ -78,7 +78,7 @@ def depthwise_forward(shape, device, gbps, quick) -> list[str]:
         grid = {"_FWD_ROWS": (32,), "_FWD_BLOCK_W": (16, 8, 32), "_MAX_BLOCK_C": (32, 64), "_FWD_WARPS": (8, 4)}
         for setting in _settings(grid, quick):
             with configured(DEPTHWISE, **setting):
-                run = lambda: DEPTHWISE.forward(x, w, b, conv_dtype)  # noqa: E731
+                run = lambda: DEPTHWISE.forward(x, [w], [b], conv_dtype)  # noqa: E731
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
         out += _table(f"depthwise {k}x{k} forward, fp32 input -> {conv_dtype}, {list(shape)} channels_last", rows)
     return out
@@ -101,7 +101,7 @@ def depthwise_weight_grad(shape, device, gbps, quick) -> list[str]:
         grid = {"_WGRAD_ELEMENTS": (2048, 1024, 4096), "_WGRAD_WARPS": (8, 4), "_WGRAD_MIN_PROGRAMS": (1024, 4096)}
         for setting in _settings(grid, quick):
             with configured(DEPTHWISE, **setting):
-                run = lambda: DEPTHWISE.backward(go, x, w, conv_dtype, [False, True, True])  # noqa: E731
+                run = lambda: DEPTHWISE.backward([go], x, [w], conv_dtype, [False, True, True])  # noqa: E731
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
         out += _table(f"depthwise {k}x{k} weight + bias gradient, {list(shape)} channels_last", rows)
     return out

@@ -93,27 +93,74 @@ def test_inf_beyond_the_edge_stays_out(triton_dw, monkeypatch):
         torch.testing.assert_close(got[name].nan_to_num(posinf=0, neginf=0), want[name].nan_to_num(posinf=0, neginf=0))
 
 
-def test_silu_convs_depthwise_heads(triton_dw):
-    """The CfC's f (1x1, cuDNN/aten) and g/h depthwise heads (Triton) over one SiLU."""
-    z = torch.randn(2, 6, 7, 9, device=DEVICE).to(memory_format=torch.channels_last)
-    weights = [torch.randn(6, 6, 1, 1, device=DEVICE), torch.randn(6, 1, 3, 3, device=DEVICE),
-               torch.randn(6, 1, 3, 3, device=DEVICE)]
-    biases = [torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE), None]
-    leaves = [t.clone().requires_grad_() for t in [z, *weights, *biases[:2]]]
-    ref_leaves = [t.clone().requires_grad_() for t in [z, *weights, *biases[:2]]]
+def _silu_convs_inputs(dtype, layout, g_bias=True, h_bias=False):
+    """z and the CfC's three heads over it: f (1x1, cuDNN/aten), g and h (3x3 depthwise)."""
+    z = torch.randn(2, 6, 7, 9, dtype=dtype, device=DEVICE).to(memory_format=layout)
+    weights = [torch.randn(6, 6, 1, 1, dtype=dtype, device=DEVICE), torch.randn(6, 1, 3, 3, dtype=dtype, device=DEVICE),
+               torch.randn(6, 1, 3, 3, dtype=dtype, device=DEVICE)]
+    biases = [torch.randn(6, dtype=dtype, device=DEVICE) if use else None for use in (True, g_bias, h_bias)]
+    return z, weights, biases
+
+
+def check_silu_convs(z, weights, biases, tol, used=(0, 1, 2), z_grad=True):
+    """kernels.silu_convs vs functional.silu_convs: the ``used`` outputs, with shared upstream
+    gradients, and the gradient of every input that requires grad."""
+    params = [t for t in (*weights, *biases) if t is not None]
+    leaves = [z.clone().requires_grad_(z_grad), *(t.clone().requires_grad_() for t in params)]
+    ref_leaves = [z.clone().requires_grad_(z_grad), *(t.clone().requires_grad_() for t in params)]
 
     def run(op, ls):
-        return op(ls[0], ls[1:4], [ls[4], ls[5], None])
+        it = iter(ls[1:])
+        ws = [next(it) for _ in weights]
+        return op(ls[0], ws, [None if b is None else next(it) for b in biases])
 
     with parity.poisoned_outputs():
         outs, refs = run(kernels.silu_convs, leaves), run(functional.silu_convs, ref_leaves)
-        ups = [torch.randn_like(r) for r in refs]
-        got = torch.autograd.grad(outs, leaves, ups)
-        want = torch.autograd.grad(refs, ref_leaves, ups)
-    for i, (o, r) in enumerate(zip(outs, refs)):
-        parity.assert_close(f"out {i}", o, r, 1e-5)
+        ups = [torch.randn_like(refs[i]) for i in used]
+        wrt = [t for t in leaves if t.requires_grad]
+        got = torch.autograd.grad([outs[i] for i in used], wrt, ups, allow_unused=True)
+        want = torch.autograd.grad([refs[i] for i in used], [t for t in ref_leaves if t.requires_grad], ups,
+                                   allow_unused=True)
+    for i in used:
+        parity.assert_close(f"out {i}", outs[i], refs[i], tol)
     for i, (g, w) in enumerate(zip(got, want)):
-        parity.assert_close(f"grad {i}", g, w, 1e-5)
+        if w is None:
+            assert g is None or not g.any(), f"grad {i}: expected none"
+        else:
+            parity.assert_close(f"grad {i}", g, w, tol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_silu_convs_depthwise_heads(triton_dw, layout, dtype, tol):
+    """The CfC's f head (1x1, cuDNN/aten) and g/h depthwise heads (one Triton launch each way,
+    whose input gradient adds f's and applies SiLU's backward) over one SiLU."""
+    z, weights, biases = _silu_convs_inputs(dtype, layout)
+    check_silu_convs(z, weights, biases, tol)
+
+
+@pytest.mark.parametrize("used, z_grad, bias", [
+    ((0, 2), True, (True, True)),  # g unused: h alone in the Triton launch
+    ((1, 2), True, (False, True)),  # f unused: no addend, bias on the second head only
+    ((0, 1, 2), False, (True, True)),  # z frozen: the weight gradients alone
+])
+def test_silu_convs_heads_partly_used(triton_dw, used, z_grad, bias):
+    z, weights, biases = _silu_convs_inputs(torch.float64, torch.channels_last, *bias)
+    check_silu_convs(z, weights, biases, 1e-12, used, z_grad)
+
+
+def test_silu_convs_pairs_g_and_h(triton_dw, monkeypatch):
+    """g and h take one launch each way (forward, input gradient, weight gradient)."""
+    launches = []
+    for name in ("_convolve", "_weight_grads"):
+        real = getattr(depthwise, name)
+        monkeypatch.setattr(depthwise, name, lambda *a, _real=real, _name=name, **kw:
+                            launches.append((_name, len(a[0]))) or _real(*a, **kw))
+    z, weights, biases = _silu_convs_inputs(torch.float32, torch.channels_last)
+    check_silu_convs(z, weights, biases, 1e-5)
+    # _convolve's first argument: the inputs (1 in forward, 2 summed in backward); the weight
+    # gradient's: the grad_outs, one per head.
+    assert launches == [("_convolve", 1), ("_convolve", 2), ("_weight_grads", 2)]
 
 
 def test_multiscale_spatial_mix(triton_dw):
@@ -138,18 +185,34 @@ def test_gradcheck_fp64(triton_dw):
     assert torch.autograd.gradcheck(lambda *a: kernels.depthwise_conv(*a), tuple(ins.values()), fast_mode=True)
 
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_opcheck_forward(bias):
-    ins = _inputs((2, 3, 5, 6), 5, bias=bias)
+@pytest.mark.parametrize("biases", [(False,), (True,), (True, False), (False, True)])
+def test_opcheck_forward(biases):
+    ins = _inputs((2, 3, 5, 6), 5)
+    weights = [torch.randn_like(ins["weight"]) for _ in biases]
+    bias_list = [torch.randn_like(ins["bias"]) if use else None for use in biases]
     torch.library.opcheck(torch.ops.liquiddiff.depthwise_conv_forward.default,
-                          (ins["x"], ins["weight"], ins["bias"], torch.float32))
+                          (ins["x"], weights, bias_list, torch.float32))
 
 
+@pytest.mark.parametrize("heads", [1, 2])
 @pytest.mark.parametrize("needs", [[True, True, True], [True, False, False], [False, True, False], [False, False, True]])
-def test_opcheck_backward(needs):
+def test_opcheck_backward(heads, needs):
     ins = _inputs((2, 3, 5, 6), 3)
-    args = (torch.randn_like(ins["x"]), ins["x"], ins["weight"], torch.float32, needs)
+    grads = [torch.randn_like(ins["x"]) for _ in range(heads)]
+    weights = [torch.randn_like(ins["weight"]) for _ in range(heads)]
+    epilogue = (torch.randn_like(ins["x"]), torch.randn_like(ins["x"])) if heads == 2 else (None, None)
+    args = (grads, ins["x"], weights, torch.float32, needs, *epilogue)
     torch.library.opcheck(torch.ops.liquiddiff.depthwise_conv_backward.default, args)
+
+
+def test_heads_are_checked():
+    ins = _inputs((1, 2, 4, 4), 3)
+    with pytest.raises(ValueError, match="weights: expected one or two"):
+        depthwise.forward(ins["x"], [ins["weight"]] * 3, [None] * 3, torch.float32)
+    with pytest.raises(ValueError, match="weights: expected one or two"):
+        depthwise.forward(ins["x"], [ins["weight"], torch.randn(2, 1, 5, 5)], [None] * 2, torch.float32)
+    with pytest.raises(ValueError, match="grad_outs: expected one per weight"):
+        depthwise.backward([ins["x"]], ins["x"], [ins["weight"]] * 2, torch.float32, [True, True, True])
 
 
 @pytest.mark.slow
@@ -164,6 +227,21 @@ def test_torch_compile_fullgraph(triton_dw):
     parity.assert_close("out", out, ref, 1e-5)
     for name in ins:
         parity.assert_close(name, got[name], want[name], 1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph_heads(triton_dw):
+    """Compiled, the g/h pair reaches its kernels as the list-taking custom ops."""
+    z, weights, biases = _silu_convs_inputs(torch.float32, torch.channels_last)
+    compiled = torch.compile(lambda *a: kernels.silu_convs(a[0], a[1:4], a[4:]), fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (z, *weights, biases[0], biases[1])]
+    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    outs = compiled(*leaves, None)
+    refs = functional.silu_convs(ref_leaves[0], ref_leaves[1:4], [*ref_leaves[4:], None])
+    ups = [torch.randn_like(r) for r in refs]
+    got, want = torch.autograd.grad(outs, leaves, ups), torch.autograd.grad(refs, ref_leaves, ups)
+    for i, (o, r) in enumerate(zip((*outs, *got), (*refs, *want))):
+        parity.assert_close(f"output/grad {i}", o, r, 1e-5)
 
 
 def test_opt_in(monkeypatch):
@@ -200,3 +278,26 @@ def test_gpu_parity_bf16_autocast(triton_dw, k, layout):
     parity.assert_close("out", out.double(), ref, 1e-2)
     for name in ins:
         parity.assert_close(name, got[name].double(), want[name], 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_silu_convs_pair_bf16_autocast(triton_dw):
+    """The CfC heads at the model's size under bf16 autocast (a bf16 backbone z, fp32 weights):
+    the g/h pair's outputs and every gradient against fp64 on the same rounded inputs."""
+    z = torch.randn(8, 64, 256, 256, device=DEVICE).bfloat16().contiguous(memory_format=torch.channels_last)
+    weights = [torch.randn(64, 64, 1, 1, device=DEVICE) / 8] + [torch.randn(64, 1, 3, 3, device=DEVICE) / 3
+                                                                for _ in range(2)]
+    biases = [torch.randn(64, device=DEVICE) for _ in range(3)]
+    leaves = [t.clone().requires_grad_() for t in (z, *weights, *biases)]
+    rounded = [t.detach().bfloat16().double().requires_grad_() for t in (z, *weights, *biases)]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        outs = kernels.silu_convs(leaves[0], leaves[1:4], leaves[4:])
+    refs = functional.silu_convs(rounded[0], rounded[1:4], rounded[4:])
+    ups = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(outs, leaves, ups)
+    want = torch.autograd.grad(refs, rounded, [u.double() for u in ups])
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        assert o.dtype == torch.bfloat16
+        parity.assert_close(f"out {i}", o.double(), r, 1e-2)
+    for i, (g, w) in enumerate(zip(got, want)):
+        parity.assert_close(f"grad {i}", g.double(), w, 1e-2)

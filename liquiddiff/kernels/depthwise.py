@@ -8,11 +8,20 @@ serves both. The weight gradient dw[c, u, v] = sum_{b, i, j} grad_out[b, c, i, j
 x[b, c, i + u - P, j + v - P] (and dbias, the sum of grad_out) leaves each program as fp32
 partial sums over its pixels that torch adds up: deterministic, no atomics.
 
+Two heads (the CfC's g and h: two 3x3 kernels over the same backbone activation a = silu(z)) are
+one launch each way: the forward reads a once and writes both outputs; the input gradient reads
+both heads' grad_out and writes their sum, to which its epilogue adds the gradient a receives
+from its other consumers (the f head's 1x1 conv) and applies SiLU's backward, so it writes z's
+gradient directly; the weight gradient reads a once for both heads.
+
 Memory moved: the forward reads x and writes out once each: a program walks down a strip of
 rows, loads each input row k times (its horizontal shifts, cache hits after the first) and adds
 it to the k output rows it feeds (a sliding window; the strip's halo is k - 1 rows and columns).
 The input gradient the same; the weight gradient reads x and grad_out once (k*k shifted reads
-per row, cache hits) and writes [programs, k*k, C] fp32 partials.
+per row, cache hits) and writes [programs, k*k, C] fp32 partials. The g/h pair's backward,
+counted in passes over a bf16 activation: 8 (input gradient: 2 grad_outs, f's gradient, z, d_z;
+weight gradient: a and 2 grad_outs), against about 35 for the heads run one by one (two input
+and two weight gradients, the fp32 sum of three input gradients, a cast, SiLU's backward).
 
 Layout: a program owns BLOCK_C channels of a strip. In channels_last the channels of a pixel
 are one contiguous run, so every load is a vector load; NCHW runs through the same strides
@@ -45,8 +54,10 @@ __all__ = ["forward", "backward", "is_depthwise"]
 # axis lies within each thread, so completing a row is an in-register sum, but each tap's
 # [slots, channels] weight tile crosses warps through 1 KB of shared memory. (Unrolled taps
 # spilled; an earlier design, one shifted tile load per tap, read the input k*k times from L1
-# instead of k.) Weight gradient: a [taps (padded to a power of 2), W run, 32 channels] product
-# of 2048 elements (one pixel per row step for 7x7), 8 warps: 46-48 registers.
+# instead of k.) The g/h pair's forward and input gradient: 80-90 registers. Weight gradient:
+# a [taps (padded to a power of 2), W run, 32 channels] product of 2048 elements per launch (one
+# pixel per row step for 7x7; the pair halves the W run), 8 warps: 46-48 registers, 61-62 for
+# the pair.
 _FWD_ROWS, _FWD_BLOCK_W = 32, 16
 _MAX_BLOCK_C = 32
 _FWD_WARPS = 8
@@ -69,10 +80,12 @@ if triton is not None:
 
     @triton.jit
     def _dwconv_kernel(
-        x_ptr, w_ptr, bias_ptr, out_ptr,
+        x_ptr, x2_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, out_ptr, out2_ptr, add_ptr, z_ptr,
         C, H, W,
-        sx_b, sx_c, sx_h, sx_w, so_b, so_c, so_h, so_w, sw_c, sw_h, sw_w,
-        K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr,
+        sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
+        sa_b, sa_c, sa_h, sa_w, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
+        K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
+        PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, SILU_GRAD: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr,
         ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -80,16 +93,24 @@ if triton is not None:
         # horizontal tap (K loads, not K*K) and added to the K output rows it feeds, which live
         # in SLOTS (>= K, a power of 2) accumulator rows: output row o in slot o % SLOTS. When
         # input row r is in, output row r - P is complete: it is stored and its slot cleared.
+        # PAIR_OUT: a second kernel (w2, bias2 if HAS_BIAS2) on the same input rows, into out2 (the forward
+        # of two heads). PAIR_IN: a second input x2 with its kernel w2, summed into out (their
+        # input gradient). Epilogue at the store: + addend, then times SiLU'(z).
         P: tl.constexpr = K // 2
         pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         slots = tl.arange(0, SLOTS)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
-        o_base = out_ptr + pid_b * so_b + cs[None, :] * so_c + ow[:, None] * so_w
+        x2_base = x2_ptr + pid_b * sx2_b + cs[None, :] * sx2_c
+        o_off = pid_b * so_b + cs[None, :] * so_c + ow[:, None] * so_w
         w_base = w_ptr + cs[None, :] * sw_c
+        w2_base = w2_ptr + cs[None, :] * sw2_c
         store_cols = (ow < W)[:, None] & c_mask[None, :]
         if HAS_BIAS:
             bias = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
+        if HAS_BIAS2:
+            bias2 = tl.load(bias2_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
         acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
+        acc2 = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)  # PAIR_OUT only (else folded away)
         for i in range(ROWS + K - 1):
             r = row0 - P + i  # the input row this step reads
             # Vectors, not scalars: the interpreter rejects a scalar mask & a tensor mask.
@@ -103,33 +124,57 @@ if triton is not None:
             for v in range(K):  # a runtime loop: unrolled taps keep too many loads live
                 iw = ow + (v - P)
                 ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
-                xv = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
                 wv_col = (K - 1 - v) if FLIP else v
+                xv = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
                 wt = tl.load(w_base + u[:, None] * sw_h + wv_col * sw_w, mask=u_ok, other=0.0)
                 acc += wt.to(CONV).to(ACC)[:, None, :] * xv[None, :, :]
+                if PAIR_OUT or PAIR_IN:
+                    wt2 = tl.load(w2_base + u[:, None] * sw2_h + wv_col * sw2_w, mask=u_ok, other=0.0)
+                    wt2 = wt2.to(CONV).to(ACC)[:, None, :]
+                    if PAIR_IN:
+                        xv2 = tl.load(x2_base + r * sx2_h + iw[:, None] * sx2_w, mask=ok, other=0.0)
+                        acc += wt2 * xv2.to(CONV).to(ACC)[None, :, :]
+                    else:
+                        acc2 += wt2 * xv[None, :, :]
             o = r - P  # complete now
             done = (slots == (o & (SLOTS - 1)))[:, None, None]
+            o_vec = ow * 0 + o
+            keep = (o_vec >= row0) & (o_vec < row0 + ROWS) & (o_vec < H)
+            mask = store_cols & keep[:, None]
             out = tl.sum(tl.where(done, acc, 0.0), axis=0)
             if HAS_BIAS:
                 out += bias[None, :]
-            o_vec = ow * 0 + o
-            keep = (o_vec >= row0) & (o_vec < row0 + ROWS) & (o_vec < H)
-            tl.store(o_base + o * so_h, out.to(out_ptr.dtype.element_ty), mask=store_cols & keep[:, None])
+            if HAS_ADDEND:
+                out += tl.load(add_ptr + pid_b * sa_b + cs[None, :] * sa_c + o * sa_h + ow[:, None] * sa_w,
+                               mask=mask, other=0.0).to(ACC)
+            if SILU_GRAD:  # d silu(z) / dz = sig(z) * (1 + z * (1 - sig(z)))
+                zv = tl.load(z_ptr + pid_b * sz_b + cs[None, :] * sz_c + o * sz_h + ow[:, None] * sz_w,
+                             mask=mask, other=0.0).to(ACC)
+                sig = 1.0 / (1.0 + tl.exp(-zv))
+                out = out * (sig * (1.0 + zv * (1.0 - sig)))
+            tl.store(out_ptr + o_off + o * so_h, out.to(out_ptr.dtype.element_ty), mask=mask)
             acc = tl.where(done, 0.0, acc)
+            if PAIR_OUT:
+                out2 = tl.sum(tl.where(done, acc2, 0.0), axis=0)
+                if HAS_BIAS2:
+                    out2 += bias2[None, :]
+                tl.store(out2_ptr + o_off + o * so_h, out2.to(out2_ptr.dtype.element_ty), mask=mask)
+                acc2 = tl.where(done, 0.0, acc2)
 
 
     @triton.jit
     def _dwconv_wgrad_kernel(
-        x_ptr, go_ptr, part_ptr,
+        x_ptr, go_ptr, go2_ptr, part_ptr,
         B, C, H, W,
-        sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w,
+        sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sg2_b, sg2_c, sg2_h, sg2_w,
         # constexpr: Triton 3.6's interpreter cannot loop over a runtime int (with NumPy 2).
-        ROWS: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr,
+        ROWS: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr, HEADS: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
         # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load and one
-        # reduction over the W run, not k*k of each.
+        # reduction over the W run, not k*k of each. HEADS == 2: a second head's grad_out (go2)
+        # on the same input, whose x loads both heads share.
         pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         taps = tl.arange(0, TAPS)
         du = (taps // K - K // 2)[:, None, None]
@@ -140,25 +185,39 @@ if triton is not None:
                   & c_mask[None, None, :])
         x_base = x_ptr + pid_b * sx_b + cs[None, None, :] * sx_c + iw * sx_w
         g_base = go_ptr + pid_b * sg_b + cs[None, :] * sg_c + ow[:, None] * sg_w
+        g2_base = go2_ptr + pid_b * sg2_b + cs[None, :] * sg2_c + ow[:, None] * sg2_w
         g_mask = (ow < W)[:, None] & c_mask[None, :]
         acc = tl.zeros([TAPS, BLOCK_C], dtype=ACC)
+        acc2 = tl.zeros([TAPS, BLOCK_C], dtype=ACC)  # HEADS == 2 only (else folded away)
         acc_bias = tl.zeros([BLOCK_C], dtype=ACC)
+        acc_bias2 = tl.zeros([BLOCK_C], dtype=ACC)
         for r in range(ROWS):
             oh = row0 + r
             # A vector, not a scalar: the interpreter rejects a scalar mask & a tensor mask.
             row_ok = (ow * 0 + oh) < H
-            go = tl.load(g_base + oh * sg_h, mask=g_mask & row_ok[:, None], other=0.0).to(CONV).to(ACC)
             ih = oh + du
             x_ok = col_ok & (ih >= 0) & (ih < H) & row_ok[None, :, None]
-            xv = tl.load(x_base + ih * sx_h, mask=x_ok, other=0.0)
-            acc += tl.sum(xv.to(CONV).to(ACC) * go[None, :, :], axis=1)
+            xv = tl.load(x_base + ih * sx_h, mask=x_ok, other=0.0).to(CONV).to(ACC)
+            go = tl.load(g_base + oh * sg_h, mask=g_mask & row_ok[:, None], other=0.0).to(CONV).to(ACC)
+            acc += tl.sum(xv * go[None, :, :], axis=1)
             if NEED_BIAS:
                 acc_bias += tl.sum(go, axis=0)
-        # partials: [programs over pixels, B, TAPS + 1, C]; the last tap row holds dbias.
-        part = part_ptr + ((tl.program_id(0) * B + pid_b) * (TAPS + 1)) * C
-        tl.store(part + taps[:, None] * C + cs[None, :], acc, mask=(taps < K * K)[:, None] & c_mask[None, :])
+            if HEADS == 2:
+                go2 = tl.load(g2_base + oh * sg2_h, mask=g_mask & row_ok[:, None], other=0.0).to(CONV).to(ACC)
+                acc2 += tl.sum(xv * go2[None, :, :], axis=1)
+                if NEED_BIAS:
+                    acc_bias2 += tl.sum(go2, axis=0)
+        # partials: [programs over pixels, B, heads, TAPS + 1, C]; the last tap row holds dbias.
+        part = part_ptr + ((tl.program_id(0) * B + pid_b) * HEADS * (TAPS + 1)) * C
+        tap_mask = (taps < K * K)[:, None] & c_mask[None, :]
+        tl.store(part + taps[:, None] * C + cs[None, :], acc, mask=tap_mask)
         if NEED_BIAS:
             tl.store(part + TAPS * C + cs, acc_bias, mask=c_mask)
+        if HEADS == 2:
+            part2 = part + (TAPS + 1) * C
+            tl.store(part2 + taps[:, None] * C + cs[None, :], acc2, mask=tap_mask)
+            if NEED_BIAS:
+                tl.store(part2 + TAPS * C + cs, acc_bias2, mask=c_mask)
 
 
 def is_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -166,6 +225,15 @@ def is_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
     k = weight.shape[-1]
     return (groups == x.shape[1] == weight.shape[0] and weight.shape[1] == 1
             and weight.shape[-2] == k and k > 1 and k % 2 == 1)
+
+
+def _check_heads(weights: typing.Sequence[torch.Tensor], per_head: typing.Sequence, name: str) -> None:
+    """One or two heads, the second with the first's weight shape (one launch serves both)."""
+    if not 1 <= len(weights) <= 2 or any(w.shape != weights[0].shape for w in weights):
+        raise ValueError(f"weights: expected one or two depthwise weights of one shape, got "
+                         f"{[tuple(w.shape) for w in weights]}")
+    if len(per_head) != len(weights):
+        raise ValueError(f"{name}: expected one per weight ({len(weights)}), got {len(per_head)}")
 
 
 def _acc(dtype: torch.dtype):
@@ -181,93 +249,124 @@ def _channel_block(C: int) -> int:
     return min(_tensors.next_power_of_2(C), _MAX_BLOCK_C)
 
 
-def _convolve(x, weight, bias, dtype, flip: bool) -> torch.Tensor:
+def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=None, silu_input=None):
+    """One launch of the sliding-window kernel. ``xs``: one input, or two (their convolutions
+    summed, ``flip``: the input gradient); ``weights``: one or two (with one input: one output
+    each). Epilogue: + ``addend``, then times SiLU'(``silu_input``). Returns the outputs."""
+    x = xs[0]
     B, C, H, W = x.shape
-    k = weight.shape[-1]
-    out = _tensors.empty_activation(x, dtype)
+    k = weights[0].shape[-1]
+    pair_in, pair_out = len(xs) == 2, len(xs) == 1 and len(weights) == 2
+    outs = [_tensors.empty_activation(x, out_dtype or dtype) for _ in range(2 if pair_out else 1)]
     block_c = _channel_block(C)
     block_w = min(_tensors.next_power_of_2(W), _FWD_BLOCK_W)
     rows = min(_tensors.next_power_of_2(H), _FWD_ROWS)
     grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
+    # Unused pointers and strides (an absent second head, addend or silu_input) repeat the first.
+    x2, w2 = xs[-1], weights[-1]
+    bias, bias2 = biases[0], biases[-1] if pair_out else None
+    add, z = (addend if addend is not None else x), (silu_input if silu_input is not None else x)
     _dwconv_kernel[grid](
-        x, weight, bias if bias is not None else weight, out,
-        C, H, W, *x.stride(), *out.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
-        K=k, FLIP=flip, HAS_BIAS=bias is not None, CONV=_tl(dtype), ACC=_acc(dtype),
+        x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
+        add, z, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(), *z.stride(),
+        weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
+        K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
+        HAS_ADDEND=addend is not None, SILU_GRAD=silu_input is not None, CONV=_tl(dtype), ACC=_acc(dtype),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
-    return out
+    return outs
 
 
-def _forward_kernels(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                     dtype: torch.dtype) -> torch.Tensor:
-    return _convolve(x, weight, bias, dtype, flip=False)
+def _forward_kernels(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
+                     biases: typing.Sequence[typing.Optional[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    return _convolve([x], weights, biases, dtype, flip=False)
 
 
 _forward_op = torch.library.custom_op("liquiddiff::depthwise_conv_forward", mutates_args=())(_forward_kernels)
 
 
 @_forward_op.register_fake
-def _(x, weight, bias, dtype):
-    return _tensors.empty_activation(x, dtype)
+def _(x, weights, biases, dtype):
+    return [_tensors.empty_activation(x, dtype) for _ in weights]
 
 
-def forward(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-            dtype: torch.dtype) -> torch.Tensor:
-    """The convolution in ``dtype`` (inputs rounded to it in registers), in x's memory format.
-    No autograd: the caller's autograd.Function calls :func:`backward` (recompute.py)."""
+def forward(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
+            biases: typing.Sequence[typing.Optional[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
+    """The convolution of ``x`` with each of one or two weights (the CfC's g and h heads: one
+    launch, x read once), in ``dtype`` (inputs rounded to it in registers), in x's memory
+    format. No autograd: the caller's autograd.Function calls :func:`backward` (recompute.py)."""
+    _check_heads(weights, biases, "biases")
     op = _forward_op if _eager.needs_custom_op(x) else _forward_kernels
-    return op(x, weight, bias, dtype)
+    return op(x, weights, biases, dtype)
 
 
-def _weight_grad(grad_out, x, k: int, dtype, need_bias: bool):
+def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
+    """(d_ws, d_bs), one per head, from one launch that reads x once for both heads."""
     B, C, H, W = x.shape
+    heads = len(grad_outs)
     taps = _tensors.next_power_of_2(k * k)
     block_c = _channel_block(C)
-    block_w = max(1, min(_tensors.next_power_of_2(W), _WGRAD_ELEMENTS // (taps * block_c)))
+    block_w = max(1, min(_tensors.next_power_of_2(W), _WGRAD_ELEMENTS // (taps * block_c * heads)))
     others = _tensors.cdiv(W, block_w) * _tensors.cdiv(C, block_c) * B
     # A power of 2 (ROWS is a constexpr: few variants to compile).
     rows = min(_tensors.next_power_of_2(H), _tensors.next_power_of_2(_tensors.cdiv(H * others, _WGRAD_MIN_PROGRAMS)))
     grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    part = _tensors.empty_buffer((grid[0], B, taps + 1, C), acc, x.device)
+    part = _tensors.empty_buffer((grid[0], B, heads, taps + 1, C), acc, x.device)
     _dwconv_wgrad_kernel[grid](
-        x, grad_out, part, B, C, H, W, *x.stride(), *grad_out.stride(),
-        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, CONV=_tl(dtype), ACC=_acc(dtype),
+        x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
+        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tl(dtype), ACC=_acc(dtype),
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
     )
-    # Two fresh reductions (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
-    d_w = part[:, :, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype)
-    d_b = part[:, :, taps].sum((0, 1)).to(dtype) if need_bias else d_w.new_empty(0)
-    return d_w, d_b
+    # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
+    d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]
+    d_bs = [part[:, :, i, taps].sum((0, 1)).to(dtype) if need_bias else part.new_empty(0, dtype=dtype)
+            for i in range(heads)]
+    return d_ws, d_bs
 
 
-def _backward_kernels(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
-                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    k = weight.shape[-1]
-    d_x = _convolve(grad_out, weight, None, dtype, flip=True) if needs[0] else x.new_empty(0, dtype=dtype)
-    d_w, d_b = weight.new_empty(0, dtype=dtype), weight.new_empty(0, dtype=dtype)
+def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
+                      weights: typing.Sequence[torch.Tensor], dtype: torch.dtype, needs: typing.Sequence[bool],
+                      silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor]
+                      ) -> list[torch.Tensor]:
+    k = weights[0].shape[-1]
+    d_x = x.new_empty(0, dtype=dtype)
+    if needs[0]:
+        out_dtype = dtype if silu_input is None else silu_input.dtype
+        d_x = _convolve(grad_outs, weights, [None], dtype, True, out_dtype, addend, silu_input)[0]
+    d_ws = [weights[0].new_empty(0, dtype=dtype) for _ in weights]  # outputs may not alias
+    d_bs = [weights[0].new_empty(0, dtype=dtype) for _ in weights]
     if needs[1] or needs[2]:
-        d_w, d_b = _weight_grad(grad_out, x, k, dtype, needs[2])
-    return d_x, d_w, d_b
+        d_ws, d_bs = _weight_grads(grad_outs, x, k, dtype, needs[2])
+    return [d_x, *d_ws, *d_bs]
 
 
 _backward_op = torch.library.custom_op("liquiddiff::depthwise_conv_backward", mutates_args=())(_backward_kernels)
 
 
 @_backward_op.register_fake
-def _(grad_out, x, weight, dtype, needs):
-    C, k = weight.shape[0], weight.shape[-1]
-    return (
-        _tensors.empty_activation(grad_out, dtype) if needs[0] else x.new_empty(0, dtype=dtype),
-        weight.new_empty((C, 1, k, k) if needs[1] or needs[2] else (0,), dtype=dtype),
-        weight.new_empty((C,) if needs[2] else (0,), dtype=dtype),
-    )
+def _(grad_outs, x, weights, dtype, needs, silu_input, addend):
+    C, k = weights[0].shape[0], weights[0].shape[-1]
+    d_x = x.new_empty(0, dtype=dtype)
+    if needs[0]:
+        d_x = _tensors.empty_activation(grad_outs[0], dtype if silu_input is None else silu_input.dtype)
+    d_ws = [weights[0].new_empty((C, 1, k, k) if needs[1] or needs[2] else (0,), dtype=dtype) for _ in weights]
+    d_bs = [weights[0].new_empty((C,) if needs[2] else (0,), dtype=dtype) for _ in weights]
+    return [d_x, *d_ws, *d_bs]
 
 
-def backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype,
-             needs: typing.Sequence[bool]):
-    """(d_x, d_weight, d_bias) in ``dtype``, as ``aten.convolution_backward`` returns them for
-    the convolution in that dtype; None where ``needs`` (three flags) says so."""
+def backward(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
+             dtype: torch.dtype, needs: typing.Sequence[bool], silu_input: typing.Optional[torch.Tensor] = None,
+             addend: typing.Optional[torch.Tensor] = None):
+    """``(d_x, d_weights, d_biases)`` of :func:`forward` for its heads' ``grad_outs``, in ``dtype``
+    as ``aten.convolution_backward`` returns them for the convolution in that dtype; None where
+    ``needs`` (three flags, for all heads) says so. d_x sums the heads' input gradients (one
+    launch) and, given them, adds ``addend`` (x's gradient from its other consumers) and
+    applies SiLU's backward for ``x = silu(silu_input)``: then it is ``silu_input``'s gradient,
+    in its dtype."""
+    _check_heads(weights, grad_outs, "grad_outs")
     op = _backward_op if _eager.needs_custom_op(x) else _backward_kernels
-    d_x, d_w, d_b = op(grad_out, x, weight, dtype, list(needs))
-    return tuple(d if need else None for d, need in zip((d_x, d_w, d_b), needs))
+    d_x, *rest = op(grad_outs, x, weights, dtype, list(needs), silu_input, addend)
+    heads = len(weights)
+    d_ws, d_bs = rest[:heads], rest[heads:]
+    return (d_x if needs[0] else None, d_ws if needs[1] else [None] * heads, d_bs if needs[2] else [None] * heads)

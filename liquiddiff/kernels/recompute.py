@@ -65,7 +65,7 @@ def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> to
     """The reference's convolution in ``dtype``: the Triton depthwise kernel if ``triton`` (it
     rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``."""
     if triton:
-        return depthwise.forward(a, weight, bias, dtype)
+        return depthwise.forward(a, [weight], [bias], dtype)[0]
     return F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
                     padding=padding, groups=groups)
 
@@ -73,7 +73,8 @@ def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> to
 def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs, triton: bool):
     """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed."""
     if triton:
-        return depthwise.backward(grad_out, a, weight, dtype, needs)
+        d_a, (d_w,), (d_b,) = depthwise.backward([grad_out], a, [weight], dtype, needs)
+        return d_a, d_w, d_b
     return torch.ops.aten.convolution_backward(
         grad_out.to(dtype), a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
         False, [0, 0], groups, needs,
@@ -132,51 +133,82 @@ class _RecomputedConv(torch.autograd.Function):
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None
 
 
+def _paired_heads(weights, triton: list[bool]) -> list[int]:
+    """The heads one Triton launch computes: the first two on the Triton depthwise kernels that
+    share a kernel size (the CfC's g and h), or the first one alone."""
+    first = [i for i, use in enumerate(triton) if use]
+    return [i for i in first if weights[i].shape == weights[first[0]].shape][:2] if first else []
+
+
 class _SiluConvs(torch.autograd.Function):
-    """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only."""
+    """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only.
+
+    With the Triton depthwise kernels, two depthwise heads of one kernel size (the CfC's g and
+    h) are one launch each way: the forward reads silu(z) once for both; the backward's input
+    gradient sums both heads, adds the other heads' gradient and applies SiLU's backward in the
+    same pass, and one weight-gradient launch serves both heads."""
 
     @staticmethod
     def forward(ctx, z, n, *params):
         weights, biases = params[:n], params[n:]
         dtype = _conv_dtype(z, weights[0], biases[0])
-        ctx.triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
+        triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
+        ctx.paired = _paired_heads(weights, triton)
+        outs = [None] * n
         with torch.autocast(z.device.type, enabled=False):
             a = F.silu(z).to(dtype)
-            outs = tuple(_conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], triton)
-                         for w, b, triton in zip(weights, biases, ctx.triton))
+            if ctx.paired:
+                paired = depthwise.forward(a, [weights[i] for i in ctx.paired], [biases[i] for i in ctx.paired], dtype)
+                for i, out in zip(ctx.paired, paired):
+                    outs[i] = out
+            for i, (w, b, use) in enumerate(zip(weights, biases, triton)):
+                if outs[i] is None:
+                    outs[i] = _conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], use)
         ctx.save_for_backward(z, *weights)
         ctx.dtype = dtype
+        ctx.triton = triton
         ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
-        return outs
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grad_outs):
         z, *weights = ctx.saved_tensors
         n = len(weights)
         needs = ctx.needs_input_grad
+        need_ws = needs[2:2 + n]
+        need_bs = [bias is not None and need for bias, need in zip(ctx.biases, needs[2 + n:])]
         dtype = ctx.dtype
+        paired = [i for i in ctx.paired if grad_outs[i] is not None]
+        d_ws, d_bs = [None] * n, [None] * n
         with torch.autocast(z.device.type, enabled=False):
             a = F.silu(z).to(dtype)
-            d_a = None
-            d_ws, d_bs = [], []
+            d_as = []
             for i, (w, g, bias, triton) in enumerate(zip(weights, grad_outs, ctx.biases, ctx.triton)):
-                need_w, need_b = needs[2 + i], bias is not None and needs[2 + n + i]
-                if g is None:
-                    d_ws.append(None)
-                    d_bs.append(None)
+                if g is None or i in paired:
                     continue
-                d_ai, d_w, d_b = _conv_backward(
+                d_ai, d_ws[i], d_bs[i] = _conv_backward(
                     g, a, w, None if bias is None else bias[0], dtype, w.shape[-1] // 2,
-                    z.shape[1] // w.shape[1], [needs[0], need_w, need_b], triton,
+                    z.shape[1] // w.shape[1], [needs[0], need_ws[i], need_bs[i]], triton,
                 )
-                if needs[0]:  # summed in >= fp32: autograd would add bf16 grads in bf16
-                    d_ai = d_ai.to(torch.promote_types(d_ai.dtype, torch.float32))
-                    d_a = d_ai if d_a is None else d_a + d_ai
-                d_ws.append(d_w.to(w.dtype) if need_w else None)
-                d_bs.append(d_b.to(bias[1]) if need_b else None)
+                if needs[0]:
+                    d_as.append(d_ai)
+            d_a = d_as[0] if d_as else None
+            if len(d_as) > 1:  # summed in >= fp32: autograd would add bf16 grads in bf16
+                d_a = d_a.to(torch.promote_types(d_a.dtype, torch.float32))
+                for d in d_as[1:]:
+                    d_a = d_a + d
             d_z = None
-            if needs[0] and d_a is not None:
+            if paired:  # their input gradient + d_a, through SiLU's backward: d_z in one pass
+                need = [needs[0], any(need_ws[i] for i in paired), any(need_bs[i] for i in paired)]
+                d_z, pair_ws, pair_bs = depthwise.backward(
+                    [grad_outs[i] for i in paired], a, [weights[i] for i in paired], dtype, need,
+                    silu_input=z, addend=d_a)
+                for i, d_w, d_b in zip(paired, pair_ws, pair_bs):
+                    d_ws[i], d_bs[i] = d_w if need_ws[i] else None, d_b if need_bs[i] else None
+            elif needs[0] and d_a is not None:
                 d_z = torch.ops.aten.silu_backward(d_a.to(z.dtype), z)
+        d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
+        d_bs = [None if d is None else d.to(bias[1]) for d, bias in zip(d_bs, ctx.biases)]
         return (d_z, None, *d_ws, *d_bs)
 
 
