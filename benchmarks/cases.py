@@ -119,7 +119,7 @@ class OpSpec:
 
 
 @contextlib.contextmanager
-def _kernels_setting(extra: str):
+def kernels_setting(extra: str):
     """``LIQUIDDIFF_KERNELS`` with ``extra`` appended (per-op settings win), for a while."""
     old = os.environ.get(runtime.ENV_VAR)
     os.environ[runtime.ENV_VAR] = runtime.setting_with(extra)
@@ -135,7 +135,7 @@ def _kernels_setting(extra: str):
 def triton_depthwise_conv(x, weight, bias):
     """kernels.depthwise_conv on its opt-in Triton kernels: the 'fused' of the depthwise rows
     (the backend is chosen in the forward and kept for the backward)."""
-    with _kernels_setting("depthwise_conv=triton"):
+    with kernels_setting("depthwise_conv=triton"):
         return kernels.depthwise_conv(x, weight, bias)
 
 
@@ -154,7 +154,7 @@ def _heads(silu_convs):
 def triton_silu_convs(z, weights, biases):
     """kernels.silu_convs with its g/h heads on the opt-in Triton depthwise kernels (one launch
     for the pair each way)."""
-    with _kernels_setting("depthwise_conv=triton"):
+    with kernels_setting("depthwise_conv=triton"):
         return kernels.silu_convs(z, weights, biases)
 
 

@@ -1,0 +1,38 @@
+"""The train-step traffic ledger (benchmarks/traffic.py) on a CPU-sized model."""
+from benchmarks import cases, traffic
+from liquiddiff import build
+
+
+def _by_kind(ledger):
+    return ledger.grouped(lambda kind, op, phase: (kind, phase))
+
+
+def _gb(row):
+    return row[1] + row[2]
+
+
+def test_ledger_attributes_forward_and_backward_to_modules():
+    model = build("micro", channels=(8, 16))
+    ref = traffic.train_step_traffic(model.set_fused(False), batch=2, size=16, channels_last=True)
+    fused = traffic.train_step_traffic(model.set_fused(True), batch=2, size=16, channels_last=True)
+    with cases.kernels_setting("depthwise_conv=triton"):
+        paired = traffic.train_step_traffic(model, batch=2, size=16, channels_last=True)
+    for ledger in (ref, fused, paired):
+        kinds = _by_kind(ledger)
+        for kind in ("AdaLN", "ParallelCfC", "MultiScaleSpatialMix", "FeedForward"):
+            assert _gb(kinds[(kind, "forward")]) > 0 and _gb(kinds[(kind, "backward")]) > 0, kind
+    assert fused.total()[1] < ref.total()[1]
+    # The fused AdaLN is one kernel each way where the reference runs a chain of elementwise ops.
+    assert _gb(_by_kind(fused)[("AdaLN", "backward")]) < _gb(_by_kind(ref)[("AdaLN", "backward")]) / 3
+    # The g/h pair (one launch each way, SiLU's backward in the epilogue) moves less than the
+    # heads one by one on cuDNN.
+    cfc = [_gb(_by_kind(ledger)[("ParallelCfC", "backward")]) for ledger in (fused, paired)]
+    assert cfc[1] < cfc[0]
+    ops = paired.grouped(lambda kind, op, phase: op)
+    assert "liquiddiff::depthwise_conv_backward" in ops and "liquiddiff::cfc_relax_backward" in ops
+
+
+def test_report_lists_every_variant():
+    text = traffic.report("micro", size=8, batch=1, top=5)
+    for label, _, _ in traffic.VARIANTS:
+        assert f"| {label} |" in text
