@@ -101,6 +101,10 @@ class OpSpec:
             out["x"] = _activation(shape, dtype, device, layout, generator)
             out["weight"] = 0.2 * _randn((C, 1, self.kernel, self.kernel), dtype, device, generator)
             out["bias"] = _randn((C,), dtype, device, generator)
+        elif self.reference is functional.modulated_silu:
+            out["z"] = _activation(shape, dtype, device, layout, generator)
+            out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
+            out["shift"] = _randn((B, C), dtype, device, generator)
         elif self.reference is functional.cfc_relax:
             for n in ("f", "g", "h", "x"):
                 out[n] = _activation(shape, dtype, device, layout, generator)
@@ -194,6 +198,12 @@ OPS: dict[str, OpSpec] = {
         )
         for k in (7, 3)
     },
+    # The spatial mix's activation (inside its silu_conv1x1, on by default).
+    "modulated_silu": OpSpec(
+        name="modulated_silu", title="modulated SiLU", reference=functional.modulated_silu,
+        fused=kernels.modulated_silu, activations=("z",), outputs=("out",), saved=("z", "scale", "shift"),
+        grad_writes=("z", "scale", "shift"),
+    ),
     # The CfC backbone's SiLU and its three heads (f: 1x1 on cuDNN; g, h: 3x3 depthwise, the
     # opt-in Triton pair): what the g/h pairing saves against the reference and its compile.
     "cfc_heads": OpSpec(
@@ -202,7 +212,7 @@ OPS: dict[str, OpSpec] = {
         grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
     ),
 }
-OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
+OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)
 
 

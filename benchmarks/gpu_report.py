@@ -85,12 +85,12 @@ SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "fused_dw_cl",
                 "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
 # eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
-# less; the ops 72 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
+# less; the ops 96 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
 # and the trace's processing. They set the compile deadline (budget minus all of them) and
 # decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
-    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 27},
-    True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 18},
+    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 35},
+    True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23},
 }
 WRITE_MARGIN_S = 10
 

@@ -140,6 +140,15 @@ def launches() -> list[tuple[str, str, str, callable]]:
             (f"CfC backward ({layout})", "cfc_relax", "_cfc_relax_bwd_kernel",
              lambda acts=acts, params=params, go=go: cfc._backward_kernels(go, *acts, *params, [True] * 8)),
         ]
+    ms = _module("modulated_silu")
+    for layout in ("channels_last", "nchw"):
+        z, scale = _meta(SHAPE, bf16, layout), torch.empty(B, C, dtype=bf16, device="meta")
+        out += [
+            (f"modulated SiLU forward ({layout})", "modulated_silu", "_modulated_silu_fwd_kernel",
+             lambda z=z, scale=scale: ms.forward(z, scale, scale, bf16)),
+            (f"modulated SiLU backward ({layout})", "modulated_silu", "_modulated_silu_bwd_kernel",
+             lambda z=z, scale=scale: ms.backward(z, z, scale, scale, [True, True, True])),
+        ]
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
         x, r = _meta(shape, torch.bfloat16), _meta(shape, torch.float32)
@@ -168,7 +177,7 @@ def main() -> int:
           "spill stack bytes, shared bytes")
     for label, r in report():
         blocks = 65536 // (r["registers"] * 32 * r["num_warps"])
-        print(f"{label:<34} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "
+        print(f"{label:<40} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "
               f"shared {r['shared']}, {blocks} block(s) per SM by registers")
     return 0
 

@@ -3,8 +3,8 @@
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 \\
         python -m benchmarks.sanitize_ops
 
-Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the Triton
-depthwise convs 7x7 and 3x3, the CfC heads' g/h pair) at shapes whose channel and pixel counts are not multiples of any
+Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
+SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair) at shapes whose channel and pixel counts are not multiples of any
 block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
 activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
@@ -27,7 +27,7 @@ import time
 import torch
 
 from benchmarks import cases
-from liquiddiff import kernels
+from liquiddiff import functional, kernels
 from liquiddiff.kernels import runtime
 
 SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
@@ -48,7 +48,8 @@ def case_list(on_gpu: bool) -> list[tuple]:
                 out += [(op, shape, layout, "bf16") for op in ops]
         mid = SHAPES[1]
         out += [(op, mid, layout, "bf16") for layout in cases.SLICE_LAYOUTS for op in ops]
-        mixed = [op for op in ops if op != "adaln" and not (cases.OPS[op].kernel or cases.OPS[op].heads)]  # ops with an fp32 input
+        # The ops with an input autocast leaves in fp32 (MIXED_CAST: CfC's rho and t, residuals).
+        mixed = [op for op in ops if cases.OPS[op].residual or cases.OPS[op].reference is functional.cfc_relax]
         out += [(op, mid, layout, "mixed") for layout in cases.LAYOUTS for op in mixed]
         out += [(op, mid, layout, "fp32") for layout in cases.LAYOUTS for op in ops]
     else:  # the interpreter: fp32 only, small shapes

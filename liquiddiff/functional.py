@@ -18,6 +18,7 @@ __all__ = [
     "merged_depthwise_weight",
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
+    "modulated_silu",
     "silu_conv1x1",
     "silu_convs",
 ]
@@ -120,6 +121,13 @@ def multiscale_depthwise_conv_branches(x, weights, biases):
     )
 
 
+def modulated_silu(z, scale, shift):
+    """SiLU of a per-channel modulation: silu(z * (1 + scale) + shift).
+
+    z: [B, C, H, W]; scale, shift: [B, C]. The spatial mix's activation (t modulates it)."""
+    return F.silu(z * (1 + _per_channel(scale)) + _per_channel(shift))
+
+
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
     """An optional per-channel modulation, SiLU, then a 1x1 convolution: the end of every residual
     branch (FeedForward; the spatial mix, modulated by t) and of the CfC g/h heads.
@@ -127,9 +135,8 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
     y = z * (1 + scale) + shift (when given), out = conv1x1(silu(y)).
     z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None; scale, shift: [B, Ci] or None.
     """
-    if scale is not None:
-        z = z * (1 + _per_channel(scale)) + _per_channel(shift)
-    return F.conv2d(F.silu(z), weight, bias)
+    a = F.silu(z) if scale is None else modulated_silu(z, scale, shift)
+    return F.conv2d(a, weight, bias)
 
 
 def silu_convs(z, weights, biases):

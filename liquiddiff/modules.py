@@ -135,10 +135,12 @@ class ParallelCfC(FusedSwitch, nn.Module):
 
 
 class MultiScaleSpatialMix(FusedSwitch, nn.Module):
-    """Depthwise 3x3 + 5x5 + 7x7 plus a global-average-pool context, modulated by t.
+    """Depthwise 3x3 + 5x5 + 7x7 plus a global-average-pool context, modulated by t:
+    out(SiLU((local + context) * (1 + scale) + shift)).
 
     The three depthwise branches run as one 7x7 conv (functional.multiscale_depthwise_conv);
-    each branch keeps its own parameters and gradient.
+    each branch keeps its own parameters and gradient. The context, one value per channel, is
+    folded into the modulation's shift.
     """
 
     def __init__(self, channels: int, temb_dim: int, kernel_sizes=(3, 5, 7)):
@@ -157,7 +159,10 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         # gradient in place of a layout round trip.
         context = self.context(x.sum(dim=(2, 3), keepdim=True) / (x.shape[2] * x.shape[3]))
         scale, shift = self.time(temb)
-        return ops.silu_conv1x1(local + context, self.out.weight, self.out.bias, scale, shift)
+        # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
+        # shift: the same modulation without a full-size add (forward) or sum (its backward).
+        shift = context.flatten(1) * (1 + scale) + shift
+        return ops.silu_conv1x1(local, self.out.weight, self.out.bias, scale, shift)
 
 
 class FeedForward(FusedSwitch, nn.Module):

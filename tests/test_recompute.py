@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liquiddiff import functional, kernels
-from tests.parity import assert_close, grads_of, leaves
+from tests.parity import assert_close, grads_of, leaves, rel_err
 
 
 def check_parity(op: str, raw: dict, tol: float, layout) -> None:
@@ -64,10 +64,22 @@ def test_matches_reference_under_autocast(modulated):
     assert out.dtype == ref.dtype == torch.bfloat16
     up = torch.randn_like(ref)
     got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
-    assert_close("out", out, ref, 1e-6)
-    for name in ins:
-        assert got[name].dtype == raw[name].dtype
-        assert_close(name, got[name], want[name], 1e-6)
+    if not modulated:  # the same aten ops in the same dtypes
+        assert_close("out", out, ref, 1e-6)
+        for name in ins:
+            assert got[name].dtype == raw[name].dtype
+            assert_close(name, got[name], want[name], 1e-6)
+        return
+    # Modulated, the Triton kernel computes the modulation and SiLU in fp32 and rounds once,
+    # where the reference rounds each bf16 op: against fp64 on the same (rounded) inputs it must
+    # be no further off than the reference.
+    exact = {n: t.detach().bfloat16().double().requires_grad_() for n, t in raw.items() if t is not None}
+    truth = functional.silu_conv1x1(**exact)
+    truth_grads = grads_of(truth, exact, up.double())
+    for name, value, ref_value, true_value in [("out", out, ref, truth)] + [
+            (n, got[n], want[n], truth_grads[n]) for n in ins]:
+        assert value.dtype == ref_value.dtype, name
+        assert rel_err(value, true_value) <= 1.5 * rel_err(ref_value, true_value) + 1e-6, name
 
 
 @pytest.mark.parametrize("modulated", [False, True])

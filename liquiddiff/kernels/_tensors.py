@@ -99,6 +99,42 @@ def flat_pixels(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
     return t, strides
 
 
+def flat_all(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int, int, int]]]:
+    """Each tensor (copied only if H and W cannot merge) and its [B, C, H*W] strides."""
+    flat = [flat_pixels(t) for t in tensors]
+    return [t for t, _ in flat], [strides for _, strides in flat]
+
+
+def compute_dtypes(*tensors: torch.Tensor | None):
+    """The Triton compute dtype and the torch dtype of fp32/fp64 partial sums that goes with it."""
+    tl_dtype = compute_dtype(*tensors)
+    return tl_dtype, (torch.float64 if tl_dtype == tl.float64 else torch.float32)
+
+
+def pixel_tile(C: int, P: int, channels_last: bool, elements: int, per_thread: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_P, num_warps) of an elementwise [channels, pixels] tile of ``elements``.
+
+    channels_last: the contiguous run is the channels of one pixel, so the tile spans up to 128
+    channels and as many pixels as fill it. Otherwise (NCHW, pixel stride 1, or anything else)
+    it is a long pixel run over a few channels. ``per_thread`` elements per thread and tensor.
+    """
+    if channels_last:
+        block_c = min(next_power_of_2(C), 128)
+        block_p = min(next_power_of_2(P), max(elements // block_c, 1))
+    else:
+        block_p = min(next_power_of_2(P), 1024)
+        block_c = min(next_power_of_2(C), max(elements // block_p, 1))
+    return block_c, block_p, min(8, max(1, block_c * block_p // (32 * per_thread)))
+
+
+def tiles_per_program(C: int, P: int, B: int, block_c: int, block_p: int, max_tiles: int, min_programs: int) -> int:
+    """Pixel tiles one program walks (a backward with per-program partial sums: fewer, longer
+    programs keep the partials small), while the grid keeps ``min_programs`` programs."""
+    pixel_tiles = cdiv(P, block_p)
+    one_tile_programs = pixel_tiles * cdiv(C, block_c) * B
+    return max(1, min(max_tiles, pixel_tiles, one_tile_programs // min_programs))
+
+
 # Tests switch this on (tests/parity.py): every buffer a launcher allocates starts as NaN, so an
 # element that no program writes makes the parity check fail instead of passing by luck.
 poison_outputs = False

@@ -197,43 +197,18 @@ if triton is not None:
 
 
 def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
-    """(BLOCK_C, BLOCK_P, num_warps) for the layout of ``x``.
-
-    Channel stride 1 (channels_last): the contiguous run is the channels of one pixel, so the tile
-    spans up to 128 channels and as many pixels as fill it. Otherwise (NCHW, pixel stride 1, or
-    anything else) the tile is a long pixel run over a few channels.
-    """
+    """(BLOCK_C, BLOCK_P, num_warps) for the layout of ``x`` (channel stride 1: channels_last)."""
     channels_last = x_strides[1] == 1 and C > 1
     elements = (_BWD_TILE_CHANNELS_LAST if channels_last else _BWD_TILE) if backward else _FWD_TILE
-    if channels_last:
-        block_c = min(_tensors.next_power_of_2(C), 128)
-        block_p = min(_tensors.next_power_of_2(P), max(elements // block_c, 1))
-    else:
-        block_p = min(_tensors.next_power_of_2(P), 1024)
-        block_c = min(_tensors.next_power_of_2(C), max(elements // block_p, 1))
     # Elements per thread and tensor, as measured best: channels_last forward tiles run faster on
     # 4 warps than on 8.
     per_thread = (_BWD_PER_THREAD_CHANNELS_LAST if channels_last else 8) if backward else (32 if channels_last else 16)
-    num_warps = min(8, max(1, block_c * block_p // (32 * per_thread)))
-    return block_c, block_p, num_warps
+    return _tensors.pixel_tile(C, P, channels_last, elements, per_thread)
 
 
 def _bwd_tiles(C: int, P: int, B: int, block_c: int, block_p: int) -> int:
     """Pixel tiles per backward program."""
-    pixel_tiles = _tensors.cdiv(P, block_p)
-    one_tile_programs = pixel_tiles * _tensors.cdiv(C, block_c) * B
-    return max(1, min(_BWD_MAX_TILES, pixel_tiles, one_tile_programs // _BWD_MIN_PROGRAMS))
-
-
-def _flat(*tensors):
-    """The tensors (copied only if H and W cannot merge) and their [B, C, H*W] strides."""
-    flat = [_tensors.flat_pixels(t) for t in tensors]
-    return [t for t, _ in flat], [strides for _, strides in flat]
-
-
-def _compute(*tensors):
-    tl_dtype = _tensors.compute_dtype(*tensors)
-    return tl_dtype, (torch.float64 if tl_dtype == tl.float64 else torch.float32)
+    return _tensors.tiles_per_program(C, P, B, block_c, block_p, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
 
 
 def _allocate_out(f, g, h, x, a, b, rho, t, residual):
@@ -256,12 +231,12 @@ def _forward_kernels(
     out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
     B, C, H, W = x.shape
     P = H * W
-    (f, g, h, x, _), (sf, sg, sh, sx, so) = _flat(f, g, h, x, out)
+    (f, g, h, x, _), (sf, sg, sh, sx, so) = _tensors.flat_all(f, g, h, x, out)
     if residual is None:
         res, sr = x, (0, 0, 0)
     else:
         res, sr = _tensors.flat_pixels(residual)
-    compute, _ = _compute(f, g, h, x, a, b, rho, t, residual)
+    compute, _ = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
     grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
     _cfc_relax_fwd_kernel[grid](
@@ -295,13 +270,13 @@ def _backward_kernels(
     need_params = any(needs[4:])
     B, C, H, W = x.shape
     P = H * W
-    (go, f, g, h, x), (sgo, sf, sg, sh, sx) = _flat(grad_out, f, g, h, x)
+    (go, f, g, h, x), (sgo, sf, sg, sh, sx) = _tensors.flat_all(grad_out, f, g, h, x)
     # A skipped gradient is passed as its (never touched) input, with zero strides.
     d_args, d_strides = [], []
     for grad, tensor, need in zip((df, dg, dh, dx), (f, g, h, x), needs):
         d_args.append(grad if need else tensor)
         d_strides.extend(_tensors.flat_pixels(grad)[1] if need else (0, 0, 0))
-    compute, part_dtype = _compute(go, f, g, h, x, a, b, rho, t)
+    compute, part_dtype = _tensors.compute_dtypes(go, f, g, h, x, a, b, rho, t)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=True)
     tiles = _bwd_tiles(C, P, B, block_c, block_p)
     grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from liquiddiff import functional
 
 from . import _tensors, depthwise, runtime
+from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
 
@@ -88,18 +89,43 @@ def _modulate(z, scale, shift):
     return z * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
+def _eager_input_grads(d_a, y, z, scale, shift, activate: bool, needs):
+    """(d_z, d_scale, d_shift) from d_a, the gradient of act(y), y = modulate(z): aten ops."""
+    need_z, need_scale, need_shift = needs
+    d_y = d_a.to(y.dtype)
+    if activate:
+        d_y = torch.ops.aten.silu_backward(d_y, y)
+    d_z = d_scale = d_shift = None
+    if need_z:
+        d_z = (d_y if scale is None else d_y * (1 + scale[:, :, None, None])).to(z.dtype)
+    if need_scale:
+        d_scale = (d_y * z).sum((2, 3)).to(scale.dtype)
+    if need_shift:
+        d_shift = d_y.sum((2, 3)).to(shift.dtype)
+    return d_z, d_scale, d_shift
+
+
 class _RecomputedConv(torch.autograd.Function):
-    """conv(act(modulate(z))), act = SiLU or identity, saving z (and the small parameters) only."""
+    """conv(act(modulate(z))), act = SiLU or identity, saving z (and the small parameters) only.
+
+    A modulated SiLU (the spatial mix's) runs the Triton kernels of ``modulated_silu.py`` when
+    that backend is chosen: one pass writes the conv's input, one pass gives d_z, d_scale and
+    d_shift, where aten runs a chain of elementwise ops and reductions."""
 
     @staticmethod
     def forward(ctx, z, weight, bias, scale, shift, activate, padding, groups):
         dtype = _conv_dtype(z, weight, bias)
         triton = _triton_depthwise(z, weight, groups)
+        fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         with torch.autocast(z.device.type, enabled=False):
-            y = _modulate(z, scale, shift)
-            out = _conv(F.silu(y) if activate else y, weight, bias, dtype, padding, groups, triton)
+            if fused_act:
+                a = modulated_silu_forward(z, scale, shift, dtype)
+            else:
+                y = _modulate(z, scale, shift)
+                a = F.silu(y) if activate else y
+            out = _conv(a, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
-        ctx.conv = (dtype, activate, padding, groups, triton)
+        ctx.conv = (dtype, activate, padding, groups, triton, fused_act)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -107,27 +133,25 @@ class _RecomputedConv(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
-        dtype, activate, padding, groups, triton = ctx.conv
+        dtype, activate, padding, groups, triton, fused_act = ctx.conv
         need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
         need_y = need_z or need_scale or need_shift
+        d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
-            y = _modulate(z, scale, shift)
+            if fused_act:
+                a = modulated_silu_forward(z, scale, shift, dtype)
+            else:
+                y = _modulate(z, scale, shift)
+                a = F.silu(y) if activate else y
             d_a, d_w, d_b = _conv_backward(
-                grad_out, F.silu(y) if activate else y, weight, ctx.bias_shape, dtype, padding, groups,
+                grad_out, a, weight, ctx.bias_shape, dtype, padding, groups,
                 [need_y, need_w, need_b and ctx.bias_shape is not None], triton,
             )
-            d_y = None
-            if need_y:
-                d_y = d_a.to(y.dtype)
-                if activate:
-                    d_y = torch.ops.aten.silu_backward(d_y, y)
-        d_z = d_scale = d_shift = None
-        if need_z:
-            d_z = (d_y if scale is None else d_y * (1 + scale[:, :, None, None])).to(z.dtype)
-        if need_scale:
-            d_scale = (d_y * z).sum((2, 3)).to(scale.dtype)
-        if need_shift:
-            d_shift = d_y.sum((2, 3)).to(shift.dtype)
+            needs = (need_z, need_scale, need_shift)
+            if need_y and fused_act:
+                d_z, d_scale, d_shift = modulated_silu_backward(d_a, z, scale, shift, needs)
+            elif need_y:
+                d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
         d_w = d_w.to(weight.dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b and ctx.bias_shape is not None else None
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None

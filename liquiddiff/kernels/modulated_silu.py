@@ -1,0 +1,210 @@
+"""SiLU of a per-channel modulation in Triton, forward and backward: the op
+:func:`liquiddiff.functional.modulated_silu` (public: :func:`modulated_silu`), and the launchers
+that ``silu_conv1x1`` (recompute.py) calls for the spatial mix's activation, modulated by t.
+
+    y = z[b, c, p] * (1 + scale[b, c]) + shift[b, c],   a = silu(y)
+    d_y = d_a * sig(y) * (1 + y * (1 - sig(y))),   d_z = d_y * (1 + scale[b, c])
+    d_scale[b, c] = sum_p d_y * z,   d_shift[b, c] = sum_p d_y
+
+Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
+copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
+per-program fp32 partial sums over its pixels that torch adds up (deterministic, no atomics).
+In eager PyTorch the same is a mul, an add and a SiLU forward (6 passes, 4 here fewer), and in
+backward a recomputed modulation, SiLU's backward, two muls and two sums (about 14 passes, 3
+here).
+
+Layout: [B, C, H*W] through strides (``_tensors.flat_pixels``), NCHW, channels_last and channel
+slices without a copy; the tile is [channels, pixels], shaped for z's layout (as the CfC
+kernel's: Triton specialises the unit stride, so loads are vectors along it).
+"""
+import typing
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except Exception:  # Triton missing: runtime.use_triton is False, no launcher is reached
+    triton = None
+
+from liquiddiff import functional
+
+from . import _eager, _tensors, runtime
+
+__all__ = ["modulated_silu", "forward", "backward"]
+
+# Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
+# tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
+# forward's elements per thread. Not yet timed on a GPU.
+_FWD_TILE = 4096
+_BWD_TILE = 2048
+_PER_THREAD = 16
+_BWD_MAX_TILES = 16
+_BWD_MIN_PROGRAMS = 1024
+
+
+if triton is not None:
+
+    @triton.jit
+    def _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE: tl.constexpr):
+        """(1 + scale, shift) of this program's channels, as [BLOCK_C, 1] columns."""
+        one_plus = 1.0 + tl.load(scale_ptr + pid_b * ss_b + cs * ss_c, mask=c_mask).to(COMPUTE)
+        shift = tl.load(shift_ptr + pid_b * sh_b + cs * sh_c, mask=c_mask).to(COMPUTE)
+        return one_plus[:, None], shift[:, None]
+
+    @triton.jit
+    def _modulated_silu_fwd_kernel(
+        z_ptr, scale_ptr, shift_ptr, out_ptr, C, P,
+        sz_b, sz_c, sz_p, so_b, so_c, so_p, ss_b, ss_c, sh_b, sh_c,
+        COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+    ):
+        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not.
+        pid_b = tl.program_id(2).to(tl.int64)
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        c_mask = cs < C
+        mask = c_mask[:, None] & (ps < P)[None, :]
+        one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
+        z = tl.load(z_ptr + pid_b * sz_b + cs[:, None] * sz_c + ps[None, :] * sz_p, mask=mask).to(COMPUTE)
+        y = z * one_plus + shift
+        out = y * tl.sigmoid(y)
+        tl.store(out_ptr + pid_b * so_b + cs[:, None] * so_c + ps[None, :] * so_p,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _modulated_silu_bwd_kernel(
+        go_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, C, P,
+        sgo_b, sgo_c, sgo_p, sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
+        NEED_DZ: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+    ):
+        pid_p = tl.program_id(0)
+        pid_b = tl.program_id(2).to(tl.int64)
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        c_mask = cs < C
+        one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
+        # Whole tiles accumulate; one cross-thread reduction per program at the end.
+        acc_scale = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
+        acc_shift = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
+        for i in range(TILES):
+            ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            mask = c_mask[:, None] & (ps < P)[None, :]
+            go = tl.load(go_ptr + pid_b * sgo_b + cs[:, None] * sgo_c + ps[None, :] * sgo_p, mask=mask).to(COMPUTE)
+            z = tl.load(z_ptr + pid_b * sz_b + cs[:, None] * sz_c + ps[None, :] * sz_p, mask=mask).to(COMPUTE)
+            y = z * one_plus + shift
+            sig = tl.sigmoid(y)
+            dy = go * (sig * (1.0 + y * (1.0 - sig)))
+            if NEED_PARAMS:
+                # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
+                acc_scale += tl.where(mask, dy * z, 0.0)
+                acc_shift += tl.where(mask, dy, 0.0)
+            if NEED_DZ:
+                tl.store(dz_ptr + pid_b * sdz_b + cs[:, None] * sdz_c + ps[None, :] * sdz_p,
+                         (dy * one_plus).to(dz_ptr.dtype.element_ty), mask=mask)
+        if NEED_PARAMS:
+            part = part_ptr + (pid_p * B + pid_b) * C + cs
+            tl.store(part, tl.sum(acc_scale, axis=1), mask=c_mask)
+            tl.store(part + tl.num_programs(0) * B * C, tl.sum(acc_shift, axis=1), mask=c_mask)
+
+
+def _tile(C: int, P: int, z_strides: tuple[int, int, int], elements: int) -> tuple[int, int, int]:
+    return _tensors.pixel_tile(C, P, z_strides[1] == 1 and C > 1, elements, _PER_THREAD)
+
+
+def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = _tensors.empty_activation(z, dtype)
+    B, C, H, W = z.shape
+    P = H * W
+    (z, out_flat), (sz, so) = _tensors.flat_all(z, out)
+    block_c, block_p, num_warps = _tile(C, P, sz, _FWD_TILE)
+    grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
+    _modulated_silu_fwd_kernel[grid](
+        z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(),
+        COMPUTE=_tensors.compute_dtype(z, scale, shift, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+    )
+    return out
+
+
+_forward_op = torch.library.custom_op("liquiddiff::modulated_silu_forward", mutates_args=())(_forward_kernels)
+
+
+@_forward_op.register_fake
+def _(z, scale, shift, dtype):
+    return _tensors.empty_activation(z, dtype)
+
+
+def forward(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """silu(z * (1 + scale) + shift), computed in fp32 (fp64 for fp64) and stored in ``dtype``,
+    in z's memory format. No autograd: the caller's autograd.Function calls :func:`backward`."""
+    op = _forward_op if _eager.needs_custom_op(z) else _forward_kernels
+    return op(z, scale, shift, dtype)
+
+
+def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B, C, H, W = z.shape
+    P = H * W
+    d_z = _tensors.empty_activation(z, z.dtype) if needs[0] else z.new_empty(0)
+    need_params = needs[1] or needs[2]
+    (go, z, d_z_flat), (sgo, sz, sdz) = _tensors.flat_all(grad_out, z, d_z if needs[0] else z)
+    compute, part_dtype = _tensors.compute_dtypes(grad_out, z, scale, shift)
+    block_c, block_p, num_warps = _tile(C, P, sz, _BWD_TILE)
+    tiles = _tensors.tiles_per_program(C, P, B, block_c, block_p, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
+    grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)
+    partials = _tensors.empty_buffer((2, grid[0], B, C), part_dtype, z.device) if need_params else z
+    _modulated_silu_bwd_kernel[grid](
+        go, z, scale, shift, d_z_flat, partials, B, C, P, *sgo, *sz, *sdz, *scale.stride(), *shift.stride(),
+        NEED_DZ=needs[0], NEED_PARAMS=need_params, COMPUTE=compute,
+        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+    )
+    # Fresh reductions (custom-op outputs may not alias one another).
+    d_scale = partials[0].sum(0).to(scale.dtype) if needs[1] else scale.new_empty(0)
+    d_shift = partials[1].sum(0).to(shift.dtype) if needs[2] else shift.new_empty(0)
+    return d_z, d_scale, d_shift
+
+
+_backward_op = torch.library.custom_op("liquiddiff::modulated_silu_backward", mutates_args=())(_backward_kernels)
+
+
+@_backward_op.register_fake
+def _(grad_out, z, scale, shift, needs):
+    return (
+        _tensors.empty_activation(z, z.dtype) if needs[0] else z.new_empty(0),
+        scale.new_empty(scale.shape if needs[1] else (0,)),
+        shift.new_empty(shift.shape if needs[2] else (0,)),
+    )
+
+
+def backward(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+             needs: typing.Sequence[bool]):
+    """(d_z, d_scale, d_shift) of :func:`forward` for ``grad_out`` (the gradient of its output),
+    each in its input's dtype; None where ``needs`` (three flags) says so."""
+    op = _backward_op if _eager.needs_custom_op(z) else _backward_kernels
+    grads = op(grad_out, z, scale, shift, list(needs))
+    return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+class _ModulatedSilu(torch.autograd.Function):
+    """The op on the launchers, saving its inputs; under torch.compile they are custom ops."""
+
+    @staticmethod
+    def forward(ctx, z, scale, shift):
+        ctx.save_for_backward(z, scale, shift)
+        return forward(z, scale, shift, _tensors.result_dtype(z, scale, shift))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        z, scale, shift = ctx.saved_tensors
+        return backward(grad_out, z, scale, shift, ctx.needs_input_grad)
+
+
+def modulated_silu(z, scale, shift):
+    """Fused :func:`liquiddiff.functional.modulated_silu` (same signature, value and gradients,
+    the result in the promoted dtype of the inputs)."""
+    _tensors.check_activation("z", z)
+    _tensors.check_vector("scale", scale, z.shape[:2], z.device)
+    _tensors.check_vector("shift", shift, z.shape[:2], z.device)
+    if not runtime.use_triton("modulated_silu", z.device.type):
+        return functional.modulated_silu(z, scale, shift)
+    return _ModulatedSilu.apply(z, scale, shift)

@@ -1,0 +1,224 @@
+"""The Triton modulated SiLU (liquiddiff/kernels/modulated_silu.py) against the reference.
+
+The launchers' value and gradients against functional.modulated_silu and its autograd, with one
+shared upstream gradient and NaN-poisoned outputs, in fp32 and fp64, NCHW, channels_last and
+channel slices, awkward shapes and backward programs that walk several tiles; then inside
+kernels.silu_conv1x1 (where the spatial mix calls it); gradcheck, opcheck, torch.compile, the
+runtime selection; the `gpu` test checks bf16 under autocast at the model's size.
+"""
+import importlib
+
+import pytest
+import torch
+
+import parity
+from liquiddiff import functional, kernels
+from liquiddiff.kernels import runtime
+
+# The module (the package's attribute of that name is the op).
+modulated_silu = importlib.import_module("liquiddiff.kernels.modulated_silu")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+LAYOUTS = ("nchw", "channels_last", "slice_nchw", "slice_channels_last")
+NEEDS = ("z", "scale", "shift")
+
+
+def _z(shape, dtype, layout):
+    B, C, H, W = shape
+    if layout.startswith("slice"):
+        wide = torch.randn(B, C + 3, H, W, dtype=dtype, device=DEVICE)
+        if layout == "slice_channels_last":
+            wide = wide.contiguous(memory_format=torch.channels_last)
+        return wide[:, 2:2 + C]
+    z = torch.randn(shape, dtype=dtype, device=DEVICE)
+    return z.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else z
+
+
+def _inputs(shape, dtype=torch.float32, layout="channels_last"):
+    B, C = shape[:2]
+    return {"z": _z(shape, dtype, layout), "scale": 0.5 * torch.randn(B, C, dtype=dtype, device=DEVICE),
+            "shift": torch.randn(B, C, dtype=dtype, device=DEVICE)}
+
+
+def check_launchers(raw: dict, tol: float, needs=(True, True, True)) -> None:
+    """forward and backward of the launchers vs the reference and its autograd."""
+    ref_ins = parity.leaves(raw)
+    ref = functional.modulated_silu(**ref_ins)
+    up = torch.randn_like(ref)
+    want = parity.grads_of(ref, ref_ins, up)
+    with parity.poisoned_outputs():
+        out = modulated_silu.forward(raw["z"], raw["scale"], raw["shift"], ref.dtype)
+        got = modulated_silu.backward(up, raw["z"], raw["scale"], raw["shift"], needs)
+    parity.assert_close("out", out, ref, tol)
+    if raw["z"].is_contiguous(memory_format=torch.channels_last):
+        assert out.is_contiguous(memory_format=torch.channels_last), "out keeps z's memory format"
+    for name, grad, need in zip(NEEDS, got, needs):
+        if need:
+            parity.assert_close(name, grad, want[name], tol)
+        else:
+            assert grad is None, name
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+def test_parity(layout, dtype, tol):
+    check_launchers(_inputs((2, 5, 9, 11), dtype, layout), tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 17), (2, 70, 6, 5), (1, 130, 3, 3), (2, 4, 33, 40)])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_parity_awkward_shapes(shape, layout):
+    """One pixel, one row, C past a channel block (partial channel tiles), more pixels than a
+    tile."""
+    check_launchers(_inputs(shape, torch.float64, layout), 1e-12)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True), (False, True, True)])
+def test_parity_partial_needs(needs):
+    check_launchers(_inputs((2, 5, 6, 7), torch.float64), 1e-12, needs)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_backward_programs_walk_several_tiles(monkeypatch, layout):
+    """Few programs, each walking several pixel tiles, the last one partial."""
+    monkeypatch.setattr(modulated_silu, "_BWD_TILE", 64)
+    monkeypatch.setattr(modulated_silu, "_BWD_MIN_PROGRAMS", 2)
+    check_launchers(_inputs((1, 4, 13, 19), torch.float64, layout), 1e-12)
+
+
+def test_nan_and_inf_propagate():
+    raw = _inputs((1, 3, 4, 4), torch.float64)
+    raw["z"][0, 0, 1, 1] = float("nan")
+    raw["z"][0, 1, 2, 2] = float("inf")
+    ref = functional.modulated_silu(**raw)
+    out = modulated_silu.forward(raw["z"], raw["scale"], raw["shift"], torch.float64)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.isinf(), ref.isinf())
+    torch.testing.assert_close(out.nan_to_num(), ref.nan_to_num())
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_inside_silu_conv1x1(layout):
+    """kernels.silu_conv1x1 with a modulation (the spatial mix's call) runs the kernels: value
+    and every gradient against functional.silu_conv1x1."""
+    raw = {**_inputs((2, 6, 5, 7), torch.float64, "nchw"), "weight": torch.randn(5, 6, 1, 1, dtype=torch.float64,
+                                                                                  device=DEVICE),
+           "bias": torch.randn(5, dtype=torch.float64, device=DEVICE)}
+    raw["z"] = raw["z"].contiguous(memory_format=layout)
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    with parity.poisoned_outputs():
+        out = kernels.silu_conv1x1(**ins)
+        ref = functional.silu_conv1x1(**ref_ins)
+        up = torch.randn_like(ref)
+        got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    parity.assert_close("out", out, ref, 1e-12)
+    for name in ins:
+        parity.assert_close(name, got[name], want[name], 1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_public_op(layout):
+    """kernels.modulated_silu: the op with autograd, value and every gradient."""
+    raw = _inputs((2, 5, 6, 7), torch.float64, layout)
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    with parity.poisoned_outputs():
+        out, ref = kernels.modulated_silu(**ins), functional.modulated_silu(**ref_ins)
+        up = torch.randn_like(ref)
+        got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    parity.assert_close("out", out, ref, 1e-12)
+    for name in ins:
+        parity.assert_close(name, got[name], want[name], 1e-12)
+
+
+def test_public_op_follows_type_promotion():
+    """bf16 z with fp32 scale and shift returns fp32, as the reference does."""
+    raw = _inputs((1, 3, 4, 4), torch.float32)
+    z = raw["z"].bfloat16()
+    assert kernels.modulated_silu(z, raw["scale"], raw["shift"]).dtype == \
+        functional.modulated_silu(z, raw["scale"], raw["shift"]).dtype == torch.float32
+
+
+def test_bad_arguments_are_named():
+    raw = _inputs((2, 3, 4, 4))
+    with pytest.raises(ValueError, match="z: expected a 4-D"):
+        kernels.modulated_silu(raw["z"][0], raw["scale"], raw["shift"])
+    with pytest.raises(ValueError, match=r"scale: expected shape \(2, 3\)"):
+        kernels.modulated_silu(raw["z"], raw["scale"][:, :2], raw["shift"])
+    with pytest.raises(TypeError, match="shift: expected a floating-point"):
+        kernels.modulated_silu(raw["z"], raw["scale"], raw["shift"].long())
+
+
+def test_runs_the_kernels_unless_told_not_to(monkeypatch):
+    calls = []
+    recompute = importlib.import_module("liquiddiff.kernels.recompute")
+    real = recompute.modulated_silu_forward
+    monkeypatch.setattr(recompute, "modulated_silu_forward", lambda *a: calls.append(1) or real(*a))
+    raw = {**_inputs((1, 3, 4, 4)), "weight": torch.randn(2, 3, 1, 1, device=DEVICE)}
+    kernels.silu_conv1x1(**raw).sum()
+    assert runtime.select_backend("modulated_silu", DEVICE).is_triton and len(calls) == 1
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,modulated_silu=torch")
+    kernels.silu_conv1x1(**raw)
+    assert len(calls) == 1
+
+
+def test_gradcheck_fp64():
+    raw = {**_inputs((1, 3, 3, 4), torch.float64), "weight": torch.randn(2, 3, 1, 1, dtype=torch.float64,
+                                                                         device=DEVICE)}
+    ins = parity.leaves(raw)
+    assert torch.autograd.gradcheck(lambda z, s, sh, w: kernels.silu_conv1x1(z, w, None, s, sh),
+                                    (ins["z"], ins["scale"], ins["shift"], ins["weight"]))
+
+
+def test_opcheck_forward():
+    raw = _inputs((2, 3, 5, 6))
+    torch.library.opcheck(torch.ops.liquiddiff.modulated_silu_forward.default,
+                          (raw["z"], raw["scale"], raw["shift"], torch.float32))
+
+
+@pytest.mark.parametrize("needs", [[True, True, True], [True, False, False], [False, True, True]])
+def test_opcheck_backward(needs):
+    raw = _inputs((2, 3, 5, 6))
+    args = (torch.randn_like(raw["z"]), raw["z"], raw["scale"], raw["shift"], needs)
+    torch.library.opcheck(torch.ops.liquiddiff.modulated_silu_backward.default, args)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph():
+    """Compiled, silu_conv1x1's autograd.Function reaches the kernels as the custom ops."""
+    raw = {**_inputs((2, 3, 5, 6)), "weight": torch.randn(4, 3, 1, 1, device=DEVICE)}
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    compiled = torch.compile(lambda z, scale, shift, weight: kernels.silu_conv1x1(z, weight, None, scale, shift),
+                             fullgraph=True)
+    out, ref = compiled(**ins), functional.silu_conv1x1(ref_ins["z"], ref_ins["weight"], None,
+                                                         ref_ins["scale"], ref_ins["shift"])
+    up = torch.randn_like(ref)
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    parity.assert_close("out", out, ref, 1e-5)
+    for name in ins:
+        parity.assert_close(name, got[name], want[name], 1e-5)
+    # The public op too.
+    ins = parity.leaves(_inputs((2, 3, 5, 6)))
+    ref_ins = parity.leaves(ins)
+    out, ref = torch.compile(kernels.modulated_silu, fullgraph=True)(**ins), functional.modulated_silu(**ref_ins)
+    up = torch.randn_like(ref)
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    parity.assert_close("public op out", out, ref, 1e-5)
+    for name in ins:
+        parity.assert_close(f"public op {name}", got[name], want[name], 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_bf16_at_model_size(layout):
+    """bf16 z, scale and shift (the spatial mix under autocast) at [8, 64, 256, 256]: value and
+    every gradient against fp64 on the same inputs."""
+    raw = {n: t.bfloat16() for n, t in _inputs((8, 64, 256, 256), torch.float32, layout).items()}
+    exact_ins = parity.leaves({n: t.double() for n, t in raw.items()})
+    ref = functional.modulated_silu(**exact_ins)
+    up = torch.randn_like(ref)
+    want = parity.grads_of(ref, exact_ins, up)
+    out = modulated_silu.forward(raw["z"], raw["scale"], raw["shift"], torch.bfloat16)
+    got = modulated_silu.backward(up.bfloat16(), raw["z"], raw["scale"], raw["shift"], (True, True, True))
+    parity.assert_close("out", out.double(), ref, 1e-2)
+    for name, grad in zip(NEEDS, got):
+        assert grad.dtype == torch.bfloat16
+        parity.assert_close(name, grad.double(), want[name], 1e-2)
