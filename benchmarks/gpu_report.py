@@ -63,6 +63,7 @@ class Variant:
     layout: str
     compiled: bool
     kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings for its worker
+    cuda_graph: bool = False  # sampling: the model call captured once, replayed each step
 
 
 # The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
@@ -77,11 +78,13 @@ VARIANTS = {
     "fused_cl": Variant("fused", True, "channels_last", False),
     "fused_compile_cl": Variant("torch.compile(fused)", True, "channels_last", True),
     "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
+    # Sampling only: whether the eager fused step's launches bound it by the host.
+    "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
 }
 # Timed in this order; when time runs short the last ones are skipped.
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw", "fused_cl", "fused_compile_cl",
                "fused_dw_cl")
-SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_compile_cl", "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw",
+SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw",
                 "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
 # eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
@@ -128,7 +131,7 @@ def _worker_main(args) -> int:
             if variant.compiled:
                 cases.compile_model(trainer)
             t0 = time.perf_counter()
-            _warm_up(trainer, task, cfg, images)
+            _warm_up(trainer, task, cfg, images, variant)
             cases.sync(device)
             compile_s = time.perf_counter() - t0
             if device.type == "cuda":
@@ -137,8 +140,8 @@ def _worker_main(args) -> int:
         if sys.stdin.readline().strip() != "go":
             return 0
         if not compiles:
-            _warm_up(trainer, task, cfg, images)
-        result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device)
+            _warm_up(trainer, task, cfg, images, variant)
+        result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device, variant)
         if task == "train" and args.profile:
             try:  # after the timing, so the profiler's overhead touches no number above
                 result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
@@ -153,12 +156,12 @@ def _worker_main(args) -> int:
         return 1
 
 
-def _warm_up(trainer, task, cfg, images):
+def _warm_up(trainer, task, cfg, images, variant):
     if task == "train":
         for _ in range(max(1, cfg.train_warmup)):
             trainer.train_step(images)
     else:
-        trainer.sample(cfg.batch, cfg.image, num_steps=2, use_ema=False)
+        trainer.sample(cfg.batch, cfg.image, num_steps=2, use_ema=False, cuda_graph=variant.cuda_graph)
 
 
 def _memory_start(device):
@@ -196,13 +199,15 @@ def _measure_train(trainer, images, cfg, device) -> dict:
     return out
 
 
-def _measure_sample(trainer, cfg, device) -> dict:
+def _measure_sample(trainer, cfg, device, variant) -> dict:
+    """Images per second of whole sample() calls (a CUDA graph's capture included)."""
     base = _memory_start(device)
     times, images = [], None
     for _ in range(max(1, cfg.sample_runs)):
         cases.sync(device)
         t0 = time.perf_counter()
-        images = trainer.sample(cfg.batch, cfg.image, num_steps=cfg.sample_steps, use_ema=False)
+        images = trainer.sample(cfg.batch, cfg.image, num_steps=cfg.sample_steps, use_ema=False,
+                                cuda_graph=variant.cuda_graph)
         cases.sync(device)
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
@@ -715,6 +720,7 @@ def run_report(args, argv) -> int:
             for name in SAMPLE_ORDER:
                 tasks.append(("sample", name))
             tasks = [(t, n) for t, n in tasks if args.compile or not VARIANTS[n].compiled]
+            tasks = [(t, n) for t, n in tasks if device.type == "cuda" or not VARIANTS[n].cuda_graph]
             if args.variants:
                 tasks = [(t, n) for t, n in tasks if n in args.variants]
             if not args.compile:
@@ -863,9 +869,9 @@ def e2e_section(workers, cfg, notes) -> dict:
         for base_name, key in (("ref_eager_nchw", "speedup_vs_ref_eager_nchw"), ("ref_compile_cl", "speedup_vs_ref_compile_cl")):
             base = train.get(base_name, {}).get("train_ms")
             r[key] = _ratio(base, r.get("train_ms"))
-    order = {n: i for i, n in enumerate(TRAIN_ORDER)}
+    order = {n: i for i, n in enumerate(TRAIN_ORDER)}  # sampling rows in the same order, extras last
     section["train"].sort(key=lambda r: order[r["name"]])
-    section["sample"].sort(key=lambda r: order[r["name"]])
+    section["sample"].sort(key=lambda r: order.get(r["name"], len(order)))
     return section
 
 

@@ -13,10 +13,10 @@ def _gb(row):
 
 def test_ledger_attributes_forward_and_backward_to_modules():
     model = build("micro", channels=(8, 16))
-    ref = traffic.train_step_traffic(model.set_fused(False), batch=2, size=16, channels_last=True)
-    fused = traffic.train_step_traffic(model.set_fused(True), batch=2, size=16, channels_last=True)
+    ref = traffic.step_traffic(model.set_fused(False), batch=2, size=16, channels_last=True)
+    fused = traffic.step_traffic(model.set_fused(True), batch=2, size=16, channels_last=True)
     with cases.kernels_setting("depthwise_conv=triton"):
-        paired = traffic.train_step_traffic(model, batch=2, size=16, channels_last=True)
+        paired = traffic.step_traffic(model, batch=2, size=16, channels_last=True)
     for ledger in (ref, fused, paired):
         kinds = _by_kind(ledger)
         for kind in ("AdaLN", "ParallelCfC", "MultiScaleSpatialMix", "FeedForward"):
@@ -30,6 +30,15 @@ def test_ledger_attributes_forward_and_backward_to_modules():
     assert cfc[1] < cfc[0]
     ops = paired.grouped(lambda kind, op, phase: op)
     assert "liquiddiff::depthwise_conv_backward" in ops and "liquiddiff::cfc_relax_backward" in ops
+
+
+def test_sampling_step_is_the_forward_alone():
+    model = build("micro", channels=(8, 16)).set_fused(True)
+    sample = traffic.step_traffic(model, batch=2, size=16, channels_last=True, train=False)
+    train = traffic.step_traffic(model, batch=2, size=16, channels_last=True)
+    assert sample.total("backward") == (0, 0)
+    # Without grad nothing is recomputed or kept: no more than the train step's forward.
+    assert 0 < sample.total()[1] <= train.total("forward")[1]
 
 
 def test_report_lists_every_variant():

@@ -1,5 +1,5 @@
-"""Memory traffic of one eager train step, op by op, without a GPU: the bytes each kernel launch
-must read and write, and how many launches there are.
+"""Memory traffic of one eager train step (and of one sampling step), op by op, without a GPU:
+the bytes each kernel launch must read and write, and how many launches there are.
 
 The step (forward under bf16 autocast, the loss, backward) runs under ``FakeTensorMode`` (no data),
 and a dispatch mode sees every op that reaches a kernel: an aten op, or one of our custom ops
@@ -145,39 +145,44 @@ def _attribute(model: torch.nn.Module, recorder: _Recorder) -> list:
     starts = []
 
     # In backward, a module called to recompute a tensor (recompute_saved) counts for the node.
+    # Without grad (a sampling step) there are no nodes to tag.
     def enter(module, args):
         if recorder.phase == "forward":
             recorder.owners.append(type(module).__name__)
-            starts.append(_next_sequence_nr(recorder))
+            starts.append(_next_sequence_nr(recorder) if torch.is_grad_enabled() else None)
 
     def leave(module, args, out):
         if recorder.phase == "forward":
-            _tag_nodes(out, starts.pop(), recorder.owners.pop())
+            start, kind = starts.pop(), recorder.owners.pop()
+            if start is not None:
+                _tag_nodes(out, start, kind)
 
     return [h for m in model.modules() if isinstance(m, KINDS)
             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
 
-def train_step_traffic(model: torch.nn.Module, batch: int, size: int, channels_last: bool) -> Ledger:
-    """The ledger of one train step's forward (bf16 autocast, as the trainer runs it), its loss
-    and its backward; parameters' gradients accumulate as in training."""
+def step_traffic(model: torch.nn.Module, batch: int, size: int, channels_last: bool, train: bool = True) -> Ledger:
+    """The ledger of one train step: the forward (bf16 autocast, as the trainer runs it), its loss
+    and its backward, parameters' gradients accumulating as in training; or, ``train=False``, of
+    one sampling step: the forward alone, without grad (one of the sampler's model calls)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).train()
+    model = model.to(memory_format=fmt).train(train)
     device = next(model.parameters()).device
     ledger = Ledger()
     recorder = _Recorder(ledger)
     hooks = _attribute(model, recorder)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True):
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(train):
             x = torch.randn(batch, model.config.in_channels, size, size, device=device).contiguous(memory_format=fmt)
             target = torch.randn_like(x)
             t = torch.rand(batch, device=device)
             with recorder:
                 with torch.autocast(device.type, dtype=torch.bfloat16):
                     v = model(x, t)
-                loss = F.mse_loss(v.float(), target)
-                recorder.phase = "backward"
-                loss.backward()
+                if train:
+                    loss = F.mse_loss(v.float(), target)
+                    recorder.phase = "backward"
+                    loss.backward()
     finally:
         for h in hooks:
             h.remove()
@@ -196,22 +201,24 @@ VARIANTS = (("reference", False, ""), ("fused", True, ""),
 
 def report(preset: str, size: int, batch: int, gbps: float = H200_COPY_GBPS, top: int = 20) -> str:
     model = build(preset)
-    ledgers = {}
+    ledgers, sampling = {}, {}
     for label, fused, setting in VARIANTS:
         with cases.kernels_setting(setting) if setting else contextlib.nullcontext():
-            ledgers[label] = train_step_traffic(model.set_fused(fused), batch, size, channels_last=True)
+            ledgers[label] = step_traffic(model.set_fused(fused), batch, size, channels_last=True)
+            sampling[label] = step_traffic(model, batch, size, channels_last=True, train=False)
     lines = [
         f"Memory traffic of one eager train step, channels_last: `{preset}`, {size} px, batch {batch}, bf16 "
         f"autocast (torch {torch.__version__}; `python -m benchmarks.traffic --preset {preset} --image-size {size} "
         f"--batch {batch}`); ms = GB / {gbps:.0f} GB/s",
         "",
-        "| model | launches fwd / bwd | GB fwd / bwd | GB total | ms |",
-        "|---|---|---|---|---|",
+        "| model | launches fwd / bwd | GB fwd / bwd | GB total | ms | sampling step: launches, GB, ms |",
+        "|---|---|---|---|---|---|",
     ]
     for label, ledger in ledgers.items():
         (lf, bf), (lb, bb) = ledger.total("forward"), ledger.total("backward")
+        ls, bs = sampling[label].total()
         lines.append(f"| {label} | {lf} / {lb} | {bf / GB:.1f} / {bb / GB:.1f} | {(bf + bb) / GB:.1f} | "
-                     f"{_ms(bf + bb, gbps):.1f} |")
+                     f"{_ms(bf + bb, gbps):.1f} | {ls}, {bs / GB:.1f}, {_ms(bs, gbps):.1f} |")
     by_kind = {label: ledger.grouped(lambda kind, op, phase: (kind, phase)) for label, ledger in ledgers.items()}
     kinds = sorted({k for g in by_kind.values() for k, _ in g},
                    key=lambda k: -sum(r[1] + r[2] for (kk, _), r in by_kind["reference"].items() if kk == k))
