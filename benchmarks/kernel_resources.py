@@ -149,6 +149,8 @@ def launches() -> list[tuple[str, str, str, callable]]:
             (f"modulated SiLU backward ({layout})", "modulated_silu", "_modulated_silu_bwd_kernel",
              lambda z=z, scale=scale: ms.backward(z, z, scale, scale, [True, True, True])),
         ]
+    out.append(("SiLU backward, 3 gradients summed", "modulated_silu", "_modulated_silu_bwd_kernel",
+                lambda: ms.silu_backward([g16, g16, g16], g16)))
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
         x, r = _meta(shape, torch.bfloat16), _meta(shape, torch.float32)

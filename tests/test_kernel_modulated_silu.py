@@ -160,6 +160,49 @@ def test_runs_the_kernels_unless_told_not_to(monkeypatch):
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("n_grads", [1, 2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_silu_backward_sums_gradients(n_grads, layout):
+    """silu_backward(grads, z): SiLU's backward for the sum of its consumers' gradients, against
+    autograd of torch's SiLU; the gradients in other layouts and dtypes than z."""
+    z = _z((2, 5, 6, 7), torch.float64, layout)
+    grads = [torch.randn(2, 5, 6, 7, dtype=dtype, device=DEVICE) for dtype in (torch.float32, torch.float64,
+                                                                               torch.float64)[:n_grads]]
+    grads[-1] = grads[-1].contiguous(memory_format=torch.channels_last)
+    leaf = z.detach().clone().requires_grad_()
+    want = torch.autograd.grad(torch.nn.functional.silu(leaf), leaf, sum(g.double() for g in grads))[0]
+    with parity.poisoned_outputs():
+        got = modulated_silu.silu_backward(grads, z)
+    parity.assert_close("d_z", got, want, 1e-12)
+
+
+def test_silu_backward_checks_its_gradients():
+    z = torch.randn(1, 2, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="grads: expected one to three"):
+        modulated_silu.silu_backward([z] * 4, z)
+
+
+def test_silu_convs_backward_runs_it(monkeypatch):
+    """The CfC backbone's SiLU (kernels.silu_convs, heads on cuDNN/aten) takes its three heads'
+    gradients through silu_backward, once."""
+    calls = []
+    recompute = importlib.import_module("liquiddiff.kernels.recompute")
+    real = recompute.silu_backward
+    monkeypatch.setattr(recompute, "silu_backward", lambda grads, z: calls.append(len(grads)) or real(grads, z))
+    z = torch.randn(2, 4, 5, 5, device=DEVICE, requires_grad=True)
+    weights = [torch.randn(4, 4, 1, 1, device=DEVICE), torch.randn(4, 1, 3, 3, device=DEVICE),
+               torch.randn(4, 1, 3, 3, device=DEVICE)]
+    outs = kernels.silu_convs(z, weights, [None] * 3)
+    torch.autograd.grad(sum(o.sum() for o in outs), z)
+    assert calls == [3]
+
+
+def test_opcheck_silu_backward():
+    z = torch.randn(2, 3, 5, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.liquiddiff.silu_backward_sum.default,
+                          ([torch.randn_like(z), torch.randn_like(z).double()], z))
+
+
 def test_gradcheck_fp64():
     raw = {**_inputs((1, 3, 3, 4), torch.float64), "weight": torch.randn(2, 3, 1, 1, dtype=torch.float64,
                                                                          device=DEVICE)}

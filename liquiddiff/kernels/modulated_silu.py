@@ -6,6 +6,12 @@ that ``silu_conv1x1`` (recompute.py) calls for the spatial mix's activation, mod
     d_y = d_a * sig(y) * (1 + y * (1 - sig(y))),   d_z = d_y * (1 + scale[b, c])
     d_scale[b, c] = sum_p d_y * z,   d_shift[b, c] = sum_p d_y
 
+The backward kernel also serves a plain SiLU whose output feeds several consumers
+(:func:`silu_backward`: the CfC backbone's SiLU, read by the f, g and h convs): it sums their
+gradients in registers and applies SiLU's backward, d_z = sig(z) * (1 + z * (1 - sig(z))) *
+sum(grads), in one pass instead of casts, fp32 adds and SiLU's backward (about 19 passes, 5
+here, for three bf16 gradients).
+
 Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
 copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
 per-program fp32 partial sums over its pixels that torch adds up (deterministic, no atomics).
@@ -31,7 +37,7 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["modulated_silu", "forward", "backward"]
+__all__ = ["modulated_silu", "forward", "backward", "silu_backward"]
 
 # Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
 # tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
@@ -73,25 +79,37 @@ if triton is not None:
 
     @triton.jit
     def _modulated_silu_bwd_kernel(
-        go_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, C, P,
-        sgo_b, sgo_c, sgo_p, sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
-        NEED_DZ: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+        go_ptr, go2_ptr, go3_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, C, P,
+        sgo_b, sgo_c, sgo_p, sgo2_b, sgo2_c, sgo2_p, sgo3_b, sgo3_c, sgo3_p,
+        sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
+        GRADS: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr, NEED_PARAMS: tl.constexpr,
+        COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
+        # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
+        # backbone's SiLU feeds three convs). MODULATED False: plain SiLU, y = z.
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(2).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         c_mask = cs < C
-        one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
+        if MODULATED:
+            one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
         # Whole tiles accumulate; one cross-thread reduction per program at the end.
         acc_scale = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
         acc_shift = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
         for i in range(TILES):
             ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
             mask = c_mask[:, None] & (ps < P)[None, :]
-            go = tl.load(go_ptr + pid_b * sgo_b + cs[:, None] * sgo_c + ps[None, :] * sgo_p, mask=mask).to(COMPUTE)
-            z = tl.load(z_ptr + pid_b * sz_b + cs[:, None] * sz_c + ps[None, :] * sz_p, mask=mask).to(COMPUTE)
-            y = z * one_plus + shift
+            rows, cols = cs[:, None], ps[None, :]
+            go = tl.load(go_ptr + pid_b * sgo_b + rows * sgo_c + cols * sgo_p, mask=mask).to(COMPUTE)
+            if GRADS >= 2:
+                go += tl.load(go2_ptr + pid_b * sgo2_b + rows * sgo2_c + cols * sgo2_p, mask=mask).to(COMPUTE)
+            if GRADS >= 3:
+                go += tl.load(go3_ptr + pid_b * sgo3_b + rows * sgo3_c + cols * sgo3_p, mask=mask).to(COMPUTE)
+            z = tl.load(z_ptr + pid_b * sz_b + rows * sz_c + cols * sz_p, mask=mask).to(COMPUTE)
+            if MODULATED:
+                y = z * one_plus + shift
+            else:
+                y = z
             sig = tl.sigmoid(y)
             dy = go * (sig * (1.0 + y * (1.0 - sig)))
             if NEED_PARAMS:
@@ -99,8 +117,10 @@ if triton is not None:
                 acc_scale += tl.where(mask, dy * z, 0.0)
                 acc_shift += tl.where(mask, dy, 0.0)
             if NEED_DZ:
-                tl.store(dz_ptr + pid_b * sdz_b + cs[:, None] * sdz_c + ps[None, :] * sdz_p,
-                         (dy * one_plus).to(dz_ptr.dtype.element_ty), mask=mask)
+                if MODULATED:
+                    dy = dy * one_plus
+                tl.store(dz_ptr + pid_b * sdz_b + rows * sdz_c + cols * sdz_p,
+                         dy.to(dz_ptr.dtype.element_ty), mask=mask)
         if NEED_PARAMS:
             part = part_ptr + (pid_p * B + pid_b) * C + cs
             tl.store(part, tl.sum(acc_scale, axis=1), mask=c_mask)
@@ -140,23 +160,35 @@ def forward(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: to
     return op(z, scale, shift, dtype)
 
 
-def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool):
+    """(d_z or an empty tensor, partials [2, programs, B, C] or None): one launch over z."""
     B, C, H, W = z.shape
     P = H * W
-    d_z = _tensors.empty_activation(z, z.dtype) if needs[0] else z.new_empty(0)
-    need_params = needs[1] or needs[2]
-    (go, z, d_z_flat), (sgo, sz, sdz) = _tensors.flat_all(grad_out, z, d_z if needs[0] else z)
-    compute, part_dtype = _tensors.compute_dtypes(grad_out, z, scale, shift)
+    d_z = _tensors.empty_activation(z, z.dtype) if need_dz else z.new_empty(0)
+    flat, strides = _tensors.flat_all(*grads, z, d_z if need_dz else z)
+    go, sgo = flat[:-2], strides[:-2]
+    z, d_z_flat, sz, sdz = flat[-2], flat[-1], strides[-2], strides[-1]
+    modulated = scale is not None
+    compute, part_dtype = _tensors.compute_dtypes(*grads, z, scale, shift)
     block_c, block_p, num_warps = _tile(C, P, sz, _BWD_TILE)
     tiles = _tensors.tiles_per_program(C, P, B, block_c, block_p, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
     grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)
-    partials = _tensors.empty_buffer((2, grid[0], B, C), part_dtype, z.device) if need_params else z
+    partials = _tensors.empty_buffer((2, grid[0], B, C), part_dtype, z.device) if need_params else None
+    # Absent operands (a second or third gradient, the modulation) repeat the first ones.
+    go, sgo = go + [go[-1]] * (3 - len(go)), sgo + [sgo[-1]] * (3 - len(sgo))
+    params, param_strides = ((scale, shift), (*scale.stride(), *shift.stride())) if modulated else ((z, z), (0,) * 4)
     _modulated_silu_bwd_kernel[grid](
-        go, z, scale, shift, d_z_flat, partials, B, C, P, *sgo, *sz, *sdz, *scale.stride(), *shift.stride(),
-        NEED_DZ=needs[0], NEED_PARAMS=need_params, COMPUTE=compute,
+        *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
+        *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
+        GRADS=len(grads), MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
         BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
     )
+    return d_z, partials
+
+
+def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    d_z, partials = _launch_backward([grad_out], z, scale, shift, needs[0], needs[1] or needs[2])
     # Fresh reductions (custom-op outputs may not alias one another).
     d_scale = partials[0].sum(0).to(scale.dtype) if needs[1] else scale.new_empty(0)
     d_shift = partials[1].sum(0).to(shift.dtype) if needs[2] else shift.new_empty(0)
@@ -182,6 +214,28 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift
     op = _backward_op if _eager.needs_custom_op(z) else _backward_kernels
     grads = op(grad_out, z, scale, shift, list(needs))
     return tuple(g if need else None for g, need in zip(grads, needs))
+
+
+def _silu_backward_kernels(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    return _launch_backward(list(grads), z, None, None, True, False)[0]
+
+
+_silu_backward_op = torch.library.custom_op("liquiddiff::silu_backward_sum", mutates_args=())(_silu_backward_kernels)
+
+
+@_silu_backward_op.register_fake
+def _(grads, z):
+    return _tensors.empty_activation(z, z.dtype)
+
+
+def silu_backward(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
+    """The gradient of z for ``a = silu(z)`` whose consumers gave ``grads`` (one to three, any
+    dtypes), summed in fp32 in registers, in z's dtype: one pass where eager casts, adds and runs
+    SiLU's backward (the CfC backbone's SiLU feeds three convolutions)."""
+    if not 1 <= len(grads) <= 3:
+        raise ValueError(f"grads: expected one to three gradients, got {len(grads)}")
+    op = _silu_backward_op if _eager.needs_custom_op(z) else _silu_backward_kernels
+    return op(grads, z)
 
 
 class _ModulatedSilu(torch.autograd.Function):

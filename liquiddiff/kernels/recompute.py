@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from liquiddiff import functional
 
 from . import _tensors, depthwise, runtime
-from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward
+from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
 
@@ -157,6 +157,17 @@ class _RecomputedConv(torch.autograd.Function):
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None
 
 
+def _summed(grads: list):
+    """The sum of gradients of one tensor, in >= fp32 when there are several (autograd would add
+    bf16 gradients in bf16); the gradient itself when alone, None when none."""
+    if len(grads) < 2:
+        return grads[0] if grads else None
+    total = grads[0].to(torch.promote_types(grads[0].dtype, torch.float32))
+    for grad in grads[1:]:
+        total = total + grad
+    return total
+
+
 def _paired_heads(weights, triton: list[bool]) -> list[int]:
     """The heads one Triton launch computes: the first two on the Triton depthwise kernels that
     share a kernel size (the CfC's g and h), or the first one alone."""
@@ -165,7 +176,9 @@ def _paired_heads(weights, triton: list[bool]) -> list[int]:
 
 
 class _SiluConvs(torch.autograd.Function):
-    """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only.
+    """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only. In
+    backward, SiLU's backward over the heads' summed input gradients is one Triton pass
+    (``modulated_silu.silu_backward``) where that backend runs.
 
     With the Triton depthwise kernels, two depthwise heads of one kernel size (the CfC's g and
     h) are one launch each way: the forward reads silu(z) once for both; the backward's input
@@ -216,21 +229,18 @@ class _SiluConvs(torch.autograd.Function):
                 )
                 if needs[0]:
                     d_as.append(d_ai)
-            d_a = d_as[0] if d_as else None
-            if len(d_as) > 1:  # summed in >= fp32: autograd would add bf16 grads in bf16
-                d_a = d_a.to(torch.promote_types(d_a.dtype, torch.float32))
-                for d in d_as[1:]:
-                    d_a = d_a + d
             d_z = None
-            if paired:  # their input gradient + d_a, through SiLU's backward: d_z in one pass
+            if paired:  # their input gradient + the others', through SiLU's backward: d_z in one pass
                 need = [needs[0], any(need_ws[i] for i in paired), any(need_bs[i] for i in paired)]
                 d_z, pair_ws, pair_bs = depthwise.backward(
                     [grad_outs[i] for i in paired], a, [weights[i] for i in paired], dtype, need,
-                    silu_input=z, addend=d_a)
+                    silu_input=z, addend=_summed(d_as))
                 for i, d_w, d_b in zip(paired, pair_ws, pair_bs):
                     d_ws[i], d_bs[i] = d_w if need_ws[i] else None, d_b if need_bs[i] else None
-            elif needs[0] and d_a is not None:
-                d_z = torch.ops.aten.silu_backward(d_a.to(z.dtype), z)
+            elif d_as and len(d_as) <= 3 and runtime.use_triton("modulated_silu", z.device.type):
+                d_z = silu_backward(d_as, z)  # the sum and SiLU's backward in one pass
+            elif d_as:
+                d_z = torch.ops.aten.silu_backward(_summed(d_as).to(z.dtype), z)
         d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
         d_bs = [None if d is None else d.to(bias[1]) for d, bias in zip(d_bs, ctx.biases)]
         return (d_z, None, *d_ws, *d_bs)
