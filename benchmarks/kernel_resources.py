@@ -158,7 +158,7 @@ def launches() -> list[tuple[str, str, str, callable]]:
         s, stats = _meta(shape, torch.float32), torch.empty(B, shape[2] * shape[3], device="meta")
         out += [
             (f"AdaLN forward C={channels}", "adaln", "_adaln_fwd_kernel",
-             lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r)),
+             lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r, None)),
             (f"AdaLN backward C={channels}", "adaln", "_adaln_bwd_kernel",
              lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
                  s, s, s, scale, stats, stats, torch.float32, torch.bfloat16, True, True)),

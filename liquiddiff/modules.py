@@ -15,6 +15,7 @@ injected as random noise by untrained projections.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import torch
@@ -82,9 +83,12 @@ class AdaLN(FusedSwitch, nn.Module):
         self.eps = eps
         self.time = TimeProjection(temb_dim, channels, 2)
 
-    def forward(self, x, temb, residual=None):
+    def forward(self, x, temb, residual=None, out_dtype=None):
+        """``out_dtype`` (fused only): ``out`` stored in that dtype, as a cast of it would be."""
         scale, shift = self.time(temb)
-        return _ops(self.fused).adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
+        if out_dtype is None:
+            return _ops(self.fused).adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
+        return kernels.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual, out_dtype=out_dtype)
 
 
 class ParallelCfC(FusedSwitch, nn.Module):
@@ -198,14 +202,22 @@ class LiquidDiffusionBlock(nn.Module):
         n = self.norm1(u, temb)
         with self._remade(n, self.norm1, u, temb):
             u = self.cfc(n, temb, t, residual=u)
-        n, u = self.norm2(self.mix(u, temb), temb, residual=u)
-        with self._remade(n, self.norm2, u, temb):
+        ffn_dtype = self._ffn_input_dtype(u)
+        n, u = self.norm2(self.mix(u, temb), temb, residual=u, out_dtype=ffn_dtype)
+        with self._remade(n, functools.partial(self.norm2, out_dtype=ffn_dtype), u, temb):
             return u + self.ffn(n)
 
+    def _ffn_input_dtype(self, u):
+        """Fused under autocast, norm2 writes the FFN's input in autocast's dtype, which its first
+        conv would cast it to anyway: the same values, without the fp32 tensor and the cast."""
+        if self.ffn.fused and torch.is_autocast_enabled(u.device.type):
+            return torch.get_autocast_dtype(u.device.type)
+        return None
+
     def _remade(self, n, norm, u, temb):
-        """Fused, the CfC and the FFN do not keep their fp32 input n = norm(u): backward remakes
-        it with one AdaLN pass from u, which the AdaLN keeps anyway (norm2's u is its residual
-        sum, and norm2(u) without the residual is the same n)."""
+        """Fused, the CfC and the FFN do not keep their input n = norm(u): backward remakes it
+        with one AdaLN pass from u, which the AdaLN keeps anyway (norm2's u is its residual sum,
+        and norm2(u) without the residual is the same n)."""
         if not self.cfc.fused:
             return contextlib.nullcontext()
         return kernels.recompute_saved((n, norm, (u, temb)))

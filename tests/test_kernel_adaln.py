@@ -277,11 +277,12 @@ def _opcheck_samples():
                                    ("channels_last", True, False)]:
         case = Case((2, 5, 3, 4), x_layout=layout, residual=residual)
         leaves = case.leaves(ARGS if grad else ())
-        samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves.get("residual")))
+        samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves.get("residual"), None))
+    samples.append((*samples[0][:5], torch.float64))  # out in another dtype than promotion's
     return samples
 
 
-@pytest.mark.parametrize("index", range(3))
+@pytest.mark.parametrize("index", range(4))
 def test_opcheck_forward(index):
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate.default, _opcheck_samples()[index])
 
@@ -292,9 +293,9 @@ def test_opcheck_forward(index):
     (True, torch.float64, True, False),
 ])
 def test_opcheck_backward(write_ds, ds2, param_grads, grad_s):
-    x, scale, shift, eps, residual = _opcheck_samples()[0]
+    x, scale, shift, eps, residual, _ = _opcheck_samples()[0]
     out, s, mean, rstd = torch.ops.liquiddiff.adaln_modulate(
-        x.detach(), scale.detach(), shift.detach(), eps, residual.detach())
+        x.detach(), scale.detach(), shift.detach(), eps, residual.detach(), None)
     args = (torch.randn_like(out), torch.randn_like(s) if grad_s else None, s, scale.detach(),
             mean, rstd, x.dtype, ds2, write_ds, param_grads)
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate_backward.default, args)
@@ -464,3 +465,36 @@ def test_custom_op_autograd_matches_reference(monkeypatch, residual):
     monkeypatch.setattr(adaln_kernel._EagerAdaLN, "apply", custom_op)
     check_parity(Case((2, 7, 5, 6), residual=residual), 1e-5)
     assert calls
+
+
+# ------------------------------------------------------------------------------ out_dtype
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("policy", ["auto", "torch"])
+def test_out_dtype_is_the_reference_cast(monkeypatch, residual, policy):
+    """out_dtype stores out in that dtype: the reference's out.to(out_dtype), value and every
+    gradient (the upstream gradient of out arrives in out_dtype), on the kernel and on the
+    PyTorch fallback."""
+    monkeypatch.setenv(runtime.ENV_VAR, policy)
+    raw = {"x": torch.randn(2, 5, 4, 3, dtype=torch.float64, device=DEVICE),
+           "scale": torch.randn(2, 5, dtype=torch.float64, device=DEVICE),
+           "shift": torch.randn(2, 5, dtype=torch.float64, device=DEVICE)}
+    if residual:
+        raw["residual"] = torch.randn(2, 5, 4, 3, dtype=torch.float64, device=DEVICE)
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    with parity.poisoned_outputs():
+        got = adaln_modulate(**ins, out_dtype=torch.float32)
+    want = functional.adaln_modulate(**ref_ins)
+    got, want = (got, want) if residual else ((got,), (want,))
+    want = (want[0].to(torch.float32), *want[1:])
+    assert got[0].dtype == torch.float32
+    ups = tuple(torch.randn_like(w) for w in want)
+    for name, g, w in zip(("out", "s"), got, want):
+        parity.assert_close(name, g, w, 1e-6)
+    grads, ref_grads = parity.grads_of(got, ins, ups), parity.grads_of(want, ref_ins, ups)
+    for name in ins:
+        parity.assert_close(f"d {name}", grads[name], ref_grads[name], 1e-6)
+
+
+def test_out_dtype_is_checked():
+    with pytest.raises(TypeError, match="out_dtype: expected a floating-point torch.dtype"):
+        adaln_modulate(**{k: v for k, v in _good().items() if k != "residual"}, out_dtype=torch.int32)

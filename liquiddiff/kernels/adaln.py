@@ -187,11 +187,11 @@ def _stats_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if _tensors.compute_dtype(*tensors) == tl.float64 else torch.float32
 
 
-def _forward_buffers(x, scale, shift, residual):
+def _forward_buffers(x, scale, shift, residual, out_dtype):
     """(out, s, mean, rstd) for the forward op; the fake kernel uses the same allocation."""
     batch, _, height, width = x.shape
     s_dtype = _tensors.result_dtype(x, residual)
-    out = _tensors.empty_activation(x, _tensors.result_dtype(x, residual, scale, shift))
+    out = _tensors.empty_activation(x, out_dtype or _tensors.result_dtype(x, residual, scale, shift))
     if residual is None:
         s = _tensors.empty_buffer((0,), s_dtype, x.device)
     else:
@@ -208,9 +208,10 @@ def _forward_kernels(
     shift: torch.Tensor,
     eps: float,
     residual: Optional[torch.Tensor],
+    out_dtype: Optional[torch.dtype],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, s, mean, rstd); s is an empty tensor when there is no residual."""
-    out, s, mean, rstd = _forward_buffers(x, scale, shift, residual)
+    out, s, mean, rstd = _forward_buffers(x, scale, shift, residual, out_dtype)
     if x.numel() == 0:
         return out, s, mean, rstd
     batch, channels, height, width = x.shape
@@ -240,8 +241,8 @@ _adaln_forward = torch.library.custom_op("liquiddiff::adaln_modulate", mutates_a
 
 
 @_adaln_forward.register_fake
-def _(x, scale, shift, eps, residual):
-    return _forward_buffers(x, scale, shift, residual)
+def _(x, scale, shift, eps, residual, out_dtype):
+    return _forward_buffers(x, scale, shift, residual, out_dtype)
 
 
 def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads):
@@ -327,7 +328,7 @@ def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, par
 
 
 def _setup_context(ctx, inputs, output):
-    x, scale, shift, _eps, residual = inputs
+    x, scale, shift, _eps, residual, _out_dtype = inputs
     _out, s, mean, rstd = output
     ctx.save_for_backward(x if residual is None else s, scale, mean, rstd)
     ctx.x_dtype = x.dtype
@@ -346,13 +347,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backward):
     s, scale, mean, rstd = ctx.saved_tensors
-    need_x, need_scale, need_shift, _, need_res = ctx.needs_input_grad
+    need_x, need_scale, need_shift, _, need_res, _ = ctx.needs_input_grad
     has_residual = ctx.residual_dtype is not None
     if grad_out is None:
         # Only s reached the loss: the norm branch contributes nothing.
         grad_x = None if grad_s is None or not need_x else grad_s.to(ctx.x_dtype)
         grad_res = None if grad_s is None or not need_res else grad_s.to(ctx.residual_dtype)
-        return grad_x, None, None, None, grad_res
+        return grad_x, None, None, None, grad_res, None
 
     same_dtype = not has_residual or ctx.residual_dtype == ctx.x_dtype
     write_ds = need_x or (need_res and same_dtype)
@@ -364,7 +365,7 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backw
     grad_res = (ds if same_dtype else ds2) if need_res else None
     grad_scale = dscale.to(ctx.scale_dtype) if need_scale else None
     grad_shift = dshift.to(ctx.shift_dtype) if need_shift else None
-    return grad_x, grad_scale, grad_shift, None, grad_res
+    return grad_x, grad_scale, grad_shift, None, grad_res, None
 
 
 _adaln_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -383,10 +384,13 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
+def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None):
     """Fused :func:`liquiddiff.functional.adaln_modulate`: same signature, dtypes and results.
 
-    Returns ``out``, or ``(out, s)`` when ``residual`` is given.
+    Returns ``out``, or ``(out, s)`` when ``residual`` is given. ``out_dtype`` stores ``out`` in
+    that dtype instead of the promoted one: the reference's ``out.to(out_dtype)``, without the
+    cast's pass over memory (the fused block's FFN input, which its conv would cast to
+    autocast's dtype anyway).
     """
     _tensors.check_activation("x", x)
     batch, channels = x.shape[:2]
@@ -397,8 +401,13 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None):
     eps = _check_eps(eps)
     if channels > MAX_CHANNELS:
         raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
+    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
+        raise TypeError(f"out_dtype: expected a floating-point torch.dtype or None, got {out_dtype!r}")
     if not runtime.use_triton(OP_NAME, x.device.type):
-        return functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
+        result = functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
+        if out_dtype is None:
+            return result
+        return result.to(out_dtype) if residual is None else (result[0].to(out_dtype), result[1])
     op = _adaln_forward if _eager.needs_custom_op(x) else _EagerAdaLN.apply
-    out, s, _mean, _rstd = op(x, scale, shift, eps, residual)
+    out, s, _mean, _rstd = op(x, scale, shift, eps, residual, out_dtype)
     return out if residual is None else (out, s)
