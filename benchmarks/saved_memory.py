@@ -96,12 +96,17 @@ def report(preset: str, size: int, batch: int) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def step_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line of the tools that count one step of a preset on fake tensors."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = step_parser(__doc__).parse_args(argv)
     print(report(args.preset, args.image_size, args.batch))
     return 0
 

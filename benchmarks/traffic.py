@@ -17,7 +17,6 @@ sum of the ops'.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import contextlib
 import os
@@ -37,8 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from benchmarks import cases  # noqa: E402
+from benchmarks.saved_memory import KINDS, step_parser  # noqa: E402
 from liquiddiff import build  # noqa: E402
-from liquiddiff import modules as M  # noqa: E402
 
 GB = 1e9
 # H200 copy bandwidth, measured by the anchors' run (shared/anchors): the default divisor.
@@ -57,7 +56,6 @@ def _bytes(t: torch.Tensor) -> int:
         return elements
 
 
-KINDS = (M.AdaLN, M.ParallelCfC, M.MultiScaleSpatialMix, M.FeedForward, M.DownSample, M.UpSample, M.SkipFusion)
 _OWNER = "liquiddiff_owner"  # autograd-node metadata key: the module kind whose forward made it
 
 
@@ -242,10 +240,7 @@ def report(preset: str, size: int, batch: int, gbps: float = H200_COPY_GBPS, top
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
+    parser = step_parser(__doc__)
     parser.add_argument("--gbps", type=float, default=H200_COPY_GBPS, help="copy bandwidth for the ms column")
     parser.add_argument("--top", type=int, default=20)
     args = parser.parse_args(argv)

@@ -89,6 +89,15 @@ def _modulate(z, scale, shift):
     return z * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
 
 
+def _conv_input(z, scale, shift, activate: bool, dtype, fused_act: bool):
+    """(act(modulate(z)), modulate(z) or None): the conv's input, from the Triton modulated
+    SiLU (in ``dtype``, y never made) when ``fused_act``, else from aten ops."""
+    if fused_act:
+        return modulated_silu_forward(z, scale, shift, dtype), None
+    y = _modulate(z, scale, shift)
+    return (F.silu(y) if activate else y), y
+
+
 def _eager_input_grads(d_a, y, z, scale, shift, activate: bool, needs):
     """(d_z, d_scale, d_shift) from d_a, the gradient of act(y), y = modulate(z): aten ops."""
     need_z, need_scale, need_shift = needs
@@ -118,11 +127,7 @@ class _RecomputedConv(torch.autograd.Function):
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         with torch.autocast(z.device.type, enabled=False):
-            if fused_act:
-                a = modulated_silu_forward(z, scale, shift, dtype)
-            else:
-                y = _modulate(z, scale, shift)
-                a = F.silu(y) if activate else y
+            a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
             out = _conv(a, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
         ctx.conv = (dtype, activate, padding, groups, triton, fused_act)
@@ -138,11 +143,7 @@ class _RecomputedConv(torch.autograd.Function):
         need_y = need_z or need_scale or need_shift
         d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
-            if fused_act:
-                a = modulated_silu_forward(z, scale, shift, dtype)
-            else:
-                y = _modulate(z, scale, shift)
-                a = F.silu(y) if activate else y
+            a, y = _conv_input(z, scale, shift, activate, dtype, fused_act)
             d_a, d_w, d_b = _conv_backward(
                 grad_out, a, weight, ctx.bias_shape, dtype, padding, groups,
                 [need_y, need_w, need_b and ctx.bias_shape is not None], triton,
