@@ -44,3 +44,18 @@ def assert_close(name: str, out, ref, tol: float) -> None:
     assert out.dtype == ref.dtype, f"{name}: dtype {out.dtype} != {ref.dtype}"
     err = rel_err(out, ref)
     assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.0e}"
+
+
+def check_op(fn, ref_fn, raw: dict[str, torch.Tensor | None], tol: float):
+    """``fn(**raw)`` against ``ref_fn(**raw)`` on fresh leaves: the value and the gradient of
+    every input for one shared random upstream gradient, outputs NaN-poisoned. Returns the
+    output (for layout or dtype checks)."""
+    ins, ref_ins = leaves(raw), leaves(raw)
+    with poisoned_outputs():
+        out, ref = fn(**ins), ref_fn(**ref_ins)
+        up = torch.randn_like(ref)
+        got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    assert_close("out", out, ref, tol)
+    for name in ins:
+        assert_close(name, got[name], want[name], tol)
+    return out

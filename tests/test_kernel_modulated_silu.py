@@ -104,29 +104,14 @@ def test_inside_silu_conv1x1(layout):
                                                                                   device=DEVICE),
            "bias": torch.randn(5, dtype=torch.float64, device=DEVICE)}
     raw["z"] = raw["z"].contiguous(memory_format=layout)
-    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
-    with parity.poisoned_outputs():
-        out = kernels.silu_conv1x1(**ins)
-        ref = functional.silu_conv1x1(**ref_ins)
-        up = torch.randn_like(ref)
-        got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
-    parity.assert_close("out", out, ref, 1e-12)
-    for name in ins:
-        parity.assert_close(name, got[name], want[name], 1e-12)
+    parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, raw, 1e-12)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_public_op(layout):
     """kernels.modulated_silu: the op with autograd, value and every gradient."""
-    raw = _inputs((2, 5, 6, 7), torch.float64, layout)
-    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
-    with parity.poisoned_outputs():
-        out, ref = kernels.modulated_silu(**ins), functional.modulated_silu(**ref_ins)
-        up = torch.randn_like(ref)
-        got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
-    parity.assert_close("out", out, ref, 1e-12)
-    for name in ins:
-        parity.assert_close(name, got[name], want[name], 1e-12)
+    parity.check_op(kernels.modulated_silu, functional.modulated_silu, _inputs((2, 5, 6, 7), torch.float64, layout),
+                    1e-12)
 
 
 def test_public_op_follows_type_promotion():
