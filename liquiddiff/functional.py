@@ -21,6 +21,8 @@ __all__ = [
     "modulated_silu",
     "silu_conv1x1",
     "silu_convs",
+    "CFC_CONVS",
+    "parallel_cfc",
 ]
 
 
@@ -148,3 +150,24 @@ def silu_convs(z, weights, biases):
         F.conv2d(a, w, b, padding=w.shape[-1] // 2, groups=z.shape[1] // w.shape[1])
         for w, b in zip(weights, biases)
     )
+
+
+# ParallelCfC's convolutions, in the order :func:`parallel_cfc` takes their (weight, bias).
+CFC_CONVS = ("backbone_dw", "backbone_pw", "f_proj", "g_dw", "g_pw", "h_dw", "h_pw")
+
+
+def parallel_cfc(n, convs, a, b, rho, t, residual=None):
+    """ParallelCfC after its time projections (the seed's Eq. 10 with liquid relaxation):
+
+    backbone = silu(conv1x1(depthwise_conv(n)))          (7x7)
+    f = conv1x1(backbone); g, h = silu_conv1x1(depthwise_conv(backbone))   (3x3 each)
+    out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
+
+    n, residual: [B, C, H, W]; convs: the (weight, bias) of each of :data:`CFC_CONVS`, in that
+    order; a, b: [B, C] (time_a, time_b of SiLU(t_emb)); rho: [C]; t: [B].
+    """
+    (dw_w, dw_b), (pw_w, pw_b), f_conv, g_dw, g_pw, h_dw, h_pw = convs
+    z = conv1x1(depthwise_conv(n, dw_w, dw_b), pw_w, pw_b)
+    f, g_hidden, h_hidden = silu_convs(z, [f_conv[0], g_dw[0], h_dw[0]], [f_conv[1], g_dw[1], h_dw[1]])
+    g, h = silu_conv1x1(g_hidden, *g_pw), silu_conv1x1(h_hidden, *h_pw)
+    return cfc_relax(f, g, h, n, a, b, rho, t, residual=residual)

@@ -116,26 +116,11 @@ class ParallelCfC(FusedSwitch, nn.Module):
         self.rho = nn.Parameter(torch.zeros(c))
 
     def forward(self, n, temb, t, residual):
-        ops = _ops(self.fused)
-        dw = ops.depthwise_conv(n, self.backbone_dw.weight, self.backbone_dw.bias)
-        heads = (self.f_proj, self.g_dw, self.h_dw)  # all three read backbone = SiLU(pw(dw))
-        weights, biases = [m.weight for m in heads], [m.bias for m in heads]
-        z = self.backbone_pw(dw)
-        f, g_dw, h_dw = ops.silu_convs(z, weights, biases)
-        g_call = (g_dw, self.g_pw.weight, self.g_pw.bias)
-        h_call = (h_dw, self.h_pw.weight, self.h_pw.bias)
-        g, h = ops.silu_conv1x1(*g_call), ops.silu_conv1x1(*h_call)
         e = F.silu(temb)
-        a, b = self.time_a(e), self.time_b(e)
-        keep_less = contextlib.nullcontext()
-        if self.fused:  # f, g, h are recomputed from z, g_dw, h_dw, which backward keeps anyway
-            keep_less = kernels.recompute_saved(
-                (f, kernels.silu_conv1x1, (z, self.f_proj.weight, self.f_proj.bias)),
-                (g, kernels.silu_conv1x1, g_call),
-                (h, kernels.silu_conv1x1, h_call),
-            )
-        with keep_less:
-            return ops.cfc_relax(f, g, h, n, a, b, self.rho, t, residual=residual)
+        convs = [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
+        # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
+        # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
+        return _ops(self.fused).parallel_cfc(n, convs, self.time_a(e), self.time_b(e), self.rho, t, residual=residual)
 
 
 class MultiScaleSpatialMix(FusedSwitch, nn.Module):

@@ -10,7 +10,9 @@ less for backward (the last: no more than the reference), on cuDNN / aten, their
 on the Triton kernels of ``depthwise.py`` when that backend is chosen (opt-in,
 ``runtime.OPT_IN``), their modulated SiLU (the spatial mix's) on those of ``modulated_silu.py``,
 which is also an op of its own (``modulated_silu``); ``recompute_saved``: autograd keeps the
-call that made a tensor instead of the tensor.
+call that made a tensor instead of the tensor. ``parallel_cfc`` (``parallel_cfc.py``): ParallelCfC's
+whole branch (its convolutions, SiLUs and the CfC op) as one autograd node whose backward remakes
+each activation once and sums n's two gradients where they are made.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
 from .modulated_silu import modulated_silu
+from .parallel_cfc import parallel_cfc
 from .runtime import Backend, policy, select_backend
 from .recompute import conv1x1, depthwise_conv, multiscale_depthwise_conv, recompute_saved, silu_conv1x1, silu_convs
 
@@ -27,7 +30,7 @@ from .recompute import conv1x1, depthwise_conv, multiscale_depthwise_conv, recom
 # activation inside silu_conv1x1).
 OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu")
 
-__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

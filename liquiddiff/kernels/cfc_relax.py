@@ -35,7 +35,7 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["cfc_relax"]
+__all__ = ["cfc_relax", "forward", "backward", "check_gate_parameters"]
 
 # Tile sizes, measured on an H200 (bf16, [8, 64, 256, 256]). The forward streams 4096-element
 # tiles at the copy bandwidth. The backward holds five input tiles and three accumulators live and
@@ -343,6 +343,15 @@ _EagerCfcRelax = _eager.eager_function(
 )
 
 
+def check_gate_parameters(like: torch.Tensor, a, b, rho, t) -> None:
+    """a, b: [B, C]; rho: [C]; t: [B], for activations shaped and placed like ``like``."""
+    B, C = like.shape[:2]
+    _tensors.check_vector("a", a, (B, C), like.device)
+    _tensors.check_vector("b", b, (B, C), like.device)
+    _tensors.check_vector("rho", rho, (C,), like.device)
+    _tensors.check_vector("t", t, (B,), like.device)
+
+
 def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
     """Fused :func:`liquiddiff.functional.cfc_relax` (same signature, value and gradients)."""
     _tensors.check_activation("f", f)
@@ -350,13 +359,24 @@ def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
         _tensors.check_activation(name, tensor, like=f)
     if residual is not None:
         _tensors.check_activation("residual", residual, like=f)
-    B, C = f.shape[:2]
-    _tensors.check_vector("a", a, (B, C), f.device)
-    _tensors.check_vector("b", b, (B, C), f.device)
-    _tensors.check_vector("rho", rho, (C,), f.device)
-    _tensors.check_vector("t", t, (B,), f.device)
+    check_gate_parameters(f, a, b, rho, t)
     if not runtime.use_triton("cfc_relax", f.device.type):
         return functional.cfc_relax(f, g, h, x, a, b, rho, t, residual=residual)
     if _eager.needs_custom_op(f):
         return _cfc_relax_op(f, g, h, x, a, b, rho, t, residual)
     return _EagerCfcRelax.apply(f, g, h, x, a, b, rho, t, residual)
+
+
+def forward(f, g, h, x, a, b, rho, t, residual=None) -> torch.Tensor:
+    """The forward kernel alone, no autograd node (inside a caller's autograd.Function, which
+    calls :func:`backward`); the custom op when traced. Arguments as checked by :func:`cfc_relax`."""
+    op = _cfc_relax_op if _eager.needs_custom_op(f) else _forward_kernels
+    return op(f, g, h, x, a, b, rho, t, residual)
+
+
+def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool]) -> list:
+    """(df, dg, dh, dx, da, db, drho, dt) of :func:`forward` (without residual: its gradient is
+    grad_out); None where ``needs`` (8 flags) says so."""
+    op = _cfc_relax_backward_op if _eager.needs_custom_op(f) else _backward_kernels
+    grads = op(grad_out, f, g, h, x, a, b, rho, t, list(needs))
+    return [d if need else None for d, need in zip(grads, needs)]

@@ -325,6 +325,14 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     return d_ws, d_bs
 
 
+def _input_grad_dtype(dtype, silu_input, addend) -> torch.dtype:
+    """d_x's dtype: silu_input's (it is that tensor's gradient), else the wider of the conv's and
+    the addend's (a sum of x's gradients, as autograd would form it in x's dtype)."""
+    if silu_input is not None:
+        return silu_input.dtype
+    return dtype if addend is None else torch.promote_types(dtype, addend.dtype)
+
+
 def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
                       weights: typing.Sequence[torch.Tensor], dtype: torch.dtype, needs: typing.Sequence[bool],
                       silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor]
@@ -332,8 +340,8 @@ def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
     k = weights[0].shape[-1]
     d_x = x.new_empty(0, dtype=dtype)
     if needs[0]:
-        out_dtype = dtype if silu_input is None else silu_input.dtype
-        d_x = _convolve(grad_outs, weights, [None], dtype, True, out_dtype, addend, silu_input)[0]
+        d_x = _convolve(grad_outs, weights, [None], dtype, True, _input_grad_dtype(dtype, silu_input, addend),
+                        addend, silu_input)[0]
     d_ws = [weights[0].new_empty(0, dtype=dtype) for _ in weights]  # outputs may not alias
     d_bs = [weights[0].new_empty(0, dtype=dtype) for _ in weights]
     if needs[1] or needs[2]:
@@ -349,7 +357,7 @@ def _(grad_outs, x, weights, dtype, needs, silu_input, addend):
     C, k = weights[0].shape[0], weights[0].shape[-1]
     d_x = x.new_empty(0, dtype=dtype)
     if needs[0]:
-        d_x = _tensors.empty_activation(grad_outs[0], dtype if silu_input is None else silu_input.dtype)
+        d_x = _tensors.empty_activation(grad_outs[0], _input_grad_dtype(dtype, silu_input, addend))
     d_ws = [weights[0].new_empty((C, 1, k, k) if needs[1] or needs[2] else (0,), dtype=dtype) for _ in weights]
     d_bs = [weights[0].new_empty((C,) if needs[2] else (0,), dtype=dtype) for _ in weights]
     return [d_x, *d_ws, *d_bs]
@@ -363,7 +371,8 @@ def backward(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor, weights:
     ``needs`` (three flags, for all heads) says so. d_x sums the heads' input gradients (one
     launch) and, given them, adds ``addend`` (x's gradient from its other consumers) and
     applies SiLU's backward for ``x = silu(silu_input)``: then it is ``silu_input``'s gradient,
-    in its dtype."""
+    in its dtype; without ``silu_input``, d_x (with ``addend``) is in the wider of ``dtype`` and
+    the addend's dtype (an fp32 input's summed gradient stays fp32)."""
     _check_heads(weights, grad_outs, "grad_outs")
     op = _backward_op if _eager.needs_custom_op(x) else _backward_kernels
     d_x, *rest = op(grad_outs, x, weights, dtype, list(needs), silu_input, addend)

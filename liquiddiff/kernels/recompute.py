@@ -176,6 +176,53 @@ def _paired_heads(weights, triton: list[bool]) -> list[int]:
     return [i for i in first if weights[i].shape == weights[first[0]].shape][:2] if first else []
 
 
+def _heads_forward(a, z_channels: int, weights, biases, dtype, triton: list[bool], paired: list[int]) -> list:
+    """conv_i(a) for each head, ``a`` = silu(z) in ``dtype``; the ``paired`` heads (see
+    :func:`_paired_heads`) in one Triton launch that reads ``a`` once."""
+    outs = [None] * len(weights)
+    if paired:
+        pair = depthwise.forward(a, [weights[i] for i in paired], [biases[i] for i in paired], dtype)
+        for i, out in zip(paired, pair):
+            outs[i] = out
+    for i, (w, b, use) in enumerate(zip(weights, biases, triton)):
+        if outs[i] is None:
+            outs[i] = _conv(a, w, b, dtype, w.shape[-1] // 2, z_channels // w.shape[1], use)
+    return outs
+
+
+def _heads_backward(grad_outs, z, a, weights, bias_shapes, dtype, triton: list[bool], paired: list[int],
+                    need_z: bool, need_ws, need_bs):
+    """(d_z, d_ws, d_bs) of :func:`_heads_forward` over z, ``a`` = silu(z) in ``dtype``: each
+    head's input gradient, their sum and SiLU's backward, with as few passes as the backends
+    allow (the pair's epilogue, or one Triton pass over up to three gradients). A head whose
+    gradient is None is skipped; d_ws, d_bs in ``dtype``, None where not needed."""
+    n = len(weights)
+    paired = [i for i in paired if grad_outs[i] is not None]
+    d_ws, d_bs = [None] * n, [None] * n
+    d_as = []
+    for i, (w, g, bias_shape, use) in enumerate(zip(weights, grad_outs, bias_shapes, triton)):
+        if g is None or i in paired:
+            continue
+        d_ai, d_ws[i], d_bs[i] = _conv_backward(
+            g, a, w, bias_shape, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], [need_z, need_ws[i], need_bs[i]], use,
+        )
+        if need_z:
+            d_as.append(d_ai)
+    d_z = None
+    if paired:  # their input gradient + the others', through SiLU's backward: d_z in one pass
+        need = [need_z, any(need_ws[i] for i in paired), any(need_bs[i] for i in paired)]
+        d_z, pair_ws, pair_bs = depthwise.backward(
+            [grad_outs[i] for i in paired], a, [weights[i] for i in paired], dtype, need,
+            silu_input=z, addend=_summed(d_as))
+        for i, d_w, d_b in zip(paired, pair_ws, pair_bs):
+            d_ws[i], d_bs[i] = d_w if need_ws[i] else None, d_b if need_bs[i] else None
+    elif d_as and len(d_as) <= 3 and runtime.use_triton("modulated_silu", z.device.type):
+        d_z = silu_backward(d_as, z)  # the sum and SiLU's backward in one pass
+    elif d_as:
+        d_z = torch.ops.aten.silu_backward(_summed(d_as).to(z.dtype), z)
+    return d_z, d_ws, d_bs
+
+
 class _SiluConvs(torch.autograd.Function):
     """(conv_i(silu(z)))_i for 1x1 / depthwise weights, saving z (and the weights) only. In
     backward, SiLU's backward over the heads' summed input gradients is one Triton pass
@@ -190,21 +237,12 @@ class _SiluConvs(torch.autograd.Function):
     def forward(ctx, z, n, *params):
         weights, biases = params[:n], params[n:]
         dtype = _conv_dtype(z, weights[0], biases[0])
-        triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
-        ctx.paired = _paired_heads(weights, triton)
-        outs = [None] * n
+        ctx.triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
+        ctx.paired = _paired_heads(weights, ctx.triton)
         with torch.autocast(z.device.type, enabled=False):
-            a = F.silu(z).to(dtype)
-            if ctx.paired:
-                paired = depthwise.forward(a, [weights[i] for i in ctx.paired], [biases[i] for i in ctx.paired], dtype)
-                for i, out in zip(ctx.paired, paired):
-                    outs[i] = out
-            for i, (w, b, use) in enumerate(zip(weights, biases, triton)):
-                if outs[i] is None:
-                    outs[i] = _conv(a, w, b, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], use)
+            outs = _heads_forward(F.silu(z).to(dtype), z.shape[1], weights, biases, dtype, ctx.triton, ctx.paired)
         ctx.save_for_backward(z, *weights)
         ctx.dtype = dtype
-        ctx.triton = triton
         ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
         return tuple(outs)
 
@@ -213,53 +251,30 @@ class _SiluConvs(torch.autograd.Function):
         z, *weights = ctx.saved_tensors
         n = len(weights)
         needs = ctx.needs_input_grad
-        need_ws = needs[2:2 + n]
         need_bs = [bias is not None and need for bias, need in zip(ctx.biases, needs[2 + n:])]
-        dtype = ctx.dtype
-        paired = [i for i in ctx.paired if grad_outs[i] is not None]
-        d_ws, d_bs = [None] * n, [None] * n
         with torch.autocast(z.device.type, enabled=False):
-            a = F.silu(z).to(dtype)
-            d_as = []
-            for i, (w, g, bias, triton) in enumerate(zip(weights, grad_outs, ctx.biases, ctx.triton)):
-                if g is None or i in paired:
-                    continue
-                d_ai, d_ws[i], d_bs[i] = _conv_backward(
-                    g, a, w, None if bias is None else bias[0], dtype, w.shape[-1] // 2,
-                    z.shape[1] // w.shape[1], [needs[0], need_ws[i], need_bs[i]], triton,
-                )
-                if needs[0]:
-                    d_as.append(d_ai)
-            d_z = None
-            if paired:  # their input gradient + the others', through SiLU's backward: d_z in one pass
-                need = [needs[0], any(need_ws[i] for i in paired), any(need_bs[i] for i in paired)]
-                d_z, pair_ws, pair_bs = depthwise.backward(
-                    [grad_outs[i] for i in paired], a, [weights[i] for i in paired], dtype, need,
-                    silu_input=z, addend=_summed(d_as))
-                for i, d_w, d_b in zip(paired, pair_ws, pair_bs):
-                    d_ws[i], d_bs[i] = d_w if need_ws[i] else None, d_b if need_bs[i] else None
-            elif d_as and len(d_as) <= 3 and runtime.use_triton("modulated_silu", z.device.type):
-                d_z = silu_backward(d_as, z)  # the sum and SiLU's backward in one pass
-            elif d_as:
-                d_z = torch.ops.aten.silu_backward(_summed(d_as).to(z.dtype), z)
+            d_z, d_ws, d_bs = _heads_backward(
+                grad_outs, z, F.silu(z).to(ctx.dtype), weights, [None if b is None else b[0] for b in ctx.biases],
+                ctx.dtype, ctx.triton, ctx.paired, needs[0], needs[2:2 + n], need_bs)
         d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
         d_bs = [None if d is None else d.to(bias[1]) for d, bias in zip(d_bs, ctx.biases)]
         return (d_z, None, *d_ws, *d_bs)
 
 
-def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool) -> int:
-    """Argument checks before any work; returns the kernel size (odd, 'same' padding)."""
+def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool, conv: str = "") -> int:
+    """Argument checks before any work; returns the kernel size (odd, 'same' padding). ``conv``
+    prefixes the weight's and bias's names (one of several convolutions)."""
     _tensors.check_activation(name, z)
-    _tensors.check_floating("weight", weight)
+    _tensors.check_floating(f"{conv}weight", weight)
     k = weight.shape[-1] if kernel is None and weight.dim() == 4 else kernel
     channels = z.shape[1]
     expected = (channels if depthwise else weight.shape[0], 1 if depthwise else channels, k, k)
     if weight.dim() != 4 or tuple(weight.shape) != expected or not k or k % 2 == 0:
         shape = f"[{channels}, 1, k, k] (k odd)" if depthwise else f"[Co, {channels}, 1, 1]"
-        raise ValueError(f"weight: expected shape {shape}, got {tuple(weight.shape)}")
-    _tensors.check_device("weight", weight, z.device)
+        raise ValueError(f"{conv}weight: expected shape {shape}, got {tuple(weight.shape)}")
+    _tensors.check_device(f"{conv}weight", weight, z.device)
     if bias is not None:
-        _tensors.check_vector("bias", bias, (weight.shape[0],), z.device)
+        _tensors.check_vector(f"{conv}bias", bias, (weight.shape[0],), z.device)
     return k
 
 

@@ -1,0 +1,151 @@
+"""ParallelCfC's branch (:func:`liquiddiff.functional.parallel_cfc`) as one autograd node.
+
+    backbone = silu(conv1x1(depthwise7x7(n)));  f = conv1x1(backbone)
+    g, h = conv1x1(silu(depthwise3x3(backbone)));  out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
+
+Composed of the block's ops (the Triton CfC kernel, the g/h depthwise pair and SiLU backward of
+``recompute.py``, cuDNN 1x1 convolutions), it keeps what they keep: n, the depthwise output, the
+backbone pre-activation z and the g/h hidden tensors (the CfC op's f, g and h are remade in
+backward, as are the SiLUs), and owns the backward's schedule. As separate autograd nodes the
+same ops remade silu(z) and each head's SiLU twice (once to remake f, g, h for the CfC op, once
+for the conv that consumes them), and autograd summed n's two gradients (from the CfC op, in fp32,
+and from the 7x7 conv, in bf16 under autocast) with a cast and an add. Here each SiLU is remade
+once, and the 7x7 conv's input gradient adds the CfC op's: in its epilogue with the Triton
+depthwise kernel, else in one add. Per block, at [8, 64, 256, 256] under bf16 autocast, that is
+about 0.7 GB less traffic per train step (``python -m benchmarks.traffic``).
+
+When the caller keeps a recipe for n (``recompute_saved``: the block remakes it from its AdaLN),
+backward remakes n once; before, both of n's consumers unpacked (and so remade) it.
+
+Layout: any; outputs keep n's memory format. Without the Triton CfC kernel (``cfc_relax`` on its
+torch backend) the reference runs instead, as for the other fused ops.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from liquiddiff import functional
+
+from . import _tensors, depthwise, runtime
+# By name: the package attribute ``cfc_relax`` is the op, not this module.
+from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
+from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _heads_backward, _heads_forward,
+                        _paired_heads, _triton_depthwise)
+
+__all__ = ["parallel_cfc"]
+
+_CONVS = len(functional.CFC_CONVS)
+_DW, _PW, _F, _G_DW, _G_PW, _H_DW, _H_PW = range(_CONVS)
+_HEADS = (_F, _G_DW, _H_DW)  # the convolutions of silu(z)
+_SMALL = 4  # a, b, rho, t
+
+
+def _pick(items, indices):
+    return [items[i] for i in indices]
+
+
+class _ParallelCfC(torch.autograd.Function):
+    """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS."""
+
+    @staticmethod
+    def forward(ctx, n, residual, a, b, rho, t, *params):
+        weights, biases = params[:_CONVS], params[_CONVS:]
+        channels = n.shape[1]
+        dtype = _conv_dtype(n, weights[_DW], biases[_DW])
+        ctx.dw_triton = _triton_depthwise(n, weights[_DW], channels)
+        ctx.head_triton = [_triton_depthwise(n, w, channels // w.shape[1]) for w in _pick(weights, _HEADS)]
+        ctx.paired = _paired_heads(_pick(weights, _HEADS), ctx.head_triton)
+        with torch.autocast(n.device.type, enabled=False):
+            dw = _conv(n, weights[_DW], biases[_DW], dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
+            z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
+            f, g_hidden, h_hidden = _heads_forward(F.silu(z), channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
+                                                   dtype, ctx.head_triton, ctx.paired)
+            g = _conv(F.silu(g_hidden), weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
+            h = _conv(F.silu(h_hidden), weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
+            out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
+        ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
+        ctx.dtype = dtype
+        ctx.residual_dtype = None if residual is None else residual.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        n, dw, z, g_hidden, h_hidden, *rest = ctx.saved_tensors
+        small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]
+        needs = ctx.needs_input_grad
+        need_n, need_residual = needs[:2]
+        need_ws = needs[2 + _SMALL:2 + _SMALL + _CONVS]
+        need_bs = [b is not None and need for b, need in zip(biases, needs[2 + _SMALL + _CONVS:])]
+        # f, g and h's gradients feed everything upstream of the CfC op but n's own term.
+        need_heads = need_n or any(need_ws) or any(need_bs)
+        d_ws, d_bs = [None] * _CONVS, [None] * _CONVS
+        bias_shapes = [None if b is None else list(b.shape) for b in biases]
+        dtype = ctx.dtype
+        with torch.autocast(n.device.type, enabled=False):
+            silu_z, silu_g, silu_h = F.silu(z), F.silu(g_hidden), F.silu(h_hidden)
+            f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
+            g = _conv(silu_g, weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
+            h = _conv(silu_h, weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
+            d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(
+                grad_out, f, g, h, n, *small, [need_heads] * 3 + [need_n] + list(needs[2:2 + _SMALL]))
+            del f, g, h
+            if need_heads:
+                head_grads = [d_f]
+                for d_out, s, hidden, i in ((d_g, silu_g, g_hidden, _G_PW), (d_h, silu_h, h_hidden, _H_PW)):
+                    d_s, d_ws[i], d_bs[i] = _conv_backward(d_out, s, weights[i], bias_shapes[i], dtype, 0, 1,
+                                                           [True, need_ws[i], need_bs[i]], False)
+                    head_grads.append(torch.ops.aten.silu_backward(d_s, hidden))
+                d_z, head_ws, head_bs = _heads_backward(
+                    head_grads, z, silu_z, _pick(weights, _HEADS), _pick(bias_shapes, _HEADS), dtype,
+                    ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), _pick(need_bs, _HEADS))
+                for i, d_w, d_b in zip(_HEADS, head_ws, head_bs):
+                    d_ws[i], d_bs[i] = d_w, d_b
+                d_dw, d_ws[_PW], d_bs[_PW] = _conv_backward(d_z, dw, weights[_PW], bias_shapes[_PW], dtype, 0, 1,
+                                                            [True, need_ws[_PW], need_bs[_PW]], False)
+                d_n, d_ws[_DW], d_bs[_DW] = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
+                                                               [need_n, need_ws[_DW], need_bs[_DW]], ctx.dw_triton)
+        d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
+        d_bs = [None if d is None else d.to(b.dtype) for d, b in zip(d_bs, biases)]
+        d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
+        return (d_n, d_residual, *d_small, *d_ws, *d_bs)
+
+
+def _backbone_backward(d_dw, n, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
+    """The 7x7 conv's (d_n, d_weight, d_bias), d_n summed with the CfC op's ``d_n_cfc``: in the
+    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add."""
+    k = weight.shape[-1]
+    if triton:
+        d_n, (d_w,), (d_b,) = depthwise.backward([d_dw], n, [weight], dtype, needs, addend=d_n_cfc)
+        return d_n, d_w, d_b
+    d_n, d_w, d_b = _conv_backward(d_dw, n, weight, bias_shape, dtype, k // 2, n.shape[1], needs, False)
+    if d_n is not None:
+        d_n = d_n_cfc.add_(d_n)  # d_n_cfc: the CfC op's fresh output, n's dtype
+    return d_n, d_w, d_b
+
+
+def _check(n, convs, a, b, rho, t, residual) -> None:
+    """Argument checks before any work, each naming the argument."""
+    _tensors.check_activation("n", n)
+    if residual is not None:
+        _tensors.check_activation("residual", residual, like=n)
+    if len(convs) != _CONVS:
+        raise ValueError(f"convs: expected {_CONVS} (weight, bias) pairs {functional.CFC_CONVS}, got {len(convs)}")
+    channels = n.shape[1]
+    for i, (name, (weight, bias)) in enumerate(zip(functional.CFC_CONVS, convs)):
+        label = f"convs[{i}] ({name}) "
+        depthwise_kernel = name.endswith("_dw")
+        if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[0] != channels:
+            # Every conv maps C channels to C (before the bias check, which would blame the bias).
+            raise ValueError(f"{label}weight: expected {channels} output channels, got shape {tuple(weight.shape)}")
+        _check_conv("n", n, weight, bias, kernel=None if depthwise_kernel else 1, depthwise=depthwise_kernel, conv=label)
+    check_gate_parameters(n, a, b, rho, t)
+
+
+def parallel_cfc(n, convs, a, b, rho, t, residual=None):
+    """Fused :func:`liquiddiff.functional.parallel_cfc`: same signature, value and gradients."""
+    _check(n, convs, a, b, rho, t, residual)
+    if not runtime.use_triton("cfc_relax", n.device.type):
+        return functional.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
+    weights, biases = zip(*convs)
+    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases)

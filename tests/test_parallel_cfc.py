@@ -1,0 +1,176 @@
+"""ParallelCfC's branch as one autograd node (kernels/parallel_cfc.py) against
+functional.parallel_cfc: value and the gradient of every input (n, residual, a, b, rho, t and the
+seven convolutions' weights and biases) for one shared upstream gradient, outputs NaN-poisoned;
+both layouts, cuDNN and Triton depthwise convolutions, bf16 autocast; what it keeps for backward
+and how often it remakes n; gradcheck, torch.compile, the fallback and argument errors."""
+import pytest
+import torch
+
+from liquiddiff import functional, kernels
+from liquiddiff.kernels import runtime
+
+import parity
+from benchmarks import cases
+
+LAYOUTS = (torch.contiguous_format, torch.channels_last)
+
+
+def _raw(dtype=torch.float64, layout=torch.channels_last, shape=(2, 6, 5, 7), residual=True):
+    """Inputs by name: n, residual, a, b, rho, t, then <conv>_w and <conv>_b per CFC_CONVS."""
+    B, C, H, W = shape
+    act = {"n": torch.randn(shape, dtype=dtype).to(memory_format=layout)}
+    act["residual"] = torch.randn(shape, dtype=dtype).to(memory_format=layout) if residual else None
+    small = {"a": torch.randn(B, C, dtype=dtype), "b": torch.randn(B, C, dtype=dtype),
+             "rho": torch.randn(C, dtype=dtype), "t": torch.rand(B, dtype=dtype)}
+    convs = {}
+    for name in functional.CFC_CONVS:
+        k = {"backbone_dw": 7, "g_dw": 3, "h_dw": 3}.get(name)
+        w_shape = (C, 1, k, k) if k else (C, C, 1, 1)
+        # Scaled so that the activations stay O(1) through the chain (relative errors mean something).
+        convs[f"{name}_w"] = torch.randn(w_shape, dtype=dtype) / (k or C ** 0.5)
+        convs[f"{name}_b"] = torch.randn(C, dtype=dtype)
+    return {**act, **small, **convs}
+
+
+def _call(op):
+    """``op`` with the inputs by name (as parity.check_op passes them)."""
+    def call(n, a, b, rho, t, residual=None, **params):
+        convs = [(params[f"{name}_w"], params.get(f"{name}_b")) for name in functional.CFC_CONVS]
+        return op(n, convs, a, b, rho, t, residual=residual)
+    return call
+
+
+@pytest.fixture(params=["cudnn", "triton"])
+def depthwise_backend(request, monkeypatch):
+    """The depthwise convolutions on aten (cuDNN on a GPU) or on the Triton kernels."""
+    if request.param == "triton":
+        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,depthwise_conv=triton")
+    return request.param
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_matches_reference(depthwise_backend, layout, dtype, tol):
+    out = parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), _raw(dtype, layout), tol)
+    assert out.is_contiguous(memory_format=layout)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 9, 2), (1, 40, 4, 3)])
+def test_matches_reference_awkward_shapes_without_residual(depthwise_backend, shape):
+    raw = _raw(torch.float64, torch.channels_last, shape, residual=False)
+    parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-12)
+
+
+@pytest.mark.parametrize("frozen", ["params", "n", "small"])
+def test_partial_gradients(depthwise_backend, frozen):
+    """Only some inputs require grad (frozen weights, a constant input): the others' gradients
+    are still right, and the frozen ones get none."""
+    raw = _raw()
+    keep = {"params": lambda k: not k.endswith(("_w", "_b")), "n": lambda k: k != "n",
+            "small": lambda k: k not in ("a", "b", "rho", "t")}[frozen]
+    ins = {k: v.clone().requires_grad_(keep(k)) for k, v in raw.items()}
+    ref_ins = {k: v.clone().requires_grad_(keep(k)) for k, v in raw.items()}
+    out, ref = _call(kernels.parallel_cfc)(**ins), _call(functional.parallel_cfc)(**ref_ins)
+    up = torch.randn_like(ref)
+    names = [k for k in ins if ins[k].requires_grad]
+    got = torch.autograd.grad(out, [ins[k] for k in names], up)
+    want = torch.autograd.grad(ref, [ref_ins[k] for k in names], up)
+    for name, g, w in zip(names, got, want):
+        parity.assert_close(name, g, w, 1e-12)
+
+
+def _autocast_raw():
+    raw = _raw(torch.float32, torch.channels_last, (2, 8, 6, 6))
+    # As in the block: n and the residual stream fp32, a and b from autocast's Linear (bf16).
+    raw["a"], raw["b"] = raw["a"].bfloat16(), raw["b"].bfloat16()
+    return raw
+
+
+def test_under_autocast_matches_reference_and_keeps_five_activations(depthwise_backend):
+    """bf16 autocast: the reference's dtypes and (to bf16 rounding) values; saved: n, the 7x7
+    output, the backbone pre-activation and the g/h hidden tensors, nothing else of that size."""
+    raw = _autocast_raw()
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = _call(kernels.parallel_cfc)(**ins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = _call(functional.parallel_cfc)(**ref_ins)
+    assert out.dtype == ref.dtype == torch.float32
+    activations = [t for t in saved if t.dim() == 4 and t.shape[0] == 2 and t.shape[-1] == 6]
+    assert len(activations) == 5
+    assert activations[0] is ins["n"]
+    assert [t.dtype for t in activations[1:]] == [torch.bfloat16] * 4
+    up = torch.randn_like(ref)
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    parity.assert_close("out", out, ref, 2e-2)
+    for name in ins:
+        parity.assert_close(name, got[name], want[name], 5e-2)
+
+
+def test_n_is_remade_once():
+    """With a recipe for n (the block's AdaLN), backward runs it once, for both of n's consumers."""
+    raw = _raw(torch.float32)
+    ins = parity.leaves(raw)
+    calls = []
+
+    def remake(x):
+        calls.append(1)
+        return x * 2
+
+    source = ins.pop("n")
+    n = remake(source)
+    with kernels.recompute_saved((n, remake, (source.detach(),))):
+        out = _call(kernels.parallel_cfc)(n=n, **ins)
+    calls.clear()
+    out.backward(torch.randn_like(out))
+    assert len(calls) == 1
+    assert source.grad is not None and torch.isfinite(source.grad).all()
+
+
+def test_gradcheck():
+    """Default backends (the Triton CfC kernel); the Triton depthwise kernels have their own
+    gradcheck, and under the interpreter this one would take minutes with them."""
+    raw = _raw(torch.float64, torch.channels_last, (1, 2, 4, 3))
+    names = list(raw)
+    call = _call(kernels.parallel_cfc)
+    leaves = [raw[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(lambda *xs: call(**dict(zip(names, xs))), leaves)
+
+
+@pytest.mark.slow
+def test_torch_compile_fullgraph(depthwise_backend):
+    raw = _raw(torch.float32, torch.channels_last, (2, 4, 6, 5))
+    compiled = torch.compile(_call(kernels.parallel_cfc), fullgraph=True)
+    parity.check_op(compiled, _call(functional.parallel_cfc), raw, 1e-5)
+
+
+def test_runs_the_reference_without_the_triton_cfc_kernel():
+    raw = _raw()
+    with cases.kernels_setting("cfc_relax=torch"):
+        assert not runtime.use_triton("cfc_relax", "cpu")
+        parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-15)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(n=r["n"][0]), "n: expected a 4-D"),
+    (lambda r: r.update(residual=r["residual"][:, :3]), "residual: expected shape"),
+    (lambda r: r.update(g_dw_w=torch.randn(6, 1, 4, 4, dtype=torch.float64)), r"convs\[3\] \(g_dw\) weight"),
+    (lambda r: r.update(f_proj_w=torch.randn(5, 6, 1, 1, dtype=torch.float64)), r"convs\[2\] \(f_proj\) weight"),
+    (lambda r: r.update(h_pw_b=torch.randn(5, dtype=torch.float64)), r"convs\[6\] \(h_pw\) bias"),
+    (lambda r: r.update(rho=torch.randn(5, dtype=torch.float64)), "rho: expected shape"),
+    (lambda r: r.update(t=torch.ones(2, dtype=torch.int64)), "t: expected a floating"),
+])
+def test_bad_arguments_are_named(change, message):
+    raw = _raw()
+    change(raw)
+    with pytest.raises((ValueError, TypeError), match=message):
+        _call(kernels.parallel_cfc)(**raw)
+
+
+def test_convs_are_counted():
+    raw = _raw()
+    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS][:6]
+    with pytest.raises(ValueError, match="convs: expected 7"):
+        kernels.parallel_cfc(raw["n"], convs, raw["a"], raw["b"], raw["rho"], raw["t"])
