@@ -18,6 +18,7 @@ __all__ = [
     "merged_depthwise_weight",
     "multiscale_depthwise_conv",
     "multiscale_depthwise_conv_branches",
+    "spatial_mix_input",
     "modulated_silu",
     "silu_conv1x1",
     "silu_convs",
@@ -121,6 +122,15 @@ def multiscale_depthwise_conv_branches(x, weights, biases):
         F.conv2d(x, w, b, padding=w.shape[-1] // 2, groups=x.shape[1])
         for w, b in zip(weights, biases)
     )
+
+
+def spatial_mix_input(x, weights, biases):
+    """What the spatial mix reads of its input x, and x itself, which the block adds back as the
+    residual after the mix: ``(multiscale_depthwise_conv(x, weights, biases), x.sum((2, 3)), x)``,
+    the local features [B, C, H, W], the per-channel pixel sum [B, C] (the global-average-pool
+    context before its division) and x. Returning x gives a fused version the gradient x
+    receives through the residual, to sum with the mix's own in one pass."""
+    return multiscale_depthwise_conv(x, weights, biases), x.sum(dim=(2, 3)), x
 
 
 def modulated_silu(z, scale, shift):

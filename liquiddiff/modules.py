@@ -129,7 +129,9 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
 
     The three depthwise branches run as one 7x7 conv (functional.multiscale_depthwise_conv);
     each branch keeps its own parameters and gradient. The context, one value per channel, is
-    folded into the modulation's shift.
+    folded into the modulation's shift. ``return_input=True`` also returns x, for the block's
+    residual: fused, the gradient it brings joins the mix's own in one pass
+    (functional.spatial_mix_input).
     """
 
     def __init__(self, channels: int, temb_dim: int, kernel_sizes=(3, 5, 7)):
@@ -140,18 +142,19 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         self.time = TimeProjection(temb_dim, c, 2)
         self.out = _zero_(nn.Conv2d(c, c, 1))
 
-    def forward(self, x, temb):
+    def forward(self, x, temb, return_input: bool = False):
         ops = _ops(self.fused)
-        local = ops.multiscale_depthwise_conv(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
         # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
-        context = self.context(x.sum(dim=(2, 3), keepdim=True) / (x.shape[2] * x.shape[3]))
+        local, pixel_sum, x = ops.spatial_mix_input(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
+        context = self.context(pixel_sum[:, :, None, None] / (x.shape[2] * x.shape[3]))
         scale, shift = self.time(temb)
         # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
         # shift: the same modulation without a full-size add (forward) or sum (its backward).
         shift = context.flatten(1) * (1 + scale) + shift
-        return ops.silu_conv1x1(local, self.out.weight, self.out.bias, scale, shift)
+        out = ops.silu_conv1x1(local, self.out.weight, self.out.bias, scale, shift)
+        return (out, x) if return_input else out
 
 
 class FeedForward(FusedSwitch, nn.Module):
@@ -188,7 +191,8 @@ class LiquidDiffusionBlock(nn.Module):
         with self._remade(n, self.norm1, u, temb):
             u = self.cfc(n, temb, t, residual=u)
         ffn_dtype = self._ffn_input_dtype(u)
-        n, u = self.norm2(self.mix(u, temb), temb, residual=u, out_dtype=ffn_dtype)
+        mixed, u = self.mix(u, temb, return_input=True)
+        n, u = self.norm2(mixed, temb, residual=u, out_dtype=ffn_dtype)
         with self._remade(n, functools.partial(self.norm2, out_dtype=ffn_dtype), u, temb):
             return u + self.ffn(n)
 

@@ -156,18 +156,25 @@ def test_silu_convs_pairs_g_and_h(triton_dw, monkeypatch):
 
 
 def test_multiscale_spatial_mix(triton_dw):
-    """The spatial mix's merged 3x3 + 5x5 + 7x7 conv on the kernels: every branch's gradient."""
+    """The spatial mix's input stage on the kernels: the merged 3x3 + 5x5 + 7x7 conv against the
+    three-branch form, every branch's gradient, and x's three gradients (conv, pixel sum,
+    residual) summed in the input gradient's epilogue."""
     x = torch.randn(2, 4, 7, 6, dtype=torch.float64, device=DEVICE).to(memory_format=torch.channels_last)
     params = [torch.randn(4, 1, k, k, dtype=torch.float64, device=DEVICE) for k in (3, 5, 7)]
     params += [torch.randn(4, dtype=torch.float64, device=DEVICE) for _ in range(3)]
     leaves = [t.clone().requires_grad_() for t in [x, *params]]
     ref_leaves = [t.clone().requires_grad_() for t in [x, *params]]
+
+    def reference(x, weights, biases):
+        return functional.multiscale_depthwise_conv_branches(x, weights, biases), x.sum((2, 3)), x
+
     with parity.poisoned_outputs():
-        out = kernels.multiscale_depthwise_conv(leaves[0], leaves[1:4], leaves[4:])
-        ref = functional.multiscale_depthwise_conv_branches(ref_leaves[0], ref_leaves[1:4], ref_leaves[4:])
-        up = torch.randn_like(ref)
-        got, want = torch.autograd.grad(out, leaves, up), torch.autograd.grad(ref, ref_leaves, up)
-    parity.assert_close("out", out, ref, 1e-12)
+        out = kernels.spatial_mix_input(leaves[0], leaves[1:4], leaves[4:])
+        ref = reference(ref_leaves[0], ref_leaves[1:4], ref_leaves[4:])
+        ups = [torch.randn_like(r) for r in ref]
+        got, want = torch.autograd.grad(out, leaves, ups), torch.autograd.grad(ref, ref_leaves, ups)
+    for name, o, r in zip(("local", "pixel_sum", "x"), out, ref):
+        parity.assert_close(name, o, r, 1e-12)
     for i, (g, w) in enumerate(zip(got, want)):
         parity.assert_close(f"grad {i}", g, w, 1e-12)
 
@@ -192,7 +199,10 @@ def test_opcheck_backward(heads, needs):
     ins = _inputs((2, 3, 5, 6), 3)
     grads = [torch.randn_like(ins["x"]) for _ in range(heads)]
     weights = [torch.randn_like(ins["weight"]) for _ in range(heads)]
-    epilogue = (torch.randn_like(ins["x"]), torch.randn_like(ins["x"])) if heads == 2 else (None, None)
+    x = ins["x"]
+    # (silu_input, addend, channel_addend): the g/h pair's epilogue, or the spatial mix input's.
+    epilogue = ((torch.randn_like(x), torch.randn_like(x), None) if heads == 2
+                else (None, torch.randn_like(x, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)))
     args = (grads, ins["x"], weights, torch.float32, needs, *epilogue)
     torch.library.opcheck(torch.ops.liquiddiff.depthwise_conv_backward.default, args)
 

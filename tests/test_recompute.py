@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from liquiddiff import functional, kernels
-from tests.parity import assert_close, grads_of, leaves, rel_err
+from tests.parity import assert_close, grads_of, leaves, poisoned_outputs, rel_err
 
 
 def check_parity(op: str, raw: dict, tol: float, layout) -> None:
@@ -167,24 +167,58 @@ def test_conv1x1_keeps_its_fp32_input_under_autocast():
         kernels.conv1x1(raw["x"], torch.randn(5, 6, 3, 3))
 
 
-def test_multiscale_keeps_the_autocast_copy_like_the_reference():
-    """The spatial mix: nothing else keeps its fp32 input, so backward keeps the bf16 copy (as
-    the reference does), and value and gradients are the reference's."""
-    raw = {"x": torch.randn(2, 6, 9, 8).to(memory_format=torch.channels_last),
-           "weights": [torch.randn(6, 1, k, k) for k in (3, 5, 7)], "biases": [torch.randn(6) for _ in range(3)]}
+def _mix_inputs(dtype=torch.float32):
+    return {"x": torch.randn(2, 6, 9, 8, dtype=dtype).to(memory_format=torch.channels_last),
+            "weights": [torch.randn(6, 1, k, k, dtype=dtype) for k in (3, 5, 7)],
+            "biases": [torch.randn(6, dtype=dtype) for _ in range(3)]}
 
-    def fresh():
-        return {"x": raw["x"].clone().requires_grad_(), "weights": [w.clone().requires_grad_() for w in raw["weights"]],
-                "biases": [b.clone().requires_grad_() for b in raw["biases"]]}
 
-    ins, ref_ins = fresh(), fresh()
-    out, ref, saved = autocast_run("multiscale_depthwise_conv", ins, ref_ins)
+def _mix_leaves(raw):
+    return {"x": raw["x"].clone().requires_grad_(), "weights": [w.clone().requires_grad_() for w in raw["weights"]],
+            "biases": [b.clone().requires_grad_() for b in raw["biases"]]}
+
+
+def _mix_grads(outs, ins, ups):
+    flat = [ins["x"], *ins["weights"], *ins["biases"]]
+    used = [(o, u) for o, u in zip(outs, ups) if u is not None]
+    return torch.autograd.grad([o for o, _ in used], flat, [u for _, u in used])
+
+
+def test_spatial_mix_input_keeps_the_autocast_copy_like_the_reference():
+    """The spatial mix's input: nothing else keeps it fp32, so backward keeps the bf16 copy (as
+    the reference does); the three outputs and every gradient are the reference's."""
+    raw = _mix_inputs()
+    ins, ref_ins = _mix_leaves(raw), _mix_leaves(raw)
+    out, ref, saved = autocast_run("spatial_mix_input", ins, ref_ins)
     assert len(saved) == 1 and saved[0].dtype == torch.bfloat16 and saved[0].shape == raw["x"].shape
-    flat, ref_flat = [ins["x"], *ins["weights"], *ins["biases"]], [ref_ins["x"], *ref_ins["weights"], *ref_ins["biases"]]
-    up = torch.randn_like(ref)
-    assert_close("out", out, ref, 1e-6)
-    for i, (g, w) in enumerate(zip(torch.autograd.grad(out, flat, up), torch.autograd.grad(ref, ref_flat, up))):
+    assert [o.dtype for o in out] == [r.dtype for r in ref] == [torch.bfloat16, torch.float32, torch.float32]
+    ups = tuple(torch.randn_like(r) for r in ref)
+    for name, o, r in zip(("local", "pixel_sum", "x"), out, ref):
+        assert_close(name, o, r, 1e-6)
+    for i, (g, w) in enumerate(zip(_mix_grads(out, ins, ups), _mix_grads(ref, ref_ins, ups))):
         assert_close(f"grad {i}", g, w, 1e-6)
+
+
+@pytest.mark.parametrize("depthwise", ["aten", "triton"])
+@pytest.mark.parametrize("used", [(0,), (0, 2), (1, 2), (2,), (0, 1, 2)])
+def test_spatial_mix_input_sums_the_gradients_of_the_outputs_used(monkeypatch, depthwise, used):
+    if depthwise == "triton":
+        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,depthwise_conv=triton")
+    raw = _mix_inputs(torch.float64)
+    ins, ref_ins = _mix_leaves(raw), _mix_leaves(raw)
+    with poisoned_outputs():
+        out, ref = kernels.spatial_mix_input(**ins), functional.spatial_mix_input(**ref_ins)
+    ups = tuple(torch.randn_like(r) if i in used else None for i, r in enumerate(ref))
+    flat = [ins["x"], *ins["weights"], *ins["biases"]]
+    ref_flat = [ref_ins["x"], *ref_ins["weights"], *ref_ins["biases"]]
+    with poisoned_outputs():
+        got = torch.autograd.grad([out[i] for i in used], flat, [ups[i] for i in used], allow_unused=True)
+    want = torch.autograd.grad([ref[i] for i in used], ref_flat, [ups[i] for i in used], allow_unused=True)
+    for i, (g, w) in enumerate(zip(got, want)):
+        if w is None:
+            assert g is None or not g.any(), f"grad {i}"
+        else:
+            assert_close(f"grad {i}", g, w, 1e-12)
 
 
 def test_depthwise_gradcheck():

@@ -5,8 +5,9 @@
 autograd.Function in eager mode (``_eager.py``). The runtime selection in
 :mod:`liquiddiff.kernels.runtime` decides whether the Triton kernels or the reference run, and
 :func:`backend_report` says which and why. ``silu_conv1x1``, ``silu_convs``, ``conv1x1``,
-``depthwise_conv`` and ``multiscale_depthwise_conv`` (``recompute.py``): convolutions that keep
-less for backward (the last: no more than the reference), on cuDNN / aten, their depthwise ones
+``depthwise_conv`` and ``spatial_mix_input`` (``recompute.py``): convolutions that keep
+less for backward (the last, the spatial mix's reads of its input: no more than the reference,
+and one gradient pass for x's three uses), on cuDNN / aten, their depthwise ones
 on the Triton kernels of ``depthwise.py`` when that backend is chosen (opt-in,
 ``runtime.OPT_IN``), their modulated SiLU (the spatial mix's) on those of ``modulated_silu.py``,
 which is also an op of its own (``modulated_silu``); ``recompute_saved``: autograd keeps the
@@ -23,14 +24,14 @@ from .cfc_relax import cfc_relax
 from .modulated_silu import modulated_silu
 from .parallel_cfc import parallel_cfc
 from .runtime import Backend, policy, select_backend
-from .recompute import conv1x1, depthwise_conv, multiscale_depthwise_conv, recompute_saved, silu_conv1x1, silu_convs
+from .recompute import conv1x1, depthwise_conv, recompute_saved, silu_conv1x1, silu_convs, spatial_mix_input
 
 # The ops with Triton kernels, as runtime.select_backend names them ("depthwise_conv": the
 # depthwise convolutions inside the recompute ops; "modulated_silu": the spatial mix's
 # activation inside silu_conv1x1).
 OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu")
 
-__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

@@ -80,12 +80,13 @@ if triton is not None:
 
     @triton.jit
     def _dwconv_kernel(
-        x_ptr, x2_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, out_ptr, out2_ptr, add_ptr, z_ptr,
+        x_ptr, x2_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, out_ptr, out2_ptr, add_ptr, cadd_ptr, z_ptr,
         C, H, W,
         sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
-        sa_b, sa_c, sa_h, sa_w, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
+        sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
-        PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, SILU_GRAD: tl.constexpr,
+        PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
+        SILU_GRAD: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr,
         ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -95,7 +96,8 @@ if triton is not None:
         # input row r is in, output row r - P is complete: it is stored and its slot cleared.
         # PAIR_OUT: a second kernel (w2, bias2 if HAS_BIAS2) on the same input rows, into out2 (the forward
         # of two heads). PAIR_IN: a second input x2 with its kernel w2, summed into out (their
-        # input gradient). Epilogue at the store: + addend, then times SiLU'(z).
+        # input gradient). Epilogue at the store: + addend (+ a per-(b, c) channel addend, unrounded
+        # unlike the bias), then times SiLU'(z).
         P: tl.constexpr = K // 2
         pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         slots = tl.arange(0, SLOTS)
@@ -109,6 +111,8 @@ if triton is not None:
             bias = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
         if HAS_BIAS2:
             bias2 = tl.load(bias2_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
+        if HAS_CHANNEL_ADDEND:
+            cadd = tl.load(cadd_ptr + pid_b * sca_b + cs * sca_c, mask=c_mask, other=0.0).to(ACC)
         acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
         acc2 = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)  # PAIR_OUT only (else folded away)
         for i in range(ROWS + K - 1):
@@ -144,6 +148,8 @@ if triton is not None:
             out = tl.sum(tl.where(done, acc, 0.0), axis=0)
             if HAS_BIAS:
                 out += bias[None, :]
+            if HAS_CHANNEL_ADDEND:
+                out += cadd[None, :]
             if HAS_ADDEND:
                 out += tl.load(add_ptr + pid_b * sa_b + cs[None, :] * sa_c + o * sa_h + ow[:, None] * sa_w,
                                mask=mask, other=0.0).to(ACC)
@@ -249,10 +255,12 @@ def _channel_block(C: int) -> int:
     return min(_tensors.next_power_of_2(C), _MAX_BLOCK_C)
 
 
-def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=None, silu_input=None):
+def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=None, silu_input=None,
+              channel_addend=None):
     """One launch of the sliding-window kernel. ``xs``: one input, or two (their convolutions
     summed, ``flip``: the input gradient); ``weights``: one or two (with one input: one output
-    each). Epilogue: + ``addend``, then times SiLU'(``silu_input``). Returns the outputs."""
+    each). Epilogue: + ``channel_addend`` ([B, C]) + ``addend``, then times SiLU'(``silu_input``).
+    Returns the outputs."""
     x = xs[0]
     B, C, H, W = x.shape
     k = weights[0].shape[-1]
@@ -266,12 +274,13 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
     x2, w2 = xs[-1], weights[-1]
     bias, bias2 = biases[0], biases[-1] if pair_out else None
     add, z = (addend if addend is not None else x), (silu_input if silu_input is not None else x)
+    cadd, cadd_strides = (x, (0, 0)) if channel_addend is None else (channel_addend, channel_addend.stride())
     _dwconv_kernel[grid](
         x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
-        add, z, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(), *z.stride(),
+        add, cadd, z, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(), *cadd_strides, *z.stride(),
         weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
-        HAS_ADDEND=addend is not None, SILU_GRAD=silu_input is not None, CONV=_tl(dtype), ACC=_acc(dtype),
+        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None, SILU_GRAD=silu_input is not None, CONV=_tl(dtype), ACC=_acc(dtype),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
     return outs
@@ -325,23 +334,26 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     return d_ws, d_bs
 
 
-def _input_grad_dtype(dtype, silu_input, addend) -> torch.dtype:
-    """d_x's dtype: silu_input's (it is that tensor's gradient), else the wider of the conv's and
-    the addend's (a sum of x's gradients, as autograd would form it in x's dtype)."""
+def _input_grad_dtype(dtype, silu_input, addends) -> torch.dtype:
+    """d_x's dtype: silu_input's (it is that tensor's gradient), else the widest of the conv's and
+    the addends' (a sum of x's gradients, as autograd would form it in x's dtype)."""
     if silu_input is not None:
         return silu_input.dtype
-    return dtype if addend is None else torch.promote_types(dtype, addend.dtype)
+    for addend in addends:
+        if addend is not None:
+            dtype = torch.promote_types(dtype, addend.dtype)
+    return dtype
 
 
 def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
                       weights: typing.Sequence[torch.Tensor], dtype: torch.dtype, needs: typing.Sequence[bool],
-                      silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor]
-                      ) -> list[torch.Tensor]:
+                      silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor],
+                      channel_addend: typing.Optional[torch.Tensor]) -> list[torch.Tensor]:
     k = weights[0].shape[-1]
     d_x = x.new_empty(0, dtype=dtype)
     if needs[0]:
-        d_x = _convolve(grad_outs, weights, [None], dtype, True, _input_grad_dtype(dtype, silu_input, addend),
-                        addend, silu_input)[0]
+        out_dtype = _input_grad_dtype(dtype, silu_input, (addend, channel_addend))
+        d_x = _convolve(grad_outs, weights, [None], dtype, True, out_dtype, addend, silu_input, channel_addend)[0]
     d_ws = [weights[0].new_empty(0, dtype=dtype) for _ in weights]  # outputs may not alias
     d_bs = [weights[0].new_empty(0, dtype=dtype) for _ in weights]
     if needs[1] or needs[2]:
@@ -353,11 +365,11 @@ _backward_op = torch.library.custom_op("liquiddiff::depthwise_conv_backward", mu
 
 
 @_backward_op.register_fake
-def _(grad_outs, x, weights, dtype, needs, silu_input, addend):
+def _(grad_outs, x, weights, dtype, needs, silu_input, addend, channel_addend):
     C, k = weights[0].shape[0], weights[0].shape[-1]
     d_x = x.new_empty(0, dtype=dtype)
     if needs[0]:
-        d_x = _tensors.empty_activation(grad_outs[0], _input_grad_dtype(dtype, silu_input, addend))
+        d_x = _tensors.empty_activation(grad_outs[0], _input_grad_dtype(dtype, silu_input, (addend, channel_addend)))
     d_ws = [weights[0].new_empty((C, 1, k, k) if needs[1] or needs[2] else (0,), dtype=dtype) for _ in weights]
     d_bs = [weights[0].new_empty((C,) if needs[2] else (0,), dtype=dtype) for _ in weights]
     return [d_x, *d_ws, *d_bs]
@@ -365,17 +377,18 @@ def _(grad_outs, x, weights, dtype, needs, silu_input, addend):
 
 def backward(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
              dtype: torch.dtype, needs: typing.Sequence[bool], silu_input: typing.Optional[torch.Tensor] = None,
-             addend: typing.Optional[torch.Tensor] = None):
+             addend: typing.Optional[torch.Tensor] = None, channel_addend: typing.Optional[torch.Tensor] = None):
     """``(d_x, d_weights, d_biases)`` of :func:`forward` for its heads' ``grad_outs``, in ``dtype``
     as ``aten.convolution_backward`` returns them for the convolution in that dtype; None where
     ``needs`` (three flags, for all heads) says so. d_x sums the heads' input gradients (one
-    launch) and, given them, adds ``addend`` (x's gradient from its other consumers) and
-    applies SiLU's backward for ``x = silu(silu_input)``: then it is ``silu_input``'s gradient,
-    in its dtype; without ``silu_input``, d_x (with ``addend``) is in the wider of ``dtype`` and
-    the addend's dtype (an fp32 input's summed gradient stays fp32)."""
+    launch) and, given them, adds ``addend`` and ``channel_addend`` ([B, C], broadcast over the
+    pixels): x's gradient from its other consumers; then applies SiLU's backward for
+    ``x = silu(silu_input)``: then it is ``silu_input``'s gradient, in its dtype; without
+    ``silu_input``, d_x is in the widest of ``dtype`` and the addends' dtypes (an fp32 input's
+    summed gradient stays fp32)."""
     _check_heads(weights, grad_outs, "grad_outs")
     op = _backward_op if _eager.needs_custom_op(x) else _backward_kernels
-    d_x, *rest = op(grad_outs, x, weights, dtype, list(needs), silu_input, addend)
+    d_x, *rest = op(grad_outs, x, weights, dtype, list(needs), silu_input, addend, channel_addend)
     heads = len(weights)
     d_ws, d_bs = rest[:heads], rest[heads:]
     return (d_x if needs[0] else None, d_ws if needs[1] else [None] * heads, d_bs if needs[2] else [None] * heads)

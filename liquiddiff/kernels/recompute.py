@@ -45,7 +45,7 @@ from liquiddiff import functional
 from . import _tensors, depthwise, runtime
 from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward
 
-__all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "multiscale_depthwise_conv", "recompute_saved"]
+__all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved"]
 
 
 def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -302,13 +302,75 @@ def depthwise_conv(x, weight, bias=None):
     return _RecomputedConv.apply(x, weight, bias, None, None, False, k // 2, x.shape[1])
 
 
-def multiscale_depthwise_conv(x, weights, biases):
-    """:func:`liquiddiff.functional.multiscale_depthwise_conv` on :func:`depthwise_conv` (so on
-    the Triton depthwise kernels when selected). Nothing else keeps ``x`` (the spatial mix's
-    input), so it is cast to the conv dtype first, as autocast casts it for the reference: what
-    backward keeps is that copy, half the bytes of an fp32 ``x``."""
+class _SpatialMixInput(torch.autograd.Function):
+    """(conv(x), x.sum((2, 3)), x) for a depthwise conv, saving the conv-dtype copy of x (nothing
+    else keeps the spatial mix's input: half the bytes of an fp32 x, what the reference keeps).
+
+    Backward sums x's three gradients, the conv's input gradient, the broadcast pixel-sum
+    gradient and the residual's, into one tensor in x's dtype: in the Triton kernel's epilogue,
+    or two passes after cuDNN's, where autograd made a cast and two adds of full size."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
+        dtype = _conv_dtype(x, weight, bias)
+        ctx.triton = _triton_depthwise(x, weight, x.shape[1])
+        with torch.autocast(x.device.type, enabled=False):
+            x_conv = x.to(dtype)
+            local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
+        ctx.save_for_backward(x_conv, weight)
+        ctx.dtype, ctx.x_dtype = dtype, x.dtype
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a tensor of zeros
+        return local, pixel_sum, x
+
+    @staticmethod
+    def backward(ctx, d_local, d_sum, d_residual):
+        x_conv, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        need_b = need_b and ctx.bias_shape is not None
+        d_x = d_w = d_b = None
+        with torch.autocast(x_conv.device.type, enabled=False):
+            if d_local is not None and (need_x or need_w or need_b):
+                k = weight.shape[-1]
+                needs = [need_x, need_w, need_b]
+                if ctx.triton:
+                    d_x, (d_w,), (d_b,) = depthwise.backward([d_local], x_conv, [weight], ctx.dtype, needs,
+                                                             addend=d_residual, channel_addend=d_sum)
+                    d_sum = d_residual = None  # summed in
+                else:
+                    d_x, d_w, d_b = _conv_backward(d_local, x_conv, weight, ctx.bias_shape, ctx.dtype, k // 2,
+                                                   x_conv.shape[1], needs, False)
+            if need_x:
+                d_x = _sum_gradients(d_x, d_sum, d_residual, ctx.x_dtype, x_conv)
+        d_w = d_w.to(weight.dtype) if need_w and d_w is not None else None
+        d_b = d_b.to(ctx.bias_dtype) if need_b and d_b is not None else None
+        return d_x, d_w, d_b
+
+
+def _sum_gradients(d_x, d_sum, d_residual, dtype, like):
+    """d_residual + d_x + d_sum (broadcast over the pixels) in ``dtype``, None terms left out: a
+    fresh tensor when there are several (incoming gradients may be shared), in two passes."""
+    terms = [d for d in (d_residual, d_x) if d is not None]
+    if d_sum is not None:
+        terms.append(d_sum[:, :, None, None].expand(like.shape))
+    if not terms:
+        return None
+    total = terms[0] if len(terms) == 1 else torch.add(terms[0], terms[1])
+    for d in terms[2:]:
+        total = total.add_(d)
+    return total.to(dtype)
+
+
+def spatial_mix_input(x, weights, biases):
+    """:func:`liquiddiff.functional.spatial_mix_input`: the merged depthwise conv (on the Triton
+    kernels when selected) of the conv-dtype copy of x, x's pixel sum and x, as one node whose
+    backward sums x's three gradients in one or two passes."""
+    _tensors.check_activation("x", x)
     weight, bias = functional.merged_depthwise_weight(weights, biases)
-    return depthwise_conv(x.to(_conv_dtype(x, weight, bias)), weight, bias)
+    _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
+    return _SpatialMixInput.apply(x, weight, bias)
 
 
 def silu_convs(z, weights, biases):
