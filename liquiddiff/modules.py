@@ -83,12 +83,16 @@ class AdaLN(FusedSwitch, nn.Module):
         self.eps = eps
         self.time = TimeProjection(temb_dim, channels, 2)
 
-    def forward(self, x, temb, residual=None, out_dtype=None):
-        """``out_dtype`` (fused only): ``out`` stored in that dtype, as a cast of it would be."""
+    def forward(self, x, temb, residual=None, out_dtype=None, return_input=False):
+        """``out_dtype`` (the fused block's): ``out`` stored in that dtype, as a cast of it would be.
+        ``return_input`` (without residual): also return x, for x's other consumers (fused, the
+        backward kernel adds the gradient they give x: kernels.adaln_modulate)."""
         scale, shift = self.time(temb)
-        if out_dtype is None:
-            return _ops(self.fused).adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
-        return kernels.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual, out_dtype=out_dtype)
+        if self.fused or out_dtype is not None:
+            return kernels.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual, out_dtype=out_dtype,
+                                          return_input=return_input)
+        out = functional.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
+        return (out, x) if return_input else out
 
 
 class ParallelCfC(FusedSwitch, nn.Module):
@@ -187,9 +191,9 @@ class LiquidDiffusionBlock(nn.Module):
         self.ffn = FeedForward(channels, ffn_mult)
 
     def forward(self, u, temb, t):
-        n = self.norm1(u, temb)
+        n, residual = self.norm1(u, temb, return_input=True)
         with self._remade(n, self.norm1, u, temb):
-            u = self.cfc(n, temb, t, residual=u)
+            u = self.cfc(n, temb, t, residual=residual)
         ffn_dtype = self._ffn_input_dtype(u)
         mixed, u = self.mix(u, temb, return_input=True)
         n, u = self.norm2(mixed, temb, residual=u, out_dtype=ffn_dtype)

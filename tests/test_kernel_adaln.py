@@ -498,3 +498,54 @@ def test_out_dtype_is_the_reference_cast(monkeypatch, residual, policy):
 def test_out_dtype_is_checked():
     with pytest.raises(TypeError, match="out_dtype: expected a floating-point torch.dtype"):
         adaln_modulate(**{k: v for k, v in _good().items() if k != "residual"}, out_dtype=torch.int32)
+
+
+# ---------------------------------------------------------------------------- return_input
+def _return_input_raw(dtype=torch.float64):
+    return {"x": torch.randn(2, 5, 4, 3, dtype=dtype, device=DEVICE).to(memory_format=torch.channels_last),
+            "scale": torch.randn(2, 5, dtype=dtype, device=DEVICE),
+            "shift": torch.randn(2, 5, dtype=dtype, device=DEVICE)}
+
+
+@pytest.mark.parametrize("used", [(0, 1), (0,), (1,)])
+@pytest.mark.parametrize("policy", ["auto", "torch"])
+def test_return_input_adds_its_gradient_to_x(monkeypatch, used, policy):
+    """return_input=True gives (out, x); x's gradient is out's through the norm plus the one the
+    returned x brings (the block's CfC residual), whichever of them reaches the loss."""
+    monkeypatch.setenv(runtime.ENV_VAR, policy)
+    raw = _return_input_raw()
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    with parity.poisoned_outputs():
+        got = adaln_modulate(**ins, return_input=True)
+    want = (functional.adaln_modulate(**ref_ins), ref_ins["x"])
+    parity.assert_close("out", got[0], want[0], 1e-12)
+    assert torch.equal(got[1], ins["x"])
+    ups = [torch.randn_like(w) for w in want]
+    names = list(ins)
+    with parity.poisoned_outputs():
+        grads = torch.autograd.grad([got[i] for i in used], [ins[n] for n in names], [ups[i] for i in used],
+                                    allow_unused=True)
+    ref_grads = torch.autograd.grad([want[i] for i in used], [ref_ins[n] for n in names], [ups[i] for i in used],
+                                    allow_unused=True)
+    for name, g, w in zip(names, grads, ref_grads):
+        if w is None:
+            assert g is None or not g.any(), name
+        else:
+            parity.assert_close(f"d {name}", g, w, 1e-12)
+
+
+@pytest.mark.slow
+def test_return_input_torch_compile_fullgraph():
+    def block(x, scale, shift):
+        out, x = adaln_modulate(x, scale, shift, return_input=True)
+        return out * 2.0 + x
+
+    raw = _return_input_raw(torch.float32)
+    compiled = torch.compile(block, fullgraph=True)
+    parity.check_op(compiled, lambda x, scale, shift: functional.adaln_modulate(x, scale, shift) * 2.0 + x,
+                    raw, TOL[torch.float32])
+
+
+def test_return_input_needs_no_residual():
+    with pytest.raises(ValueError, match="return_input: only without residual"):
+        adaln_modulate(**_good(), return_input=True)

@@ -375,6 +375,27 @@ _EagerAdaLN = _eager.eager_function(
 )
 
 
+class _AdaLNWithInput(torch.autograd.Function):
+    """(out, x) of the op without residual, as one node: the gradient x receives through the
+    second output (from its other consumers: the block's CfC residual) is the backward kernel's
+    grad_s, added in the pass that writes x's gradient instead of in a pass of autograd's.
+    Launches the kernels directly in eager mode, the custom ops when traced."""
+
+    @staticmethod
+    def forward(ctx, x, scale, shift, eps, residual, out_dtype):
+        launch = _adaln_forward if _eager.needs_custom_op(x) else _forward_kernels
+        output = launch(x, scale, shift, eps, None, out_dtype)
+        _setup_context(ctx, (x, scale, shift, eps, None, out_dtype), output)
+        ctx.traced = _eager.needs_custom_op(x)
+        return output[0], x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_x):
+        return _backward(ctx, grad_out, grad_x, None, None,
+                         launch=_adaln_backward if ctx.traced else _backward_kernels)
+
+
 def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
@@ -384,13 +405,15 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None):
+def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None, return_input=False):
     """Fused :func:`liquiddiff.functional.adaln_modulate`: same signature, dtypes and results.
 
     Returns ``out``, or ``(out, s)`` when ``residual`` is given. ``out_dtype`` stores ``out`` in
     that dtype instead of the promoted one: the reference's ``out.to(out_dtype)``, without the
     cast's pass over memory (the fused block's FFN input, which its conv would cast to
-    autocast's dtype anyway).
+    autocast's dtype anyway). ``return_input=True`` (without residual) returns ``(out, x)``: use
+    that x for x's other consumers, and the backward kernel adds the gradient they give x in the
+    pass that writes x's gradient.
     """
     _tensors.check_activation("x", x)
     batch, channels = x.shape[:2]
@@ -403,11 +426,15 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dty
         raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
     if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
         raise TypeError(f"out_dtype: expected a floating-point torch.dtype or None, got {out_dtype!r}")
+    if return_input and residual is not None:
+        raise ValueError("return_input: only without residual (with one, the sum s is returned)")
     if not runtime.use_triton(OP_NAME, x.device.type):
         result = functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
-        if out_dtype is None:
-            return result
-        return result.to(out_dtype) if residual is None else (result[0].to(out_dtype), result[1])
+        if out_dtype is not None:
+            result = result.to(out_dtype) if residual is None else (result[0].to(out_dtype), result[1])
+        return (result, x) if return_input else result
+    if return_input:
+        return _AdaLNWithInput.apply(x, scale, shift, eps, None, out_dtype)
     op = _adaln_forward if _eager.needs_custom_op(x) else _EagerAdaLN.apply
     out, s, _mean, _rstd = op(x, scale, shift, eps, residual, out_dtype)
     return out if residual is None else (out, s)
