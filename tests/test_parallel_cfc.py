@@ -5,6 +5,7 @@ both layouts, cuDNN and Triton depthwise convolutions, bf16 autocast; what it ke
 and how often it remakes n; gradcheck, torch.compile, the fallback and argument errors."""
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from liquiddiff import functional, kernels
 from liquiddiff.kernels import runtime
@@ -174,3 +175,32 @@ def test_convs_are_counted():
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS][:6]
     with pytest.raises(ValueError, match="convs: expected 7"):
         kernels.parallel_cfc(raw["n"], convs, raw["a"], raw["b"], raw["rho"], raw["t"])
+
+
+class _Casts(TorchDispatchMode):
+    """Records the storage of each tensor cast to bf16."""
+
+    def __init__(self):
+        super().__init__()
+        self.sources = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._to_copy.default and kwargs.get("dtype") == torch.bfloat16:
+            self.sources.add(args[0].data_ptr())
+        return func(*args, **kwargs)
+
+
+def test_backward_casts_no_parameter(depthwise_backend):
+    """The forward casts each weight and bias to the conv dtype once and keeps the copy: the
+    backward launches no cast of its own for them (a launch each, 13 per block)."""
+    raw = _autocast_raw()
+    ins = parity.leaves(raw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = _call(kernels.parallel_cfc)(**ins)
+    casts = _Casts()
+    with casts:
+        out.backward(torch.randn_like(out))
+    params = {ins[f"{name}_{p}"].data_ptr() for name in functional.CFC_CONVS for p in "wb"}
+    assert not params & casts.sources
+    assert all(t.grad is not None and t.grad.dtype == t.dtype for t in ins.values())

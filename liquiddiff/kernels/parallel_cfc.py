@@ -30,8 +30,8 @@ from liquiddiff import functional
 from . import _tensors, depthwise, runtime
 # By name: the package attribute ``cfc_relax`` is the op, not this module.
 from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
-from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _heads_backward, _heads_forward,
-                        _paired_heads, _triton_depthwise)
+from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
+                        _heads_forward, _paired_heads, _triton_depthwise)
 
 __all__ = ["parallel_cfc"]
 
@@ -53,9 +53,11 @@ class _ParallelCfC(torch.autograd.Function):
         weights, biases = params[:_CONVS], params[_CONVS:]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
-        ctx.dw_triton = _triton_depthwise(n, weights[_DW], channels)
-        ctx.head_triton = [_triton_depthwise(n, w, channels // w.shape[1]) for w in _pick(weights, _HEADS)]
+        triton = [_triton_depthwise(n, w, channels // w.shape[1]) for w in weights]  # 1x1: never
+        ctx.dw_triton, ctx.head_triton = triton[_DW], _pick(triton, _HEADS)
         ctx.paired = _paired_heads(_pick(weights, _HEADS), ctx.head_triton)
+        ctx.param_dtypes = [p.dtype for p in weights], [None if b is None else b.dtype for b in biases]
+        weights, biases = zip(*(_conv_params(w, b, dtype, use) for w, b, use in zip(weights, biases, triton)))
         with torch.autocast(n.device.type, enabled=False):
             dw = _conv(n, weights[_DW], biases[_DW], dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
             z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
@@ -105,8 +107,9 @@ class _ParallelCfC(torch.autograd.Function):
                                                             [True, need_ws[_PW], need_bs[_PW]], False)
                 d_n, d_ws[_DW], d_bs[_DW] = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
                                                                [need_n, need_ws[_DW], need_bs[_DW]], ctx.dw_triton)
-        d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
-        d_bs = [None if d is None else d.to(b.dtype) for d, b in zip(d_bs, biases)]
+        weight_dtypes, bias_dtypes = ctx.param_dtypes
+        d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
+        d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
 

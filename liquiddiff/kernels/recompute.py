@@ -71,6 +71,15 @@ def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> to
                     padding=padding, groups=groups)
 
 
+def _conv_params(weight, bias, dtype, triton: bool):
+    """The weight and bias a conv runs with: cast to ``dtype`` once, in the forward, and saved so
+    that the backward casts nothing (small tensors, but a launch each); the Triton depthwise
+    kernel takes them as they are (it rounds in registers)."""
+    if triton:
+        return weight, bias
+    return weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
 def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs, triton: bool):
     """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed."""
     if triton:
@@ -126,6 +135,8 @@ class _RecomputedConv(torch.autograd.Function):
         dtype = _conv_dtype(z, weight, bias)
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
+        ctx.weight_dtype = weight.dtype
+        weight, bias = _conv_params(weight, bias, dtype, triton)
         with torch.autocast(z.device.type, enabled=False):
             a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
             out = _conv(a, weight, bias, dtype, padding, groups, triton)
@@ -153,7 +164,7 @@ class _RecomputedConv(torch.autograd.Function):
                 d_z, d_scale, d_shift = modulated_silu_backward(d_a, z, scale, shift, needs)
             elif need_y:
                 d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
-        d_w = d_w.to(weight.dtype) if need_w else None
+        d_w = d_w.to(ctx.weight_dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b and ctx.bias_shape is not None else None
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None
 
@@ -239,11 +250,13 @@ class _SiluConvs(torch.autograd.Function):
         dtype = _conv_dtype(z, weights[0], biases[0])
         ctx.triton = [_triton_depthwise(z, w, z.shape[1] // w.shape[1]) for w in weights]
         ctx.paired = _paired_heads(weights, ctx.triton)
+        ctx.weight_dtypes = [w.dtype for w in weights]
+        ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
+        weights, biases = zip(*(_conv_params(w, b, dtype, use) for w, b, use in zip(weights, biases, ctx.triton)))
         with torch.autocast(z.device.type, enabled=False):
             outs = _heads_forward(F.silu(z).to(dtype), z.shape[1], weights, biases, dtype, ctx.triton, ctx.paired)
         ctx.save_for_backward(z, *weights)
         ctx.dtype = dtype
-        ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
         return tuple(outs)
 
     @staticmethod
@@ -256,7 +269,7 @@ class _SiluConvs(torch.autograd.Function):
             d_z, d_ws, d_bs = _heads_backward(
                 grad_outs, z, F.silu(z).to(ctx.dtype), weights, [None if b is None else b[0] for b in ctx.biases],
                 ctx.dtype, ctx.triton, ctx.paired, needs[0], needs[2:2 + n], need_bs)
-        d_ws = [None if d is None else d.to(w.dtype) for d, w in zip(d_ws, weights)]
+        d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, ctx.weight_dtypes)]
         d_bs = [None if d is None else d.to(bias[1]) for d, bias in zip(d_bs, ctx.biases)]
         return (d_z, None, *d_ws, *d_bs)
 
@@ -315,13 +328,15 @@ class _SpatialMixInput(torch.autograd.Function):
         pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
         dtype = _conv_dtype(x, weight, bias)
         ctx.triton = _triton_depthwise(x, weight, x.shape[1])
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_shape = None if bias is None else list(bias.shape)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        weight, bias = _conv_params(weight, bias, dtype, ctx.triton)
         with torch.autocast(x.device.type, enabled=False):
             x_conv = x.to(dtype)
             local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
         ctx.save_for_backward(x_conv, weight)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
-        ctx.bias_shape = None if bias is None else list(bias.shape)
-        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a tensor of zeros
         return local, pixel_sum, x
 
@@ -344,7 +359,7 @@ class _SpatialMixInput(torch.autograd.Function):
                                                    x_conv.shape[1], needs, False)
             if need_x:
                 d_x = _sum_gradients(d_x, d_sum, d_residual, ctx.x_dtype, x_conv)
-        d_w = d_w.to(weight.dtype) if need_w and d_w is not None else None
+        d_w = d_w.to(ctx.weight_dtype) if need_w and d_w is not None else None
         d_b = d_b.to(ctx.bias_dtype) if need_b and d_b is not None else None
         return d_x, d_w, d_b
 
