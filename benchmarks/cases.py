@@ -143,6 +143,23 @@ def triton_depthwise_conv(x, weight, bias):
         return kernels.depthwise_conv(x, weight, bias)
 
 
+def _mix_input(spatial_mix_input):
+    """``spatial_mix_input`` with one depthwise kernel (the merged 7x7 of the spatial mix), its
+    inputs by name."""
+
+    def run(x, weight, bias):
+        return spatial_mix_input(x, [weight], [bias])
+
+    return run
+
+
+def triton_spatial_mix_input(x, weights, biases):
+    """kernels.spatial_mix_input on the opt-in Triton depthwise kernels: x's three gradients summed
+    in the input gradient's epilogue."""
+    with kernels_setting("depthwise_conv=triton"):
+        return kernels.spatial_mix_input(x, weights, biases)
+
+
 HEAD_NAMES = ("f", "g", "h")
 
 
@@ -210,6 +227,13 @@ OPS: dict[str, OpSpec] = {
         name="cfc_heads", title="CfC heads SiLU->f,g,h", reference=_heads(functional.silu_convs),
         fused=_heads(triton_silu_convs), activations=("z",), outputs=HEAD_NAMES, saved=("z", *_HEAD_PARAMS),
         grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
+    ),
+    # Not in the report's table (the dwconv7 row times its convolution): memcheck of the input
+    # gradient's epilogue that adds a full-size and a per-(b, c) gradient.
+    "mix_input": OpSpec(
+        name="mix_input", title="spatial mix input", reference=_mix_input(functional.spatial_mix_input),
+        fused=_mix_input(triton_spatial_mix_input), activations=("x",), outputs=("local", "pixel_sum", "x"),
+        saved=("x", "weight"), grad_writes=("x", "weight", "bias"), kernel=7, layouts=("channels_last",),
     ),
 }
 OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
