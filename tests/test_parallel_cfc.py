@@ -204,3 +204,13 @@ def test_backward_casts_no_parameter(depthwise_backend):
     params = {ins[f"{name}_{p}"].data_ptr() for name in functional.CFC_CONVS for p in "wb"}
     assert not params & casts.sources
     assert all(t.grad is not None and t.grad.dtype == t.dtype for t in ins.values())
+
+
+def test_double_backward_raises():
+    """The backward launches Triton kernels: a gradient of a gradient must fail loudly, not come
+    back without its second-order terms."""
+    ins = parity.leaves(_raw(torch.float32))
+    out = _call(kernels.parallel_cfc)(**ins)
+    (grad_n,) = torch.autograd.grad(out.square().sum(), ins["n"], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad_n.sum().backward()

@@ -352,3 +352,15 @@ def test_recompute_saved_hands_other_tensors_to_the_enclosing_hooks():
     assert len(unpacked) == 2
     s = torch.sigmoid(x.detach())
     torch.testing.assert_close(dx, s * (1 - s) * 2 * x.detach() + s * 2)
+
+
+@pytest.mark.parametrize("op", ["silu_conv1x1", "spatial_mix_input"])
+def test_double_backward_raises(op):
+    raw = _inputs(torch.float32) if op == "silu_conv1x1" else _mix_inputs()
+    ins = leaves(raw) if op == "silu_conv1x1" else _mix_leaves(raw)
+    out = getattr(kernels, op)(**ins)
+    first = out if op == "silu_conv1x1" else out[0]
+    x = ins["z"] if op == "silu_conv1x1" else ins["x"]
+    (grad,) = torch.autograd.grad(first.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()

@@ -72,6 +72,7 @@ class _ParallelCfC(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # Triton kernels: no graph of the backward
     def backward(ctx, grad_out):
         n, dw, z, g_hidden, h_hidden, *rest = ctx.saved_tensors
         small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]

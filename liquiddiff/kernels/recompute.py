@@ -30,6 +30,9 @@ the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py
 ``runtime.OPT_IN``).
 
 Layout: any; the conv keeps the input's memory format (NCHW or channels_last).
+
+The backward passes may launch Triton kernels, which autograd cannot differentiate: they are
+``once_differentiable``, so a double backward raises instead of missing terms.
 """
 from __future__ import annotations
 
@@ -147,6 +150,7 @@ class _RecomputedConv(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
         dtype, activate, padding, groups, triton, fused_act = ctx.conv
@@ -260,6 +264,7 @@ class _SiluConvs(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outs):
         z, *weights = ctx.saved_tensors
         n = len(weights)
@@ -341,6 +346,7 @@ class _SpatialMixInput(torch.autograd.Function):
         return local, pixel_sum, x
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_local, d_sum, d_residual):
         x_conv, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
