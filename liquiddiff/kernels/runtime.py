@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 import warnings
 from dataclasses import dataclass
 
@@ -42,9 +43,11 @@ OPT_IN = {
 }
 
 
-def policy(op: str | None = None) -> str:
-    """The policy for ``op`` (its own setting, else the global one), or the global policy."""
-    raw = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
+@functools.lru_cache(maxsize=32)
+def _parse(setting: str | None) -> tuple[str, types.MappingProxyType]:
+    """(global policy, {op: policy}) of a ``LIQUIDDIFF_KERNELS`` value; parsed once per value
+    (the fused model asks on every op call)."""
+    raw = (setting or "auto").strip().lower() or "auto"
     glob, per_op = "auto", {}
     for item in (part.strip() for part in raw.split(",")):
         name, sep, value = item.rpartition("=")
@@ -55,6 +58,12 @@ def policy(op: str | None = None) -> str:
             per_op[name.strip()] = value
         else:
             glob = value
+    return glob, types.MappingProxyType(per_op)
+
+
+def policy(op: str | None = None) -> str:
+    """The policy for ``op`` (its own setting, else the global one), or the global policy."""
+    glob, per_op = _parse(os.environ.get(ENV_VAR))
     return per_op.get(op, glob)
 
 
@@ -115,15 +124,23 @@ def select_backend(op: str, device: torch.device | str) -> Backend:
 
 def warn_fallback_once(op: str, backend: Backend) -> None:
     """A fused model that falls back to PyTorch says so once per op, not on every call."""
-    if backend.is_triton or policy(op) == "torch" or op in OPT_IN or op in _warned:
+    if backend.is_triton or op in _warned or op in OPT_IN or policy(op) == "torch":
         return
     _warned.add(op)
     warnings.warn(f"liquiddiff: {op} runs the {backend.reason}", RuntimeWarning, stacklevel=3)
 
 
+@functools.lru_cache(maxsize=256)
+def _selected(op: str, device_type: str, setting: str | None, interpret: str | None) -> Backend:
+    """select_backend, once per op, device type and environment (the arguments after the first
+    two are the environment variables it reads: part of the key, not used otherwise)."""
+    return select_backend(op, torch.device(device_type))
+
+
 @torch.compiler.assume_constant_result
 def use_triton(op: str, device_type: str) -> bool:
-    """Trace-time constant for ``torch.compile``: the choice never costs a graph break."""
-    backend = select_backend(op, torch.device(device_type))
+    """Trace-time constant for ``torch.compile``: the choice never costs a graph break. Cached
+    per environment: the fused model asks on every op call, in its hot path."""
+    backend = _selected(op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
     warn_fallback_once(op, backend)
     return backend.is_triton
