@@ -61,15 +61,20 @@ class TimestepEmbedding(nn.Module):
 
 
 class TimeProjection(nn.Module):
-    """SiLU(t_emb) -> Linear -> n chunks of [B, C]; zero-initialised (see the module docstring)."""
+    """SiLU(t_emb) -> Linear -> n chunks of [B, C]; zero-initialised (see the module docstring).
+
+    ``projected``: the Linear's output, computed by the caller (the fused block computes all its
+    time projections as one GEMM, ``LiquidDiffusionBlock.time_projections``)."""
 
     def __init__(self, temb_dim: int, channels: int, chunks: int):
         super().__init__()
         self.chunks = chunks
         self.proj = _zero_(nn.Linear(temb_dim, chunks * channels))
 
-    def forward(self, temb: torch.Tensor):
-        return self.proj(F.silu(temb)).chunk(self.chunks, dim=1)
+    def forward(self, temb: torch.Tensor, projected: torch.Tensor | None = None):
+        if projected is None:
+            projected = self.proj(F.silu(temb))
+        return projected.chunk(self.chunks, dim=1)
 
 
 class AdaLN(FusedSwitch, nn.Module):
@@ -83,11 +88,12 @@ class AdaLN(FusedSwitch, nn.Module):
         self.eps = eps
         self.time = TimeProjection(temb_dim, channels, 2)
 
-    def forward(self, x, temb, residual=None, out_dtype=None, return_input=False):
+    def forward(self, x, temb, residual=None, out_dtype=None, return_input=False, projected=None):
         """``out_dtype`` (the fused block's): ``out`` stored in that dtype, as a cast of it would be.
         ``return_input`` (without residual): also return x, for x's other consumers (fused, the
-        backward kernel adds the gradient they give x: kernels.adaln_modulate)."""
-        scale, shift = self.time(temb)
+        backward kernel adds the gradient they give x: kernels.adaln_modulate). ``projected``:
+        the time projection's output, made by the caller (TimeProjection)."""
+        scale, shift = self.time(temb, projected)
         if self.fused or out_dtype is not None:
             return kernels.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual, out_dtype=out_dtype,
                                           return_input=return_input)
@@ -119,12 +125,15 @@ class ParallelCfC(FusedSwitch, nn.Module):
         # softplus(0) = ln 2: alpha = 2^-|t|, half input / half CfC at the noisiest t.
         self.rho = nn.Parameter(torch.zeros(c))
 
-    def forward(self, n, temb, t, residual):
-        e = F.silu(temb)
+    def forward(self, n, temb, t, residual, projected=None):
+        """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block)."""
+        if projected is None:
+            e = F.silu(temb)
+            projected = self.time_a(e), self.time_b(e)
         convs = [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
-        return _ops(self.fused).parallel_cfc(n, convs, self.time_a(e), self.time_b(e), self.rho, t, residual=residual)
+        return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
 
 
 class MultiScaleSpatialMix(FusedSwitch, nn.Module):
@@ -146,14 +155,14 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         self.time = TimeProjection(temb_dim, c, 2)
         self.out = _zero_(nn.Conv2d(c, c, 1))
 
-    def forward(self, x, temb, return_input: bool = False):
+    def forward(self, x, temb, return_input: bool = False, projected=None):
         ops = _ops(self.fused)
         # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
         local, pixel_sum, x = ops.spatial_mix_input(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
         context = self.context(pixel_sum[:, :, None, None] / (x.shape[2] * x.shape[3]))
-        scale, shift = self.time(temb)
+        scale, shift = self.time(temb, projected)
         # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
         # shift: the same modulation without a full-size add (forward) or sum (its backward).
         shift = context.flatten(1) * (1 + scale) + shift
@@ -191,14 +200,30 @@ class LiquidDiffusionBlock(nn.Module):
         self.ffn = FeedForward(channels, ffn_mult)
 
     def forward(self, u, temb, t):
-        n, residual = self.norm1(u, temb, return_input=True)
-        with self._remade(n, self.norm1, u, temb):
-            u = self.cfc(n, temb, t, residual=residual)
-        ffn_dtype = self._ffn_input_dtype(u)
-        mixed, u = self.mix(u, temb, return_input=True)
-        n, u = self.norm2(mixed, temb, residual=u, out_dtype=ffn_dtype)
-        with self._remade(n, functools.partial(self.norm2, out_dtype=ffn_dtype), u, temb):
+        for_norm1, for_cfc, for_mix, for_norm2 = self.time_projections(temb)
+        norm1 = functools.partial(self.norm1, projected=for_norm1)
+        n, residual = norm1(u, temb, return_input=True)
+        with self._remade(n, norm1, u, temb):
+            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc)
+        mixed, u = self.mix(u, temb, return_input=True, projected=for_mix)
+        norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
+        n, u = norm2(mixed, temb, residual=u)
+        with self._remade(n, norm2, u, temb):
             return u + self.ffn(n)
+
+    def time_projections(self, temb):
+        """The block's time projections of SiLU(temb), for (norm1, the CfC's (a, b), the mix,
+        norm2). Fused: one GEMM over the five Linears' weights concatenated (the same parameters
+        and products), where they were five GEMMs with their SiLUs, casts and backward passes,
+        about 40 small launches per block; unfused: None each (every module projects for itself,
+        as the reference does)."""
+        if not self.cfc.fused:
+            return None, None, None, None
+        linears = (self.norm1.time.proj, self.cfc.time_a, self.cfc.time_b, self.mix.time.proj, self.norm2.time.proj)
+        weight, bias = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
+        for_norm1, a, b, for_mix, for_norm2 = F.linear(F.silu(temb), weight, bias).split(
+            [m.out_features for m in linears], dim=1)
+        return for_norm1, (a, b), for_mix, for_norm2
 
     def _ffn_input_dtype(self, u):
         """Fused under autocast, norm2 writes the FFN's input in autocast's dtype, which its first

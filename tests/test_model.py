@@ -178,3 +178,37 @@ def test_compiled_fused_model_runs_forward_and_backward():
     with torch.no_grad():
         assert rel_err(out, model.set_fused(False)(x, t)) < 1e-4
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_fused_block_projects_time_once_with_each_modules_weights():
+    """Fused, a block's five time projections are one GEMM over the Linears' weights: the same
+    values each module's own Linear gives, and one addmm where there were five."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    block = LiquidDiffusionBlock(6, 16).double()
+    for p in block.parameters():
+        torch.nn.init.normal_(p)
+    temb = torch.randn(3, 16, dtype=torch.float64)
+    e = torch.nn.functional.silu(temb)
+    expected = (block.norm1.time.proj(e), (block.cfc.time_a(e), block.cfc.time_b(e)),
+                block.mix.time.proj(e), block.norm2.time.proj(e))
+    assert block.time_projections(temb) == (None,) * 4  # unfused: each module projects
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+
+    class Count(TorchDispatchMode):
+        addmm = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.addmm += func is torch.ops.aten.addmm.default
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        got = block.time_projections(temb)
+    assert Count.addmm == 1
+    flat = lambda ps: [q for p in ps for q in (p if isinstance(p, tuple) else (p,))]  # noqa: E731
+    for g, w in zip(flat(got), flat(expected)):
+        assert rel_err(g, w) < 1e-12
