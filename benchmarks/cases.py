@@ -534,8 +534,10 @@ def memory_format(layout: str):
     return torch.channels_last if layout == "channels_last" else torch.contiguous_format
 
 
-def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed: int = 0) -> RectifiedFlowTrainer:
-    """A RectifiedFlowTrainer (AdamW, EMA, bf16 autocast on CUDA) over the preset, in ``layout``.
+def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed: int = 0,
+                  cuda_graph: bool = False) -> RectifiedFlowTrainer:
+    """A RectifiedFlowTrainer (AdamW, EMA, bf16 autocast on CUDA) over the preset, in ``layout``;
+    ``cuda_graph``: its train steps replay the model call from CUDA graphs.
 
     The model is put in its memory format before the trainer is made, so the EMA copy and the
     optimizer see the same layout.
@@ -544,7 +546,8 @@ def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed
     torch.manual_seed(seed)
     model = build(cfg.preset, fused=fused, **dict(cfg.overrides))
     model = model.to(device=device, memory_format=memory_format(layout))
-    return RectifiedFlowTrainer(model, lr=1e-4, device=device, channels_last=layout == "channels_last")
+    return RectifiedFlowTrainer(model, lr=1e-4, device=device, channels_last=layout == "channels_last",
+                                cuda_graph=cuda_graph)
 
 
 def make_images(cfg: E2EConfig, layout: str, device=None, seed: int = 1) -> torch.Tensor:

@@ -63,7 +63,7 @@ class Variant:
     layout: str
     compiled: bool
     kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings for its worker
-    cuda_graph: bool = False  # sampling: the model call captured once, replayed each step
+    cuda_graph: bool = False  # the model call captured once, replayed each train or sampling step
 
 
 # The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
@@ -78,12 +78,12 @@ VARIANTS = {
     "fused_cl": Variant("fused", True, "channels_last", False),
     "fused_compile_cl": Variant("torch.compile(fused)", True, "channels_last", True),
     "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
-    # Sampling only: whether the eager fused step's launches bound it by the host.
+    # Whether the eager fused step's launches bound it by the host: the same step replayed.
     "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
 }
 # Timed in this order; when time runs short the last ones are skipped.
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_nchw", "fused_cl", "fused_compile_cl",
-               "fused_dw_cl")
+               "fused_dw_cl", "fused_graph_cl")
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw",
                 "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
@@ -121,12 +121,13 @@ def _worker_main(args) -> int:
     if device.type == "cpu":
         torch.set_num_threads(1)  # several workers share the cores; spinning OpenMP threads would stall
     try:
-        trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device)
+        trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device,
+                                      cuda_graph=variant.cuda_graph and task == "train")
         images = cases.make_images(cfg, variant.layout, device)
         compile_s = None
         # Its first steps compile (torch.compile, or Triton kernels no other variant uses): warm
         # up before 'ready', while the others compile, not inside its timed turn.
-        compiles = variant.compiled or bool(variant.kernels)
+        compiles = variant.compiled or bool(variant.kernels) or variant.cuda_graph  # graphs: their capture
         if compiles:
             if variant.compiled:
                 cases.compile_model(trainer)

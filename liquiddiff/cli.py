@@ -145,6 +145,9 @@ def _add_train(sub) -> None:
                    help="run the CfC and AdaLN ops through the fused Triton kernels (see `liquiddiff info`)")
     g.add_argument("--channels-last", action="store_true",
                    help="keep activations in channels_last (NHWC) memory format: faster convolutions on GPUs")
+    g.add_argument("--cuda-graph", action="store_true",
+                   help="replay each step's model forward and backward from CUDA graphs captured at the first "
+                        "step: no per-kernel launch overhead (CUDA, one process: not under torchrun)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=1000, help="total optimizer steps (a resumed run counts on)")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per step and process")
@@ -478,7 +481,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     trainer = RectifiedFlowTrainer(
         model, lr=args.lr, device=device, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
         warmup_steps=args.warmup_steps, mixed_precision=mixed, distributed=info.enabled,
-        channels_last=args.channels_last,
+        channels_last=args.channels_last, cuda_graph=args.cuda_graph,
     )
     if state is not None:
         trainer.load_state_dict(state)  # refuses a checkpoint of another preset, with the difference

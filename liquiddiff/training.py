@@ -62,6 +62,29 @@ class EMA:
         self.updates += 1
 
 
+class _ModelCall(nn.Module):
+    """The model as a callable of its own: ``make_graphed_callables`` replaces the forward of the
+    module it captures, and the model's own forward must stay eager (sampling, other shapes)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t)
+
+
+def graphed_model_call(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
+    """``model(x, t)`` and its backward (into the parameters' gradients) as two CUDA graphs,
+    captured for inputs like ``x`` and ``t`` after a few warm-up calls (Triton's JIT, cuDNN's
+    plans): each train step then launches two graphs instead of the model's thousands of kernels,
+    whose host-side cost an eager step pays every time. Call it, and the result, under the
+    autocast state of the train step, without autocast's weight cache (a cached cast would be
+    freed after capture). The model's forward and backward must not synchronise with the host
+    (the fused model's do not). Not yet run on a GPU in this project's CI."""
+    return torch.cuda.make_graphed_callables(_ModelCall(model), (x.detach().clone(), t.detach().clone()))
+
+
 class RectifiedFlowTrainer:
     """Trains a LiquidDiffusion model with rectified flow and samples from its EMA weights.
 
@@ -69,6 +92,9 @@ class RectifiedFlowTrainer:
     "step"}``; ``sample(batch_size, image_size, num_steps)`` returns images in [-1, 1].
     ``distributed=True`` (under torchrun, once the process group is up) averages gradients
     across ranks with DistributedDataParallel; each rank passes its own batch.
+    ``cuda_graph=True`` (CUDA, one process) replays each train step's model forward and backward
+    from CUDA graphs captured at the first step (:func:`graphed_model_call`): the host no longer
+    launches the model's kernels one by one. Batches of another shape run eager.
     """
 
     def __init__(
@@ -86,6 +112,7 @@ class RectifiedFlowTrainer:
         mixed_precision: bool | None = None,
         distributed: bool = False,
         channels_last: bool | None = None,
+        cuda_graph: bool = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
@@ -96,6 +123,10 @@ class RectifiedFlowTrainer:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cuda_graph and self.device.type != "cuda":
+            raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
+        if cuda_graph and distributed:
+            raise ValueError("cuda_graph: not with distributed=True (DDP's gradient hooks run on the host)")
         # channels_last=True runs every conv in NHWC (cuDNN's fast depthwise path), and the fused
         # kernels read that layout directly: weights are converted once here, batches once per
         # step. False converts to NCHW; None (default) keeps the layouts the caller gave.
@@ -119,6 +150,10 @@ class RectifiedFlowTrainer:
         )
         self.ema = EMA(self.model, ema_decay)
         self.step = 0
+        # cuda_graph=True: the train steps' model call (forward and backward) replays CUDA graphs
+        # captured at the first step; (input shape, graphed call) once captured.
+        self.cuda_graph = cuda_graph
+        self._graphed = None
 
     @property
     def forward_model(self) -> nn.Module:
@@ -171,9 +206,21 @@ class RectifiedFlowTrainer:
         noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
         t = sample_times(images.shape[0], self.time_sampling, images.device, generator)
         x_t, target = rectified_flow_pair(images, noise, t)
-        with self._autocast():
-            v = self.forward_model(x_t, t)
+        with self._autocast(cache=not self.cuda_graph):
+            v = self._model_call(x_t, t)
         return F.mse_loss(v.float(), target.float())
+
+    def _model_call(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model on a training batch: eager, or (``cuda_graph=True``) its forward and backward
+        replayed from the CUDA graphs captured at the first call, for batches of that shape and
+        layout (others, a last partial batch, run eager)."""
+        if not (self.cuda_graph and torch.is_grad_enabled()):
+            return self.forward_model(x_t, t)
+        key = (tuple(x_t.shape), x_t.stride(), x_t.dtype)
+        if self._graphed is None:
+            self._graphed = key, graphed_model_call(self.model, x_t, t)
+        captured, call = self._graphed
+        return call(x_t, t) if key == captured else self.model(x_t, t)
 
     def train_step(self, images: torch.Tensor) -> dict:
         self.check_images(images)
