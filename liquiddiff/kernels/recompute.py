@@ -6,24 +6,27 @@ Autograd on ``conv(silu(z * (1 + scale) + shift))`` keeps z (for the modulation'
 gradient), y (for SiLU's backward) and silu(y) (the conv's input, for its weight gradient); on
 ``conv(silu(z))``, z and silu(z). This op keeps z alone and recomputes y and silu(y) in the
 backward, elementwise passes that cost far less than the memory they free: one activation per
-FeedForward (twice C wide) and CfC g/h head, two per spatial mix. The convolution itself runs in
-the dtype autocast picks, so values and gradients are those of the reference.
+FeedForward (twice C wide), two per spatial mix. The convolution itself runs in the dtype
+autocast picks, so values and gradients are those of the reference.
 
 ``silu_convs``: SiLU once, then several convolutions of it (the CfC backbone feeding f, g and h):
-each conv would keep silu(z); this op keeps z alone, once for all of them.
+each conv would keep silu(z); this op keeps z alone, once for all of them. Its forward and
+backward bodies (``_heads_forward``, ``_heads_backward``) also serve the CfC branch's node
+(``parallel_cfc.py``).
 
 ``depthwise_conv`` and ``conv1x1``: under autocast a conv saves the bf16 copy autocast made of
-its input. When that input is an fp32 tensor backward has anyway or can remake (the normalised
-inputs of ParallelCfC and FeedForward), this conv keeps the fp32 tensor itself and casts it again
-in backward: one bf16 activation less per use, for one cast (none with the Triton depthwise
-kernel, which rounds in registers).
+its input. When that input is an fp32 tensor backward has anyway or can remake, this conv keeps
+the fp32 tensor itself and casts it again in backward: one bf16 activation less per use, for
+one cast (none with the Triton depthwise kernel, which rounds in registers).
+
+``spatial_mix_input``: the spatial mix's reads of its input x (the merged depthwise conv, the
+pixel sum of its context) and x itself, for the block's residual: one node, so backward sums
+x's three gradients in one pass (the Triton kernel's epilogue) or two (after cuDNN), and keeps
+the conv-dtype copy of x (what the reference keeps).
 
 ``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
-made it, and reruns that call when backward needs the tensor. ParallelCfC uses it for f, g and
-h, the 1x1-conv outputs the CfC op saves: each is one 1x1 conv away from a tensor that backward
-keeps anyway (the backbone pre-activation, the g/h depthwise outputs), so three activations of
-the block's nine cost three 1x1 convs in backward. The block uses it for the normalised inputs
-of the CfC and the FFN, each one AdaLN pass from a tensor its AdaLN keeps.
+made it, and reruns that call when backward needs the tensor. The block uses it for the
+normalised inputs of the CfC and the FFN, each one AdaLN pass from a tensor its AdaLN keeps.
 
 The convolutions run on cuDNN / the CPU backend (``aten.convolution`` and its backward), except
 the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py``, opt-in:
