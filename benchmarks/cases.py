@@ -228,13 +228,17 @@ OPS: dict[str, OpSpec] = {
         fused=_heads(triton_silu_convs), activations=("z",), outputs=HEAD_NAMES, saved=("z", *_HEAD_PARAMS),
         grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
     ),
-    # Not in the report's table (the dwconv7 row times its convolution): memcheck of the input
-    # gradient's epilogue that adds a full-size and a per-(b, c) gradient.
-    "mix_input": OpSpec(
-        name="mix_input", title="spatial mix input", reference=_mix_input(functional.spatial_mix_input),
-        fused=_mix_input(triton_spatial_mix_input), activations=("x",), outputs=("local", "pixel_sum", "x"),
-        saved=("x", "weight"), grad_writes=("x", "weight", "bias"), kernel=7, layouts=("channels_last",),
-    ),
+    # Not in the report's table (the dwconv7 row times its convolution): memcheck of the two ways
+    # x's three gradients meet, the Triton depthwise input gradient's epilogue (a full-size and a
+    # per-(b, c) addend) and, after cuDNN's input gradient, the Triton gradient sum.
+    **{
+        name: OpSpec(
+            name=name, title="spatial mix input", reference=_mix_input(functional.spatial_mix_input),
+            fused=_mix_input(fused), activations=("x",), outputs=("local", "pixel_sum", "x"),
+            saved=("x", "weight"), grad_writes=("x", "weight", "bias"), kernel=7, layouts=("channels_last",),
+        )
+        for name, fused in (("mix_input", triton_spatial_mix_input), ("mix_input_cudnn", kernels.spatial_mix_input))
+    },
 }
 OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)

@@ -154,6 +154,9 @@ def launches() -> list[tuple[str, str, str, callable]]:
         ]
     out.append(("SiLU backward, 3 gradients summed", "modulated_silu", "_modulated_silu_bwd_kernel",
                 lambda: ms.silu_backward([g16, g16, g16], g16)))
+    per_channel = torch.empty(B, C, device="meta")[:, :, None, None].expand(SHAPE)
+    out.append(("gradient sum (spatial-mix input, after cuDNN)", "modulated_silu", "_modulated_silu_bwd_kernel",
+                lambda: ms.sum_gradients([x32, g16, per_channel], torch.float32)))
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
         x, r = _meta(shape, torch.bfloat16), _meta(shape, torch.float32)

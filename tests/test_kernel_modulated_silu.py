@@ -167,6 +167,35 @@ def test_silu_backward_checks_its_gradients():
         modulated_silu.silu_backward([z] * 4, z)
 
 
+@pytest.mark.parametrize("n_grads", [2, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sum_gradients_in_one_pass(n_grads, layout):
+    """sum_gradients(grads, dtype): the plain sum, in ``dtype`` and the first gradient's memory format;
+    the others in other dtypes and layouts, the last a per-channel gradient expanded over the
+    pixels (as the spatial mix's pixel sum gives it)."""
+    first = _z((2, 5, 6, 7), torch.float64, layout)
+    grads = [first, torch.randn(2, 5, 6, 7, dtype=torch.float32, device=DEVICE).contiguous(
+        memory_format=torch.channels_last)]
+    if n_grads == 3:
+        grads.append(torch.randn(2, 5, dtype=torch.float64, device=DEVICE)[:, :, None, None].expand(2, 5, 6, 7))
+    with parity.poisoned_outputs():
+        got = modulated_silu.sum_gradients(grads, torch.float64)
+    assert got.dtype == torch.float64
+    if layout == "channels_last":
+        assert got.is_contiguous(memory_format=torch.channels_last)
+    parity.assert_close("sum", got, sum(g.double() for g in grads), 1e-15)
+    with pytest.raises(ValueError, match="grads: expected two or three"):
+        modulated_silu.sum_gradients(grads[:1], torch.float64)
+
+
+def test_opcheck_sum_gradients():
+    d = torch.randn(2, 3, 5, 6, device=DEVICE)
+    per_channel = torch.randn(2, 3, device=DEVICE)[:, :, None, None].expand(2, 3, 5, 6)
+    torch.library.opcheck(torch.ops.liquiddiff.gradient_sum.default,
+                          ([d, torch.randn_like(d).bfloat16() if DEVICE == "cuda" else d.double(), per_channel],
+                           torch.float32))
+
+
 def test_silu_convs_backward_runs_it(monkeypatch):
     """The CfC backbone's SiLU (kernels.silu_convs, heads on cuDNN/aten) takes its three heads'
     gradients through silu_backward, once."""

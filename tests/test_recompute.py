@@ -199,11 +199,12 @@ def test_spatial_mix_input_keeps_the_autocast_copy_like_the_reference():
         assert_close(f"grad {i}", g, w, 1e-6)
 
 
-@pytest.mark.parametrize("depthwise", ["aten", "triton"])
+@pytest.mark.parametrize("setting", ["auto", "auto,modulated_silu=torch", "auto,depthwise_conv=triton"])
 @pytest.mark.parametrize("used", [(0,), (0, 2), (1, 2), (2,), (0, 1, 2)])
-def test_spatial_mix_input_sums_the_gradients_of_the_outputs_used(monkeypatch, depthwise, used):
-    if depthwise == "triton":
-        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,depthwise_conv=triton")
+def test_spatial_mix_input_sums_the_gradients_of_the_outputs_used(monkeypatch, setting, used):
+    """x's gradients from the outputs used: summed by the Triton gradient sum after aten's conv
+    (auto), by torch (its fallback), or in the Triton depthwise kernel's epilogue."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     raw = _mix_inputs(torch.float64)
     ins, ref_ins = _mix_leaves(raw), _mix_leaves(raw)
     with poisoned_outputs():

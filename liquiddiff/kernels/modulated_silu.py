@@ -10,7 +10,9 @@ The backward kernel also serves a plain SiLU whose output feeds several consumer
 (:func:`silu_backward`: the CfC backbone's SiLU, read by the f, g and h convs): it sums their
 gradients in registers and applies SiLU's backward, d_z = sig(z) * (1 + z * (1 - sig(z))) *
 sum(grads), in one pass instead of casts, fp32 adds and SiLU's backward (about 19 passes, 5
-here, for three bf16 gradients).
+here, for three bf16 gradients). Without SiLU it is a plain sum of gradients
+(:func:`sum_gradients`: the spatial mix's input, whose conv, pixel-sum and residual gradients
+meet in fp32 after cuDNN's input gradient).
 
 Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
 copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
@@ -37,7 +39,7 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["modulated_silu", "forward", "backward", "silu_backward"]
+__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients"]
 
 # Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
 # tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
@@ -82,11 +84,13 @@ if triton is not None:
         go_ptr, go2_ptr, go3_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, C, P,
         sgo_b, sgo_c, sgo_p, sgo2_b, sgo2_c, sgo2_p, sgo3_b, sgo3_c, sgo3_p,
         sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
-        GRADS: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr, NEED_PARAMS: tl.constexpr,
-        COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+        GRADS: tl.constexpr, SILU: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        TILES: tl.constexpr,
     ):
         # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
-        # backbone's SiLU feeds three convs). MODULATED False: plain SiLU, y = z.
+        # backbone's SiLU feeds three convs; any strides, a broadcast one included). MODULATED
+        # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread).
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(2).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -105,13 +109,16 @@ if triton is not None:
                 go += tl.load(go2_ptr + pid_b * sgo2_b + rows * sgo2_c + cols * sgo2_p, mask=mask).to(COMPUTE)
             if GRADS >= 3:
                 go += tl.load(go3_ptr + pid_b * sgo3_b + rows * sgo3_c + cols * sgo3_p, mask=mask).to(COMPUTE)
-            z = tl.load(z_ptr + pid_b * sz_b + rows * sz_c + cols * sz_p, mask=mask).to(COMPUTE)
-            if MODULATED:
-                y = z * one_plus + shift
+            if SILU:
+                z = tl.load(z_ptr + pid_b * sz_b + rows * sz_c + cols * sz_p, mask=mask).to(COMPUTE)
+                if MODULATED:
+                    y = z * one_plus + shift
+                else:
+                    y = z
+                sig = tl.sigmoid(y)
+                dy = go * (sig * (1.0 + y * (1.0 - sig)))
             else:
-                y = z
-            sig = tl.sigmoid(y)
-            dy = go * (sig * (1.0 + y * (1.0 - sig)))
+                dy = go
             if NEED_PARAMS:
                 # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
                 acc_scale += tl.where(mask, dy * z, 0.0)
@@ -160,11 +167,13 @@ def forward(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: to
     return op(z, scale, shift, dtype)
 
 
-def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool):
-    """(d_z or an empty tensor, partials [2, programs, B, C] or None): one launch over z."""
+def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, silu: bool = True,
+                     dz_dtype: typing.Optional[torch.dtype] = None):
+    """(d_z or an empty tensor, partials [2, programs, B, C] or None): one launch over z. ``silu``
+    False: d_z (in ``dz_dtype``) is the sum of ``grads``, z only gives its shape and layout."""
     B, C, H, W = z.shape
     P = H * W
-    d_z = _tensors.empty_activation(z, z.dtype) if need_dz else z.new_empty(0)
+    d_z = _tensors.empty_activation(z, dz_dtype or z.dtype) if need_dz else z.new_empty(0)
     flat, strides = _tensors.flat_all(*grads, z, d_z if need_dz else z)
     go, sgo = flat[:-2], strides[:-2]
     z, d_z_flat, sz, sdz = flat[-2], flat[-1], strides[-2], strides[-1]
@@ -180,7 +189,7 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool):
     _modulated_silu_bwd_kernel[grid](
         *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
         *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
-        GRADS=len(grads), MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
+        GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
         BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
     )
     return d_z, partials
@@ -236,6 +245,29 @@ def silu_backward(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torc
         raise ValueError(f"grads: expected one to three gradients, got {len(grads)}")
     op = _silu_backward_op if _eager.needs_custom_op(z) else _silu_backward_kernels
     return op(grads, z)
+
+
+def _sum_kernels(grads: typing.Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return _launch_backward(list(grads), grads[0], None, None, True, False, silu=False, dz_dtype=dtype)[0]
+
+
+_sum_op = torch.library.custom_op("liquiddiff::gradient_sum", mutates_args=())(_sum_kernels)
+
+
+@_sum_op.register_fake
+def _(grads, dtype):
+    return _tensors.empty_activation(grads[0], dtype)
+
+
+def sum_gradients(grads: typing.Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """The sum of two or three gradients of one tensor (any dtypes; after the first, any strides:
+    a per-channel gradient expanded over the pixels is read without being materialised), in
+    ``dtype`` and the first one's layout: one pass where eager adds pairwise (the spatial mix's
+    input, after cuDNN's input gradient)."""
+    if not 2 <= len(grads) <= 3:
+        raise ValueError(f"grads: expected two or three gradients, got {len(grads)}")
+    op = _sum_op if _eager.needs_custom_op(grads[0]) else _sum_kernels
+    return op(grads, dtype)
 
 
 class _ModulatedSilu(torch.autograd.Function):

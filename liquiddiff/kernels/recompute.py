@@ -49,7 +49,8 @@ import torch.nn.functional as F
 from liquiddiff import functional
 
 from . import _tensors, depthwise, runtime
-from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward
+from .modulated_silu import (backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward,
+                             sum_gradients)
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved"]
 
@@ -375,12 +376,15 @@ class _SpatialMixInput(torch.autograd.Function):
 
 def _sum_gradients(d_x, d_sum, d_residual, dtype, like):
     """d_residual + d_x + d_sum (broadcast over the pixels) in ``dtype``, None terms left out: a
-    fresh tensor when there are several (incoming gradients may be shared), in two passes."""
+    fresh tensor when there are several (incoming gradients may be shared), in one Triton pass
+    (``modulated_silu.sum_gradients``, where that backend runs) or two of torch's."""
     terms = [d for d in (d_residual, d_x) if d is not None]
     if d_sum is not None:
         terms.append(d_sum[:, :, None, None].expand(like.shape))
     if not terms:
         return None
+    if len(terms) > 1 and runtime.use_triton("modulated_silu", like.device.type):
+        return sum_gradients(terms, dtype)
     total = terms[0] if len(terms) == 1 else torch.add(terms[0], terms[1])
     for d in terms[2:]:
         total = total.add_(d)
