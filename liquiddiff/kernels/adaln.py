@@ -383,10 +383,11 @@ class _AdaLNWithInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, shift, eps, residual, out_dtype):
-        launch = _adaln_forward if _eager.needs_custom_op(x) else _forward_kernels
+        # residual: always None, in the op's argument order so that _backward reads the flags.
+        ctx.traced = _eager.needs_custom_op(x)
+        launch = _adaln_forward if ctx.traced else _forward_kernels
         output = launch(x, scale, shift, eps, None, out_dtype)
         _setup_context(ctx, (x, scale, shift, eps, None, out_dtype), output)
-        ctx.traced = _eager.needs_custom_op(x)
         return output[0], x
 
     @staticmethod
