@@ -17,10 +17,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from . import functional, kernels
 
@@ -125,12 +127,18 @@ class ParallelCfC(FusedSwitch, nn.Module):
         # softplus(0) = ln 2: alpha = 2^-|t|, half input / half CfC at the noisiest t.
         self.rho = nn.Parameter(torch.zeros(c))
 
-    def forward(self, n, temb, t, residual, projected=None):
-        """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block)."""
+    def conv_parameters(self) -> list:
+        """(weight, bias) of each convolution, in ``functional.CFC_CONVS`` order."""
+        return [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
+
+    def forward(self, n, temb, t, residual, projected=None, convs=None):
+        """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block);
+        ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
         if projected is None:
             e = F.silu(temb)
             projected = self.time_a(e), self.time_b(e)
-        convs = [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
+        if convs is None:
+            convs = self.conv_parameters()
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
         return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
@@ -155,18 +163,27 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         self.time = TimeProjection(temb_dim, c, 2)
         self.out = _zero_(nn.Conv2d(c, c, 1))
 
-    def forward(self, x, temb, return_input: bool = False, projected=None):
+    def conv_parameters(self) -> list:
+        """(weight, bias) of the merged depthwise conv (the three branches as one,
+        ``functional.merged_depthwise_weight``), of the context's 1x1 conv and of the output's."""
+        merged = functional.merged_depthwise_weight([m.weight for m in self.branches], [m.bias for m in self.branches])
+        return [merged, (self.context.weight, self.context.bias), (self.out.weight, self.out.bias)]
+
+    def forward(self, x, temb, return_input: bool = False, projected=None, convs=None):
+        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
         ops = _ops(self.fused)
+        (dw_weight, dw_bias), (context_weight, context_bias), (out_weight, out_bias) = (
+            self.conv_parameters() if convs is None else convs)
         # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
-        local, pixel_sum, x = ops.spatial_mix_input(x, [m.weight for m in self.branches], [m.bias for m in self.branches])
-        context = self.context(pixel_sum[:, :, None, None] / (x.shape[2] * x.shape[3]))
+        local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [dw_bias])
+        context = F.conv2d(pixel_sum[:, :, None, None] / (x.shape[2] * x.shape[3]), context_weight, context_bias)
         scale, shift = self.time(temb, projected)
         # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
         # shift: the same modulation without a full-size add (forward) or sum (its backward).
         shift = context.flatten(1) * (1 + scale) + shift
-        out = ops.silu_conv1x1(local, self.out.weight, self.out.bias, scale, shift)
+        out = ops.silu_conv1x1(local, out_weight, out_bias, scale, shift)
         return (out, x) if return_input else out
 
 
@@ -178,9 +195,35 @@ class FeedForward(FusedSwitch, nn.Module):
         self.inner = nn.Conv2d(channels, mult * channels, 1)
         self.out = _zero_(nn.Conv2d(mult * channels, channels, 1))
 
-    def forward(self, x):
+    def conv_parameters(self) -> list:
+        return [(self.inner.weight, self.inner.bias), (self.out.weight, self.out.bias)]
+
+    def forward(self, x, convs=None):
+        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
         ops = _ops(self.fused)
-        return ops.silu_conv1x1(ops.conv1x1(x, self.inner.weight, self.inner.bias), self.out.weight, self.out.bias)
+        (inner_weight, inner_bias), (out_weight, out_bias) = self.conv_parameters() if convs is None else convs
+        return ops.silu_conv1x1(ops.conv1x1(x, inner_weight, inner_bias), out_weight, out_bias)
+
+
+class BlockParameters(NamedTuple):
+    """The parameters a fused block runs with (:meth:`LiquidDiffusionBlock.fused_parameters`):
+    the time Linears' weight and bias concatenated, and each module's ``conv_parameters()``."""
+
+    time_weight: torch.Tensor | None
+    time_bias: torch.Tensor | None
+    cfc: list | None
+    mix: list | None
+    ffn: list | None
+
+
+def _cast_together(groups: list, dtype: torch.dtype) -> list:
+    """``[torch.cat(group).to(dtype) for group in groups]`` (each group: tensors with the same
+    trailing shape), as one concatenation and one cast of all their elements; autograd's
+    backward is then one concatenation and one cast of all their gradients (the rest are views).
+    Small tensors (a block's parameters) cost a launch each way per tensor when cast one by one."""
+    flat = torch.cat([t.reshape(-1) for group in groups for t in group]).to(dtype)
+    sizes = [sum(t.numel() for t in group) for group in groups]
+    return [chunk.view(-1, *group[0].shape[1:]) for chunk, group in zip(flat.split(sizes), groups)]
 
 
 class LiquidDiffusionBlock(nn.Module):
@@ -200,29 +243,50 @@ class LiquidDiffusionBlock(nn.Module):
         self.ffn = FeedForward(channels, ffn_mult)
 
     def forward(self, u, temb, t):
-        for_norm1, for_cfc, for_mix, for_norm2 = self.time_projections(temb)
+        params = self.fused_parameters(u.device.type)
+        for_norm1, for_cfc, for_mix, for_norm2 = self.time_projections(temb, params)
         norm1 = functools.partial(self.norm1, projected=for_norm1)
         n, residual = norm1(u, temb, return_input=True)
         with self._remade(n, norm1, u, temb):
-            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc)
-        mixed, u = self.mix(u, temb, return_input=True, projected=for_mix)
+            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc)
+        mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix)
         norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
         n, u = norm2(mixed, temb, residual=u)
         with self._remade(n, norm2, u, temb):
-            return u + self.ffn(n)
+            return u + self.ffn(n, convs=params.ffn)
 
-    def time_projections(self, temb):
-        """The block's time projections of SiLU(temb), for (norm1, the CfC's (a, b), the mix,
-        norm2). Fused: one GEMM over the five Linears' weights concatenated (the same parameters
-        and products), where they were five GEMMs with their SiLUs, casts and backward passes,
-        about 40 small launches per block; unfused: None each (every module projects for itself,
-        as the reference does)."""
+    def _time_linears(self) -> tuple:
+        return self.norm1.time.proj, self.cfc.time_a, self.cfc.time_b, self.mix.time.proj, self.norm2.time.proj
+
+    def fused_parameters(self, device_type: str) -> BlockParameters:
+        """The parameters the fused block runs with: its five time Linears' weights (and biases)
+        concatenated, and each module's ``conv_parameters()``; under autocast all cast to its
+        dtype by one concatenation and one cast, and their gradients cast back by one of each
+        (:func:`_cast_together`), where each op would cast its own: about 60 small launches per
+        block each way. Each consumer would cast to the same dtype: the same values. Unfused:
+        None everywhere (every module uses its own parameters, as the reference does)."""
         if not self.cfc.fused:
+            return BlockParameters(None, None, None, None, None)
+        linears = self._time_linears()
+        groups = [[m.weight for m in linears], [m.bias for m in linears]]
+        convs, spec = tree_flatten([self.cfc.conv_parameters(), self.mix.conv_parameters(),
+                                    self.ffn.conv_parameters()])
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        if dtype is None or all(p.dtype == dtype for p in groups[0] + groups[1] + convs):
+            return BlockParameters(*(torch.cat(g) for g in groups), *tree_unflatten(convs, spec))
+        weight, bias, *convs = _cast_together(groups + [[p] for p in convs], dtype)
+        return BlockParameters(weight, bias, *tree_unflatten(convs, spec))
+
+    def time_projections(self, temb, params: BlockParameters):
+        """The block's time projections of SiLU(temb), for (norm1, the CfC's (a, b), the mix,
+        norm2). Fused: one GEMM over the five Linears' weights concatenated (``params``: the same
+        parameters and products), where they were five GEMMs with their SiLUs, casts and backward
+        passes, about 40 small launches per block; unfused: None each (every module projects for
+        itself, as the reference does)."""
+        if params.time_weight is None:
             return None, None, None, None
-        linears = (self.norm1.time.proj, self.cfc.time_a, self.cfc.time_b, self.mix.time.proj, self.norm2.time.proj)
-        weight, bias = torch.cat([m.weight for m in linears]), torch.cat([m.bias for m in linears])
-        for_norm1, a, b, for_mix, for_norm2 = F.linear(F.silu(temb), weight, bias).split(
-            [m.out_features for m in linears], dim=1)
+        for_norm1, a, b, for_mix, for_norm2 = F.linear(F.silu(temb), params.time_weight, params.time_bias).split(
+            [m.out_features for m in self._time_linears()], dim=1)
         return for_norm1, (a, b), for_mix, for_norm2
 
     def _ffn_input_dtype(self, u):

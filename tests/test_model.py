@@ -86,33 +86,86 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting):
         assert (g - ref).norm() <= 1e-5 * ref.norm() + noise, (name, rel_err(g, ref))
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
-def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
-    """On CUDA, channels_last, bf16 autocast, backward outside autocast (on the engine's device
-    thread, where recomputed tensors must get the forward's autocast back): the fused model's
-    output and parameter gradients are no further from the fp32 reference than the bf16
-    reference's own are (twice its error at most)."""
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
-    model = _randomise(build("micro", channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1)).cuda()
+def _autocast_errors(model, x, t):
+    """(bf16 reference, bf16 fused) errors against the fp32 reference, of the output and of all
+    parameter gradients (one upstream), channels_last, backward outside autocast (on CUDA: the
+    engine's device thread, where recomputed tensors must get the forward's autocast back)."""
     model = model.to(memory_format=torch.channels_last)
-    x = torch.randn(4, 3, 32, 32, device="cuda").to(memory_format=torch.channels_last)
-    t = torch.rand(4, device="cuda")
+    x = x.to(memory_format=torch.channels_last)
     up = torch.randn_like(x)
 
     def run(fused, autocast):
         model.set_fused(fused)
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
             out = model(x, t)
         out.float().backward(up)
         return out.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
 
     truth, ref, fused = run(False, False), run(False, True), run(True, True)
-    assert kernels.select_backend("cfc_relax", "cuda").is_triton
-    for i, what in enumerate(("output", "gradients")):
-        ref_err, fused_err = rel_err(ref[i], truth[i]), rel_err(fused[i], truth[i])
+    assert kernels.select_backend("cfc_relax", x.device.type).is_triton
+    return [(what, rel_err(ref[i], truth[i]), rel_err(fused[i], truth[i]))
+            for i, what in enumerate(("output", "gradients"))]
+
+
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+def test_fused_model_under_cpu_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
+    """bf16 autocast on the CPU (the interpreter runs the kernels): the fused model, whose blocks
+    cast their parameters together, is no further from the fp32 reference than the bf16
+    reference is (twice its error at most). A single parameter's gradient can be rounding noise
+    (the last block's output bias, summed over a GroupNorm's zero-mean gradient), so all of them
+    are compared as one vector."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
+    for what, ref_err, fused_err in _autocast_errors(model, torch.randn(2, 3, 8, 8), torch.rand(2)):
         assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
+    """The same on CUDA, at a size where bf16 kernels (not the interpreter) run."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    model = _randomise(build("micro", channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1)).cuda()
+    x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.rand(4, device="cuda")
+    for what, ref_err, fused_err in _autocast_errors(model, x, t):
+        assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
+
+
+def test_fused_block_under_autocast_casts_its_parameters_together():
+    """Under autocast the fused block casts its parameters by one concatenation and one cast (and
+    their gradients back the same way): no op reads a parameter to cast it alone, the values
+    each consumer would have cast, and every parameter still gets its fp32 gradient."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    block = LiquidDiffusionBlock(6, 16)
+    for p in block.parameters():
+        torch.nn.init.normal_(p)
+    storages = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in storages:
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    u, temb = torch.randn(2, 6, 5, 5, requires_grad=True), torch.randn(2, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16), Casts():
+        params = block.fused_parameters("cpu")
+        out = block(u, temb, torch.rand(2))
+    out.float().sum().backward()
+    assert casts == []  # the merged depthwise kernel is made in fp32, then cast with the rest
+    assert params.time_weight.dtype == torch.bfloat16
+    assert torch.equal(params.cfc[0][0], block.cfc.backbone_dw.weight.to(torch.bfloat16))
+    assert torch.equal(params.ffn[1][1], block.ffn.out.bias.to(torch.bfloat16))
+    for name, p in block.named_parameters():
+        assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.shape == p.shape, name
 
 
 def test_fused_channels_last_model_makes_no_nchw_activation():
@@ -202,7 +255,8 @@ def test_fused_block_projects_time_once_with_each_modules_weights():
     e = torch.nn.functional.silu(temb)
     expected = (block.norm1.time.proj(e), (block.cfc.time_a(e), block.cfc.time_b(e)),
                 block.mix.time.proj(e), block.norm2.time.proj(e))
-    assert block.time_projections(temb) == (None,) * 4  # unfused: each module projects
+    # Unfused: each module projects.
+    assert block.time_projections(temb, block.fused_parameters("cpu")) == (None,) * 4
     for m in block.modules():
         if hasattr(m, "fused"):
             m.fused = True
@@ -215,7 +269,7 @@ def test_fused_block_projects_time_once_with_each_modules_weights():
             return func(*args, **(kwargs or {}))
 
     with Count():
-        got = block.time_projections(temb)
+        got = block.time_projections(temb, block.fused_parameters("cpu"))
     assert Count.addmm == 1
     flat = lambda ps: [q for p in ps for q in (p if isinstance(p, tuple) else (p,))]  # noqa: E731
     for g, w in zip(flat(got), flat(expected)):
