@@ -1,6 +1,7 @@
 """The LiquidDiffusion U-Net and its presets."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -14,6 +15,7 @@ from .modules import (
     SkipFusion,
     TimestepEmbedding,
     UpSample,
+    project_time,
 )
 
 
@@ -99,6 +101,11 @@ class LiquidDiffusion(nn.Module):
                 m.fused = self._fused
         return self
 
+    def blocks(self) -> list[LiquidDiffusionBlock]:
+        """The LiquidDiffusionBlocks in the order forward calls them."""
+        stages = [*self.encoder, self.bottleneck, *reversed(self.decoder)]
+        return [block for stage in stages for block in stage]
+
     def check_input(self, x: torch.Tensor, t: torch.Tensor | None = None) -> None:
         """Shape checks with messages that say what to change; run before any work."""
         cfg = self.config
@@ -118,22 +125,25 @@ class LiquidDiffusion(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         self.check_input(x, t)
         temb = self.time_embed(t)
+        # Fused, every block's time projections in one GEMM (they all project the same temb);
+        # blocks take them in call order.
+        projected = iter(project_time(temb, self.blocks()) if self.fused else itertools.repeat(None))
         h = self.stem(x)
         skips = []
         for i, stage in enumerate(self.encoder):
             for block in stage:
-                h = block(h, temb, t)
+                h = block(h, temb, t, next(projected))
             skips.append(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
         for block in self.bottleneck:
-            h = block(h, temb, t)
+            h = block(h, temb, t, next(projected))
         for i in reversed(range(len(self.decoder))):
             if i < len(self.ups):
                 h = self.ups[i](h)
             h = self.fusions[i](h, skips[i])
             for block in self.decoder[i]:
-                h = block(h, temb, t)
+                h = block(h, temb, t, next(projected))
         return self.head(F.silu(self.head_norm(h)))
 
 

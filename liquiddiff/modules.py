@@ -65,8 +65,8 @@ class TimestepEmbedding(nn.Module):
 class TimeProjection(nn.Module):
     """SiLU(t_emb) -> Linear -> n chunks of [B, C]; zero-initialised (see the module docstring).
 
-    ``projected``: the Linear's output, computed by the caller (the fused block computes all its
-    time projections as one GEMM, ``LiquidDiffusionBlock.time_projections``)."""
+    ``projected``: the Linear's output, computed by the caller (fused, all the blocks' time
+    projections are one GEMM, ``project_time``)."""
 
     def __init__(self, temb_dim: int, channels: int, chunks: int):
         super().__init__()
@@ -206,14 +206,16 @@ class FeedForward(FusedSwitch, nn.Module):
 
 
 class BlockParameters(NamedTuple):
-    """The parameters a fused block runs with (:meth:`LiquidDiffusionBlock.fused_parameters`):
-    the time Linears' weight and bias concatenated, and each module's ``conv_parameters()``."""
+    """The convolution parameters a fused block runs with (:meth:`LiquidDiffusionBlock.fused_parameters`):
+    each module's ``conv_parameters()``."""
 
-    time_weight: torch.Tensor | None
-    time_bias: torch.Tensor | None
     cfc: list | None
     mix: list | None
     ffn: list | None
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _cast_together(groups: list, dtype: torch.dtype) -> list:
@@ -224,6 +226,23 @@ def _cast_together(groups: list, dtype: torch.dtype) -> list:
     flat = torch.cat([t.reshape(-1) for group in groups for t in group]).to(dtype)
     sizes = [sum(t.numel() for t in group) for group in groups]
     return [chunk.view(-1, *group[0].shape[1:]) for chunk, group in zip(flat.split(sizes), groups)]
+
+
+def project_time(temb: torch.Tensor, blocks: list) -> list:
+    """Each fused block's time projections of SiLU(temb), for (norm1, the CfC's (a, b), the mix,
+    norm2), as one GEMM over all their Linears' weights concatenated (cast together under
+    autocast): the same parameters and products as each module's own Linear, where a block ran
+    five GEMMs with their SiLUs, casts and backward passes. The model passes all its blocks (one
+    GEMM per step: the embedding is shared), a block called alone itself."""
+    linears = [m for block in blocks for m in block.time_linears()]
+    groups = [[m.weight for m in linears], [m.bias for m in linears]]
+    dtype = _autocast_dtype(temb.device.type)
+    if dtype is None or all(p.dtype == dtype for p in groups[0] + groups[1]):
+        weight, bias = (torch.cat(g) for g in groups)
+    else:
+        weight, bias = _cast_together(groups, dtype)
+    outs = iter(F.linear(F.silu(temb), weight, bias).split([m.out_features for m in linears], dim=1))
+    return [(next(outs), (next(outs), next(outs)), next(outs), next(outs)) for _ in blocks]
 
 
 class LiquidDiffusionBlock(nn.Module):
@@ -242,9 +261,14 @@ class LiquidDiffusionBlock(nn.Module):
         self.norm2 = AdaLN(channels, temb_dim)
         self.ffn = FeedForward(channels, ffn_mult)
 
-    def forward(self, u, temb, t):
+    def forward(self, u, temb, t, projected=None):
+        """``projected``: this block's entry of :func:`project_time` (the fused model makes all
+        blocks' at once); fused without it, the block makes its own; unfused, each module
+        projects for itself, as the reference does."""
         params = self.fused_parameters(u.device.type)
-        for_norm1, for_cfc, for_mix, for_norm2 = self.time_projections(temb, params)
+        if projected is None:
+            projected = project_time(temb, [self])[0] if self.cfc.fused else (None,) * 4
+        for_norm1, for_cfc, for_mix, for_norm2 = projected
         norm1 = functools.partial(self.norm1, projected=for_norm1)
         n, residual = norm1(u, temb, return_input=True)
         with self._remade(n, norm1, u, temb):
@@ -255,39 +279,25 @@ class LiquidDiffusionBlock(nn.Module):
         with self._remade(n, norm2, u, temb):
             return u + self.ffn(n, convs=params.ffn)
 
-    def _time_linears(self) -> tuple:
+    def time_linears(self) -> tuple:
+        """The Linears that project SiLU(temb), in :func:`project_time`'s order."""
         return self.norm1.time.proj, self.cfc.time_a, self.cfc.time_b, self.mix.time.proj, self.norm2.time.proj
 
     def fused_parameters(self, device_type: str) -> BlockParameters:
-        """The parameters the fused block runs with: its five time Linears' weights (and biases)
-        concatenated, and each module's ``conv_parameters()``; under autocast all cast to its
-        dtype by one concatenation and one cast, and their gradients cast back by one of each
-        (:func:`_cast_together`), where each op would cast its own: about 60 small launches per
-        block each way. Each consumer would cast to the same dtype: the same values. Unfused:
-        None everywhere (every module uses its own parameters, as the reference does)."""
+        """The convolution parameters the fused block runs with, each module's
+        ``conv_parameters()``: under autocast all cast to its dtype by one concatenation and one
+        cast, and their gradients cast back by one of each (:func:`_cast_together`), where each
+        op would cast its own: about 50 small launches per block each way. Each consumer would
+        cast to the same dtype: the same values. Unfused: None everywhere (every module uses its
+        own parameters, as the reference does)."""
         if not self.cfc.fused:
-            return BlockParameters(None, None, None, None, None)
-        linears = self._time_linears()
-        groups = [[m.weight for m in linears], [m.bias for m in linears]]
+            return BlockParameters(None, None, None)
         convs, spec = tree_flatten([self.cfc.conv_parameters(), self.mix.conv_parameters(),
                                     self.ffn.conv_parameters()])
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        if dtype is None or all(p.dtype == dtype for p in groups[0] + groups[1] + convs):
-            return BlockParameters(*(torch.cat(g) for g in groups), *tree_unflatten(convs, spec))
-        weight, bias, *convs = _cast_together(groups + [[p] for p in convs], dtype)
-        return BlockParameters(weight, bias, *tree_unflatten(convs, spec))
-
-    def time_projections(self, temb, params: BlockParameters):
-        """The block's time projections of SiLU(temb), for (norm1, the CfC's (a, b), the mix,
-        norm2). Fused: one GEMM over the five Linears' weights concatenated (``params``: the same
-        parameters and products), where they were five GEMMs with their SiLUs, casts and backward
-        passes, about 40 small launches per block; unfused: None each (every module projects for
-        itself, as the reference does)."""
-        if params.time_weight is None:
-            return None, None, None, None
-        for_norm1, a, b, for_mix, for_norm2 = F.linear(F.silu(temb), params.time_weight, params.time_bias).split(
-            [m.out_features for m in self._time_linears()], dim=1)
-        return for_norm1, (a, b), for_mix, for_norm2
+        dtype = _autocast_dtype(device_type)
+        if dtype is not None and any(p.dtype != dtype for p in convs):
+            convs = _cast_together([[p] for p in convs], dtype)
+        return BlockParameters(*tree_unflatten(convs, spec))
 
     def _ffn_input_dtype(self, u):
         """Fused under autocast, norm2 writes the FFN's input in autocast's dtype, which its first

@@ -161,7 +161,6 @@ def test_fused_block_under_autocast_casts_its_parameters_together():
         out = block(u, temb, torch.rand(2))
     out.float().sum().backward()
     assert casts == []  # the merged depthwise kernel is made in fp32, then cast with the rest
-    assert params.time_weight.dtype == torch.bfloat16
     assert torch.equal(params.cfc[0][0], block.cfc.backbone_dw.weight.to(torch.bfloat16))
     assert torch.equal(params.ffn[1][1], block.ffn.out.bias.to(torch.bfloat16))
     for name, p in block.named_parameters():
@@ -241,25 +240,20 @@ def test_compiled_fused_model_matches_the_reference_forward_and_backward(monkeyp
         assert (g - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8, (name, rel_err(g, p.grad))
 
 
-def test_fused_block_projects_time_once_with_each_modules_weights():
-    """Fused, a block's five time projections are one GEMM over the Linears' weights: the same
-    values each module's own Linear gives, and one addmm where there were five."""
+def test_fused_model_projects_time_for_all_blocks_in_one_gemm():
+    """Fused, every block's five time projections are one GEMM over all the Linears' weights
+    (the blocks share temb): the values each module's own Linear gives, in the blocks' call
+    order, and one addmm per forward besides the time embedding's two."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from liquiddiff.modules import LiquidDiffusionBlock
+    from liquiddiff.modules import project_time
 
-    block = LiquidDiffusionBlock(6, 16).double()
-    for p in block.parameters():
-        torch.nn.init.normal_(p)
-    temb = torch.randn(3, 16, dtype=torch.float64)
+    model = _randomise(build("micro", channels=(6, 8), blocks=(1, 1), bottleneck_blocks=1)).double()
+    temb = model.time_embed(torch.rand(3, dtype=torch.float64))
     e = torch.nn.functional.silu(temb)
-    expected = (block.norm1.time.proj(e), (block.cfc.time_a(e), block.cfc.time_b(e)),
-                block.mix.time.proj(e), block.norm2.time.proj(e))
-    # Unfused: each module projects.
-    assert block.time_projections(temb, block.fused_parameters("cpu")) == (None,) * 4
-    for m in block.modules():
-        if hasattr(m, "fused"):
-            m.fused = True
+    expected = [(b.norm1.time.proj(e), (b.cfc.time_a(e), b.cfc.time_b(e)), b.mix.time.proj(e), b.norm2.time.proj(e))
+                for b in model.blocks()]
+    assert len(expected) == 5 and model.blocks()[2] is model.bottleneck[0]
 
     class Count(TorchDispatchMode):
         addmm = 0
@@ -268,9 +262,10 @@ def test_fused_block_projects_time_once_with_each_modules_weights():
             Count.addmm += func is torch.ops.aten.addmm.default
             return func(*args, **(kwargs or {}))
 
-    with Count():
-        got = block.time_projections(temb, block.fused_parameters("cpu"))
-    assert Count.addmm == 1
     flat = lambda ps: [q for p in ps for q in (p if isinstance(p, tuple) else (p,))]  # noqa: E731
-    for g, w in zip(flat(got), flat(expected)):
-        assert rel_err(g, w) < 1e-12
+    for got, want in zip(project_time(temb, model.blocks()), expected):
+        for g, w in zip(flat(got), flat(want)):
+            assert rel_err(g, w) < 1e-12
+    with Count():
+        model.set_fused(True)(torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.rand(3, dtype=torch.float64))
+    assert Count.addmm == 3
