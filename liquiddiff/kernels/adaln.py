@@ -11,7 +11,7 @@ Memory moved (N = B*C*H*W elements, P = B*H*W pixels):
   compute dtype); scale and shift are loaded once per program.
 - backward: reads grad_out (and grad_s), s and the statistics, writes ds once (twice when x and
   residual differ in dtype, both in the same pass) and per-program partial sums of d scale and
-  d shift (2 * B * C per block of pixels), which torch reduces.
+  d shift (2 * B * C per block of pixels), which one torch sum reduces.
 Saved for backward: s (x itself when there is no residual), scale, mean, rstd; not out.
 
 Layout: x, residual, out, s and the gradients are viewed as [B, C, H*W] with their own strides
@@ -134,7 +134,7 @@ if triton is not None:
     @triton.jit
     def _adaln_bwd_kernel(
         g_ptr, gs_ptr, s_ptr, scale_ptr, mean_ptr, rstd_ptr,
-        ds_ptr, ds2_ptr, dscale_part_ptr, dshift_part_ptr,
+        ds_ptr, ds2_ptr, dparam_part_ptr,
         B, C, P,
         sg_b, sg_c, sg_p,
         sgs_b, sgs_c, sgs_p,
@@ -161,9 +161,10 @@ if triton is not None:
         x_hat = (s - mean[None, :]) * rstd[None, :]
 
         if PARAM_GRADS:
-            row = (tl.program_id(0) * B + b) * C + tl.arange(0, BLOCK_C)
-            tl.store(dscale_part_ptr + row, tl.sum(g * x_hat, axis=1), mask=mask_c)
-            tl.store(dshift_part_ptr + row, tl.sum(g, axis=1), mask=mask_c)
+            # Partials [programs along P, 2 (scale, shift), B, C]: one torch sum reduces both.
+            row = (tl.program_id(0) * 2 * B + b) * C + tl.arange(0, BLOCK_C)
+            tl.store(dparam_part_ptr + row, tl.sum(g * x_hat, axis=1), mask=mask_c)
+            tl.store(dparam_part_ptr + B * C + row, tl.sum(g, axis=1), mask=mask_c)
 
         if WRITE_DS or WRITE_DS2:
             scale = tl.load(scale_ptr + b * sscale_b + c64 * sscale_c,
@@ -246,7 +247,8 @@ def _(x, scale, shift, eps, residual, out_dtype):
 
 
 def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads):
-    """(ds, ds2, d scale, d shift) for the backward op; unused ones are empty tensors."""
+    """(ds, ds2, d params) for the backward op, d params = (d scale, d shift) stacked [2, B, C];
+    unused ones are empty tensors."""
     batch, channels = scale.shape
     device = s.device
     ds = _tensors.empty_activation(s, ds_dtype) if write_ds else _tensors.empty_buffer((0,), ds_dtype, device)
@@ -254,10 +256,8 @@ def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads
         ds2 = _tensors.empty_buffer((0,), ds_dtype, device)
     else:
         ds2 = _tensors.empty_activation(s, ds2_dtype)
-    param_shape = (batch, channels) if param_grads else (0,)
-    dscale = _tensors.empty_buffer(param_shape, mean.dtype, device)
-    dshift = _tensors.empty_buffer(param_shape, mean.dtype, device)
-    return ds, ds2, dscale, dshift
+    dparams = _tensors.empty_buffer((2, batch, channels) if param_grads else (0,), mean.dtype, device)
+    return ds, ds2, dparams
 
 
 def _backward_kernels(
@@ -271,23 +271,22 @@ def _backward_kernels(
     ds2_dtype: Optional[torch.dtype],
     write_ds: bool,
     param_grads: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (out, s) -> (ds, ds2, d scale, d shift).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of (out, s) -> (ds, ds2, d params).
 
     ds: d s in ``ds_dtype`` (written when ``write_ds``); ds2: the same values in ``ds2_dtype``
-    (when given: residual and x differ in dtype); d scale, d shift in the statistics' dtype
-    (when ``param_grads``). Skipped outputs are empty tensors.
+    (when given: residual and x differ in dtype); d params: d scale and d shift stacked
+    [2, B, C], in the statistics' dtype (when ``param_grads``). Skipped outputs are empty tensors.
     """
-    ds, ds2, dscale, dshift = _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
+    ds, ds2, dparams = _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
     batch, channels, height, width = s.shape
     pixels = height * width
     block_c, block_p, num_warps = launch_config(max(channels, 1), max(pixels, 1))
     n_blocks = _tensors.cdiv(pixels, block_p)
     if param_grads:
-        dscale_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)
-        dshift_part = _tensors.empty_buffer((n_blocks, batch, channels), mean.dtype, s.device)
+        dparam_part = _tensors.empty_buffer((n_blocks, 2, batch, channels), mean.dtype, s.device)
     else:
-        dscale_part = dshift_part = dscale
+        dparam_part = dparams
     if s.numel() > 0:
         grad_out, g_strides = _tensors.flat_pixels(grad_out)
         s, s_strides = _tensors.flat_pixels(s)
@@ -299,7 +298,7 @@ def _backward_kernels(
         ds2_strides = g_strides if ds2_dtype is None else _tensors.pixel_strides(ds2)
         _adaln_bwd_kernel[(n_blocks, batch)](
             grad_out, gs, s, scale, mean, rstd,
-            ds, ds2, dscale_part, dshift_part,
+            ds, ds2, dparam_part,
             batch, channels, pixels,
             *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
             *scale.stride(),
@@ -312,9 +311,8 @@ def _backward_kernels(
         )
     if param_grads:
         # Deterministic: a fixed-order torch reduction over the per-program partial sums.
-        torch.sum(dscale_part, dim=0, out=dscale)
-        torch.sum(dshift_part, dim=0, out=dshift)
-    return ds, ds2, dscale, dshift
+        torch.sum(dparam_part, dim=0, out=dparams)
+    return ds, ds2, dparams
 
 
 _adaln_backward = torch.library.custom_op("liquiddiff::adaln_modulate_backward", mutates_args=())(
@@ -359,13 +357,24 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backw
     write_ds = need_x or (need_res and same_dtype)
     ds2_dtype = ctx.residual_dtype if need_res and not same_dtype else None
     param_grads = need_scale or need_shift
-    ds, ds2, dscale, dshift = launch(
+    ds, ds2, dparams = launch(
         grad_out, grad_s, s, scale, mean, rstd, ctx.x_dtype, ds2_dtype, write_ds, param_grads)
     grad_x = ds if need_x else None
     grad_res = (ds if same_dtype else ds2) if need_res else None
-    grad_scale = dscale.to(ctx.scale_dtype) if need_scale else None
-    grad_shift = dshift.to(ctx.shift_dtype) if need_shift else None
+    grad_scale, grad_shift = _param_grads(dparams, ctx.scale_dtype if need_scale else None,
+                                          ctx.shift_dtype if need_shift else None)
     return grad_x, grad_scale, grad_shift, None, grad_res, None
+
+
+def _param_grads(dparams, scale_dtype, shift_dtype):
+    """(d scale, d shift) from their stack, each in its parameter's dtype (None: not needed); one
+    cast of the stack when both share a dtype (scale and shift from one Linear, as always)."""
+    if scale_dtype is None and shift_dtype is None:
+        return None, None
+    if scale_dtype == shift_dtype:
+        return tuple(dparams.to(scale_dtype).unbind(0))
+    return tuple(None if dtype is None else d.to(dtype)
+                 for d, dtype in zip(dparams.unbind(0), (scale_dtype, shift_dtype)))
 
 
 _adaln_forward.register_autograd(_backward, setup_context=_setup_context)
