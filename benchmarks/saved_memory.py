@@ -3,7 +3,8 @@
 The forward runs under ``FakeTensorMode`` (shapes, dtypes and layouts, no data and no
 arithmetic), with bf16 autocast as the trainer uses it, and a saved-tensor hook records every
 unique storage autograd keeps, attributed to the innermost block module that saved it first.
-The byte counts do not depend on the device: they are what the same step saves on a GPU (the
+Parameters and their cast copies (a tensor of a parameter's shape: autocast's, or the fused
+block's, which are views of one buffer per block) are not activations and are left out. The byte counts do not depend on the device: they are what the same step saves on a GPU (the
 allocator's peak adds parameters, optimizer state, gradients and transient buffers on top).
 
     python -m benchmarks.saved_memory [--preset tiny --image-size 256 --batch 8]
@@ -47,9 +48,10 @@ def saved_by_module(model: torch.nn.Module, batch: int, size: int, channels_last
     hooks = [h for m in model.modules() if isinstance(m, KINDS)
              for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
     saved: dict[int, tuple[str, int]] = {}
+    parameter_shapes = {p.shape for p in model.parameters()}
 
     def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
+        if not isinstance(t, torch.nn.Parameter) and t.shape not in parameter_shapes:
             storage = t.untyped_storage()
             saved.setdefault(storage._cdata, (owner[-1], storage.nbytes()))
         return t
