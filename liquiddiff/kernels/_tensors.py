@@ -69,6 +69,12 @@ def compute_dtype(*tensors: torch.Tensor | None):
     return tl.float32
 
 
+def tl_dtype(dtype: torch.dtype):
+    """The Triton dtype of a floating torch dtype (a constexpr a kernel rounds or stores to)."""
+    return {torch.float64: tl.float64, torch.float32: tl.float32,
+            torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
+
+
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_b, stride_c, stride_pixel) viewing [B, C, H, W] as [B, C, H*W].
 

@@ -246,11 +246,6 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _tl(dtype: torch.dtype):
-    return {torch.float64: tl.float64, torch.float32: tl.float32,
-            torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
-
-
 def _channel_block(C: int) -> int:
     return min(_tensors.next_power_of_2(C), _MAX_BLOCK_C)
 
@@ -280,7 +275,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
         add, cadd, z, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(), *cadd_strides, *z.stride(),
         weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
-        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None, SILU_GRAD=silu_input is not None, CONV=_tl(dtype), ACC=_acc(dtype),
+        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None, SILU_GRAD=silu_input is not None, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
     return outs
@@ -324,7 +319,7 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     part = _tensors.empty_buffer((grid[0], B, heads, taps + 1, C), acc, x.device)
     _dwconv_wgrad_kernel[grid](
         x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
-        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tl(dtype), ACC=_acc(dtype),
+        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
         BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
     )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
