@@ -22,6 +22,7 @@ __all__ = [
     "multiscale_depthwise_conv_branches",
     "spatial_mix_input",
     "modulated_silu",
+    "context_shift",
     "silu_conv1x1",
     "silu_convs",
     "CFC_CONVS",
@@ -141,6 +142,17 @@ def modulated_silu(z, scale, shift):
 
     z: [B, C, H, W]; scale, shift: [B, C]. The spatial mix's activation (t modulates it)."""
     return F.silu(z * (1 + _per_channel(scale)) + _per_channel(shift))
+
+
+def context_shift(pixel_sum, weight, bias, scale, shift, pixels: int):
+    """The spatial mix's shift with its global-average-pool context folded in:
+    ``(conv1x1(pixel_sum / pixels) + bias) * (1 + scale) + shift``, which modulating
+    ``local + context`` by (scale, shift) equals, one value per (b, c) instead of a full-size add.
+
+    pixel_sum, scale, shift: [B, C] (the sum of the mix's input over its ``pixels`` pixels, the
+    time modulation); weight: [C, C, 1, 1] (the context's 1x1 conv); bias: [C]."""
+    context = F.conv2d(pixel_sum[:, :, None, None] / pixels, weight, bias).flatten(1)
+    return context * (1 + scale) + shift
 
 
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):

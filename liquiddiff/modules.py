@@ -166,7 +166,8 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
     def conv_parameters(self) -> list:
         """(weight, bias) of the merged depthwise conv (the three branches as one,
         ``functional.merged_depthwise_weight``), of the context's 1x1 conv and of the output's."""
-        merged = functional.merged_depthwise_weight([m.weight for m in self.branches], [m.bias for m in self.branches])
+        merged = _ops(self.fused).merged_depthwise_weight([m.weight for m in self.branches],
+                                                          [m.bias for m in self.branches])
         return [merged, (self.context.weight, self.context.bias), (self.out.weight, self.out.bias)]
 
     def forward(self, x, temb, return_input: bool = False, projected=None, convs=None):
@@ -178,11 +179,10 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
         local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [dw_bias])
-        context = F.conv2d(pixel_sum[:, :, None, None] / (x.shape[2] * x.shape[3]), context_weight, context_bias)
         scale, shift = self.time(temb, projected)
         # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
         # shift: the same modulation without a full-size add (forward) or sum (its backward).
-        shift = context.flatten(1) * (1 + scale) + shift
+        shift = ops.context_shift(pixel_sum, context_weight, context_bias, scale, shift, x.shape[2] * x.shape[3])
         out = ops.silu_conv1x1(local, out_weight, out_bias, scale, shift)
         return (out, x) if return_input else out
 

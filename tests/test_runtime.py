@@ -120,7 +120,8 @@ def test_package_works_without_triton():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     # One warning per default-on op (the opt-in depthwise conv falls back without one).
-    assert out.stdout.strip() == "['adaln_modulate', 'cfc_relax', 'modulated_silu']", out.stdout + out.stderr
+    expected = "['adaln_modulate', 'cfc_relax', 'context_shift', 'merged_depthwise_weight', 'modulated_silu']"
+    assert out.stdout.strip() == expected, out.stdout + out.stderr
 
 
 def test_grid_arithmetic_matches_triton():

@@ -11,9 +11,12 @@ and one gradient pass for x's three uses), on cuDNN / aten, their depthwise ones
 on the Triton kernels of ``depthwise.py`` when that backend is chosen (opt-in,
 ``runtime.OPT_IN``), their modulated SiLU (the spatial mix's) on those of ``modulated_silu.py``,
 which is also an op of its own (``modulated_silu``); ``recompute_saved``: autograd keeps the
-call that made a tensor instead of the tensor. ``parallel_cfc`` (``parallel_cfc.py``): ParallelCfC's
-whole branch (its convolutions, SiLUs and the CfC op) as one autograd node whose backward remakes
-each activation once and sums n's two gradients where they are made.
+call that made a tensor instead of the tensor. ``merged_depthwise_weight``
+(``merged_depthwise.py``): the spatial mix's three depthwise kernels as one, one launch each
+way; ``context_shift`` (``context_shift.py``): the spatial mix's global context folded into its
+shift, one launch each way. ``parallel_cfc`` (``parallel_cfc.py``): ParallelCfC's whole branch
+(its convolutions, SiLUs and the CfC op) as one autograd node whose backward remakes each
+activation once and sums n's two gradients where they are made.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import torch
 
 from .adaln import adaln_modulate
 from .cfc_relax import cfc_relax
+from .context_shift import context_shift
+from .merged_depthwise import merged_depthwise_weight
 from .modulated_silu import modulated_silu
 from .parallel_cfc import parallel_cfc
 from .runtime import Backend, policy, select_backend
@@ -28,10 +33,10 @@ from .recompute import conv1x1, depthwise_conv, recompute_saved, silu_conv1x1, s
 
 # The ops with Triton kernels, as runtime.select_backend names them ("depthwise_conv": the
 # depthwise convolutions inside the recompute ops; "modulated_silu": the spatial mix's
-# activation inside silu_conv1x1).
-OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu")
+# activation inside silu_conv1x1; the last two: the spatial mix's small [C] and [B, C] ops).
+OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu", "merged_depthwise_weight", "context_shift")
 
-__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
+__all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "merged_depthwise_weight", "context_shift", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 
 
 def backend_report(device: torch.device | str | None = None) -> dict[str, Backend]:

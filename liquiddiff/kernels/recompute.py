@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from liquiddiff import functional
 
 from . import _tensors, depthwise, runtime
+from .merged_depthwise import merged_depthwise_weight
 from .modulated_silu import (backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward,
                              sum_gradients)
 
@@ -396,7 +397,7 @@ def spatial_mix_input(x, weights, biases):
     kernels when selected) of the conv-dtype copy of x, x's pixel sum and x, as one node whose
     backward sums x's three gradients in one or two passes."""
     _tensors.check_activation("x", x)
-    weight, bias = functional.merged_depthwise_weight(weights, biases)
+    weight, bias = merged_depthwise_weight(weights, biases)
     _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
     return _SpatialMixInput.apply(x, weight, bias)
 
