@@ -169,6 +169,24 @@ def launches() -> list[tuple[str, str, str, callable]]:
              lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
                  s, s, s, scale, stats, stats, torch.float32, torch.bfloat16, True, True)),
         ]
+    merge = _module("merged_depthwise")
+    branches = [torch.empty(256, 1, k, k, device="meta") for k in (3, 5, 7)]
+    biases = [torch.empty(256, device="meta")] * 3
+    out += [
+        ("merged 3x3+5x5+7x7 kernel, C=256", "merged_depthwise", "_merge_fwd_kernel",
+         lambda: merge._forward_kernels(branches, biases)),
+        ("merged kernel's branch grads, C=256", "merged_depthwise", "_merge_bwd_kernel",
+         lambda: merge._backward_kernels(torch.empty(256, 1, 7, 7, device="meta"), biases[0], branches, biases)),
+    ]
+    shift_op = _module("context_shift")
+    vec, vec16 = torch.empty(B, 256, device="meta"), torch.empty(B, 256, dtype=bf16, device="meta")
+    w16, b16 = torch.empty(256, 256, 1, 1, dtype=bf16, device="meta"), torch.empty(256, dtype=bf16, device="meta")
+    out += [
+        ("context shift forward, C=256", "context_shift", "_context_shift_fwd_kernel",
+         lambda: shift_op._forward_kernels(vec, w16, b16, vec16, vec16, H * W, bf16)),
+        ("context shift backward, C=256", "context_shift", "_context_shift_bwd_kernel",
+         lambda: shift_op._backward_kernels(vec16, vec, w16, vec16, vec, H * W, bf16, bf16)),
+    ]
     return out
 
 

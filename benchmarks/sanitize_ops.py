@@ -4,7 +4,8 @@
         python -m benchmarks.sanitize_ops
 
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
-SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair) at shapes whose channel and pixel counts are not multiples of any
+SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair; first the spatial mix's
+merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any
 block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
 activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
@@ -60,6 +61,41 @@ def case_list(on_gpu: bool) -> list[tuple]:
     return out
 
 
+def _small_op_results(op, reference, tensors: list, ups: list, device: torch.device, **kwargs) -> list:
+    """[(op's, reference's) output or gradient], the op on ``device``, the reference on the CPU."""
+    results = []
+    for dev, fn in ((device, op), (torch.device("cpu"), reference)):
+        ins = [t.to(dev).requires_grad_(True) for t in tensors]
+        out = fn(*ins, **kwargs)
+        outs = out if isinstance(out, tuple) else (out,)
+        grads = torch.autograd.grad(outs, ins, [u.to(dev) for u in ups])
+        results.append([t.detach().cpu() for t in (*outs, *grads)])
+    cases.sync(device)
+    return list(zip(*results))
+
+
+def small_op_checks(channels: int, device: torch.device) -> list[tuple[str, bool]]:
+    """The kernels of [C]- and [B, C]-sized tensors at ``channels`` (fp32): the merged depthwise
+    kernel of the spatial mix (3x3, 5x5 and 7x7 branches, channels_last weights), bitwise, and
+    its context shift (strided scale and shift, as a projection's chunks), to 1e-5."""
+    gen = torch.Generator().manual_seed(channels)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    weights = [randn(channels, 1, k, k).contiguous(memory_format=torch.channels_last) for k in (3, 5, 7)]
+    merged = _small_op_results(lambda *t: kernels.merged_depthwise_weight(t[:3], t[3:]),
+                               lambda *t: functional.merged_depthwise_weight(t[:3], t[3:]),
+                               weights + [randn(channels) for _ in weights],
+                               [randn(channels, 1, 7, 7), randn(channels)], device)
+    scale, shift = randn(2, 2 * channels).chunk(2, dim=1)
+    shifted = _small_op_results(kernels.context_shift, functional.context_shift,
+                                [400 * randn(2, channels), randn(channels, channels, 1, 1), randn(channels), scale,
+                                 shift], [randn(2, channels)], device, pixels=400)
+    return [(f"merged_depthwise_weight C={channels} bitwise", all(torch.equal(a, b) for a, b in merged)),
+            (f"context_shift C={channels}", all(cases.rel_err(a, b) <= 1e-5 for a, b in shifted))]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.sanitize_ops", description=__doc__.split("\n")[0])
     p.add_argument("--max-seconds", type=float, default=0, help="start no new case after this (0: no limit)")
@@ -86,6 +122,12 @@ def main(argv=None) -> int:
     todo = case_list(on_gpu)
     ran = mismatches = errors = 0
     stopped = None
+    # The [C]- and [B, C]-sized kernels first: milliseconds, outside the time-limited list.
+    small = [check for channels in sorted({shape[1] for shape in SHAPES}) for check in small_op_checks(channels, device)]
+    for label, ok in small:
+        ran += 1
+        mismatches += not ok
+        print(f"{'ok      ' if ok else 'MISMATCH'} {label}", flush=True)
     for i, (op, shape, layout, dname) in enumerate(todo):
         if args.max_seconds and time.monotonic() - t0 > args.max_seconds:
             stopped = i
@@ -115,8 +157,9 @@ def main(argv=None) -> int:
         else:
             print(f"ok       {label} max rel err {worst:.1e}", flush=True)
     elapsed = time.monotonic() - t0
-    incomplete = f", INCOMPLETE: stopped after {stopped} of {len(todo)} (time limit or CUDA error)" if stopped is not None else ""
-    print(f"sanitize_ops: {ran}/{len(todo)} cases run, {mismatches} mismatches, {errors} errors "
+    incomplete = (f", INCOMPLETE: stopped after {stopped} of the {len(todo)} op cases (time limit or CUDA error)"
+                  if stopped is not None else "")
+    print(f"sanitize_ops: {ran}/{len(todo) + len(small)} cases run, {mismatches} mismatches, {errors} errors "
           f"in {elapsed:.0f} s{incomplete}", flush=True)
     return 1 if (mismatches or errors) else 0
 
