@@ -151,6 +151,14 @@ def test_parity_mixed_dtypes(triton_policy):
     assert out.dtype == torch.float64
 
 
+def test_parity_a_and_b_in_different_dtypes(triton_policy):
+    # da and db are reduced as one stack: each still comes back in its own dtype.
+    inputs = make_inputs((2, 6, 5, 5), torch.float32)
+    inputs["a"] = inputs["a"].detach().double().requires_grad_()
+    out = check_parity(inputs, TOL[torch.float32])
+    assert out.dtype == torch.float64
+
+
 @pytest.mark.parametrize("wanted", [("g", "rho"), ("f", "a", "t"), ("residual",), ("x", "b")])
 def test_parity_some_inputs_require_grad(triton_policy, wanted):
     # The backward skips the grads nobody asked for; the others must not change.

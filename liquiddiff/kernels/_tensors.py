@@ -75,6 +75,26 @@ def tl_dtype(dtype: torch.dtype):
             torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[dtype]
 
 
+def stacked_dtype(partials_dtype: torch.dtype, dtypes) -> torch.dtype:
+    """The dtype of several parameters' gradients reduced as one stack: theirs when they share
+    one (cast once, inside the op that reduces them), else the partials'."""
+    return dtypes[0] if len(set(dtypes)) == 1 else partials_dtype
+
+
+def unstack_grads(stacked: torch.Tensor, dtypes) -> tuple:
+    """Gradients reduced as one stack ([n, ...]: one torch reduction of per-program partials for
+    several parameters), each in its parameter's dtype, None where its dtype is None (not
+    needed): one cast of the whole stack when the needed ones share a dtype (as scale and shift
+    from one Linear do)."""
+    wanted = {dtype for dtype in dtypes if dtype is not None}
+    if not wanted:
+        return (None,) * len(dtypes)
+    if len(wanted) == 1:
+        parts = stacked.to(wanted.pop()).unbind(0)
+        return tuple(None if dtype is None else part for part, dtype in zip(parts, dtypes))
+    return tuple(None if dtype is None else part.to(dtype) for part, dtype in zip(stacked.unbind(0), dtypes))
+
+
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """(stride_b, stride_c, stride_pixel) viewing [B, C, H, W] as [B, C, H*W].
 

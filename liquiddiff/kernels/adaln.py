@@ -361,20 +361,9 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backw
         grad_out, grad_s, s, scale, mean, rstd, ctx.x_dtype, ds2_dtype, write_ds, param_grads)
     grad_x = ds if need_x else None
     grad_res = (ds if same_dtype else ds2) if need_res else None
-    grad_scale, grad_shift = _param_grads(dparams, ctx.scale_dtype if need_scale else None,
-                                          ctx.shift_dtype if need_shift else None)
+    grad_scale, grad_shift = _tensors.unstack_grads(
+        dparams, (ctx.scale_dtype if need_scale else None, ctx.shift_dtype if need_shift else None))
     return grad_x, grad_scale, grad_shift, None, grad_res, None
-
-
-def _param_grads(dparams, scale_dtype, shift_dtype):
-    """(d scale, d shift) from their stack, each in its parameter's dtype (None: not needed); one
-    cast of the stack when both share a dtype (scale and shift from one Linear, as always)."""
-    if scale_dtype is None and shift_dtype is None:
-        return None, None
-    if scale_dtype == shift_dtype:
-        return tuple(dparams.to(scale_dtype).unbind(0))
-    return tuple(None if dtype is None else d.to(dtype)
-                 for d, dtype in zip(dparams.unbind(0), (scale_dtype, shift_dtype)))
 
 
 _adaln_forward.register_autograd(_backward, setup_context=_setup_context)

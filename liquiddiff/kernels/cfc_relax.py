@@ -262,10 +262,10 @@ def _backward_kernels(
     grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
     needs: typing.Sequence[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(df, dg, dh, dx, da, db, drho, dt); ``needs`` (8 flags, same order) skips work, and a
-    skipped gradient comes back as an empty tensor."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(df, dg, dh, dx, d(a, b), drho, dt): d(a, b) is da and db stacked [2, B, C], one
+    reduction and one cast (``_tensors.stacked_dtype``); ``needs`` (8 flags, for df .. dt)
+    skips work, and a skipped gradient comes back as an empty tensor."""
     df, dg, dh, dx = _allocate_activation_grads(f, g, h, x, needs)
     need_params = any(needs[4:])
     B, C, H, W = x.shape
@@ -292,16 +292,22 @@ def _backward_kernels(
     )
     # Fresh reductions (custom-op outputs may not alias one another); .to is free when the
     # parameter is already in the partials' dtype.
-    da, db, drho, dt = (tensor.new_empty(0) for tensor in (a, b, rho, t))
-    if needs[4]:
-        da = partials[0].sum(0).to(a.dtype)
-    if needs[5]:
-        db = partials[1].sum(0).to(b.dtype)
+    dab, drho, dt = (tensor.new_empty(0) for tensor in (a, rho, t))
+    if needs[4] or needs[5]:
+        dab = partials[:2].sum(1).to(_tensors.stacked_dtype(partials.dtype, (a.dtype, b.dtype)))
     if needs[6]:
         drho = partials[2].sum((0, 1)).to(rho.dtype)
     if needs[7]:
         dt = partials[3].sum((0, 2)).to(t.dtype)
-    return df, dg, dh, dx, da, db, drho, dt
+    return df, dg, dh, dx, dab, drho, dt
+
+
+def _unpacked(grads, a, b, needs: typing.Sequence[bool]) -> list:
+    """The backward op's results as [df, dg, dh, dx, da, db, drho, dt], None where not needed;
+    da and db cast from their stack, once when they share a dtype (a and b from one Linear)."""
+    df, dg, dh, dx, dab, drho, dt = grads
+    da, db = _tensors.unstack_grads(dab, (a.dtype if needs[4] else None, b.dtype if needs[5] else None))
+    return [d if need else None for d, need in zip((df, dg, dh, dx, da, db, drho, dt), needs)]
 
 
 _cfc_relax_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_backward", mutates_args=())(
@@ -312,10 +318,12 @@ _cfc_relax_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_backward
 @_cfc_relax_backward_op.register_fake
 def _(grad_out, f, g, h, x, a, b, rho, t, needs):
     # Parameter grads are fresh contiguous reductions in the real op.
-    params = (a, b, rho, t)
+    part_dtype = _tensors.compute_dtypes(grad_out, f, g, h, x, a, b, rho, t)[1]
     return (
         *_allocate_activation_grads(f, g, h, x, needs),
-        *(p.new_empty(p.shape if need else (0,)) for p, need in zip(params, needs[4:])),
+        a.new_empty((2, *a.shape), dtype=_tensors.stacked_dtype(part_dtype, (a.dtype, b.dtype)))
+        if needs[4] or needs[5] else a.new_empty(0),
+        *(p.new_empty(p.shape if need else (0,)) for p, need in zip((rho, t), needs[6:])),
     )
 
 
@@ -329,8 +337,8 @@ def _backward(ctx, grad_out, launch=_cfc_relax_backward_op):
     needs = list(ctx.needs_input_grad)
     grads = [None] * 9
     if any(needs[:8]):
-        computed = launch(grad_out, *ctx.saved_tensors, needs[:8])
-        grads[:8] = [d if need else None for d, need in zip(computed, needs)]
+        saved = ctx.saved_tensors
+        grads[:8] = _unpacked(launch(grad_out, *saved, needs[:8]), saved[4], saved[5], needs[:8])
     if needs[8]:
         grads[8] = grad_out.to(ctx.residual_dtype)
     return tuple(grads)
@@ -378,5 +386,4 @@ def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool]) -
     """(df, dg, dh, dx, da, db, drho, dt) of :func:`forward` (without residual: its gradient is
     grad_out); None where ``needs`` (8 flags) says so."""
     op = _cfc_relax_backward_op if _eager.needs_custom_op(f) else _backward_kernels
-    grads = op(grad_out, f, g, h, x, a, b, rho, t, list(needs))
-    return [d if need else None for d, need in zip(grads, needs)]
+    return _unpacked(op(grad_out, f, g, h, x, a, b, rho, t, list(needs)), a, b, needs)

@@ -17,7 +17,9 @@ Memory moved: W (C*C) once per batch item forward (each program its rows), twice
 (d W's rows and d pixel_sum's columns), plus [B, C] vectors: a few hundred KB at most. No
 partial sums: the sums over the batch run inside one program (deterministic, no atomics).
 
-Layout: [B, C] vectors and W [C, C, 1, 1] through their strides, any C, any B.
+Layout: [B, C] vectors and W [C, C, 1, 1] through their strides, any C, any B. B and C are
+compile-time constants (the loops run over them: a runtime bound fails in Triton 3.6's
+interpreter under numpy >= 2.4), a few values per model.
 """
 import torch
 
@@ -56,9 +58,9 @@ if triton is not None:
 
     @triton.jit
     def _context_shift_fwd_kernel(
-        sum_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, ctx_ptr, C, pixels,
+        sum_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, ctx_ptr, pixels,
         s_sum_b, s_sum_c, s_w_o, s_w_i, s_bias, s_scale_b, s_scale_c, s_shift_b, s_shift_c,
-        CONV: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+        C: tl.constexpr, CONV: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
         b = tl.program_id(1).to(tl.int64)
         co = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -80,9 +82,9 @@ if triton is not None:
 
     @triton.jit
     def _context_shift_bwd_kernel(
-        g_ptr, sum_ptr, w_ptr, scale_ptr, ctx_ptr, d_sum_ptr, d_w_ptr, d_bias_ptr, d_scale_ptr, B, C, pixels,
+        g_ptr, sum_ptr, w_ptr, scale_ptr, ctx_ptr, d_sum_ptr, d_w_ptr, d_bias_ptr, d_scale_ptr, pixels,
         s_g_b, s_g_c, s_sum_b, s_sum_c, s_w_o, s_w_i, s_scale_b, s_scale_c,
-        CONV: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+        B: tl.constexpr, C: tl.constexpr, CONV: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
     ):
         # Programs [0, cdiv(C, BLOCK_O)): rows of d W, d bias, d scale; the rest: d pixel_sum.
         row_programs = tl.cdiv(C, BLOCK_O)
@@ -136,10 +138,10 @@ def _forward_kernels(pixel_sum: torch.Tensor, weight: torch.Tensor, bias: torch.
     batch, channels = scale.shape
     if out.numel():
         _context_shift_fwd_kernel[(_tensors.cdiv(channels, _BLOCK_O), batch)](
-            pixel_sum, weight, bias, scale, shift, out, ctx, channels, float(pixels),
+            pixel_sum, weight, bias, scale, shift, out, ctx, float(pixels),
             *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
             *shift.stride(),
-            CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
+            C=channels, CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
             BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I,
         )
     return out, ctx
@@ -161,9 +163,9 @@ def _backward_kernels(grad_out: torch.Tensor, pixel_sum: torch.Tensor, weight: t
     if channels:
         grid = (_tensors.cdiv(channels, _BLOCK_O) + _tensors.cdiv(channels, _BLOCK_I),)
         _context_shift_bwd_kernel[grid](
-            grad_out, pixel_sum, weight, scale, ctx, d_sum, d_w, d_bias, d_scale, batch, channels, float(pixels),
+            grad_out, pixel_sum, weight, scale, ctx, d_sum, d_w, d_bias, d_scale, float(pixels),
             *grad_out.stride(), *pixel_sum.stride(), weight.stride(0), weight.stride(1), *scale.stride(),
-            CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(grad_out, pixel_sum, weight, scale),
+            B=batch, C=channels, CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(grad_out, pixel_sum, weight, scale),
             BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I,
         )
     return d_sum, d_w, d_bias, d_scale

@@ -196,12 +196,13 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
 
 
 def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(d_z, d scale and d shift stacked [2, B, C]: one reduction and one cast,
+    ``_tensors.stacked_dtype``); a skipped one is an empty tensor."""
     d_z, partials = _launch_backward([grad_out], z, scale, shift, needs[0], needs[1] or needs[2])
-    # Fresh reductions (custom-op outputs may not alias one another).
-    d_scale = partials[0].sum(0).to(scale.dtype) if needs[1] else scale.new_empty(0)
-    d_shift = partials[1].sum(0).to(shift.dtype) if needs[2] else shift.new_empty(0)
-    return d_z, d_scale, d_shift
+    if partials is None:
+        return d_z, scale.new_empty(0)
+    return d_z, partials.sum(1).to(_tensors.stacked_dtype(partials.dtype, (scale.dtype, shift.dtype)))
 
 
 _backward_op = torch.library.custom_op("liquiddiff::modulated_silu_backward", mutates_args=())(_backward_kernels)
@@ -209,10 +210,11 @@ _backward_op = torch.library.custom_op("liquiddiff::modulated_silu_backward", mu
 
 @_backward_op.register_fake
 def _(grad_out, z, scale, shift, needs):
+    part_dtype = _tensors.compute_dtypes(grad_out, z, scale, shift)[1]
     return (
         _tensors.empty_activation(z, z.dtype) if needs[0] else z.new_empty(0),
-        scale.new_empty(scale.shape if needs[1] else (0,)),
-        shift.new_empty(shift.shape if needs[2] else (0,)),
+        scale.new_empty((2, *scale.shape), dtype=_tensors.stacked_dtype(part_dtype, (scale.dtype, shift.dtype)))
+        if needs[1] or needs[2] else scale.new_empty(0),
     )
 
 
@@ -221,8 +223,10 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift
     """(d_z, d_scale, d_shift) of :func:`forward` for ``grad_out`` (the gradient of its output),
     each in its input's dtype; None where ``needs`` (three flags) says so."""
     op = _backward_op if _eager.needs_custom_op(z) else _backward_kernels
-    grads = op(grad_out, z, scale, shift, list(needs))
-    return tuple(g if need else None for g, need in zip(grads, needs))
+    d_z, d_params = op(grad_out, z, scale, shift, list(needs))
+    d_scale, d_shift = _tensors.unstack_grads(
+        d_params, (scale.dtype if needs[1] else None, shift.dtype if needs[2] else None))
+    return d_z if needs[0] else None, d_scale, d_shift
 
 
 def _silu_backward_kernels(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
