@@ -218,14 +218,45 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+class _CastTogether(torch.autograd.Function):
+    """Groups of tensors, each group concatenated along dim 0 and cast to ``dtype``
+    (:func:`_cast_together`): one concatenation and one cast of all their elements, and in
+    backward one of each for all their gradients, handed back as views with each input's own
+    strides (autograd's views would be contiguous, and DDP warns when a channels_last
+    parameter's gradient strides differ from its bucket's)."""
+
+    @staticmethod
+    def forward(ctx, dtype, group_shapes, *tensors):
+        ctx.layouts = [(t.shape, t.stride() if t.is_contiguous() else None, t.dtype) for t in tensors]
+        ctx.group_shapes, ctx.dtype = group_shapes, dtype
+        ctx.set_materialize_grads(False)  # an unused group's gradient: None, its zeros made here
+        flat = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
+        sizes = [math.prod(shape) for shape in group_shapes]
+        return tuple(chunk.view(shape) for chunk, shape in zip(flat.split(sizes), group_shapes))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        device = next(g.device for g in grads if g is not None)
+        parts = [torch.zeros(math.prod(shape), dtype=ctx.dtype, device=device) if g is None else g.reshape(-1)
+                 for g, shape in zip(grads, ctx.group_shapes)]
+        # In the inputs' dtype (parameters share one); a view is cast again only where one differs.
+        flat = torch.cat(parts).to(functools.reduce(torch.promote_types, (d for _, _, d in ctx.layouts)))
+        grads_in, offset = [], 0
+        for shape, stride, dtype in ctx.layouts:
+            size = math.prod(shape)
+            view = flat[offset:offset + size].view(shape) if stride is None else flat.as_strided(shape, stride, offset)
+            grads_in.append(view.to(dtype))
+            offset += size
+        return (None, None, *grads_in)
+
+
 def _cast_together(groups: list, dtype: torch.dtype) -> list:
     """``[torch.cat(group).to(dtype) for group in groups]`` (each group: tensors with the same
-    trailing shape), as one concatenation and one cast of all their elements; autograd's
-    backward is then one concatenation and one cast of all their gradients (the rest are views).
-    Small tensors (a block's parameters) cost a launch each way per tensor when cast one by one."""
-    flat = torch.cat([t.reshape(-1) for group in groups for t in group]).to(dtype)
-    sizes = [sum(t.numel() for t in group) for group in groups]
-    return [chunk.view(-1, *group[0].shape[1:]) for chunk, group in zip(flat.split(sizes), groups)]
+    trailing shape), as one concatenation and one cast of all their elements, and
+    their gradients back by one of each (:class:`_CastTogether`). Small tensors (a block's
+    parameters) cost a launch each way per tensor when cast one by one."""
+    shapes = [(sum(t.shape[0] for t in group), *group[0].shape[1:]) for group in groups]
+    return list(_CastTogether.apply(dtype, shapes, *(t for group in groups for t in group)))
 
 
 def project_time(temb: torch.Tensor, blocks: list) -> list:

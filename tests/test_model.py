@@ -269,3 +269,46 @@ def test_fused_model_projects_time_for_all_blocks_in_one_gemm():
     with Count():
         model.set_fused(True)(torch.randn(3, 3, 8, 8, dtype=torch.float64), torch.rand(3, dtype=torch.float64))
     assert Count.addmm == 3
+
+
+def test_fused_parameter_gradients_keep_their_parameters_strides():
+    """channels_last under autocast, the fused block's parameters cast together: every gradient
+    has its parameter's strides (DDP warns and copies when a gradient's differ from its bucket's,
+    which are the parameter's)."""
+    model = build("micro", channels=(8, 16), fused=True).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, torch.rand(2))
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad.stride() == p.stride(), (name, p.stride(), p.grad.stride())
+
+
+def test_cast_together_is_one_concatenation_and_cast_per_direction():
+    """modules._cast_together against its definition, [torch.cat(group).to(dtype)]: the same
+    values, and every input's gradient (an unused group's inputs get zeros), with the input's
+    strides (a channels_last kernel's included)."""
+    from liquiddiff.modules import _cast_together
+
+    def make():
+        return [[torch.randn(3, 4, dtype=torch.float64, requires_grad=True),
+                 torch.randn(2, 4, dtype=torch.float64, requires_grad=True)],
+                [torch.randn(5, 1, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+                 .requires_grad_()],
+                [torch.randn(6, dtype=torch.float64, requires_grad=True)]]
+
+    groups = make()
+    ref_groups = [[t.detach().clone().requires_grad_() for t in g] for g in groups]
+    got = _cast_together(groups, torch.float32)
+    want = [torch.cat(g).to(torch.float32) for g in ref_groups]
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, w)
+    ups = [torch.randn_like(w) for w in want]
+    flat = [t for g in groups for t in g]
+    ref_flat = [t for g in ref_groups for t in g]
+    # The last group unused: its input's gradient is zero, as the definition's.
+    grads = torch.autograd.grad(got[:2], flat, ups[:2], allow_unused=True)
+    ref_grads = torch.autograd.grad(want[:2], ref_flat, ups[:2], allow_unused=True)
+    for t, g, w in zip(flat, grads, ref_grads):
+        w = torch.zeros_like(t) if w is None else w
+        assert g.dtype == t.dtype and g.stride() == t.stride() and torch.equal(g, w)

@@ -179,6 +179,10 @@ def empty_activation(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _maybe_poison(torch.empty_like(like, dtype=dtype, memory_format=fmt))
 
 
-def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A scratch or output buffer (per-program partial sums, saved statistics)."""
+def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 like: torch.Tensor | None = None) -> torch.Tensor:
+    """A scratch or output buffer (per-program partial sums, saved statistics); with ``like``,
+    of its shape and strides."""
+    if like is not None:
+        return _maybe_poison(torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=device))
     return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))

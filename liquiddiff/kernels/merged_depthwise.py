@@ -16,7 +16,8 @@ reverse in backward). The branches are added in the order given, rounding to the
 after each add as the reference's adds do: bitwise its result (a padded zero adds nothing).
 
 Layout: weights [C, 1, k, k] with any strides (channels_last's included), biases [C]; outputs
-contiguous. One to MAX_BRANCHES branches of odd sizes (more: the reference runs); one program
+in contiguous order (the branch gradients with their weights' strides where those address
+memory in that order, as a channels_last kernel's do). One to MAX_BRANCHES branches of odd sizes (more: the reference runs); one program
 holds a block of channels and all K*K taps of the largest kernel.
 """
 import typing
@@ -161,8 +162,11 @@ def _forward_kernels(weights: typing.Sequence[torch.Tensor],
 
 def _backward_kernels(d_weight: torch.Tensor, d_bias: torch.Tensor, weights: typing.Sequence[torch.Tensor],
                       biases: typing.Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """[d w_0, ..., d w_n, d b_0, ..., d b_n], each in its parameter's dtype (contiguous)."""
-    d_ws = [_tensors.empty_buffer(tuple(w.shape), w.dtype, w.device) for w in weights]
+    """[d w_0, ..., d w_n, d b_0, ..., d b_n], each in its parameter's dtype, with its strides when
+    its memory is in contiguous order (a channels_last [C, 1, k, k] kernel's is: DDP warns when a
+    gradient's strides differ from its parameter's), else contiguous."""
+    d_ws = [_tensors.empty_buffer(tuple(w.shape), w.dtype, w.device, like=w if w.is_contiguous() else None)
+            for w in weights]
     d_bs = [_tensors.empty_buffer(tuple(b.shape), b.dtype, b.device) for b in biases]
     channels, size = d_weight.shape[0], d_weight.shape[-1]
     if channels:
