@@ -7,7 +7,9 @@ and a dispatch mode sees every op that reaches a kernel: an aten op, or one of o
 and allocations move nothing; an expanded input counts its storage, not its numel. These are the
 bytes an ideal kernel for that op moves: cuDNN's depthwise kernels, for one, move more. Divided
 by the measured copy bandwidth, the total is the time an eager step cannot beat however fast
-each kernel is: the bound for the fused model's train step, and a list of where it goes.
+each kernel is: the bound for the fused model's train step, and a list of where it goes. A
+custom op counts as one launch: the torch reductions of per-program partial sums inside some of
+ours (the CfC, AdaLN and modulated-SiLU backward ops) are not seen.
 
     python -m benchmarks.traffic [--preset tiny --image-size 256 --batch 8 --top 20]
 
