@@ -17,8 +17,9 @@ after each add as the reference's adds do: bitwise its result (a padded zero add
 
 Layout: weights [C, 1, k, k] with any strides (channels_last's included), biases [C]; outputs
 in contiguous order (the branch gradients with their weights' strides where those address
-memory in that order, as a channels_last kernel's do). One to MAX_BRANCHES branches of odd sizes (more: the reference runs); one program
-holds a block of channels and all K*K taps of the largest kernel.
+memory in that order, as a channels_last kernel's do). One to MAX_BRANCHES branches of odd
+sizes (more: the reference runs); one program holds a block of channels and all K*K taps of
+the largest kernel.
 """
 import typing
 
@@ -150,24 +151,30 @@ def _forward_kernels(weights: typing.Sequence[torch.Tensor],
     if channels:
         strides = [s for w in _padded(weights, weights[0]) for s in _kernel_strides(w)]
         bias_strides = [b.stride(0) for b in _padded(biases, biases[0])]
+        sizes = _sizes(weights)
         _merge_fwd_kernel[(_tensors.cdiv(channels, _BLOCK_C),)](
             *_padded(weights, weights[0]), *_padded(biases, biases[0]), weight, bias, channels,
             *strides, *bias_strides,
-            N=len(weights), K=size, K0=_sizes(weights)[0], K1=_sizes(weights)[1], K2=_sizes(weights)[2],
-            K3=_sizes(weights)[3], TAPS=_tensors.next_power_of_2(size * size),
+            N=len(weights), K=size, K0=sizes[0], K1=sizes[1], K2=sizes[2], K3=sizes[3],
+            TAPS=_tensors.next_power_of_2(size * size),
             COMPUTE=_tensors.compute_dtype(*weights, *biases), BLOCK_C=_BLOCK_C,
         )
     return weight, bias
 
 
+def _backward_buffers(weights, biases) -> tuple[list, list]:
+    """The branch gradients, each in its parameter's dtype, with its strides when its memory is in
+    contiguous order (a channels_last [C, 1, k, k] kernel's is: DDP warns when a gradient's
+    strides differ from its parameter's), else contiguous."""
+    return ([_tensors.empty_buffer(tuple(w.shape), w.dtype, w.device, like=w if w.is_contiguous() else None)
+             for w in weights],
+            [_tensors.empty_buffer(tuple(b.shape), b.dtype, b.device) for b in biases])
+
+
 def _backward_kernels(d_weight: torch.Tensor, d_bias: torch.Tensor, weights: typing.Sequence[torch.Tensor],
                       biases: typing.Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """[d w_0, ..., d w_n, d b_0, ..., d b_n], each in its parameter's dtype, with its strides when
-    its memory is in contiguous order (a channels_last [C, 1, k, k] kernel's is: DDP warns when a
-    gradient's strides differ from its parameter's), else contiguous."""
-    d_ws = [_tensors.empty_buffer(tuple(w.shape), w.dtype, w.device, like=w if w.is_contiguous() else None)
-            for w in weights]
-    d_bs = [_tensors.empty_buffer(tuple(b.shape), b.dtype, b.device) for b in biases]
+    """[d w_0, ..., d w_n, d b_0, ..., d b_n] (:func:`_backward_buffers`)."""
+    d_ws, d_bs = _backward_buffers(weights, biases)
     channels, size = d_weight.shape[0], d_weight.shape[-1]
     if channels:
         sizes = _sizes(weights)
@@ -194,7 +201,8 @@ def _(weights, biases):
 
 @_backward_op.register_fake
 def _(d_weight, d_bias, weights, biases):
-    return [t.new_empty(t.shape) for t in [*weights, *biases]]
+    d_ws, d_bs = _backward_buffers(weights, biases)
+    return d_ws + d_bs
 
 
 def _setup_context(ctx, inputs, output):
