@@ -333,9 +333,7 @@ class LiquidDiffusionBlock(nn.Module):
     def _ffn_input_dtype(self, u):
         """Fused under autocast, norm2 writes the FFN's input in autocast's dtype, which its first
         conv would cast it to anyway: the same values, without the fp32 tensor and the cast."""
-        if self.ffn.fused and torch.is_autocast_enabled(u.device.type):
-            return torch.get_autocast_dtype(u.device.type)
-        return None
+        return _autocast_dtype(u.device.type) if self.ffn.fused else None
 
     def _remade(self, n, norm, u, temb):
         """Fused, the CfC and the FFN do not keep their input n = norm(u): backward remakes it
