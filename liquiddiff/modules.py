@@ -218,6 +218,12 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def _cast_needed(tensors, device_type: str) -> torch.dtype | None:
+    """Autocast's dtype when some of ``tensors`` are not in it (its ops would cast them), else None."""
+    dtype = _autocast_dtype(device_type)
+    return dtype if dtype is not None and any(t.dtype != dtype for t in tensors) else None
+
+
 class _CastTogether(torch.autograd.Function):
     """Groups of tensors, each group concatenated along dim 0 and cast to ``dtype``
     (:func:`_cast_together`): one concatenation and one cast of all their elements, and in
@@ -267,11 +273,8 @@ def project_time(temb: torch.Tensor, blocks: list) -> list:
     GEMM per step: the embedding is shared), a block called alone itself."""
     linears = [m for block in blocks for m in block.time_linears()]
     groups = [[m.weight for m in linears], [m.bias for m in linears]]
-    dtype = _autocast_dtype(temb.device.type)
-    if dtype is None or all(p.dtype == dtype for p in groups[0] + groups[1]):
-        weight, bias = (torch.cat(g) for g in groups)
-    else:
-        weight, bias = _cast_together(groups, dtype)
+    dtype = _cast_needed(groups[0] + groups[1], temb.device.type)
+    weight, bias = (torch.cat(g) for g in groups) if dtype is None else _cast_together(groups, dtype)
     outs = iter(F.linear(F.silu(temb), weight, bias).split([m.out_features for m in linears], dim=1))
     return [(next(outs), (next(outs), next(outs)), next(outs), next(outs)) for _ in blocks]
 
@@ -325,8 +328,8 @@ class LiquidDiffusionBlock(nn.Module):
             return BlockParameters(None, None, None)
         convs, spec = tree_flatten([self.cfc.conv_parameters(), self.mix.conv_parameters(),
                                     self.ffn.conv_parameters()])
-        dtype = _autocast_dtype(device_type)
-        if dtype is not None and any(p.dtype != dtype for p in convs):
+        dtype = _cast_needed(convs, device_type)
+        if dtype is not None:
             convs = _cast_together([[p] for p in convs], dtype)
         return BlockParameters(*tree_unflatten(convs, spec))
 
