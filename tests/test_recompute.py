@@ -365,3 +365,24 @@ def test_double_backward_raises(op):
     (grad,) = torch.autograd.grad(first.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="differentiate twice"):
         grad.sum().backward()
+
+
+def test_recompute_saved_lets_the_recipe_go_with_its_node():
+    """The recipe's arguments live as long as the node that saved the recipe, not until Python's
+    cycle collector runs: a block's input must not outlive its backward."""
+    x = torch.randn(4, 3, requires_grad=True)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        arg = (x * 2).detach()
+        y = arg * 3
+        with kernels.recompute_saved((y, torch.mul, (arg, 3))):
+            out = torch.sigmoid(x) * y
+        recipe_arg = weakref.ref(arg)
+        del arg, y
+        assert recipe_arg() is not None  # the node that saved y keeps its recipe
+        out.sum().backward()
+        assert recipe_arg() is None
+    finally:
+        if gc_was_enabled:
+            gc.enable()

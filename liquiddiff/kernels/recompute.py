@@ -215,17 +215,22 @@ def _heads_backward(grad_outs, z, a, weights, bias_shapes, dtype, triton: list[b
     """(d_z, d_ws, d_bs) of :func:`_heads_forward` over z, ``a`` = silu(z) in ``dtype``: each
     head's input gradient, their sum and SiLU's backward, with as few passes as the backends
     allow (the pair's epilogue, or one Triton pass over up to three gradients). A head whose
-    gradient is None is skipped; d_ws, d_bs in ``dtype``, None where not needed."""
+    gradient is None is skipped; d_ws, d_bs in ``dtype``, None where not needed.
+
+    ``grad_outs``: a list, emptied (set to None) head by head as each gradient is used, so that a
+    caller that hands over its only references frees each before the next head's is made."""
     n = len(weights)
     paired = [i for i in paired if grad_outs[i] is not None]
     d_ws, d_bs = [None] * n, [None] * n
     d_as = []
-    for i, (w, g, bias_shape, use) in enumerate(zip(weights, grad_outs, bias_shapes, triton)):
-        if g is None or i in paired:
+    for i, (w, bias_shape, use) in enumerate(zip(weights, bias_shapes, triton)):
+        if grad_outs[i] is None or i in paired:
             continue
         d_ai, d_ws[i], d_bs[i] = _conv_backward(
-            g, a, w, bias_shape, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1], [need_z, need_ws[i], need_bs[i]], use,
+            grad_outs[i], a, w, bias_shape, dtype, w.shape[-1] // 2, z.shape[1] // w.shape[1],
+            [need_z, need_ws[i], need_bs[i]], use,
         )
+        grad_outs[i] = None
         if need_z:
             d_as.append(d_ai)
     d_z = None
@@ -277,7 +282,7 @@ class _SiluConvs(torch.autograd.Function):
         need_bs = [bias is not None and need for bias, need in zip(ctx.biases, needs[2 + n:])]
         with torch.autocast(z.device.type, enabled=False):
             d_z, d_ws, d_bs = _heads_backward(
-                grad_outs, z, F.silu(z).to(ctx.dtype), weights, [None if b is None else b[0] for b in ctx.biases],
+                list(grad_outs), z, F.silu(z).to(ctx.dtype), weights, [None if b is None else b[0] for b in ctx.biases],
                 ctx.dtype, ctx.triton, ctx.paired, needs[0], needs[2:2 + n], need_bs)
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, ctx.weight_dtypes)]
         d_bs = [None if d is None else d.to(bias[1]) for d, bias in zip(d_bs, ctx.biases)]
@@ -432,23 +437,30 @@ class _Recipe:
 class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
     """Saved-tensor hooks that pack the listed tensors as their recipes and hand every other
     tensor to the hooks that were active outside (a caller's ``save_on_cpu``, a memory probe),
-    which a plain nested pair of hooks would silently override."""
+    which a plain nested pair of hooks would silently override.
+
+    The pack hook is a closure, not a bound method: a method would make the hooks object a
+    reference cycle (it keeps its hooks), so its table, and every recipe's arguments (a block's
+    fp32 input), would live through backward and past the step until Python's cycle collector
+    ran, where they should go as soon as the node that saved the recipe has run."""
 
     def __init__(self, table: dict):
-        super().__init__(self._pack, self._unpack)
-        self.table, self.outer = table, None
+        outer: list = [None]  # the enclosing hooks, read when this context is entered
+
+        def pack(tensor):
+            entry = table.get(id(tensor))
+            if entry is not None and entry[0]() is tensor:
+                return entry[1]
+            if outer[0] is None:
+                return tensor.detach()  # not the tensor itself: a saved output would be a cycle
+            return outer[0], outer[0][0](tensor)
+
+        super().__init__(pack, self._unpack)
+        self._outer = outer
 
     def __enter__(self):
-        self.outer = torch._C._autograd._top_saved_tensors_default_hooks(False)
+        self._outer[0] = torch._C._autograd._top_saved_tensors_default_hooks(False)
         super().__enter__()
-
-    def _pack(self, tensor):
-        entry = self.table.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        if self.outer is None:
-            return tensor.detach()  # not the tensor itself: a saved output would be a cycle
-        return self.outer, self.outer[0](tensor)
 
     @staticmethod
     def _unpack(packed):
