@@ -85,6 +85,9 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws, d_bs = [None] * _CONVS, [None] * _CONVS
         bias_shapes = [None if b is None else list(b.shape) for b in biases]
         dtype = ctx.dtype
+        # Each full-size temporary is dropped after its last use (the ``del``s): this backward
+        # runs while nearly every activation of the forward is still alive, so what it holds at
+        # once is the train step's peak memory (``python -m benchmarks.peak_memory``).
         with torch.autocast(n.device.type, enabled=False):
             silu_z, silu_g, silu_h = F.silu(z), F.silu(g_hidden), F.silu(h_hidden)
             f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
@@ -94,18 +97,23 @@ class _ParallelCfC(torch.autograd.Function):
                 grad_out, f, g, h, n, *small, [need_heads] * 3 + [need_n] + list(needs[2:2 + _SMALL]))
             del f, g, h
             if need_heads:
-                head_grads = [d_f]
-                for d_out, s, hidden, i in ((d_g, silu_g, g_hidden, _G_PW), (d_h, silu_h, h_hidden, _H_PW)):
-                    d_s, d_ws[i], d_bs[i] = _conv_backward(d_out, s, weights[i], bias_shapes[i], dtype, 0, 1,
-                                                           [True, need_ws[i], need_bs[i]], False)
-                    head_grads.append(torch.ops.aten.silu_backward(d_s, hidden))
+                d_g, d_ws[_G_PW], d_bs[_G_PW] = _pointwise_head_backward(
+                    d_g, silu_g, g_hidden, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW])
+                del silu_g
+                d_h, d_ws[_H_PW], d_bs[_H_PW] = _pointwise_head_backward(
+                    d_h, silu_h, h_hidden, weights[_H_PW], bias_shapes[_H_PW], dtype, need_ws[_H_PW], need_bs[_H_PW])
+                del silu_h
+                head_grads = [d_f, d_g, d_h]
+                del d_f, d_g, d_h  # the list alone holds them: _heads_backward drops each when used
                 d_z, head_ws, head_bs = _heads_backward(
                     head_grads, z, silu_z, _pick(weights, _HEADS), _pick(bias_shapes, _HEADS), dtype,
                     ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), _pick(need_bs, _HEADS))
+                del silu_z
                 for i, d_w, d_b in zip(_HEADS, head_ws, head_bs):
                     d_ws[i], d_bs[i] = d_w, d_b
                 d_dw, d_ws[_PW], d_bs[_PW] = _conv_backward(d_z, dw, weights[_PW], bias_shapes[_PW], dtype, 0, 1,
                                                             [True, need_ws[_PW], need_bs[_PW]], False)
+                del d_z
                 d_n, d_ws[_DW], d_bs[_DW] = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
                                                                [need_n, need_ws[_DW], need_bs[_DW]], ctx.dw_triton)
         weight_dtypes, bias_dtypes = ctx.param_dtypes
@@ -113,6 +121,12 @@ class _ParallelCfC(torch.autograd.Function):
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
+
+
+def _pointwise_head_backward(d_out, silu_hidden, hidden, weight, bias_shape, dtype, need_w, need_b):
+    """(d_hidden, d_weight, d_bias) of the g or h head's ``conv1x1(silu(hidden))``."""
+    d_silu, d_w, d_b = _conv_backward(d_out, silu_hidden, weight, bias_shape, dtype, 0, 1, [True, need_w, need_b], False)
+    return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b
 
 
 def _backbone_backward(d_dw, n, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
