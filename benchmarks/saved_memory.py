@@ -28,12 +28,14 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 from liquiddiff import build  # noqa: E402
 from liquiddiff import modules as M  # noqa: E402
 
-KINDS = (M.AdaLN, M.ParallelCfC, M.MultiScaleSpatialMix, M.FeedForward, M.DownSample, M.UpSample, M.SkipFusion)
+# Attribution goes to the innermost of these: a block's own ops (its residual adds) to the block.
+KINDS = (M.AdaLN, M.ParallelCfC, M.MultiScaleSpatialMix, M.FeedForward, M.LiquidDiffusionBlock, M.DownSample,
+         M.UpSample, M.SkipFusion)
 GiB = 2**30
 
 
 def saved_by_module(model: torch.nn.Module, batch: int, size: int, channels_last: bool) -> dict[str, int]:
-    """Bytes saved for backward by one forward, keyed by module kind ("other": stem, head, embed)."""
+    """Bytes saved for backward by one forward, keyed by module kind ("other": stem, head, time embedding)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     device = next(model.parameters()).device

@@ -106,17 +106,21 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        name = func.overloadpacket.__name__
-        if self.paused or getattr(func, "is_view", False) or name in _NO_TRAFFIC or func.namespace == "prim":
-            return out
-        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        if not outs and not any(t.numel() for t in ins):
+        if self.paused or getattr(func, "is_view", False):
             return out
         namespace = "" if func.namespace == "aten" else f"{func.namespace}::"
-        self.ledger.add((self.owner(), namespace + name, self.phase),
-                        sum(_bytes(t) for t in ins), sum(_bytes(t) for t in outs))
+        ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        self.record((self.owner(), namespace + func.overloadpacket.__name__, self.phase), ins, outs)
         return out
+
+    def record(self, key: tuple[str, str, str], ins: list, outs: list) -> None:
+        """An op that is not a view, ``key`` = (module kind, op, phase), with its tensors: a launch
+        unless it only allocates, or moves nothing."""
+        op = key[1]
+        if op in _NO_TRAFFIC or op.startswith("prim::") or not (outs or any(t.numel() for t in ins)):
+            return
+        self.ledger.add(key, sum(_bytes(t) for t in ins), sum(_bytes(t) for t in outs))
 
 
 def _next_sequence_nr(recorder: _Recorder) -> int:
@@ -161,15 +165,16 @@ def _attribute(model: torch.nn.Module, recorder: _Recorder) -> list:
             for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
 
 
-def step_traffic(model: torch.nn.Module, batch: int, size: int, channels_last: bool, train: bool = True) -> Ledger:
+def step_traffic(model: torch.nn.Module, batch: int, size: int, channels_last: bool, train: bool = True,
+                 recorder: _Recorder | None = None) -> Ledger:
     """The ledger of one train step: the forward (bf16 autocast, as the trainer runs it), its loss
     and its backward, parameters' gradients accumulating as in training; or, ``train=False``, of
-    one sampling step: the forward alone, without grad (one of the sampler's model calls)."""
+    one sampling step: the forward alone, without grad (one of the sampler's model calls).
+    ``recorder``: a fresh recorder to see the ops (a subclass that records more)."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt).train(train)
     device = next(model.parameters()).device
-    ledger = Ledger()
-    recorder = _Recorder(ledger)
+    recorder = recorder if recorder is not None else _Recorder(Ledger())
     hooks = _attribute(model, recorder)
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), torch.set_grad_enabled(train):
@@ -187,7 +192,7 @@ def step_traffic(model: torch.nn.Module, batch: int, size: int, channels_last: b
         for h in hooks:
             h.remove()
     model.zero_grad(set_to_none=True)
-    return ledger
+    return recorder.ledger
 
 
 def _ms(nbytes: int, gbps: float) -> float:
