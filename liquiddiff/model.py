@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .modules import (
     DownSample,
@@ -88,6 +89,7 @@ class LiquidDiffusion(nn.Module):
         self.head_norm = nn.GroupNorm(min(32, ch[0]), ch[0])
         self.head = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
         self.set_fused(fused)
+        self.gradient_checkpointing = False
 
     @property
     def fused(self) -> bool:
@@ -100,6 +102,20 @@ class LiquidDiffusion(nn.Module):
             if isinstance(m, FusedSwitch):
                 m.fused = self._fused
         return self
+
+    def set_gradient_checkpointing(self, enabled: bool = True) -> "LiquidDiffusion":
+        """Keep only each block's inputs for backward and rerun the block's forward there
+        (``torch.utils.checkpoint``): far less activation memory for about one more forward pass
+        of the blocks per train step. It changes no value or gradient, and is a setting of this
+        module, not of its config or ``state_dict``."""
+        self.gradient_checkpointing = bool(enabled)
+        return self
+
+    def _block(self, block: LiquidDiffusionBlock, h, temb, t, projected):
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            # No RNG state to keep: a block draws no random numbers.
+            return checkpoint(block, h, temb, t, projected, use_reentrant=False, preserve_rng_state=False)
+        return block(h, temb, t, projected)
 
     def blocks(self) -> list[LiquidDiffusionBlock]:
         """The LiquidDiffusionBlocks in the order forward calls them."""
@@ -132,18 +148,18 @@ class LiquidDiffusion(nn.Module):
         skips = []
         for i, stage in enumerate(self.encoder):
             for block in stage:
-                h = block(h, temb, t, next(projected))
+                h = self._block(block, h, temb, t, next(projected))
             skips.append(h)
             if i < len(self.downs):
                 h = self.downs[i](h)
         for block in self.bottleneck:
-            h = block(h, temb, t, next(projected))
+            h = self._block(block, h, temb, t, next(projected))
         for i in reversed(range(len(self.decoder))):
             if i < len(self.ups):
                 h = self.ups[i](h)
             h = self.fusions[i](h, skips[i])
             for block in self.decoder[i]:
-                h = block(h, temb, t, next(projected))
+                h = self._block(block, h, temb, t, next(projected))
         return self.head(F.silu(self.head_norm(h)))
 
 

@@ -191,24 +191,27 @@ def test_fused_channels_last_model_makes_no_nchw_activation():
     assert not found, found
 
 
-def test_fused_model_composes_with_checkpointing_and_offloading(monkeypatch):
-    """The fused model's own saved-tensor hooks (kernels.recompute_saved) nest inside a user's
-    activation checkpointing or CPU offloading: the gradients do not change."""
-    from liquiddiff import modules
-
-    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)).double()
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradient_checkpointing_and_offloading_change_no_gradient(fused):
+    """``set_gradient_checkpointing`` (each block rerun in backward) and a user's CPU offloading
+    change no gradient, bit for bit; the fused model's own saved-tensor hooks
+    (kernels.recompute_saved) nest inside both."""
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=fused)).double()
     x, t = torch.randn(2, 3, 8, 8, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
     up = torch.randn_like(x)
     want = _param_grads(model, x, t, up)[1]
-    block_forward = modules.LiquidDiffusionBlock.forward
-    monkeypatch.setattr(modules.LiquidDiffusionBlock, "forward", lambda self, *args: torch.utils.checkpoint.checkpoint(
-        block_forward, self, *args, use_reentrant=False))
-    checkpointed = _param_grads(model, x, t, up)[1]
-    monkeypatch.setattr(modules.LiquidDiffusionBlock, "forward", block_forward)
+    checkpointed = _param_grads(model.set_gradient_checkpointing(True), x, t, up)[1]
+    model.set_gradient_checkpointing(False)
     with torch.autograd.graph.save_on_cpu():
         offloaded = _param_grads(model, x, t, up)[1]
     for name, g in want.items():
         assert torch.equal(checkpointed[name], g) and torch.equal(offloaded[name], g), name
+
+
+def test_gradient_checkpointing_is_no_part_of_the_state_dict():
+    model = build("micro").set_gradient_checkpointing(True)
+    assert model.gradient_checkpointing
+    assert list(model.state_dict()) == list(build("micro").state_dict())
 
 
 def test_state_dict_is_the_same_fused_or_not():
@@ -221,12 +224,15 @@ def test_state_dict_is_the_same_fused_or_not():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
-def test_compiled_fused_model_matches_the_reference_forward_and_backward(monkeypatch, setting):
+@pytest.mark.parametrize("setting, checkpointing", [("auto", False), ("auto,depthwise_conv=triton", False),
+                                                    ("auto", True)])
+def test_compiled_fused_model_matches_the_reference_forward_and_backward(monkeypatch, setting, checkpointing):
     """torch.compile(fullgraph=True) of the fused model (its autograd nodes traced, the Triton
-    launches as custom ops): the reference's output and parameter gradients."""
+    launches as custom ops; with gradient checkpointing, inside the checkpointed regions): the
+    reference's output and parameter gradients."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True))
+    model.set_gradient_checkpointing(checkpointing)
     compiled = torch.compile(model, fullgraph=True)
     x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
     out = compiled(x, t)
