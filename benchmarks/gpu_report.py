@@ -64,6 +64,7 @@ class Variant:
     compiled: bool
     kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings for its worker
     cuda_graph: bool = False  # the model call captured once, replayed each train or sampling step
+    checkpointing: bool = False  # LiquidDiffusion.set_gradient_checkpointing (train rows only)
 
 
 # The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
@@ -80,11 +81,13 @@ VARIANTS = {
     "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
     # Whether the eager fused step's launches bound it by the host: the same step replayed.
     "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
+    # What the memory lever costs in time, and the peak it reaches.
+    "fused_ckpt_cl": Variant("fused + gradient checkpointing", True, "channels_last", False, checkpointing=True),
 }
 # Timed in this order; when time runs short the last ones are skipped (fused NCHW first: the
 # fused model is meant to run channels_last).
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl",
-               "fused_dw_cl", "fused_nchw")
+               "fused_dw_cl", "fused_ckpt_cl", "fused_nchw")
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw",
                 "fused_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
@@ -124,6 +127,7 @@ def _worker_main(args) -> int:
     try:
         trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device,
                                       cuda_graph=variant.cuda_graph and task == "train")
+        trainer.model.set_gradient_checkpointing(variant.checkpointing)
         images = cases.make_images(cfg, variant.layout, device)
         compile_s = None
         # Its first steps compile (torch.compile, or Triton kernels no other variant uses): warm

@@ -18,13 +18,12 @@ holds at that moment.
 from __future__ import annotations
 
 import collections
-import contextlib
 import sys
 import weakref
 
 import torch
 
-from benchmarks import cases, traffic
+from benchmarks import traffic
 from benchmarks.saved_memory import GiB, step_parser
 from liquiddiff import build
 
@@ -93,10 +92,10 @@ def step_peak(model: torch.nn.Module, batch: int, size: int, channels_last: bool
 def report(preset: str, size: int, batch: int) -> str:
     model = build(preset)
     records = {}
-    for label, fused, setting in traffic.VARIANTS:
-        with cases.kernels_setting(setting) if setting else contextlib.nullcontext():
-            records[label] = step_peak(model.set_fused(fused), batch, size, channels_last=True)
-    reference = records[traffic.VARIANTS[0][0]].peak
+    for variant in traffic.VARIANTS:
+        with traffic.configured(model, variant):
+            records[variant.label] = step_peak(model, batch, size, channels_last=True)
+    reference = records[traffic.VARIANTS[0].label].peak
     lines = [
         f"Peak memory of one eager train step, channels_last: `{preset}`, {size} px, batch {batch}, bf16 "
         f"autocast (GiB of live tensors, 512-byte blocks; torch {torch.__version__}; `python -m "

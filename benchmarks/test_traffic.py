@@ -43,5 +43,5 @@ def test_sampling_step_is_the_forward_alone():
 
 def test_report_lists_every_variant():
     text = traffic.report("micro", size=8, batch=1, top=5)
-    for label, _, _ in traffic.VARIANTS:
-        assert f"| {label} |" in text
+    for variant in traffic.VARIANTS:
+        assert f"| {variant.label} |" in text

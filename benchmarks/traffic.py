@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -199,18 +200,40 @@ def _ms(nbytes: int, gbps: float) -> float:
     return nbytes / (gbps * GB) * 1e3
 
 
-# (label, fused, per-op LIQUIDDIFF_KERNELS settings). Layouts move the same bytes: channels_last.
-VARIANTS = (("reference", False, ""), ("fused", True, ""),
-            ("fused + Triton depthwise", True, "depthwise_conv=triton"))
+class Variant(NamedTuple):
+    """A way to run the model's step. Layouts move the same bytes: the counts use channels_last."""
+
+    label: str
+    fused: bool
+    kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings
+    checkpointing: bool = False  # LiquidDiffusion.set_gradient_checkpointing
+
+
+VARIANTS = (Variant("reference", False), Variant("fused", True),
+            Variant("fused + Triton depthwise", True, kernels="depthwise_conv=triton"),
+            Variant("fused + gradient checkpointing", True, checkpointing=True))
+
+
+@contextlib.contextmanager
+def configured(model: torch.nn.Module, variant: Variant):
+    """``model`` set up as ``variant`` says, with its kernel settings in force; the model's own
+    settings are restored after."""
+    before = model.fused, model.gradient_checkpointing
+    model.set_fused(variant.fused).set_gradient_checkpointing(variant.checkpointing)
+    try:
+        with cases.kernels_setting(variant.kernels) if variant.kernels else contextlib.nullcontext():
+            yield model
+    finally:
+        model.set_fused(before[0]).set_gradient_checkpointing(before[1])
 
 
 def report(preset: str, size: int, batch: int, gbps: float = H200_COPY_GBPS, top: int = 20) -> str:
     model = build(preset)
     ledgers, sampling = {}, {}
-    for label, fused, setting in VARIANTS:
-        with cases.kernels_setting(setting) if setting else contextlib.nullcontext():
-            ledgers[label] = step_traffic(model.set_fused(fused), batch, size, channels_last=True)
-            sampling[label] = step_traffic(model, batch, size, channels_last=True, train=False)
+    for variant in VARIANTS:
+        with configured(model, variant):
+            ledgers[variant.label] = step_traffic(model, batch, size, channels_last=True)
+            sampling[variant.label] = step_traffic(model, batch, size, channels_last=True, train=False)
     lines = [
         f"Memory traffic of one eager train step, channels_last: `{preset}`, {size} px, batch {batch}, bf16 "
         f"autocast (torch {torch.__version__}; `python -m benchmarks.traffic --preset {preset} --image-size {size} "
@@ -235,7 +258,7 @@ def report(preset: str, size: int, batch: int, gbps: float = H200_COPY_GBPS, top
             f, b = (sum(by_kind[label].get((kind, ph), [0, 0, 0])[1:]) / GB for ph in ("forward", "backward"))
             cells.append(f"{f:.1f} / {b:.1f}")
         lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    label = VARIANTS[1][0]
+    label = VARIANTS[1].label
     _, total = ledgers[label].total()
     lines += ["", f"{label}: the {top} (module, op, phase) that move the most (of {total / GB:.1f} GB)", "",
               "| module | op | phase | launches | GB read | GB written | share | ms |", "|---|---|---|---|---|---|---|---|"]
