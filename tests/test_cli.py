@@ -312,10 +312,11 @@ def test_resume_after_sigkill(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
-    """The same command under torchrun: DDP over gloo on the CPU, rank 0 alone writes."""
+    """The same command under torchrun: DDP over gloo on the CPU, rank 0 alone writes; with
+    gradient checkpointing, whose reruns must not upset DDP's gradient hooks."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "liquiddiff", "train", "--runs-dir", str(tmp_path), "--name", "ddp", *TINY,
-           "--steps", "4", "--ckpt-every", "2", "--sample-every", "4"]
+           "--steps", "4", "--ckpt-every", "2", "--sample-every", "4", "--gradient-checkpointing"]
     done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run = tmp_path / "ddp"
