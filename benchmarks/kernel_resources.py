@@ -187,6 +187,16 @@ def launches() -> list[tuple[str, str, str, callable]]:
         ("context shift backward, C=256", "context_shift", "_context_shift_bwd_kernel",
          lambda: shift_op._backward_kernels(vec16, vec, w16, vec16, vec, H * W, bf16, bf16)),
     ]
+    pw = _module("pointwise_conv")
+    hidden, w_ffn = _meta((B, 2 * C, H, W), bf16), torch.empty(C, 2 * C, 1, 1, dtype=bf16, device="meta")
+    w_mix, b16 = torch.empty(C, C, 1, 1, dtype=bf16, device="meta"), torch.empty(C, dtype=bf16, device="meta")
+    mod = torch.empty(B, C, dtype=bf16, device="meta")
+    out += [  # opt-in: the FeedForward's last conv, the spatial mix's (modulated, NCHW here)
+        ("SiLU -> 1x1 conv forward, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, bf16)),
+        ("modulated SiLU -> 1x1 conv forward (nchw)", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._forward_kernels(_meta(SHAPE, bf16, "nchw"), w_mix, b16, mod, mod, bf16)),
+    ]
     return out
 
 

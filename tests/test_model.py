@@ -65,6 +65,7 @@ def _param_grads(model, x, t, up):
 @pytest.mark.parametrize("memory_format, setting", [
     (torch.contiguous_format, "auto"), (torch.channels_last, "auto"),
     (torch.channels_last, "auto,depthwise_conv=triton"),  # the opt-in Triton depthwise convs too
+    (torch.contiguous_format, "auto,pointwise_conv=triton"),  # and the opt-in SiLU -> 1x1 conv forward
 ])
 def test_fused_model_matches_reference(monkeypatch, memory_format, setting):
     """Same weights, fused=True vs fused=False: output and every parameter gradient agree."""
@@ -108,7 +109,7 @@ def _autocast_errors(model, x, t):
             for i, what in enumerate(("output", "gradients"))]
 
 
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton", "auto,pointwise_conv=triton"])
 def test_fused_model_under_cpu_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
     """bf16 autocast on the CPU (the interpreter runs the kernels): the fused model, whose blocks
     cast their parameters together, is no further from the fp32 reference than the bf16
@@ -122,7 +123,7 @@ def test_fused_model_under_cpu_autocast_is_as_close_to_fp32_as_the_reference(mon
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton", "auto,pointwise_conv=triton"])
 def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
     """The same on CUDA, at a size where bf16 kernels (not the interpreter) run."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)

@@ -170,13 +170,17 @@ def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(float("nan")) if poison_outputs else t
 
 
-def empty_activation(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An output with the memory format of ``like`` (NCHW or channels_last)."""
+def empty_activation(like: torch.Tensor, dtype: torch.dtype, channels: int | None = None) -> torch.Tensor:
+    """An output with the memory format of ``like`` (NCHW or channels_last); with ``channels``,
+    that many channels instead of ``like``'s (a convolution's output)."""
     if like.is_contiguous(memory_format=torch.channels_last) and not like.is_contiguous():
         fmt = torch.channels_last
     else:
         fmt = torch.contiguous_format
-    return _maybe_poison(torch.empty_like(like, dtype=dtype, memory_format=fmt))
+    if channels is None:
+        return _maybe_poison(torch.empty_like(like, dtype=dtype, memory_format=fmt))
+    B, _, H, W = like.shape
+    return _maybe_poison(torch.empty((B, channels, H, W), dtype=dtype, device=like.device, memory_format=fmt))
 
 
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

@@ -27,11 +27,11 @@ import torch.nn.functional as F
 
 from liquiddiff import functional
 
-from . import _tensors, depthwise, runtime
+from . import _tensors, depthwise, pointwise_conv, runtime
 # By name: the package attribute ``cfc_relax`` is the op, not this module.
 from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
 from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
-                        _heads_forward, _paired_heads, _triton_depthwise)
+                        _heads_forward, _paired_heads, _triton_depthwise, _triton_pointwise)
 
 __all__ = ["parallel_cfc"]
 
@@ -63,8 +63,8 @@ class _ParallelCfC(torch.autograd.Function):
             z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
             f, g_hidden, h_hidden = _heads_forward(F.silu(z), channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
                                                    dtype, ctx.head_triton, ctx.paired)
-            g = _conv(F.silu(g_hidden), weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
-            h = _conv(F.silu(h_hidden), weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
+            g, h = (_head_forward(hidden, weights[i], biases[i], dtype) for hidden, i in ((g_hidden, _G_PW),
+                                                                                          (h_hidden, _H_PW)))
             out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
@@ -121,6 +121,14 @@ class _ParallelCfC(torch.autograd.Function):
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
+
+
+def _head_forward(hidden, weight, bias, dtype):
+    """The g or h head's ``conv1x1(silu(hidden))``: SiLU in the conv's prologue with the Triton
+    pointwise kernel, else SiLU's output written for cuDNN."""
+    if _triton_pointwise(hidden, weight, 1, True):
+        return pointwise_conv.forward(hidden, weight, bias, None, None, dtype)
+    return _conv(F.silu(hidden), weight, bias, dtype, 0, 1, False)
 
 
 def _pointwise_head_backward(d_out, silu_hidden, hidden, weight, bias_shape, dtype, need_w, need_b):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from liquiddiff import functional
 
-from . import _tensors, depthwise, runtime
+from . import _tensors, depthwise, pointwise_conv, runtime
 from .merged_depthwise import merged_depthwise_weight
 from .modulated_silu import (backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward,
                              sum_gradients)
@@ -68,6 +68,13 @@ def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> boo
     """Whether this convolution runs the Triton depthwise kernels: chosen once, in the forward,
     and kept for its backward."""
     return depthwise.is_depthwise(a, weight, groups) and runtime.use_triton("depthwise_conv", a.device.type)
+
+
+def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activate: bool) -> bool:
+    """Whether conv1x1(silu(z)) runs as one Triton kernel (``pointwise_conv.py``: SiLU in the
+    conv's prologue) in the forward; its backward is the same either way."""
+    return (activate and groups == 1 and weight.shape[-1] == 1 and weight.shape[-2] == 1
+            and runtime.use_triton(pointwise_conv.OP_NAME, z.device.type))
 
 
 def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> torch.Tensor:
@@ -146,8 +153,11 @@ class _RecomputedConv(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         weight, bias = _conv_params(weight, bias, dtype, triton)
         with torch.autocast(z.device.type, enabled=False):
-            a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
-            out = _conv(a, weight, bias, dtype, padding, groups, triton)
+            if _triton_pointwise(z, weight, groups, activate):
+                out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype)
+            else:
+                a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
+                out = _conv(a, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
         ctx.conv = (dtype, activate, padding, groups, triton, fused_act)
         ctx.bias_shape = None if bias is None else list(bias.shape)

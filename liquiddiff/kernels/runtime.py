@@ -40,6 +40,8 @@ class Backend:
 OPT_IN = {
     "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until the GPU report "
                       "shows it faster",
+    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv forward is opt-in until "
+                      "the GPU report shows it faster",
 }
 
 

@@ -1,0 +1,115 @@
+"""The Triton SiLU -> 1x1 conv forward (liquiddiff/kernels/pointwise_conv.py), opt-in
+(``pointwise_conv=triton``), through ``kernels.silu_conv1x1`` against
+functional.silu_conv1x1: value and every gradient (one shared upstream, outputs NaN-poisoned)
+in fp32 and fp64, both layouts, awkward channel counts, with and without bias and modulation;
+under autocast as the block calls it; NaN propagation, the runtime switch, gradcheck, opcheck;
+bf16 on the GPU."""
+import pytest
+import torch
+
+import parity
+from liquiddiff import functional, kernels
+from liquiddiff.kernels import pointwise_conv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SETTING = "auto,pointwise_conv=triton"
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """Turns the kernel on; counts its forward calls (proof that it, not cuDNN, ran)."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    calls = []
+    forward = pointwise_conv.forward
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return forward(*args)
+
+    monkeypatch.setattr(pointwise_conv, "forward", counted)
+    return calls
+
+
+def _inputs(B, K, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, bias=True, modulated=False):
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    # As the block makes them: the weight in the model's memory format, scale and shift the two
+    # chunks of one time projection (strided).
+    scale, shift = randn(B, 2 * K).chunk(2, dim=1) if modulated else (None, None)
+    return {"z": randn(B, K, H, W).contiguous(memory_format=fmt),
+            "weight": randn(N, K, 1, 1).contiguous(memory_format=fmt),
+            "bias": randn(N) if bias else None, "scale": scale, "shift": shift}
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, bias, modulated", [
+    ((2, 40, 24, 5, 7), True, False),   # K over one k-tile, N under one n-tile
+    ((1, 3, 65, 4, 4), False, True),    # K under tl.dot's 16, N over one tile by one
+    ((3, 130, 17, 9, 3), True, True),   # odd everything, pixels over one tile
+])
+def test_parity(launches, dtype, tol, fmt, shape, bias, modulated):
+    out = parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1,
+                          _inputs(*shape, dtype=dtype, fmt=fmt, bias=bias, modulated=modulated), tol)
+    assert launches, "the Triton forward did not run"
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_under_autocast_as_the_block_calls_it(launches):
+    """bf16 autocast, a bf16 input and weights (the block's casts): the reference's dtype, and
+    its values and gradients to bf16 rounding."""
+    raw = {k: v.bfloat16() for k, v in _inputs(2, 48, 24, 6, 6, fmt=torch.channels_last).items() if v is not None}
+
+    def autocast(fn):
+        def run(**ins):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return fn(**ins)
+        return run
+
+    out = parity.check_op(autocast(kernels.silu_conv1x1), autocast(functional.silu_conv1x1), raw, 3e-2)
+    assert launches and out.dtype == torch.bfloat16
+
+
+def test_nan_propagates_to_its_pixel_only(launches):
+    raw = _inputs(2, 20, 9, 4, 4)
+    raw["z"][1, 3, 2, 1] = float("nan")
+    out = kernels.silu_conv1x1(**raw)
+    assert torch.isnan(out[1, :, 2, 1]).all()
+    out[1, :, 2, 1] = 0
+    assert torch.isfinite(out).all()
+
+
+def test_opt_in_until_measured(monkeypatch):
+    assert not kernels.select_backend("pointwise_conv", "cuda").is_triton
+    assert "opt-in" in kernels.select_backend("pointwise_conv", "cuda").reason
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    assert kernels.select_backend("pointwise_conv", DEVICE).is_triton
+
+
+def test_gradcheck_fp64(launches):
+    ins = parity.leaves(_inputs(2, 6, 5, 3, 3, dtype=torch.float64, modulated=True))
+    names = list(ins)
+    assert torch.autograd.gradcheck(lambda *t: kernels.silu_conv1x1(**dict(zip(names, t))), tuple(ins.values()))
+    assert launches
+
+
+def test_opcheck():
+    raw = _inputs(2, 37, 21, 5, 3, fmt=torch.channels_last, modulated=True)
+    torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_forward.default,
+                          (raw["z"], raw["weight"], raw["bias"], raw["scale"], raw["shift"], torch.float32))
+    torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_forward.default,
+                          (raw["z"], raw["weight"], None, None, None, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N, modulated", [(128, 64, False), (64, 64, True)])
+def test_gpu_bf16_at_the_first_level(launches, K, N, modulated):
+    """The FeedForward's last conv (128 -> 64) and the spatial mix's (64 -> 64, modulated) at
+    256 px, batch 8, channels_last, bf16."""
+    raw = {k: (v.bfloat16() if v is not None else None)
+           for k, v in _inputs(8, K, N, 256, 256, fmt=torch.channels_last, modulated=modulated).items()}
+    ref = functional.silu_conv1x1(**raw)
+    with parity.poisoned_outputs():
+        out = kernels.silu_conv1x1(**raw)
+    assert launches and parity.rel_err(out, ref) < 1e-2
