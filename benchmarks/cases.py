@@ -101,6 +101,12 @@ class OpSpec:
             out["x"] = _activation(shape, dtype, device, layout, generator)
             out["weight"] = 0.2 * _randn((C, 1, self.kernel, self.kernel), dtype, device, generator)
             out["bias"] = _randn((C,), dtype, device, generator)
+        elif self.reference is functional.silu_conv1x1:  # the spatial mix's output conv, C -> C
+            out["z"] = _activation(shape, dtype, device, layout, generator)
+            out["weight"] = C ** -0.5 * _randn((C, C, 1, 1), dtype, device, generator)
+            out["bias"] = _randn((C,), dtype, device, generator)
+            out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
+            out["shift"] = _randn((B, C), dtype, device, generator)
         elif self.reference is functional.modulated_silu:
             out["z"] = _activation(shape, dtype, device, layout, generator)
             out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
@@ -141,6 +147,13 @@ def triton_depthwise_conv(x, weight, bias):
     (the backend is chosen in the forward and kept for the backward)."""
     with kernels_setting("depthwise_conv=triton"):
         return kernels.depthwise_conv(x, weight, bias)
+
+
+def triton_silu_conv1x1(z, weight, bias, scale, shift):
+    """kernels.silu_conv1x1 with its opt-in Triton forward (the modulated SiLU in the 1x1 conv's
+    prologue); its backward is the default one."""
+    with kernels_setting("pointwise_conv=triton"):
+        return kernels.silu_conv1x1(z, weight, bias, scale, shift)
 
 
 def _mix_input(spatial_mix_input):
@@ -221,6 +234,13 @@ OPS: dict[str, OpSpec] = {
         fused=kernels.modulated_silu, activations=("z",), outputs=("out",), saved=("z", "scale", "shift"),
         grad_writes=("z", "scale", "shift"),
     ),
+    # The spatial mix's output: modulated SiLU -> 1x1 conv, cuDNN against the opt-in Triton
+    # forward (the SiLU in the conv's prologue; the same backward either way).
+    "silu_conv1x1": OpSpec(
+        name="silu_conv1x1", title="modulated SiLU->1x1 conv", reference=functional.silu_conv1x1,
+        fused=triton_silu_conv1x1, activations=("z",), outputs=("out",), saved=("z", "weight", "scale", "shift"),
+        grad_writes=("z", "weight", "bias", "scale", "shift"), layouts=("channels_last",),
+    ),
     # The CfC backbone's SiLU and its three heads (f: 1x1 on cuDNN; g, h: 3x3 depthwise, the
     # opt-in Triton pair): what the g/h pairing saves against the reference and its compile.
     "cfc_heads": OpSpec(
@@ -240,7 +260,8 @@ OPS: dict[str, OpSpec] = {
         for name, fused in (("mix_input", triton_spatial_mix_input), ("mix_input_cudnn", kernels.spatial_mix_input))
     },
 }
-OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads")  # the report's and the suites' ops
+OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads",
+            "silu_conv1x1")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)
 
 
