@@ -102,6 +102,24 @@ def test_opcheck():
                           (raw["z"], raw["weight"], None, None, None, torch.float32))
 
 
+@pytest.mark.slow
+def test_torch_compile_fullgraph(monkeypatch):
+    """Traced, the forward is the custom op (its fake kernel, one opaque node); the launches are
+    counted inside it, where a side effect does not disturb tracing."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    kernel, grids = pointwise_conv._silu_conv1x1_kernel, []
+
+    class Counted:
+        def __getitem__(self, grid):
+            grids.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(pointwise_conv, "_silu_conv1x1_kernel", Counted())
+    compiled = torch.compile(kernels.silu_conv1x1, fullgraph=True)
+    parity.check_op(compiled, functional.silu_conv1x1, _inputs(2, 24, 16, 5, 5, modulated=True), 1e-5)
+    assert grids
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("K, N, modulated", [(128, 64, False), (64, 64, True)])
 def test_gpu_bf16_at_the_first_level(launches, K, N, modulated):
