@@ -150,8 +150,8 @@ def triton_depthwise_conv(x, weight, bias):
 
 
 def triton_silu_conv1x1(z, weight, bias, scale, shift):
-    """kernels.silu_conv1x1 with its opt-in Triton forward (the modulated SiLU in the 1x1 conv's
-    prologue); its backward is the default one."""
+    """kernels.silu_conv1x1 on its opt-in Triton kernels (the modulated SiLU in the 1x1 conv's
+    prologue, its backward in the input gradient's epilogue)."""
     with kernels_setting("pointwise_conv=triton"):
         return kernels.silu_conv1x1(z, weight, bias, scale, shift)
 
@@ -235,7 +235,7 @@ OPS: dict[str, OpSpec] = {
         grad_writes=("z", "scale", "shift"),
     ),
     # The spatial mix's output: modulated SiLU -> 1x1 conv, cuDNN against the opt-in Triton
-    # forward (the SiLU in the conv's prologue; the same backward either way).
+    # kernels (the SiLU in the conv's prologue, its backward in the input gradient's epilogue).
     "silu_conv1x1": OpSpec(
         name="silu_conv1x1", title="modulated SiLU->1x1 conv", reference=functional.silu_conv1x1,
         fused=triton_silu_conv1x1, activations=("z",), outputs=("out",), saved=("z", "weight", "scale", "shift"),

@@ -81,7 +81,7 @@ VARIANTS = {
     "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
     # Whether the eager fused step's launches bound it by the host: the same step replayed.
     "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
-    # The opt-in Triton SiLU -> 1x1 conv forward (runtime.OPT_IN), beside the op row silu_conv1x1.
+    # The opt-in Triton SiLU -> 1x1 conv kernels (runtime.OPT_IN), beside the op row silu_conv1x1.
     "fused_pw_cl": Variant("fused + Triton pointwise", True, "channels_last", False, kernels="pointwise_conv=triton"),
     # What the memory lever costs in time, and the peak it reaches.
     "fused_ckpt_cl": Variant("fused + gradient checkpointing", True, "channels_last", False, checkpointing=True),

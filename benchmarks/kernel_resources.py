@@ -196,6 +196,12 @@ def launches() -> list[tuple[str, str, str, callable]]:
          lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, bf16)),
         ("modulated SiLU -> 1x1 conv forward (nchw)", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._forward_kernels(_meta(SHAPE, bf16, "nchw"), w_mix, b16, mod, mod, bf16)),
+        ("SiLU -> 1x1 conv input grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
+         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, bf16, [True, False, False, False, False])),
+        ("SiLU -> 1x1 conv weight grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_weight_grad_kernel",
+         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, bf16, [False, True, True, False, False])),
+        ("modulated SiLU -> 1x1 conv input grad", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
+         lambda: pw._backward_kernels(g16, a16, w_mix, mod, mod, bf16, [True, False, False, True, True])),
     ]
     return out
 

@@ -1,4 +1,4 @@
-"""The Triton SiLU -> 1x1 conv forward (liquiddiff/kernels/pointwise_conv.py), opt-in
+"""The Triton SiLU -> 1x1 conv kernels (liquiddiff/kernels/pointwise_conv.py), opt-in
 (``pointwise_conv=triton``), through ``kernels.silu_conv1x1`` against
 functional.silu_conv1x1: value and every gradient (one shared upstream, outputs NaN-poisoned)
 in fp32 and fp64, both layouts, awkward channel counts, with and without bias and modulation;
@@ -17,16 +17,16 @@ SETTING = "auto,pointwise_conv=triton"
 
 @pytest.fixture
 def launches(monkeypatch):
-    """Turns the kernel on; counts its forward calls (proof that it, not cuDNN, ran)."""
+    """Turns the kernels on; records which of forward and backward ran (proof that they, not
+    cuDNN, did)."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
     calls = []
-    forward = pointwise_conv.forward
+    for name in ("forward", "backward"):
+        def counted(*args, _fn=getattr(pointwise_conv, name), _name=name):
+            calls.append(_name)
+            return _fn(*args)
 
-    def counted(*args):
-        calls.append(args[0].shape)
-        return forward(*args)
-
-    monkeypatch.setattr(pointwise_conv, "forward", counted)
+        monkeypatch.setattr(pointwise_conv, name, counted)
     return calls
 
 
@@ -52,8 +52,22 @@ def _inputs(B, K, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, bia
 def test_parity(launches, dtype, tol, fmt, shape, bias, modulated):
     out = parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1,
                           _inputs(*shape, dtype=dtype, fmt=fmt, bias=bias, modulated=modulated), tol)
-    assert launches, "the Triton forward did not run"
+    assert launches == ["forward", "backward"], "the Triton kernels did not run"
     assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("wanted", [("z",), ("weight",), ("bias",), ("scale", "shift"), ("z", "shift")])
+def test_gradients_of_some_inputs_only(launches, wanted):
+    """A frozen parameter or a constant input: the backward skips its work and the rest match."""
+    raw = _inputs(2, 20, 12, 5, 6, fmt=torch.channels_last, modulated=True)
+    ins, ref_ins = ({k: v.detach().clone().requires_grad_(k in wanted) for k, v in raw.items()} for _ in range(2))
+    out, ref = kernels.silu_conv1x1(**ins), functional.silu_conv1x1(**ref_ins)
+    up = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [ins[k] for k in wanted], up)
+    want = torch.autograd.grad(ref, [ref_ins[k] for k in wanted], up)
+    for name, g, w in zip(wanted, got, want):
+        parity.assert_close(name, g, w, 1e-5)
+    assert launches == ["forward", "backward"]
 
 
 def test_under_autocast_as_the_block_calls_it(launches):
@@ -100,6 +114,12 @@ def test_opcheck():
                           (raw["z"], raw["weight"], raw["bias"], raw["scale"], raw["shift"], torch.float32))
     torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_forward.default,
                           (raw["z"], raw["weight"], None, None, None, torch.float32))
+    up = torch.randn(2, 21, 5, 3).contiguous(memory_format=torch.channels_last)
+    for needs in ([True] * 5, [False, True, False, True, False], [True, False, True, False, False]):
+        torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_backward.default,
+                              (up, raw["z"], raw["weight"], raw["scale"], raw["shift"], torch.float32, needs))
+    torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_backward.default,
+                          (up, raw["z"], raw["weight"], None, None, torch.float32, [True, True, True, False, False]))
 
 
 @pytest.mark.slow
@@ -124,10 +144,8 @@ def test_torch_compile_fullgraph(monkeypatch):
 @pytest.mark.parametrize("K, N, modulated", [(128, 64, False), (64, 64, True)])
 def test_gpu_bf16_at_the_first_level(launches, K, N, modulated):
     """The FeedForward's last conv (128 -> 64) and the spatial mix's (64 -> 64, modulated) at
-    256 px, batch 8, channels_last, bf16."""
+    256 px, batch 8, channels_last, bf16: value and every gradient."""
     raw = {k: (v.bfloat16() if v is not None else None)
            for k, v in _inputs(8, K, N, 256, 256, fmt=torch.channels_last, modulated=modulated).items()}
-    ref = functional.silu_conv1x1(**raw)
-    with parity.poisoned_outputs():
-        out = kernels.silu_conv1x1(**raw)
-    assert launches and parity.rel_err(out, ref) < 1e-2
+    parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, raw, 2e-2)
+    assert launches == ["forward", "backward"]

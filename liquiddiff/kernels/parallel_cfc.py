@@ -63,8 +63,9 @@ class _ParallelCfC(torch.autograd.Function):
             z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
             f, g_hidden, h_hidden = _heads_forward(F.silu(z), channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
                                                    dtype, ctx.head_triton, ctx.paired)
-            g, h = (_head_forward(hidden, weights[i], biases[i], dtype) for hidden, i in ((g_hidden, _G_PW),
-                                                                                          (h_hidden, _H_PW)))
+            ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
+            g, h = (_head_forward(hidden, None if ctx.pointwise else F.silu(hidden), weights[i], biases[i], dtype)
+                    for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
             out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
@@ -89,19 +90,22 @@ class _ParallelCfC(torch.autograd.Function):
         # runs while nearly every activation of the forward is still alive, so what it holds at
         # once is the train step's peak memory (``python -m benchmarks.peak_memory``).
         with torch.autocast(n.device.type, enabled=False):
-            silu_z, silu_g, silu_h = F.silu(z), F.silu(g_hidden), F.silu(h_hidden)
+            # The g/h heads' SiLUs: remade here for cuDNN, or in registers by the Triton
+            # pointwise kernels (ctx.pointwise), which never write them.
+            silu_z = F.silu(z)
+            silu_g, silu_h = (None, None) if ctx.pointwise else (F.silu(g_hidden), F.silu(h_hidden))
             f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
-            g = _conv(silu_g, weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
-            h = _conv(silu_h, weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
+            g = _head_forward(g_hidden, silu_g, weights[_G_PW], biases[_G_PW], dtype)
+            h = _head_forward(h_hidden, silu_h, weights[_H_PW], biases[_H_PW], dtype)
             d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(
                 grad_out, f, g, h, n, *small, [need_heads] * 3 + [need_n] + list(needs[2:2 + _SMALL]))
             del f, g, h
             if need_heads:
                 d_g, d_ws[_G_PW], d_bs[_G_PW] = _pointwise_head_backward(
-                    d_g, silu_g, g_hidden, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW])
+                    d_g, g_hidden, silu_g, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW])
                 del silu_g
                 d_h, d_ws[_H_PW], d_bs[_H_PW] = _pointwise_head_backward(
-                    d_h, silu_h, h_hidden, weights[_H_PW], bias_shapes[_H_PW], dtype, need_ws[_H_PW], need_bs[_H_PW])
+                    d_h, h_hidden, silu_h, weights[_H_PW], bias_shapes[_H_PW], dtype, need_ws[_H_PW], need_bs[_H_PW])
                 del silu_h
                 head_grads = [d_f, d_g, d_h]
                 del d_f, d_g, d_h  # the list alone holds them: _heads_backward drops each when used
@@ -123,16 +127,21 @@ class _ParallelCfC(torch.autograd.Function):
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
 
 
-def _head_forward(hidden, weight, bias, dtype):
-    """The g or h head's ``conv1x1(silu(hidden))``: SiLU in the conv's prologue with the Triton
-    pointwise kernel, else SiLU's output written for cuDNN."""
-    if _triton_pointwise(hidden, weight, 1, True):
+def _head_forward(hidden, silu_hidden, weight, bias, dtype):
+    """The g or h head's ``conv1x1(silu(hidden))``: from ``silu_hidden`` on cuDNN, or, when it is
+    None, by the Triton pointwise kernel (SiLU in the conv's prologue)."""
+    if silu_hidden is None:
         return pointwise_conv.forward(hidden, weight, bias, None, None, dtype)
-    return _conv(F.silu(hidden), weight, bias, dtype, 0, 1, False)
+    return _conv(silu_hidden, weight, bias, dtype, 0, 1, False)
 
 
-def _pointwise_head_backward(d_out, silu_hidden, hidden, weight, bias_shape, dtype, need_w, need_b):
-    """(d_hidden, d_weight, d_bias) of the g or h head's ``conv1x1(silu(hidden))``."""
+def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b):
+    """(d_hidden, d_weight, d_bias) of :func:`_head_forward`: cuDNN, then SiLU's backward; or,
+    without ``silu_hidden``, the Triton pointwise kernels (SiLU and its backward in registers)."""
+    if silu_hidden is None:
+        d_hidden, d_w, d_b, _, _ = pointwise_conv.backward(d_out, hidden, weight, None, None, dtype,
+                                                           (True, need_w, need_b, False, False))
+        return d_hidden, d_w, d_b
     d_silu, d_w, d_b = _conv_backward(d_out, silu_hidden, weight, bias_shape, dtype, 0, 1, [True, need_w, need_b], False)
     return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b
 

@@ -1,25 +1,32 @@
-"""The forward of :func:`liquiddiff.functional.silu_conv1x1` as one Triton kernel: the
-(modulated) SiLU computed in the 1x1 convolution's prologue, as its input tile is loaded.
+""":func:`liquiddiff.functional.silu_conv1x1` in Triton, forward and backward: the (modulated)
+SiLU computed in the 1x1 convolution's prologue, as its input tile is loaded, and its backward
+in the input gradient's epilogue.
 
     y = z[b, k, p] * (1 + scale[b, k]) + shift[b, k]   (when modulated; else y = z)
-    out[b, n, p] = bias[n] + sum_k round(silu(y)) * weight[n, k]
+    a = round(silu(y));   out[b, n, p] = bias[n] + sum_k a[b, k, p] * weight[n, k]
+    d_a = round(grad_out @ weight);   d_y = d_a * silu'(y);   d_z = d_y * (1 + scale)
+    d_weight[n, k] = sum_{b,p} grad_out[b, n, p] * a[b, k, p];   d_bias[n] = sum_{b,p} grad_out
+    d_scale[b, k] = sum_p d_y * z;   d_shift[b, k] = sum_p d_y
 
-cuDNN cannot take an activation on its input, so the reference (and the fused model on cuDNN)
-writes silu(y) in the convolution's dtype and reads it back: one pass of the K-wide activation
-each way that this kernel does not make. It reads z once and writes out once. Used in the
-forward of the FeedForward's last conv, the spatial mix's output conv (modulated by t) and the
-CfC's g and h 1x1 heads; their backward is unchanged (recompute.py remakes silu(y) for cuDNN).
+cuDNN takes no activation on its input, so the reference (and the fused model on cuDNN) writes
+silu(y) in the convolution's dtype and reads it back, in forward and again in backward (remade
+for the weight gradient), and writes d_a for SiLU's backward to read. These kernels make none
+of those passes: the forward reads z and writes out; the input-gradient kernel reads grad_out
+and z and writes d_z (with d_scale and d_shift as per-program fp32 partials); the
+weight-gradient kernel reads grad_out and z and leaves per-program fp32 partial tiles over
+pixel ranges, which torch sums (no atomics). Used by the FeedForward's last conv, the spatial
+mix's output conv (modulated by t) and the CfC's g and h 1x1 heads.
 
-Rounding as the reference: silu(y) in fp32 (fp64 for fp64), rounded to the conv's dtype, then a
-product with fp32 accumulation (``input_precision="ieee"``: no TF32 for fp32 inputs) plus the
-bias, rounded once to the conv's dtype. Under bf16 autocast that is the reference up to the
-order of the K-sum (cuDNN's differs): within bf16 rounding, not bitwise.
+Rounding as the reference: silu(y) and the upstream gradient's product with the weight rounded
+to the conv's dtype, as cuDNN's input and input gradient are; products accumulated in fp32
+(``input_precision="ieee"``: no TF32 for fp32 inputs); the rest in fp32 (fp64 for fp64). Under
+bf16 autocast that is the reference up to the order of the sums: within bf16 rounding, not
+bitwise.
 
 Layout: [B, K, H*W] through strides (``_tensors.flat_pixels``): channels_last (k stride 1) and
-NCHW (pixel stride 1) without a copy; the output takes z's memory format. The tile is [pixels,
-out channels] per program, the K loop over the input channels (a constexpr: a few values per
-model). Tiles chosen without a GPU, not yet timed against cuDNN: the op is opt-in
-(``runtime.OPT_IN``), ``LIQUIDDIFF_KERNELS=auto,pointwise_conv=triton``.
+NCHW (pixel stride 1) without a copy; outputs take z's memory format. Channel counts are
+constexprs (a few values per model). Tiles chosen without a GPU, not yet timed against cuDNN:
+the op is opt-in (``runtime.OPT_IN``), ``LIQUIDDIFF_KERNELS=auto,pointwise_conv=triton``.
 """
 import typing
 
@@ -33,16 +40,34 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from . import _eager, _tensors
 
-__all__ = ["forward", "OP_NAME"]
+__all__ = ["forward", "backward", "OP_NAME"]
 
 OP_NAME = "pointwise_conv"
 _BLOCK_P = 64
 _MAX_BLOCK_N = 128
 _MAX_BLOCK_K = 32
+_MAX_WGRAD_BLOCK = 64
+_WGRAD_MIN_PROGRAMS = 1024
 _WARPS = 4
+# The backward tiles hold a product tile and two operand tiles of up to 64 x 128: 8 warps keep
+# them under 128 registers a thread (benchmarks.kernel_resources).
+_BWD_WARPS = 8
 
 
 if triton is not None:
+
+    @triton.jit
+    def _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                    ss_b, ss_k, sh_b, sh_k, MODULATED: tl.constexpr, ACC: tl.constexpr):
+        """(y, z, 1 + scale) of a [pixels, channels] tile: y = z * (1 + scale) + shift, or z."""
+        z = tl.load(z_ptr + pid_b * sz_b + rows * sz_p + ks[None, :] * sz_k, mask=mask, other=0.0).to(ACC)
+        if MODULATED:
+            one_plus = 1.0 + tl.load(scale_ptr + pid_b * ss_b + ks * ss_k, mask=k_mask, other=0.0).to(ACC)[None, :]
+            y = z * one_plus + tl.load(shift_ptr + pid_b * sh_b + ks * sh_k, mask=k_mask, other=0.0).to(ACC)[None, :]
+        else:
+            one_plus = 1.0
+            y = z
+        return y, z, one_plus
 
     @triton.jit
     def _silu_conv1x1_kernel(
@@ -63,10 +88,8 @@ if triton is not None:
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < K
             mask = p_mask[:, None] & k_mask[None, :]
-            y = tl.load(z_ptr + pid_b * sz_b + rows * sz_p + ks[None, :] * sz_k, mask=mask, other=0.0).to(ACC)
-            if MODULATED:
-                one_plus = 1.0 + tl.load(scale_ptr + pid_b * ss_b + ks * ss_k, mask=k_mask, other=0.0).to(ACC)
-                y = y * one_plus[None, :] + tl.load(shift_ptr + pid_b * sh_b + ks * sh_k, mask=k_mask, other=0.0).to(ACC)[None, :]
+            y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                                  ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
             # Masked lanes are selected away: a shift there would give silu(shift) * 0, NaN * 0 = NaN.
             a = tl.where(mask, y * tl.sigmoid(y), 0.0).to(CONV).to(DOT)
             w = tl.load(w_ptr + ns[None, :] * sw_n + ks[:, None] * sw_k, mask=k_mask[:, None] & n_mask[None, :],
@@ -78,10 +101,106 @@ if triton is not None:
                  mask=p_mask[:, None] & n_mask[None, :])
 
 
-def _blocks(K: int, N: int) -> tuple[int, int]:
-    """(BLOCK_N, BLOCK_K): powers of 2 of at least 16 (tl.dot's smallest tile)."""
-    return (max(16, min(_tensors.next_power_of_2(N), _MAX_BLOCK_N)),
-            max(16, min(_tensors.next_power_of_2(K), _MAX_BLOCK_K)))
+    @triton.jit
+    def _silu_conv1x1_input_grad_kernel(
+        go_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, P,
+        sgo_b, sgo_n, sgo_p, sw_n, sw_k, sz_b, sz_k, sz_p, sdz_b, sdz_k, sdz_p, ss_b, ss_k, sh_b, sh_k,
+        K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # d_a = grad_out @ weight (K columns of this program), rounded to the conv's dtype as
+        # cuDNN's input gradient is; then SiLU's (and the modulation's) backward in registers.
+        pid_p = tl.program_id(0)
+        pid_b = tl.program_id(2).to(tl.int64)
+        ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        p_mask, k_mask = ps < P, ks < K
+        rows = ps.to(tl.int64)[:, None]
+        acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=ACC)
+        for n0 in range(0, N, BLOCK_N):
+            ns = n0 + tl.arange(0, BLOCK_N)
+            n_mask = ns < N
+            go = tl.load(go_ptr + pid_b * sgo_b + rows * sgo_p + ns[None, :] * sgo_n,
+                         mask=p_mask[:, None] & n_mask[None, :], other=0.0).to(CONV).to(DOT)
+            w = tl.load(w_ptr + ns[:, None] * sw_n + ks[None, :] * sw_k, mask=n_mask[:, None] & k_mask[None, :],
+                        other=0.0).to(CONV).to(DOT)
+            acc += tl.dot(go, w, input_precision="ieee", out_dtype=ACC)
+        d_a = acc.to(CONV).to(ACC)
+        mask = p_mask[:, None] & k_mask[None, :]
+        y, z, one_plus = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                                     ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
+        sig = tl.sigmoid(y)
+        # Masked lanes are selected away (inf * 0 is NaN).
+        d_y = tl.where(mask, d_a * (sig * (1.0 + y * (1.0 - sig))), 0.0)
+        if NEED_DZ:
+            tl.store(dz_ptr + pid_b * sdz_b + rows * sdz_p + ks[None, :] * sdz_k,
+                     (d_y * one_plus).to(dz_ptr.dtype.element_ty), mask=mask)
+        if NEED_PARAMS:  # per-program partial sums over the pixels, [2, programs, B, K]
+            at = part_ptr + (pid_p * B + pid_b) * K + ks
+            tl.store(at, tl.sum(d_y * z, axis=0), mask=k_mask)
+            tl.store(at + tl.num_programs(0) * B * K, tl.sum(d_y, axis=0), mask=k_mask)
+
+    @triton.jit
+    def _silu_conv1x1_weight_grad_kernel(
+        go_ptr, z_ptr, scale_ptr, shift_ptr, part_ptr, bias_part_ptr, P,
+        sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k,
+        K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_BIAS: tl.constexpr,
+        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, ITERS: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        # d_weight[n, k] = sum over pixels of grad_out[n] * silu(y)[k], silu(y) remade from z in
+        # the prologue: this program's ITERS pixel tiles of one batch item, an fp32 partial tile
+        # [BLOCK_N, BLOCK_K] in part [B, splits, N, K] (and the bias's, [B, splits, N]).
+        K_BLOCKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        pid_n, pid_k = tl.program_id(0) // K_BLOCKS, tl.program_id(0) % K_BLOCKS
+        pid_b, pid_s = tl.program_id(1).to(tl.int64), tl.program_id(2)
+        ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        n_mask, k_mask = ns < N, ks < K
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
+        bias_acc = tl.zeros([BLOCK_N], dtype=ACC)
+        for i in range(ITERS):
+            ps = (pid_s * ITERS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_mask = ps < P
+            rows = ps.to(tl.int64)[:, None]
+            go = tl.load(go_ptr + pid_b * sgo_b + ps.to(tl.int64)[None, :] * sgo_p + ns[:, None] * sgo_n,
+                         mask=n_mask[:, None] & p_mask[None, :], other=0.0)
+            mask = p_mask[:, None] & k_mask[None, :]
+            y, z, one_plus = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k,
+                                         sz_p, ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
+            a = tl.where(mask, y * tl.sigmoid(y), 0.0).to(CONV).to(DOT)
+            acc += tl.dot(go.to(CONV).to(DOT), a, input_precision="ieee", out_dtype=ACC)
+            if NEED_BIAS:
+                bias_acc += tl.sum(go.to(CONV).to(ACC), axis=1)
+        splits = tl.num_programs(2)
+        base = pid_b * splits + pid_s
+        tl.store(part_ptr + (base * N + ns[:, None]) * K + ks[None, :], acc, mask=n_mask[:, None] & k_mask[None, :])
+        if NEED_BIAS:
+            if pid_k == 0:  # one program per output channel block writes the bias's partial
+                tl.store(bias_part_ptr + base * N + ns, bias_acc, mask=n_mask)
+
+
+def _blocks(reduced: int, kept: int) -> tuple[int, int]:
+    """(block of the kept channels, block of the reduced ones) of a product tile: powers of 2 of
+    at least 16 (tl.dot's smallest tile)."""
+    return (max(16, min(_tensors.next_power_of_2(kept), _MAX_BLOCK_N)),
+            max(16, min(_tensors.next_power_of_2(reduced), _MAX_BLOCK_K)))
+
+
+def _dtypes(dtype: torch.dtype, device: torch.device):
+    """(CONV, DOT, ACC) constexprs. The interpreter's tl.dot knows no bf16 or fp16 (numpy has
+    neither): there the operands, rounded to the conv's dtype, are multiplied in fp32, which is
+    exact for them, so the sum is what the GPU's bf16 dot with fp32 accumulation computes."""
+    conv, acc = _tensors.tl_dtype(dtype), tl.float64 if dtype == torch.float64 else tl.float32
+    return conv, acc if device.type == "cpu" else conv, acc
+
+
+def _modulation_args(scale, shift, z):
+    """The scale and shift pointers and strides; absent, z's (never read)."""
+    if scale is None:
+        return (z, z), (0,) * 4
+    return (scale, shift), (*scale.stride(), *shift.stride())
 
 
 def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
@@ -90,21 +209,15 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     B, K, H, W = z.shape
     N = weight.shape[0]
     out = _tensors.empty_activation(z, dtype, channels=N)
+    params, param_strides = _modulation_args(scale, shift, z)
     (z, out), (sz, so) = _tensors.flat_all(z, out)
     block_n, block_k = _blocks(K, N)
     grid = (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), B)
-    modulated = scale is not None
-    conv, acc = _tensors.tl_dtype(dtype), tl.float64 if dtype == torch.float64 else tl.float32
-    # The interpreter's tl.dot knows no bf16 or fp16 (numpy has neither): there the operands,
-    # rounded to the conv's dtype, are multiplied in fp32, which is exact for them, so the sum is
-    # what the GPU's bf16 dot with fp32 accumulation computes.
-    dot = acc if z.device.type == "cpu" else conv
-    # Absent operands (bias, modulation) repeat the weight, never read.
-    params, param_strides = ((scale, shift), (*scale.stride(), *shift.stride())) if modulated else ((weight, weight), (0,) * 4)
+    conv, dot, acc = _dtypes(dtype, z.device)
     _silu_conv1x1_kernel[grid](
         z, weight, weight if bias is None else bias, *params, out, H * W,
         *sz, *so, weight.stride(0), weight.stride(1), *param_strides,
-        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=modulated, CONV=conv, DOT=dot, ACC=acc,
+        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, CONV=conv, DOT=dot, ACC=acc,
         BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
     )
     return out
@@ -126,3 +239,108 @@ def forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.T
     caller's autograd.Function keeps z and makes the backward (recompute.py)."""
     op = _forward_op if _eager.needs_custom_op(z) else _forward_kernels
     return op(z, weight, bias, scale, shift, dtype)
+
+
+def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: bool):
+    """(d_z or an empty tensor, d scale and d shift partials [2, programs, B, K] or None)."""
+    B, K, H, W = z.shape
+    N, P = weight.shape[0], H * W
+    d_z = _tensors.empty_activation(z, z.dtype) if need_z else z.new_empty(0)
+    params, param_strides = _modulation_args(scale, shift, z)
+    (go, zf, dzf), (sgo, sz, sdz) = _tensors.flat_all(go, z, d_z if need_z else z)
+    block_k, block_n = _blocks(N, K)
+    grid = (_tensors.cdiv(P, _BLOCK_P), _tensors.cdiv(K, block_k), B)
+    conv, dot, acc = _dtypes(dtype, z.device)
+    part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    partials = _tensors.empty_buffer((2, grid[0], B, K), part_dtype, z.device) if need_params else None
+    _silu_conv1x1_input_grad_kernel[grid](
+        go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
+        *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides,
+        K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
+        ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS,
+    )
+    return d_z, partials
+
+
+def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
+    """(d_weight [N, K, 1, 1], d_bias [N] or an empty tensor), in ``dtype`` as cuDNN's are:
+    per-program fp32 partial tiles over pixel ranges, summed by torch (no atomics)."""
+    B, K, H, W = z.shape
+    P = H * W
+    params, param_strides = _modulation_args(scale, shift, z)
+    (go, zf), (sgo, sz) = _tensors.flat_all(go, z)
+    block_n, block_k = (max(16, min(_tensors.next_power_of_2(c), _MAX_WGRAD_BLOCK)) for c in (N, K))
+    tiles = _tensors.cdiv(P, _BLOCK_P)
+    channel_programs = _tensors.cdiv(N, block_n) * _tensors.cdiv(K, block_k)
+    # Pixel tiles per program a power of 2 (a constexpr: few variants), enough programs to fill a GPU.
+    iters = _tensors.next_power_of_2(_tensors.cdiv(tiles, max(1, _WGRAD_MIN_PROGRAMS // (channel_programs * B))))
+    iters = min(iters, _tensors.next_power_of_2(tiles))
+    splits = _tensors.cdiv(tiles, iters)
+    part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    part = _tensors.empty_buffer((B, splits, N, K), part_dtype, z.device)
+    bias_part = _tensors.empty_buffer((B, splits, N), part_dtype, z.device) if need_bias else part
+    conv, dot, acc = _dtypes(dtype, z.device)
+    _silu_conv1x1_weight_grad_kernel[(channel_programs, B, splits)](
+        go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides,
+        K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc, ITERS=iters,
+        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS,
+    )
+    d_w = part.sum((0, 1)).to(dtype).view(N, K, 1, 1)
+    d_b = bias_part.sum((0, 1)).to(dtype) if need_bias else go.new_empty(0, dtype=dtype)
+    return d_w, d_b
+
+
+def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+                      scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
+                      dtype: torch.dtype, needs: typing.Sequence[bool],
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d_z, d_weight, d_bias, d scale and d shift stacked [2, B, K]); a skipped one is an empty
+    tensor. d_weight and d_bias in ``dtype``; the stack in scale's and shift's dtype when they
+    share it (``_tensors.stacked_dtype``)."""
+    need_z, need_w, need_b, need_scale, need_shift = needs
+    need_params = scale is not None and (need_scale or need_shift)
+    d_z, d_params = z.new_empty(0), z.new_empty(0)
+    if need_z or need_params:
+        d_z, partials = _input_grads(grad_out, z, weight, scale, shift, dtype, need_z, need_params)
+        if need_params:
+            d_params = partials.sum(1).to(_tensors.stacked_dtype(partials.dtype, (scale.dtype, shift.dtype)))
+    d_w, d_b = z.new_empty(0, dtype=dtype), z.new_empty(0, dtype=dtype)
+    if need_w or need_b:
+        d_w, d_b = _weight_grads(grad_out, z, scale, shift, weight.shape[0], dtype, need_b)
+        if not need_w:
+            d_w = z.new_empty(0, dtype=dtype)
+    return d_z, d_w, d_b, d_params
+
+
+_backward_op = torch.library.custom_op("liquiddiff::silu_conv1x1_backward", mutates_args=())(_backward_kernels)
+
+
+@_backward_op.register_fake
+def _(grad_out, z, weight, scale, shift, dtype, needs):
+    need_z, need_w, need_b, need_scale, need_shift = needs
+    N, K = weight.shape[:2]
+    stacked = None
+    if scale is not None and (need_scale or need_shift):
+        part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        stacked = scale.new_empty((2, *scale.shape), dtype=_tensors.stacked_dtype(part_dtype, (scale.dtype, shift.dtype)))
+    return (_tensors.empty_activation(z, z.dtype) if need_z else z.new_empty(0),
+            z.new_empty((N, K, 1, 1), dtype=dtype) if need_w else z.new_empty(0, dtype=dtype),
+            z.new_empty((N,), dtype=dtype) if need_b else z.new_empty(0, dtype=dtype),
+            z.new_empty(0) if stacked is None else stacked)
+
+
+def backward(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
+             scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
+             dtype: torch.dtype, needs: typing.Sequence[bool]):
+    """(d_z, d_weight, d_bias, d_scale, d_shift) of :func:`forward` for ``grad_out``; None where
+    ``needs`` (five flags) says so. SiLU (and the modulation) is remade in registers from z in
+    both kernels: neither silu(y) nor its gradient is written. d_weight and d_bias in ``dtype``
+    (as cuDNN's), d_z in z's dtype, d_scale and d_shift in their inputs' dtypes."""
+    op = _backward_op if _eager.needs_custom_op(z) else _backward_kernels
+    d_z, d_w, d_b, d_params = op(grad_out, z, weight, scale, shift, dtype, list(needs))
+    need_z, need_w, need_b, need_scale, need_shift = needs
+    d_scale = d_shift = None
+    if scale is not None:
+        d_scale, d_shift = _tensors.unstack_grads(
+            d_params, (scale.dtype if need_scale else None, shift.dtype if need_shift else None))
+    return d_z if need_z else None, d_w if need_w else None, d_b if need_b else None, d_scale, d_shift

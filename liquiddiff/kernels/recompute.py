@@ -71,8 +71,9 @@ def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> boo
 
 
 def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activate: bool) -> bool:
-    """Whether conv1x1(silu(z)) runs as one Triton kernel (``pointwise_conv.py``: SiLU in the
-    conv's prologue) in the forward; its backward is the same either way."""
+    """Whether conv1x1(silu(z)) runs on the Triton pointwise kernels (``pointwise_conv.py``: SiLU
+    in the conv's prologue, its backward in the input gradient's epilogue): chosen once, in the
+    forward, and kept for the backward."""
     return (activate and groups == 1 and weight.shape[-1] == 1 and weight.shape[-2] == 1
             and runtime.use_triton(pointwise_conv.OP_NAME, z.device.type))
 
@@ -152,14 +153,15 @@ class _RecomputedConv(torch.autograd.Function):
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         ctx.weight_dtype = weight.dtype
         weight, bias = _conv_params(weight, bias, dtype, triton)
+        pointwise = _triton_pointwise(z, weight, groups, activate)
         with torch.autocast(z.device.type, enabled=False):
-            if _triton_pointwise(z, weight, groups, activate):
+            if pointwise:
                 out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype)
             else:
                 a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
                 out = _conv(a, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
-        ctx.conv = (dtype, activate, padding, groups, triton, fused_act)
+        ctx.conv = (dtype, activate, padding, groups, triton, fused_act, pointwise)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -168,15 +170,19 @@ class _RecomputedConv(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
-        dtype, activate, padding, groups, triton, fused_act = ctx.conv
+        dtype, activate, padding, groups, triton, fused_act, pointwise = ctx.conv
         need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
+        need_b = need_b and ctx.bias_shape is not None
+        if pointwise:  # SiLU remade in registers by both kernels: no activation pass, no d_a
+            d_z, d_w, d_b, d_scale, d_shift = pointwise_conv.backward(
+                grad_out, z, weight, scale, shift, dtype, (need_z, need_w, need_b, need_scale, need_shift))
+            return d_z, _cast(d_w, ctx.weight_dtype), _cast(d_b, ctx.bias_dtype), d_scale, d_shift, None, None, None
         need_y = need_z or need_scale or need_shift
         d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
             a, y = _conv_input(z, scale, shift, activate, dtype, fused_act)
             d_a, d_w, d_b = _conv_backward(
-                grad_out, a, weight, ctx.bias_shape, dtype, padding, groups,
-                [need_y, need_w, need_b and ctx.bias_shape is not None], triton,
+                grad_out, a, weight, ctx.bias_shape, dtype, padding, groups, [need_y, need_w, need_b], triton,
             )
             needs = (need_z, need_scale, need_shift)
             if need_y and fused_act:
@@ -184,8 +190,13 @@ class _RecomputedConv(torch.autograd.Function):
             elif need_y:
                 d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
         d_w = d_w.to(ctx.weight_dtype) if need_w else None
-        d_b = d_b.to(ctx.bias_dtype) if need_b and ctx.bias_shape is not None else None
+        d_b = d_b.to(ctx.bias_dtype) if need_b else None
         return d_z, d_w, d_b, d_scale, d_shift, None, None, None
+
+
+def _cast(grad, dtype):
+    """A parameter's gradient in the parameter's dtype; None stays None."""
+    return None if grad is None else grad.to(dtype)
 
 
 def _summed(grads: list):

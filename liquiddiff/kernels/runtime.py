@@ -40,7 +40,7 @@ class Backend:
 OPT_IN = {
     "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until the GPU report "
                       "shows it faster",
-    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv forward is opt-in until "
+    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in until "
                       "the GPU report shows it faster",
 }
 
