@@ -41,7 +41,7 @@ OPT_IN = {
     "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until the GPU report "
                       "shows it faster",
     "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in until "
-                      "the GPU report shows it faster",
+                      "the GPU report shows them faster",
 }
 
 
