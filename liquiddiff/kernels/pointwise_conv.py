@@ -100,7 +100,6 @@ if triton is not None:
         tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
                  mask=p_mask[:, None] & n_mask[None, :])
 
-
     @triton.jit
     def _silu_conv1x1_input_grad_kernel(
         go_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, P,
@@ -167,8 +166,8 @@ if triton is not None:
             go = tl.load(go_ptr + pid_b * sgo_b + ps.to(tl.int64)[None, :] * sgo_p + ns[:, None] * sgo_n,
                          mask=n_mask[:, None] & p_mask[None, :], other=0.0)
             mask = p_mask[:, None] & k_mask[None, :]
-            y, z, one_plus = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k,
-                                         sz_p, ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
+            y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                                  ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
             a = tl.where(mask, y * tl.sigmoid(y), 0.0).to(CONV).to(DOT)
             acc += tl.dot(go.to(CONV).to(DOT), a, input_precision="ieee", out_dtype=ACC)
             if NEED_BIAS:
