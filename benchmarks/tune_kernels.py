@@ -12,11 +12,15 @@ Sections (each setting is a set of the launcher's module constants, restored aft
 - depthwise weight gradient (elements per tile, warps, minimum programs) against
   ``aten.convolution_backward`` for the weight alone;
 - the CfC backward in channels_last (kernels/cfc_relax.py: tile elements, elements per thread),
-  against the same op in NCHW.
+  against the same op in NCHW;
+- the SiLU -> 1x1 conv kernels (kernels/pointwise_conv.py, opt-in) at the FeedForward's last
+  conv (2C -> C): forward (pixel block, channel blocks, warps) against SiLU then cuDNN, and
+  backward (pixel block, weight-gradient tile, programs, warps) against SiLU remade, cuDNN's
+  input and weight gradients and SiLU's backward.
 
 The first setting of each grid is the launcher's current one. The winner of each section is what
 the launcher's constants should say; the report (gpu_report.py) then measures the op and the
-model with it. About 40 settings: a minute or two on an H100/H200, Triton compiles included.
+model with it. About 80 settings: two or three minutes on an H100/H200, Triton compiles included.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from benchmarks import cases
 DEPTHWISE = importlib.import_module("liquiddiff.kernels.depthwise")
 QUICK_SHAPE = (1, 4, 8, 8)  # the interpreter: seconds, not minutes
 CFC = importlib.import_module("liquiddiff.kernels.cfc_relax")
+POINTWISE = importlib.import_module("liquiddiff.kernels.pointwise_conv")
 
 
 @contextlib.contextmanager
@@ -124,6 +129,42 @@ def cfc_backward_channels_last(shape, device, gbps, quick) -> list[str]:
     return _table(f"CfC backward kernel, {dtype}, {list(shape)}: channels_last tiles against NCHW", rows)
 
 
+def pointwise_conv(shape, device, gbps, quick) -> list[str]:
+    B, C, H, W = shape
+    dtype = cases.default_dtype(device)
+    F = torch.nn.functional
+    z = torch.randn(B, 2 * C, H, W, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = (torch.randn(C, 2 * C, 1, 1, device=device) / (2 * C) ** 0.5).to(dtype)
+    b = torch.randn(C, device=device, dtype=dtype)
+    go = torch.randn(B, C, H, W, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    def floor(channels_moved: int):
+        return channels_moved * B * H * W * dtype.itemsize / (gbps * 1e6) if gbps else None
+
+    def cudnn_backward():
+        a = F.silu(z)
+        d_a, d_w, d_b = torch.ops.aten.convolution_backward(
+            go, a, w, [C], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, True])
+        return torch.ops.aten.silu_backward(d_a, z), d_w, d_b
+
+    out = []
+    for title, base_fn, run, grid, moved in (
+        ("forward", lambda: F.conv2d(F.silu(z), w, b), lambda: POINTWISE.forward(z, w, b, None, None, dtype),
+         {"_BLOCK_P": (64, 128), "_MAX_BLOCK_N": (128, 64), "_MAX_BLOCK_K": (32, 64), "_WARPS": (4, 8)},
+         3 * C),  # read z (2C), write out (C)
+        ("backward (input, weight and bias gradients)", cudnn_backward,
+         lambda: POINTWISE.backward(go, z, w, None, None, dtype, (True, True, True, False, False)),
+         {"_BLOCK_P": (64, 128), "_MAX_WGRAD_BLOCK": (64, 32), "_BWD_WARPS": (8, 4)},
+         5 * C),  # read grad_out (C) and z (2C), write d_z (2C)
+    ):
+        base = cases.time_ms(base_fn, device)
+        rows = [_row("SiLU, then aten (cuDNN) (baseline)", base, base, floor(moved))]
+        for setting in _settings(grid, quick):
+            with configured(POINTWISE, **setting):
+                rows.append(_row(str(setting), cases.time_ms(run, device), base, floor(moved)))
+        out += _table(f"SiLU -> 1x1 conv {2 * C} -> {C} {title}, {dtype}, {list(shape)} channels_last", rows)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and one setting per section (any machine)")
@@ -137,7 +178,7 @@ def main(argv=None) -> int:
              f"`python -m benchmarks.tune_kernels{' --quick' if args.quick else ''}`"]
     if gbps:
         lines.append(f"\ncopy bandwidth {gbps:.0f} GB/s; floor = the bytes the op must move / that bandwidth")
-    for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last):
+    for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last, pointwise_conv):
         lines += section(shape, device, gbps, quick)
         print("\n".join(lines), flush=True)
         lines = []
