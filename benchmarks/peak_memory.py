@@ -24,7 +24,7 @@ import weakref
 import torch
 
 from benchmarks import traffic
-from benchmarks.saved_memory import GiB, step_parser
+from benchmarks.saved_memory import GiB, step_main
 from liquiddiff import build
 
 # The caching allocator hands out blocks in multiples of 512 bytes.
@@ -121,9 +121,7 @@ def report(preset: str, size: int, batch: int) -> str:
 
 
 def main(argv=None) -> int:
-    args = step_parser(__doc__).parse_args(argv)
-    print(report(args.preset, args.image_size, args.batch))
-    return 0
+    return step_main(__doc__, report, argv)
 
 
 if __name__ == "__main__":

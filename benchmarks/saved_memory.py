@@ -109,10 +109,15 @@ def step_parser(doc: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
-    args = step_parser(__doc__).parse_args(argv)
-    print(report(args.preset, args.image_size, args.batch))
+def step_main(doc: str, report_fn, argv=None) -> int:
+    """The command of a tool whose report takes (preset, image size, batch) alone."""
+    args = step_parser(doc).parse_args(argv)
+    print(report_fn(args.preset, args.image_size, args.batch))
     return 0
+
+
+def main(argv=None) -> int:
+    return step_main(__doc__, report, argv)
 
 
 if __name__ == "__main__":
