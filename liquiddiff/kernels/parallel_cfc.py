@@ -4,7 +4,8 @@
     g, h = conv1x1(silu(depthwise3x3(backbone)));  out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
 
 Composed of the block's ops (the Triton CfC kernel, the g/h depthwise pair and SiLU backward of
-``recompute.py``, cuDNN 1x1 convolutions), it keeps what they keep: n, the depthwise output, the
+``recompute.py``, cuDNN 1x1 convolutions, or for the g/h heads' SiLU -> 1x1 the opt-in Triton
+kernels of ``pointwise_conv.py``), it keeps what they keep: n, the depthwise output, the
 backbone pre-activation z and the g/h hidden tensors (the CfC op's f, g and h are remade in
 backward, as are the SiLUs), and owns the backward's schedule. As separate autograd nodes the
 same ops remade silu(z) and each head's SiLU twice (once to remake f, g, h for the CfC op, once
