@@ -86,6 +86,7 @@ class OpSpec:
     residual: bool = False
     kernel: int = 0  # depthwise convolutions: k of the k x k weight
     heads: bool = False  # the CfC heads: z and the f (1x1), g, h (3x3 depthwise) weights and biases
+    cfc_branch: bool = False  # ParallelCfC's branch: n, a, b, rho, t and the CFC_CONVS weights and biases
     layouts: tuple[str, ...] = LAYOUTS  # the layouts the report times
 
     def make_inputs(self, shape, dtype, device, layout, generator) -> dict[str, torch.Tensor]:
@@ -111,14 +112,18 @@ class OpSpec:
             out["z"] = _activation(shape, dtype, device, layout, generator)
             out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
             out["shift"] = _randn((B, C), dtype, device, generator)
+        elif self.cfc_branch:
+            out["n"] = _activation(shape, dtype, device, layout, generator)
+            out.update(_gate_inputs(B, C, dtype, device, generator))
+            for name in functional.CFC_CONVS:
+                k = CFC_KERNELS.get(name)
+                weight_shape = (C, 1, k, k) if k else (C, C, 1, 1)
+                out[f"{name}_w"] = (0.2 if k else C ** -0.5) * _randn(weight_shape, dtype, device, generator)
+                out[f"{name}_b"] = _randn((C,), dtype, device, generator)
         elif self.reference is functional.cfc_relax:
             for n in ("f", "g", "h", "x"):
                 out[n] = _activation(shape, dtype, device, layout, generator)
-            out["a"] = _randn((B, C), dtype, device, generator)
-            out["b"] = _randn((B, C), dtype, device, generator)
-            out["rho"] = _randn((C,), dtype, device, generator)
-            # |t| matters (alpha = exp(-softplus(rho)|t|)); keep it away from 0, where d|t| kinks.
-            out["t"] = (0.05 + 0.9 * torch.rand((B,), generator=generator, device=device)).to(dtype)
+            out.update(_gate_inputs(B, C, dtype, device, generator))
         else:
             out["x"] = _activation(shape, dtype, device, layout, generator)
             out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
@@ -126,6 +131,14 @@ class OpSpec:
         if self.residual:
             out["residual"] = _activation(shape, dtype, device, layout, generator)
         return out
+
+
+def _gate_inputs(B, C, dtype, device, generator) -> dict[str, torch.Tensor]:
+    """a, b, rho and t of the CfC gate."""
+    out = {name: _randn(shape, dtype, device, generator) for name, shape in (("a", (B, C)), ("b", (B, C)), ("rho", (C,)))}
+    # |t| matters (alpha = exp(-softplus(rho)|t|)); keep it away from 0, where d|t| kinks.
+    out["t"] = (0.05 + 0.9 * torch.rand((B,), generator=generator, device=device)).to(dtype)
+    return out
 
 
 @contextlib.contextmanager
@@ -193,6 +206,25 @@ def triton_silu_convs(z, weights, biases):
 
 
 _HEAD_PARAMS = tuple(f"{n}_{p}" for n in HEAD_NAMES for p in "wb")
+CFC_KERNELS = {"backbone_dw": 7, "g_dw": 3, "h_dw": 3}  # the depthwise ones of CFC_CONVS; the rest are 1x1
+_CFC_PARAMS = tuple(f"{name}_{p}" for name in functional.CFC_CONVS for p in "wb")
+
+
+def _cfc_branch(parallel_cfc):
+    """``parallel_cfc`` with its inputs by name (as the benchmarks pass them)."""
+
+    def run(n, residual, a, b, rho, t, **params):
+        convs = [(params[f"{name}_w"], params[f"{name}_b"]) for name in functional.CFC_CONVS]
+        return parallel_cfc(n, convs, a, b, rho, t, residual=residual)
+
+    return run
+
+
+def pointwise_parallel_cfc(n, convs, a, b, rho, t, residual=None):
+    """kernels.parallel_cfc with the opt-in Triton pointwise kernels: the heads and the gate in
+    one forward kernel (cfc_heads.py), the g/h SiLU -> 1x1 backward in Triton."""
+    with kernels_setting("pointwise_conv=triton"):
+        return kernels.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
 
 OPS: dict[str, OpSpec] = {
     "cfc_relax": OpSpec(
@@ -247,6 +279,14 @@ OPS: dict[str, OpSpec] = {
         name="cfc_heads", title="CfC heads SiLU->f,g,h", reference=_heads(functional.silu_convs),
         fused=_heads(triton_silu_convs), activations=("z",), outputs=HEAD_NAMES, saved=("z", *_HEAD_PARAMS),
         grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
+    ),
+    # Not in the report's table (the model rows time it): memcheck of the CfC heads + gate
+    # forward kernel and of the pointwise backward kernels as the CfC branch runs them.
+    "cfc_branch_pointwise": OpSpec(
+        name="cfc_branch_pointwise", title="ParallelCfC branch, Triton pointwise",
+        reference=_cfc_branch(functional.parallel_cfc), fused=_cfc_branch(pointwise_parallel_cfc),
+        activations=("n", "residual"), outputs=("out",), saved=("n", "a", "b", "rho", "t", *_CFC_PARAMS),
+        grad_writes=("n", "a", "b", "rho", "t", *_CFC_PARAMS), residual=True, cfc_branch=True,
     ),
     # Not in the report's table (the dwconv7 row times its convolution): memcheck of the two ways
     # x's three gradients meet, the Triton depthwise input gradient's epilogue (a full-size and a

@@ -203,6 +203,12 @@ def launches() -> list[tuple[str, str, str, callable]]:
         ("modulated SiLU -> 1x1 conv input grad", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
          lambda: pw._backward_kernels(g16, a16, w_mix, mod, mod, bf16, [True, False, False, True, True])),
     ]
+    heads = _module("cfc_heads")
+    gate = [torch.empty(B, C, dtype=bf16, device="meta")] * 2 + [torch.empty(C, device="meta"),
+                                                                 torch.empty(B, device="meta")]
+    out.append(  # opt-in, with the pointwise kernels: the CfC's f, g, h heads and its gate in one kernel
+        ("CfC heads + gate forward, C=64", "cfc_heads", "_cfc_heads_relax_kernel",
+         lambda: heads._forward_kernels(a16, a16, a16, w_mix, b16, w_mix, b16, w_mix, b16, x32, *gate, x32, bf16)))
     return out
 
 

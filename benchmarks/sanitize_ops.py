@@ -4,7 +4,8 @@
         python -m benchmarks.sanitize_ops
 
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
-SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair; first the spatial mix's
+SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair, the CfC branch on the
+pointwise kernels with its heads + gate forward kernel; first the spatial mix's
 merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any
 block size (C = 3, 65, 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16

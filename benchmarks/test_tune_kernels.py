@@ -4,13 +4,15 @@ from benchmarks import tune_kernels
 
 
 def test_quick_sweep_runs_and_restores_the_tiles(capsys):
-    before = {m: dict(vars(m)) for m in (tune_kernels.DEPTHWISE, tune_kernels.CFC, tune_kernels.POINTWISE)}
+    modules = (tune_kernels.DEPTHWISE, tune_kernels.CFC, tune_kernels.POINTWISE, tune_kernels.HEADS)
+    before = {m: dict(vars(m)) for m in modules}
     assert tune_kernels.main(["--quick"]) == 0
     text = capsys.readouterr().out
     for title in ("depthwise 7x7 forward", "depthwise 3x3 weight + bias gradient", "CfC backward kernel",
-                  "SiLU -> 1x1 conv 8 -> 4 forward", "SiLU -> 1x1 conv 8 -> 4 backward"):
+                  "SiLU -> 1x1 conv 8 -> 4 forward", "SiLU -> 1x1 conv 8 -> 4 backward", "CfC heads + gate forward"):
         assert title in text
     for module, names in before.items():
-        for name in ("_FWD_ROWS", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST", "_BLOCK_P", "_MAX_WGRAD_BLOCK"):
+        for name in ("_FWD_ROWS", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST", "_BLOCK_P", "_MAX_WGRAD_BLOCK",
+                     "_MAX_BLOCK_N", "_WARPS"):
             if name in names:
                 assert getattr(module, name) == names[name]

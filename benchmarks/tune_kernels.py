@@ -16,11 +16,14 @@ Sections (each setting is a set of the launcher's module constants, restored aft
 - the SiLU -> 1x1 conv kernels (kernels/pointwise_conv.py, opt-in) at the FeedForward's last
   conv (2C -> C): forward (pixel block, channel blocks, warps) against SiLU then cuDNN, and
   backward (pixel block, weight-gradient tile, programs, warps) against SiLU remade, cuDNN's
-  input and weight gradients and SiLU's backward.
+  input and weight gradients and SiLU's backward;
+- the CfC heads + gate forward kernel (kernels/cfc_heads.py, with the pointwise kernels): pixel
+  block, channel blocks, warps, against the launches it replaces (cuDNN's f conv, the g and h
+  pointwise kernels, the CfC kernel).
 
 The first setting of each grid is the launcher's current one. The winner of each section is what
 the launcher's constants should say; the report (gpu_report.py) then measures the op and the
-model with it. About 80 settings: two or three minutes on an H100/H200, Triton compiles included.
+model with it. About 100 settings: two or three minutes on an H100/H200, Triton compiles included.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ DEPTHWISE = importlib.import_module("liquiddiff.kernels.depthwise")
 QUICK_SHAPE = (1, 4, 8, 8)  # the interpreter: seconds, not minutes
 CFC = importlib.import_module("liquiddiff.kernels.cfc_relax")
 POINTWISE = importlib.import_module("liquiddiff.kernels.pointwise_conv")
+HEADS = importlib.import_module("liquiddiff.kernels.cfc_heads")
 
 
 @contextlib.contextmanager
@@ -165,6 +169,38 @@ def pointwise_conv(shape, device, gbps, quick) -> list[str]:
     return out
 
 
+def cfc_heads(shape, device, gbps, quick) -> list[str]:
+    B, C, H, W = shape
+    dtype = cases.default_dtype(device)
+
+    def activation(dt=dtype):
+        return torch.randn(shape, device=device, dtype=dt).contiguous(memory_format=torch.channels_last)
+
+    # As the model calls it under autocast: bf16 heads' inputs and weights, the fp32 residual stream.
+    bb, gh, hh, x, res = activation(), activation(), activation(), activation(torch.float32), activation(torch.float32)
+    heads = [((torch.randn(C, C, 1, 1, device=device) / C ** 0.5).to(dtype), torch.randn(C, device=device, dtype=dtype))
+             for _ in range(3)]
+    gate = (torch.randn(B, C, device=device, dtype=dtype), torch.randn(B, C, device=device, dtype=dtype),
+            torch.randn(C, device=device), torch.rand(B, device=device))
+    (wf, bf), (wg, bg), (wh, bh) = heads
+
+    def separate():
+        f = torch.nn.functional.conv2d(bb, wf, bf)
+        g, h = POINTWISE.forward(gh, wg, bg, None, None, dtype), POINTWISE.forward(hh, wh, bh, None, None, dtype)
+        return CFC.forward(f, g, h, x, *gate, res)
+
+    # Read the three heads' inputs and x, the residual; write out.
+    floor = (3 * dtype.itemsize + 12) * B * C * H * W / (gbps * 1e6) if gbps else None
+    base = cases.time_ms(separate, device)
+    rows = [_row("cuDNN f, Triton g and h, CfC kernel (baseline)", base, base, floor)]
+    grid = {"_BLOCK_P": (32, 64), "_MAX_BLOCK_N": (64, 32), "_MAX_BLOCK_K": (32, 64), "_WARPS": (8, 4)}
+    for setting in _settings(grid, quick):
+        with configured(HEADS, **setting):
+            run = lambda: HEADS.forward(bb, gh, hh, heads, x, *gate, res, dtype)  # noqa: E731
+            rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
+    return _table(f"CfC heads + gate forward, {dtype}, {list(shape)} channels_last", rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and one setting per section (any machine)")
@@ -178,7 +214,8 @@ def main(argv=None) -> int:
              f"`python -m benchmarks.tune_kernels{' --quick' if args.quick else ''}`"]
     if gbps:
         lines.append(f"\ncopy bandwidth {gbps:.0f} GB/s; floor = the bytes the op must move / that bandwidth")
-    for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last, pointwise_conv):
+    for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last, pointwise_conv,
+                    cfc_heads):
         lines += section(shape, device, gbps, quick)
         print("\n".join(lines), flush=True)
         lines = []

@@ -25,6 +25,7 @@ __all__ = [
     "context_shift",
     "silu_conv1x1",
     "silu_convs",
+    "cfc_heads_relax",
     "CFC_CONVS",
     "parallel_cfc",
 ]
@@ -181,18 +182,32 @@ def silu_convs(z, weights, biases):
 CFC_CONVS = ("backbone_dw", "backbone_pw", "f_proj", "g_dw", "g_pw", "h_dw", "h_pw")
 
 
+def cfc_heads_relax(backbone, g_hidden, h_hidden, heads, n, a, b, rho, t, residual=None):
+    """The end of :func:`parallel_cfc`: the CfC's three 1x1 heads and its gate.
+
+    f = conv1x1(backbone); g, h = silu_conv1x1(g_hidden), silu_conv1x1(h_hidden)
+    out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
+
+    backbone, g_hidden, h_hidden, n, residual: [B, C, H, W]; heads: the (weight, bias) of f_proj,
+    g_pw and h_pw, in that order; a, b, rho, t as :func:`cfc_relax`.
+    """
+    (f_w, f_b), g_pw, h_pw = heads
+    f = conv1x1(backbone, f_w, f_b)
+    g, h = silu_conv1x1(g_hidden, *g_pw), silu_conv1x1(h_hidden, *h_pw)
+    return cfc_relax(f, g, h, n, a, b, rho, t, residual=residual)
+
+
 def parallel_cfc(n, convs, a, b, rho, t, residual=None):
     """ParallelCfC after its time projections (the seed's Eq. 10 with liquid relaxation):
 
     backbone = silu(conv1x1(depthwise_conv(n)))          (7x7)
-    f = conv1x1(backbone); g, h = silu_conv1x1(depthwise_conv(backbone))   (3x3 each)
-    out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
+    g_hidden, h_hidden = depthwise_conv(backbone)         (3x3 each)
+    out = cfc_heads_relax(backbone, g_hidden, h_hidden, ...)
 
     n, residual: [B, C, H, W]; convs: the (weight, bias) of each of :data:`CFC_CONVS`, in that
     order; a, b: [B, C] (time_a, time_b of SiLU(t_emb)); rho: [C]; t: [B].
     """
     (dw_w, dw_b), (pw_w, pw_b), f_conv, g_dw, g_pw, h_dw, h_pw = convs
-    z = conv1x1(depthwise_conv(n, dw_w, dw_b), pw_w, pw_b)
-    f, g_hidden, h_hidden = silu_convs(z, [f_conv[0], g_dw[0], h_dw[0]], [f_conv[1], g_dw[1], h_dw[1]])
-    g, h = silu_conv1x1(g_hidden, *g_pw), silu_conv1x1(h_hidden, *h_pw)
-    return cfc_relax(f, g, h, n, a, b, rho, t, residual=residual)
+    backbone = F.silu(conv1x1(depthwise_conv(n, dw_w, dw_b), pw_w, pw_b))
+    g_hidden, h_hidden = depthwise_conv(backbone, *g_dw), depthwise_conv(backbone, *h_dw)
+    return cfc_heads_relax(backbone, g_hidden, h_hidden, (f_conv, g_pw, h_pw), n, a, b, rho, t, residual=residual)

@@ -1,7 +1,7 @@
 """ParallelCfC's branch as one autograd node (kernels/parallel_cfc.py) against
 functional.parallel_cfc: value and the gradient of every input (n, residual, a, b, rho, t and the
 seven convolutions' weights and biases) for one shared upstream gradient, outputs NaN-poisoned;
-both layouts, cuDNN and Triton depthwise convolutions, bf16 autocast; what it keeps for backward
+both layouts, cuDNN, Triton depthwise and Triton pointwise convolutions, bf16 autocast; what it keeps for backward
 and how often it remakes n; gradcheck, torch.compile, the fallback and argument errors."""
 import pytest
 import torch
@@ -41,29 +41,30 @@ def _call(op):
     return call
 
 
-@pytest.fixture(params=["cudnn", "triton"])
-def depthwise_backend(request, monkeypatch):
-    """The depthwise convolutions on aten (cuDNN on a GPU) or on the Triton kernels."""
-    if request.param == "triton":
-        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,depthwise_conv=triton")
+@pytest.fixture(params=["cudnn", "depthwise_conv=triton", "pointwise_conv=triton"])
+def conv_kernels(request, monkeypatch):
+    """The convolutions on aten (cuDNN on a GPU), or the opt-in Triton depthwise kernels, or the
+    opt-in Triton pointwise ones (with the heads + gate forward kernel, cfc_heads.py)."""
+    if request.param != "cudnn":
+        monkeypatch.setenv("LIQUIDDIFF_KERNELS", f"auto,{request.param}")
     return request.param
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_matches_reference(depthwise_backend, layout, dtype, tol):
+def test_matches_reference(conv_kernels, layout, dtype, tol):
     out = parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), _raw(dtype, layout), tol)
     assert out.is_contiguous(memory_format=layout)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 9, 2), (1, 40, 4, 3)])
-def test_matches_reference_awkward_shapes_without_residual(depthwise_backend, shape):
+def test_matches_reference_awkward_shapes_without_residual(conv_kernels, shape):
     raw = _raw(torch.float64, torch.channels_last, shape, residual=False)
     parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-12)
 
 
 @pytest.mark.parametrize("frozen", ["params", "n", "small"])
-def test_partial_gradients(depthwise_backend, frozen):
+def test_partial_gradients(conv_kernels, frozen):
     """Only some inputs require grad (frozen weights, a constant input): the others' gradients
     are still right, and the frozen ones get none."""
     raw = _raw()
@@ -87,7 +88,7 @@ def _autocast_raw():
     return raw
 
 
-def test_under_autocast_matches_reference_and_keeps_five_activations(depthwise_backend):
+def test_under_autocast_matches_reference_and_keeps_five_activations(conv_kernels):
     """bf16 autocast: the reference's dtypes and (to bf16 rounding) values; saved: n, the 7x7
     output, the backbone pre-activation and the g/h hidden tensors, nothing else of that size."""
     raw = _autocast_raw()
@@ -141,7 +142,7 @@ def test_gradcheck():
 
 
 @pytest.mark.slow
-def test_torch_compile_fullgraph(depthwise_backend):
+def test_torch_compile_fullgraph(conv_kernels):
     raw = _raw(torch.float32, torch.channels_last, (2, 4, 6, 5))
     compiled = torch.compile(_call(kernels.parallel_cfc), fullgraph=True)
     parity.check_op(compiled, _call(functional.parallel_cfc), raw, 1e-5)
@@ -191,7 +192,7 @@ class _Casts(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-def test_backward_casts_no_parameter(depthwise_backend):
+def test_backward_casts_no_parameter(conv_kernels):
     """The forward casts each weight and bias to the conv dtype once and keeps the copy: the
     backward launches no cast of its own for them (a launch each, 13 per block)."""
     raw = _autocast_raw()

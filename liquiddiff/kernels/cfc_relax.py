@@ -74,6 +74,20 @@ if triton is not None:
 
 
     @triton.jit
+    def relaxation_weight(rho, tv):
+        """alpha = exp(-softplus(rho) * |t|) (also the CfC heads' kernel, cfc_heads.py)."""
+        return tl.exp(-_softplus(rho) * tl.abs(tv))
+
+
+    @triton.jit
+    def relax(f, g, h, x, av, bv, alpha):
+        """The gate and the relaxation, elementwise, before the residual."""
+        gate = tl.sigmoid(av * f - bv)
+        y = gate * g + (1.0 - gate) * h
+        return alpha * x + (1.0 - alpha) * y
+
+
+    @triton.jit
     def _cfc_relax_fwd_kernel(
         f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr,
         C, P,
@@ -98,16 +112,14 @@ if triton is not None:
         bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
         rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
         tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
-        alpha = tl.exp(-_softplus(rho) * tl.abs(tv))[:, None]
+        alpha = relaxation_weight(rho, tv)[:, None]
 
         f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
         g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
         h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
         x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
 
-        gate = tl.sigmoid(av * f - bv)
-        y = gate * g + (1.0 - gate) * h
-        out = alpha * x + (1.0 - alpha) * y
+        out = relax(f, g, h, x, av, bv, alpha)
         if HAS_RESIDUAL:
             out += tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
         o_ptrs = out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p

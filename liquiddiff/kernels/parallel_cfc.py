@@ -4,8 +4,9 @@
     g, h = conv1x1(silu(depthwise3x3(backbone)));  out = cfc_relax(f, g, h, n, a, b, rho, t, residual)
 
 Composed of the block's ops (the Triton CfC kernel, the g/h depthwise pair and SiLU backward of
-``recompute.py``, cuDNN 1x1 convolutions, or for the g/h heads' SiLU -> 1x1 the opt-in Triton
-kernels of ``pointwise_conv.py``), it keeps what they keep: n, the depthwise output, the
+``recompute.py``, cuDNN 1x1 convolutions, or with the opt-in pointwise kernels the three heads
+and the CfC gate as one forward kernel, ``cfc_heads.py``, and the g/h heads' SiLU -> 1x1 in
+backward by ``pointwise_conv.py``), it keeps what they keep: n, the depthwise output, the
 backbone pre-activation z and the g/h hidden tensors (the CfC op's f, g and h are remade in
 backward, as are the SiLUs), and owns the backward's schedule. As separate autograd nodes the
 same ops remade silu(z) and each head's SiLU twice (once to remake f, g, h for the CfC op, once
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from liquiddiff import functional
 
-from . import _tensors, depthwise, pointwise_conv, runtime
+from . import _tensors, cfc_heads, depthwise, pointwise_conv, runtime
 # By name: the package attribute ``cfc_relax`` is the op, not this module.
 from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
 from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
@@ -62,12 +63,24 @@ class _ParallelCfC(torch.autograd.Function):
         with torch.autocast(n.device.type, enabled=False):
             dw = _conv(n, weights[_DW], biases[_DW], dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
             z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
-            f, g_hidden, h_hidden = _heads_forward(F.silu(z), channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
-                                                   dtype, ctx.head_triton, ctx.paired)
+            silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
-            g, h = (_head_forward(hidden, None if ctx.pointwise else F.silu(hidden), weights[i], biases[i], dtype)
-                    for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
-            out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
+            if ctx.pointwise:
+                # f, g and h never leave the registers of one kernel (cfc_heads.py): here only the
+                # depthwise heads. f (head 0) is a 1x1 conv, never in the Triton pair.
+                g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS[1:]),
+                                                    _pick(biases, _HEADS[1:]), dtype, ctx.head_triton[1:],
+                                                    [i - 1 for i in ctx.paired])
+                out = cfc_heads.forward(silu_z, g_hidden, h_hidden,
+                                        [(weights[i], biases[i]) for i in (_F, _G_PW, _H_PW)],
+                                        n, a, b, rho, t, residual, dtype)
+            else:
+                f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
+                                                       dtype, ctx.head_triton, ctx.paired)
+                g, h = (_head_forward(hidden, F.silu(hidden), weights[i], biases[i], dtype)
+                        for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
+                out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
+            del silu_z
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
         ctx.residual_dtype = None if residual is None else residual.dtype

@@ -70,6 +70,33 @@ if triton is not None:
         return y, z, one_plus
 
     @triton.jit
+    def silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
+                          sz_b, sz_k, sz_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k,
+                          K: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, ACTIVATE: tl.constexpr,
+                          CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The [BLOCK_P, BLOCK_N] tile ``rows`` x ``ns`` of conv1x1(silu(y)) + bias (of conv1x1(y)
+        without ACTIVATE), accumulated in ACC, before its rounding to the conv's dtype. Also the
+        CfC heads' kernel's (cfc_heads.py)."""
+        acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < K
+            mask = p_mask[:, None] & k_mask[None, :]
+            y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                                  ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
+            if ACTIVATE:
+                y = y * tl.sigmoid(y)
+            # Masked lanes are selected away: a shift there would give silu(shift) * 0, NaN * 0 = NaN.
+            a = tl.where(mask, y, 0.0).to(CONV).to(DOT)
+            w = tl.load(w_ptr + ns[None, :] * sw_n + ks[:, None] * sw_k, mask=k_mask[:, None] & n_mask[None, :],
+                        other=0.0).to(CONV).to(DOT)
+            acc += tl.dot(a, w, input_precision="ieee", out_dtype=ACC)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + ns, mask=n_mask, other=0.0).to(ACC)[None, :]
+        return acc
+
+    @triton.jit
     def _silu_conv1x1_kernel(
         z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, P,
         sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k,
@@ -83,20 +110,9 @@ if triton is not None:
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         p_mask, n_mask = ps < P, ns < N
         rows = ps.to(tl.int64)[:, None]
-        acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < K
-            mask = p_mask[:, None] & k_mask[None, :]
-            y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
-                                  ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
-            # Masked lanes are selected away: a shift there would give silu(shift) * 0, NaN * 0 = NaN.
-            a = tl.where(mask, y * tl.sigmoid(y), 0.0).to(CONV).to(DOT)
-            w = tl.load(w_ptr + ns[None, :] * sw_n + ks[:, None] * sw_k, mask=k_mask[:, None] & n_mask[None, :],
-                        other=0.0).to(CONV).to(DOT)
-            acc += tl.dot(a, w, input_precision="ieee", out_dtype=ACC)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + ns, mask=n_mask, other=0.0).to(ACC)[None, :]
+        acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
+                                sz_b, sz_k, sz_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
+                                CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K)
         tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
                  mask=p_mask[:, None] & n_mask[None, :])
 
@@ -187,7 +203,7 @@ def _blocks(reduced: int, kept: int) -> tuple[int, int]:
             max(16, min(_tensors.next_power_of_2(reduced), _MAX_BLOCK_K)))
 
 
-def _dtypes(dtype: torch.dtype, device: torch.device):
+def dot_dtypes(dtype: torch.dtype, device: torch.device):
     """(CONV, DOT, ACC) constexprs. The interpreter's tl.dot knows no bf16 or fp16 (numpy has
     neither): there the operands, rounded to the conv's dtype, are multiplied in fp32, which is
     exact for them, so the sum is what the GPU's bf16 dot with fp32 accumulation computes."""
@@ -212,7 +228,7 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     (z, out), (sz, so) = _tensors.flat_all(z, out)
     block_n, block_k = _blocks(K, N)
     grid = (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), B)
-    conv, dot, acc = _dtypes(dtype, z.device)
+    conv, dot, acc = dot_dtypes(dtype, z.device)
     _silu_conv1x1_kernel[grid](
         z, weight, weight if bias is None else bias, *params, out, H * W,
         *sz, *so, weight.stride(0), weight.stride(1), *param_strides,
@@ -249,7 +265,7 @@ def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: 
     (go, zf, dzf), (sgo, sz, sdz) = _tensors.flat_all(go, z, d_z if need_z else z)
     block_k, block_n = _blocks(N, K)
     grid = (_tensors.cdiv(P, _BLOCK_P), _tensors.cdiv(K, block_k), B)
-    conv, dot, acc = _dtypes(dtype, z.device)
+    conv, dot, acc = dot_dtypes(dtype, z.device)
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     partials = _tensors.empty_buffer((2, grid[0], B, K), part_dtype, z.device) if need_params else None
     _silu_conv1x1_input_grad_kernel[grid](
@@ -278,7 +294,7 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     part = _tensors.empty_buffer((B, splits, N, K), part_dtype, z.device)
     bias_part = _tensors.empty_buffer((B, splits, N), part_dtype, z.device) if need_bias else part
-    conv, dot, acc = _dtypes(dtype, z.device)
+    conv, dot, acc = dot_dtypes(dtype, z.device)
     _silu_conv1x1_weight_grad_kernel[(channel_programs, B, splits)](
         go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides,
         K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc, ITERS=iters,
