@@ -206,9 +206,13 @@ def launches() -> list[tuple[str, str, str, callable]]:
     heads = _module("cfc_heads")
     gate = [torch.empty(B, C, dtype=bf16, device="meta")] * 2 + [torch.empty(C, device="meta"),
                                                                  torch.empty(B, device="meta")]
-    out.append(  # opt-in, with the pointwise kernels: the CfC's f, g, h heads and its gate in one kernel
+    head_args = (a16, a16, a16, w_mix, b16, w_mix, b16, w_mix, b16, x32, *gate)
+    out += [  # opt-in, with the pointwise kernels: the CfC's f, g, h heads and its gate in one kernel
         ("CfC heads + gate forward, C=64", "cfc_heads", "_cfc_heads_relax_kernel",
-         lambda: heads._forward_kernels(a16, a16, a16, w_mix, b16, w_mix, b16, w_mix, b16, x32, *gate, x32, bf16)))
+         lambda: heads._forward_kernels(*head_args, x32, bf16)),
+        ("CfC heads + gate backward, C=64", "cfc_heads", "_cfc_heads_relax_bwd_kernel",
+         lambda: heads._backward_kernels(d32, *head_args, bf16, [True] * 8)),
+    ]
     return out
 
 

@@ -9,10 +9,11 @@ def test_quick_sweep_runs_and_restores_the_tiles(capsys):
     assert tune_kernels.main(["--quick"]) == 0
     text = capsys.readouterr().out
     for title in ("depthwise 7x7 forward", "depthwise 3x3 weight + bias gradient", "CfC backward kernel",
-                  "SiLU -> 1x1 conv 8 -> 4 forward", "SiLU -> 1x1 conv 8 -> 4 backward", "CfC heads + gate forward"):
+                  "SiLU -> 1x1 conv 8 -> 4 forward", "SiLU -> 1x1 conv 8 -> 4 backward",
+                  "CfC heads + gate forward", "CfC heads + gate backward"):
         assert title in text
     for module, names in before.items():
         for name in ("_FWD_ROWS", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST", "_BLOCK_P", "_MAX_WGRAD_BLOCK",
-                     "_MAX_BLOCK_N", "_WARPS"):
+                     "_MAX_BLOCK_N", "_WARPS", "_BWD_BLOCK_P", "_BWD_MAX_TILES", "_BWD_WARPS"):
             if name in names:
                 assert getattr(module, name) == names[name]

@@ -17,13 +17,14 @@ Sections (each setting is a set of the launcher's module constants, restored aft
   conv (2C -> C): forward (pixel block, channel blocks, warps) against SiLU then cuDNN, and
   backward (pixel block, weight-gradient tile, programs, warps) against SiLU remade, cuDNN's
   input and weight gradients and SiLU's backward;
-- the CfC heads + gate forward kernel (kernels/cfc_heads.py, with the pointwise kernels): pixel
-  block, channel blocks, warps, against the launches it replaces (cuDNN's f conv, the g and h
-  pointwise kernels, the CfC kernel).
+- the CfC heads + gate kernels (kernels/cfc_heads.py, with the pointwise kernels): forward (pixel
+  block, channel blocks, warps) and backward (pixel block, tiles per program, warps), against the
+  launches they replace (cuDNN's f conv, the g and h pointwise kernels, the CfC kernel's forward
+  or backward).
 
 The first setting of each grid is the launcher's current one. The winner of each section is what
 the launcher's constants should say; the report (gpu_report.py) then measures the op and the
-model with it. About 100 settings: two or three minutes on an H100/H200, Triton compiles included.
+model with it. About 110 settings: two or three minutes on an H100/H200, Triton compiles included.
 """
 from __future__ import annotations
 
@@ -184,21 +185,32 @@ def cfc_heads(shape, device, gbps, quick) -> list[str]:
             torch.randn(C, device=device), torch.rand(B, device=device))
     (wf, bf), (wg, bg), (wh, bh) = heads
 
-    def separate():
+    def heads_then(cfc):
         f = torch.nn.functional.conv2d(bb, wf, bf)
         g, h = POINTWISE.forward(gh, wg, bg, None, None, dtype), POINTWISE.forward(hh, wh, bh, None, None, dtype)
-        return CFC.forward(f, g, h, x, *gate, res)
+        return cfc(f, g, h)
 
-    # Read the three heads' inputs and x, the residual; write out.
-    floor = (3 * dtype.itemsize + 12) * B * C * H * W / (gbps * 1e6) if gbps else None
-    base = cases.time_ms(separate, device)
-    rows = [_row("cuDNN f, Triton g and h, CfC kernel (baseline)", base, base, floor)]
-    grid = {"_BLOCK_P": (32, 64), "_MAX_BLOCK_N": (64, 32), "_MAX_BLOCK_K": (32, 64), "_WARPS": (8, 4)}
-    for setting in _settings(grid, quick):
-        with configured(HEADS, **setting):
-            run = lambda: HEADS.forward(bb, gh, hh, heads, x, *gate, res, dtype)  # noqa: E731
-            rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
-    return _table(f"CfC heads + gate forward, {dtype}, {list(shape)} channels_last", rows)
+    go = activation(torch.float32)
+    elements = B * C * H * W
+    out = []
+    for title, base_fn, run, grid, moved in (
+        ("forward", lambda: heads_then(lambda f, g, h: CFC.forward(f, g, h, x, *gate, res)),
+         lambda: HEADS.forward(bb, gh, hh, heads, x, *gate, res, dtype),
+         {"_BLOCK_P": (32, 64), "_MAX_BLOCK_N": (64, 32), "_MAX_BLOCK_K": (32, 64), "_WARPS": (8, 4)},
+         3 * dtype.itemsize + 12),  # read the heads' inputs, x and the residual; write out
+        ("backward", lambda: heads_then(lambda f, g, h: CFC.backward(go, f, g, h, x, *gate, [True] * 8)),
+         lambda: HEADS.backward(go, bb, gh, hh, heads, x, *gate, dtype, [True] * 8),
+         {"_BWD_BLOCK_P": (16, 32), "_BWD_MAX_TILES": (16, 4, 1), "_BWD_WARPS": (8, 4)},
+         6 * dtype.itemsize + 12),  # read the upstream, the heads' inputs and x; write d f, d g, d h, d x
+    ):
+        floor = moved * elements / (gbps * 1e6) if gbps else None
+        base = cases.time_ms(base_fn, device)
+        rows = [_row("cuDNN f, Triton g and h, then the CfC kernel (baseline)", base, base, floor)]
+        for setting in _settings(grid, quick):
+            with configured(HEADS, **setting):
+                rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
+        out += _table(f"CfC heads + gate {title}, {dtype}, {list(shape)} channels_last", rows)
+    return out
 
 
 def main(argv=None) -> int:

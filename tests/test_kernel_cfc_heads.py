@@ -1,8 +1,10 @@
-"""The CfC heads + gate forward kernel (liquiddiff/kernels/cfc_heads.py) against
-functional.cfc_heads_relax: value in fp32 and fp64, both layouts, awkward channel counts (below
-tl.dot's 16, over one channel block), with and without biases and residual, outputs NaN-poisoned;
-the dtypes of bf16 autocast; NaN propagation; opcheck; that ParallelCfC's forward runs it with the
-opt-in pointwise kernels; bf16 on the GPU. Its gradients are ParallelCfC's, tested in
+"""The CfC heads + gate kernels (liquiddiff/kernels/cfc_heads.py). Forward against
+functional.cfc_heads_relax; backward (the gradients of f, g, h, x, a, b, rho, t) against
+functional.cfc_relax's, for heads the reference makes and one shared random upstream gradient:
+fp32 and fp64, both layouts, awkward channel counts (below tl.dot's 16, over one channel block),
+with and without biases and residual, outputs NaN-poisoned; some gradients only; the dtypes of
+bf16 autocast; NaN propagation; opcheck; that ParallelCfC runs them with the opt-in pointwise
+kernels; bf16 on the GPU. Through ParallelCfC (every input's gradient, gradcheck, torch.compile):
 test_parallel_cfc.py with the same setting."""
 import importlib
 
@@ -41,6 +43,25 @@ def _fused(raw, dtype=None):
                              args.pop("n"), **args, dtype=dtype or raw["backbone"].dtype)
 
 
+GRAD_NAMES = ("f", "g", "h", "x", "a", "b", "rho", "t")
+
+
+def _reference_grads(raw, upstream):
+    """functional.cfc_relax's gradients for f, g and h as the reference heads make them."""
+    heads = raw["heads"]
+    made = {"f": functional.conv1x1(raw["backbone"], *heads[0]), "g": functional.silu_conv1x1(raw["g_hidden"], *heads[1]),
+            "h": functional.silu_conv1x1(raw["h_hidden"], *heads[2])}
+    leaves = parity.leaves({**made, "x": raw["n"], **{k: raw[k] for k in ("a", "b", "rho", "t")}})
+    return parity.grads_of(functional.cfc_relax(**leaves), leaves, upstream)
+
+
+def _backward(raw, upstream, needs, dtype=None):
+    with parity.poisoned_outputs():
+        grads = cfc_heads.backward(upstream, raw["backbone"], raw["g_hidden"], raw["h_hidden"], raw["heads"], raw["n"],
+                                   raw["a"], raw["b"], raw["rho"], raw["t"], dtype or raw["backbone"].dtype, needs)
+    return dict(zip(GRAD_NAMES, grads))
+
+
 def _check(raw, tol, dtype=None):
     with parity.poisoned_outputs():
         out = _fused(raw, dtype)
@@ -61,11 +82,45 @@ def test_parity(dtype, tol, fmt, shape, biases, residual):
     assert out.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, biases", [
+    ((2, 5, 3, 7), (True, True, True)),
+    ((1, 72, 5, 4), (False, False, False)),
+    ((3, 40, 9, 9), (False, True, True)),  # pixels over several tiles of one program
+])
+def test_backward_parity(dtype, tol, fmt, shape, biases):
+    raw = _inputs(*shape, dtype=dtype, fmt=fmt, biases=biases, residual=False)
+    up = torch.randn(shape, dtype=dtype).contiguous(memory_format=fmt)
+    got, want = _backward(raw, up, [True] * 8), _reference_grads(raw, up)
+    for name in GRAD_NAMES:
+        parity.assert_close(name, got[name], want[name], tol)
+    assert got["f"].is_contiguous(memory_format=fmt) and got["x"].is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("wanted", [("g", "h"), ("f", "x", "a"), ("rho", "t"), ("x",)])
+def test_backward_of_some_gradients_only(wanted):
+    """Skipped gradients come back as None; the rest match."""
+    raw = _inputs(2, 20, 5, 6, fmt=torch.channels_last)
+    up = torch.randn(2, 20, 5, 6).contiguous(memory_format=torch.channels_last)
+    got = _backward(raw, up, [name in wanted for name in GRAD_NAMES])
+    want = _reference_grads(raw, up)
+    for name in GRAD_NAMES:
+        if name in wanted:
+            parity.assert_close(name, got[name], want[name], 1e-5)
+        else:
+            assert got[name] is None, name
+
+
 def test_dtypes_of_bf16_autocast():
     """bf16 heads and gate inputs, the fp32 residual stream and rho, t: the reference's fp32
-    output, to bf16 rounding of the heads."""
+    output, and each gradient in its input's dtype, to bf16 rounding of the heads."""
     raw = _inputs(2, 24, 5, 6, dtype=torch.bfloat16, fmt=torch.channels_last, stream_dtype=torch.float32)
     assert _check(raw, 2e-2).dtype == torch.float32
+    up = torch.randn(2, 24, 5, 6).contiguous(memory_format=torch.channels_last)
+    got, want = _backward(raw, up, [True] * 8), _reference_grads(raw, up)
+    for name in GRAD_NAMES:
+        parity.assert_close(name, got[name], want[name], 5e-2)
 
 
 def test_nan_propagates():
@@ -84,15 +139,19 @@ def test_nan_propagates():
 def test_opcheck():
     for residual, biases in ((True, (True, False, True)), (False, (False, False, False))):
         raw = _inputs(2, 21, 5, 3, fmt=torch.channels_last, biases=biases, residual=residual)
-        heads = [t for pair in raw["heads"] for t in pair]
+        heads_inputs = (raw["backbone"], raw["g_hidden"], raw["h_hidden"], *(t for pair in raw["heads"] for t in pair),
+                        raw["n"], raw["a"], raw["b"], raw["rho"], raw["t"])
         torch.library.opcheck(torch.ops.liquiddiff.cfc_heads_relax.default,
-                              (raw["backbone"], raw["g_hidden"], raw["h_hidden"], *heads, raw["n"], raw["a"], raw["b"],
-                               raw["rho"], raw["t"], raw["residual"], torch.float32))
+                              (*heads_inputs, raw["residual"], torch.float32))
+        up = torch.randn(2, 21, 5, 3).contiguous(memory_format=torch.channels_last)
+        for needs in ([True] * 8, [False, True, True, False, False, False, True, False]):
+            torch.library.opcheck(torch.ops.liquiddiff.cfc_heads_relax_backward.default,
+                                  (up, *heads_inputs, torch.float32, needs))
 
 
-def test_parallel_cfc_runs_it_with_the_pointwise_kernels(monkeypatch):
-    """With ``pointwise_conv=triton`` ParallelCfC's forward makes f, g, h and the gate in this
-    kernel, not in three convolutions and the CfC kernel; by default it does not."""
+def test_parallel_cfc_runs_them_with_the_pointwise_kernels(monkeypatch):
+    """With ``pointwise_conv=triton`` ParallelCfC makes f, g, h and the gate in these kernels,
+    forward and backward, not in three convolutions and the CfC kernels; by default it does not."""
     calls = []
 
     def counted(name, fn):
@@ -101,28 +160,35 @@ def test_parallel_cfc_runs_it_with_the_pointwise_kernels(monkeypatch):
             return fn(*args, **kwargs)
         return call
 
-    monkeypatch.setattr(cfc_heads, "forward", counted("heads", cfc_heads.forward))
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(cfc_heads, name, counted(f"heads {name}", getattr(cfc_heads, name)))
     # By module: the package attribute ``parallel_cfc`` is the op.
     branch = importlib.import_module("liquiddiff.kernels.parallel_cfc")
-    monkeypatch.setattr(branch, "cfc_relax_forward", counted("cfc", branch.cfc_relax_forward))
+    for name in ("forward", "backward"):
+        attr = f"cfc_relax_{name}"
+        monkeypatch.setattr(branch, attr, counted(f"cfc {name}", getattr(branch, attr)))
     C = 12
     n = torch.randn(2, C, 5, 5)
     convs = [(torch.randn(C, 1, k, k) / k, torch.randn(C)) if k else (torch.randn(C, C, 1, 1) / C, torch.randn(C))
              for k in (7, None, None, 3, None, 3, None)]
-    args = (n, convs, torch.randn(2, C), torch.randn(2, C), torch.randn(C), torch.rand(2))
+    args = (n.requires_grad_(), convs, torch.randn(2, C), torch.randn(2, C), torch.randn(C), torch.rand(2))
     with parity.poisoned_outputs():
-        kernels.parallel_cfc(*args)
-        assert calls == ["cfc"]
+        kernels.parallel_cfc(*args).sum().backward()
+        assert calls == ["cfc forward", "cfc backward"]
         calls.clear()
         monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=triton")
-        out = kernels.parallel_cfc(*args)
-    assert calls == ["heads"]
-    parity.assert_close("out", out, functional.parallel_cfc(*args), 1e-5)
+        kernels.parallel_cfc(*args).sum().backward()
+    assert calls == ["heads forward", "heads backward"]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", [torch.channels_last, torch.contiguous_format])
 def test_gpu_bf16_at_the_first_level(fmt):
-    """The first level's CfC (C = 64, 256 px, batch 8) as the model runs it under bf16 autocast."""
+    """The first level's CfC (C = 64, 256 px, batch 8) as the model runs it under bf16 autocast:
+    value and every gradient."""
     raw = _inputs(8, 64, 256, 256, dtype=torch.bfloat16, fmt=fmt, stream_dtype=torch.float32)
     _check(raw, 2e-2)
+    up = torch.randn(8, 64, 256, 256, device=DEVICE).contiguous(memory_format=fmt)
+    got, want = _backward(raw, up, [True] * 8), _reference_grads(raw, up)
+    for name in GRAD_NAMES:
+        parity.assert_close(name, got[name], want[name], 2e-2)

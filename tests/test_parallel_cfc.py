@@ -131,9 +131,12 @@ def test_n_is_remade_once():
     assert source.grad is not None and torch.isfinite(source.grad).all()
 
 
-def test_gradcheck():
-    """Default backends (the Triton CfC kernel); the Triton depthwise kernels have their own
-    gradcheck, and under the interpreter this one would take minutes with them."""
+@pytest.mark.parametrize("setting", ["auto", "auto,pointwise_conv=triton"])
+def test_gradcheck(monkeypatch, setting):
+    """Default backends (the Triton CfC kernel), and with the pointwise kernels (the heads + gate
+    kernels of cfc_heads.py); the Triton depthwise kernels have their own gradcheck, and under
+    the interpreter this one would take minutes with them."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     raw = _raw(torch.float64, torch.channels_last, (1, 2, 4, 3))
     names = list(raw)
     call = _call(kernels.parallel_cfc)

@@ -80,6 +80,23 @@ if triton is not None:
 
 
     @triton.jit
+    def store_parameter_partials(part_ptr, pid_p, programs_p, pid_b, B, C, cs, c_mask, sum_da, sum_db, sum_dalpha,
+                                 alpha_c, softplus, rho, tv):
+        """One program's partial sums of the gate parameters' gradients, [4, programs_p, B, C]:
+        d a, d b, d rho, d t per channel, from its sums of dz * f, dz and go * (x - y)."""
+        dalpha_alpha = sum_dalpha * alpha_c
+        # Chain factors folded in here so torch only adds partials: d alpha / d rho and / d t.
+        d_softplus = tl.where(rho > _SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(rho))
+        sign_t = tl.where(tv > 0, 1.0, 0.0) - tl.where(tv < 0, 1.0, 0.0)
+        stride_k = programs_p * B * C
+        part = part_ptr + (pid_p * B + pid_b) * C + cs
+        tl.store(part, sum_da, mask=c_mask)
+        tl.store(part + stride_k, -sum_db, mask=c_mask)
+        tl.store(part + 2 * stride_k, dalpha_alpha * -tl.abs(tv) * d_softplus, mask=c_mask)
+        tl.store(part + 3 * stride_k, dalpha_alpha * -softplus * sign_t, mask=c_mask)
+
+
+    @triton.jit
     def relax(f, g, h, x, av, bv, alpha):
         """The gate and the relaxation, elementwise, before the residual."""
         gate = tl.sigmoid(av * f - bv)
@@ -196,16 +213,9 @@ if triton is not None:
                          (alpha * go).to(dx_ptr.dtype.element_ty), mask=mask)
 
         if NEED_PARAMS:
-            dalpha_alpha = tl.sum(acc_dalpha, axis=1) * alpha_c
-            # Chain factors folded in here so torch only adds partials: d alpha / d rho and / d t.
-            d_softplus = tl.where(rho > _SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(rho))
-            sign_t = tl.where(tv > 0, 1.0, 0.0) - tl.where(tv < 0, 1.0, 0.0)
-            stride_k = tl.num_programs(0) * B * C
-            part = part_ptr + (pid_p * B + pid_b) * C + cs
-            tl.store(part, tl.sum(acc_da, axis=1), mask=c_mask)
-            tl.store(part + stride_k, -tl.sum(acc_db, axis=1), mask=c_mask)
-            tl.store(part + 2 * stride_k, dalpha_alpha * -tl.abs(tv) * d_softplus, mask=c_mask)
-            tl.store(part + 3 * stride_k, dalpha_alpha * -softplus * sign_t, mask=c_mask)
+            store_parameter_partials(part_ptr, pid_p, tl.num_programs(0), pid_b, B, C, cs, c_mask,
+                                     tl.sum(acc_da, axis=1), tl.sum(acc_db, axis=1), tl.sum(acc_dalpha, axis=1),
+                                     alpha_c, softplus, rho, tv)
 
 
 def _tile(C: int, P: int, x_strides: tuple[int, int, int], backward: bool):
@@ -302,6 +312,12 @@ def _backward_kernels(
         NEED_PARAMS=need_params, COMPUTE=compute,
         BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
     )
+    return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))
+
+
+def reduce_parameter_partials(partials, a, b, rho, t, needs: typing.Sequence[bool]) -> tuple:
+    """(d(a, b) stacked [2, B, C], d rho, d t) from the kernels' [4, programs, B, C] partials
+    (``store_parameter_partials``); an empty tensor where ``needs[4:]`` says so."""
     # Fresh reductions (custom-op outputs may not alias one another); .to is free when the
     # parameter is already in the partials' dtype.
     dab, drho, dt = (tensor.new_empty(0) for tensor in (a, rho, t))
@@ -311,10 +327,10 @@ def _backward_kernels(
         drho = partials[2].sum((0, 1)).to(rho.dtype)
     if needs[7]:
         dt = partials[3].sum((0, 2)).to(t.dtype)
-    return df, dg, dh, dx, dab, drho, dt
+    return dab, drho, dt
 
 
-def _unpacked(grads, a, b, needs: typing.Sequence[bool]) -> list:
+def unpack_grads(grads, a, b, needs: typing.Sequence[bool]) -> list:
     """The backward op's results as [df, dg, dh, dx, da, db, drho, dt], None where not needed;
     da and db cast from their stack, once when they share a dtype (a and b from one Linear)."""
     df, dg, dh, dx, dab, drho, dt = grads
@@ -331,12 +347,14 @@ _cfc_relax_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_backward
 def _(grad_out, f, g, h, x, a, b, rho, t, needs):
     # Parameter grads are fresh contiguous reductions in the real op.
     part_dtype = _tensors.compute_dtypes(grad_out, f, g, h, x, a, b, rho, t)[1]
-    return (
-        *_allocate_activation_grads(f, g, h, x, needs),
-        a.new_empty((2, *a.shape), dtype=_tensors.stacked_dtype(part_dtype, (a.dtype, b.dtype)))
-        if needs[4] or needs[5] else a.new_empty(0),
-        *(p.new_empty(p.shape if need else (0,)) for p, need in zip((rho, t), needs[6:])),
-    )
+    return (*_allocate_activation_grads(f, g, h, x, needs), *fake_parameter_grads(a, b, rho, t, needs, part_dtype))
+
+
+def fake_parameter_grads(a, b, rho, t, needs: typing.Sequence[bool], part_dtype: torch.dtype) -> tuple:
+    """What :func:`reduce_parameter_partials` returns, for a fake kernel."""
+    return (a.new_empty((2, *a.shape), dtype=_tensors.stacked_dtype(part_dtype, (a.dtype, b.dtype)))
+            if needs[4] or needs[5] else a.new_empty(0),
+            *(p.new_empty(p.shape if need else (0,)) for p, need in zip((rho, t), needs[6:])))
 
 
 def _setup_context(ctx, inputs, output):
@@ -350,7 +368,7 @@ def _backward(ctx, grad_out, launch=_cfc_relax_backward_op):
     grads = [None] * 9
     if any(needs[:8]):
         saved = ctx.saved_tensors
-        grads[:8] = _unpacked(launch(grad_out, *saved, needs[:8]), saved[4], saved[5], needs[:8])
+        grads[:8] = unpack_grads(launch(grad_out, *saved, needs[:8]), saved[4], saved[5], needs[:8])
     if needs[8]:
         grads[8] = grad_out.to(ctx.residual_dtype)
     return tuple(grads)
@@ -398,4 +416,4 @@ def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool]) -
     """(df, dg, dh, dx, da, db, drho, dt) of :func:`forward` (without residual: its gradient is
     grad_out); None where ``needs`` (8 flags) says so."""
     op = _cfc_relax_backward_op if _eager.needs_custom_op(f) else _backward_kernels
-    return _unpacked(op(grad_out, f, g, h, x, a, b, rho, t, list(needs)), a, b, needs)
+    return unpack_grads(op(grad_out, f, g, h, x, a, b, rho, t, list(needs)), a, b, needs)

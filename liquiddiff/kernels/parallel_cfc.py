@@ -5,7 +5,7 @@
 
 Composed of the block's ops (the Triton CfC kernel, the g/h depthwise pair and SiLU backward of
 ``recompute.py``, cuDNN 1x1 convolutions, or with the opt-in pointwise kernels the three heads
-and the CfC gate as one forward kernel, ``cfc_heads.py``, and the g/h heads' SiLU -> 1x1 in
+and the CfC gate as one kernel each way, ``cfc_heads.py``, and the g/h heads' SiLU -> 1x1
 backward by ``pointwise_conv.py``), it keeps what they keep: n, the depthwise output, the
 backbone pre-activation z and the g/h hidden tensors (the CfC op's f, g and h are remade in
 backward, as are the SiLUs), and owns the backward's schedule. As separate autograd nodes the
@@ -77,7 +77,7 @@ class _ParallelCfC(torch.autograd.Function):
             else:
                 f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
                                                        dtype, ctx.head_triton, ctx.paired)
-                g, h = (_head_forward(hidden, F.silu(hidden), weights[i], biases[i], dtype)
+                g, h = (_conv(F.silu(hidden), weights[i], biases[i], dtype, 0, 1, False)
                         for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
             del silu_z
@@ -107,13 +107,19 @@ class _ParallelCfC(torch.autograd.Function):
             # The g/h heads' SiLUs: remade here for cuDNN, or in registers by the Triton
             # pointwise kernels (ctx.pointwise), which never write them.
             silu_z = F.silu(z)
-            silu_g, silu_h = (None, None) if ctx.pointwise else (F.silu(g_hidden), F.silu(h_hidden))
-            f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
-            g = _head_forward(g_hidden, silu_g, weights[_G_PW], biases[_G_PW], dtype)
-            h = _head_forward(h_hidden, silu_h, weights[_H_PW], biases[_H_PW], dtype)
-            d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(
-                grad_out, f, g, h, n, *small, [need_heads] * 3 + [need_n] + list(needs[2:2 + _SMALL]))
-            del f, g, h
+            cfc_needs = [need_heads] * 3 + [need_n] + list(needs[2:2 + _SMALL])
+            if ctx.pointwise:  # f, g and h remade in the CfC backward kernel's registers
+                silu_g = silu_h = None
+                d_f, d_g, d_h, d_n, *d_small = cfc_heads.backward(
+                    grad_out, silu_z, g_hidden, h_hidden, [(weights[i], biases[i]) for i in (_F, _G_PW, _H_PW)],
+                    n, *small, dtype, cfc_needs)
+            else:
+                silu_g, silu_h = F.silu(g_hidden), F.silu(h_hidden)
+                f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
+                g = _conv(silu_g, weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
+                h = _conv(silu_h, weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
+                d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(grad_out, f, g, h, n, *small, cfc_needs)
+                del f, g, h
             if need_heads:
                 d_g, d_ws[_G_PW], d_bs[_G_PW] = _pointwise_head_backward(
                     d_g, g_hidden, silu_g, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW])
@@ -141,17 +147,10 @@ class _ParallelCfC(torch.autograd.Function):
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
 
 
-def _head_forward(hidden, silu_hidden, weight, bias, dtype):
-    """The g or h head's ``conv1x1(silu(hidden))``: from ``silu_hidden`` on cuDNN, or, when it is
-    None, by the Triton pointwise kernel (SiLU in the conv's prologue)."""
-    if silu_hidden is None:
-        return pointwise_conv.forward(hidden, weight, bias, None, None, dtype)
-    return _conv(silu_hidden, weight, bias, dtype, 0, 1, False)
-
-
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b):
-    """(d_hidden, d_weight, d_bias) of :func:`_head_forward`: cuDNN, then SiLU's backward; or,
-    without ``silu_hidden``, the Triton pointwise kernels (SiLU and its backward in registers)."""
+    """(d_hidden, d_weight, d_bias) of the g or h head's ``conv1x1(silu(hidden))``: cuDNN, then
+    SiLU's backward; or, without ``silu_hidden``, the Triton pointwise kernels (SiLU and its
+    backward in registers)."""
     if silu_hidden is None:
         d_hidden, d_w, d_b, _, _ = pointwise_conv.backward(d_out, hidden, weight, None, None, dtype,
                                                            (True, need_w, need_b, False, False))
