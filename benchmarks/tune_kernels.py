@@ -200,7 +200,7 @@ def cfc_heads(shape, device, gbps, quick) -> list[str]:
          3 * dtype.itemsize + 12),  # read the heads' inputs, x and the residual; write out
         ("backward", lambda: heads_then(lambda f, g, h: CFC.backward(go, f, g, h, x, *gate, [True] * 8)),
          lambda: HEADS.backward(go, bb, gh, hh, heads, x, *gate, dtype, [True] * 8),
-         {"_BWD_BLOCK_P": (16, 32), "_BWD_MAX_TILES": (16, 4, 1), "_BWD_WARPS": (8, 4)},
+         {"_BWD_BLOCK_P": (16, 32), "_BWD_MAX_TILES": (1, 4, 16), "_BWD_WARPS": (8, 4)},
          6 * dtype.itemsize + 12),  # read the upstream, the heads' inputs and x; write d f, d g, d h, d x
     ):
         floor = moved * elements / (gbps * 1e6) if gbps else None

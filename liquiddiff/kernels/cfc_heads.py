@@ -46,12 +46,13 @@ from .pointwise_conv import dot_dtypes
 
 __all__ = ["forward", "backward"]
 
-# Tiles chosen without a GPU (``benchmarks.tune_kernels`` sweeps them). sm_90, Triton 3.9
-# (``benchmarks.kernel_resources``): the forward holds three fp32 head tiles, and [32, 64] tiles
-# on 8 warps take 60 registers a thread ([64, 64]: 128). The backward holds about ten tiles (the
-# heads, the upstream gradient, the gate, four gradients) and walks several pixel tiles per
-# program (its gate-parameter partials: one [4, C] row per program): [16, 64] tiles take 128
-# registers ([32, 64]: 232); with one tile per program, 76.
+# Tiles chosen without a GPU (``benchmarks.tune_kernels`` sweeps them), by registers a thread on
+# sm_90 (``benchmarks.kernel_resources``; Triton 3.6 / 3.9). The forward holds three fp32 head
+# tiles: [32, 64] on 8 warps take 61 / 60 ([64, 64]: 128). The backward holds about ten (the
+# heads, the upstream gradient, the gate, four gradients): [16, 64] on 8 warps take 80 / 70 with
+# one tile per program, but 170 / 128 walking several (as the CfC kernel's backward does to keep
+# its partial sums few), so it takes one: its [4, C] gate-parameter partials per 16 pixels are
+# 1 byte per activation element written and read again, against the 24 the kernel moves.
 _BLOCK_P = 32
 _BWD_BLOCK_P = 16
 _MAX_BLOCK_N = 64
@@ -59,7 +60,7 @@ _MAX_BLOCK_K = 32
 _WARPS = 8
 _BWD_WARPS = 8
 # The backward's pixel tiles per program, at most; and the grid keeps at least this many programs.
-_BWD_MAX_TILES = 16
+_BWD_MAX_TILES = 1
 _BWD_MIN_PROGRAMS = 1024
 
 

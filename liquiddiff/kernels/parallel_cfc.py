@@ -77,10 +77,10 @@ class _ParallelCfC(torch.autograd.Function):
             else:
                 f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
                                                        dtype, ctx.head_triton, ctx.paired)
+                del silu_z  # before the g and h heads' temporaries: the forward's transient peak
                 g, h = (_conv(F.silu(hidden), weights[i], biases[i], dtype, 0, 1, False)
                         for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
-            del silu_z
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
