@@ -212,6 +212,7 @@ class Variant(NamedTuple):
 VARIANTS = (Variant("reference", False), Variant("fused", True),
             Variant("fused + Triton depthwise", True, kernels="depthwise_conv=triton"),
             Variant("fused + Triton pointwise", True, kernels="pointwise_conv=triton"),
+            Variant("fused + Triton depthwise + pointwise", True, kernels="depthwise_conv=triton,pointwise_conv=triton"),
             Variant("fused + gradient checkpointing", True, checkpointing=True))
 
 
