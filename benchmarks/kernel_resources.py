@@ -191,9 +191,9 @@ def launches() -> list[tuple[str, str, str, callable]]:
     hidden, w_ffn = _meta((B, 2 * C, H, W), bf16), torch.empty(C, 2 * C, 1, 1, dtype=bf16, device="meta")
     w_mix, b16 = torch.empty(C, C, 1, 1, dtype=bf16, device="meta"), torch.empty(C, dtype=bf16, device="meta")
     mod = torch.empty(B, C, dtype=bf16, device="meta")
-    out += [  # opt-in: the FeedForward's last conv, the spatial mix's (modulated, NCHW here)
-        ("SiLU -> 1x1 conv forward, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, bf16)),
+    out += [  # opt-in: the FeedForward's last conv (with the block's residual), the spatial mix's (modulated, NCHW)
+        ("SiLU -> 1x1 conv forward + residual, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, bf16, x32)),
         ("modulated SiLU -> 1x1 conv forward (nchw)", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._forward_kernels(_meta(SHAPE, bf16, "nchw"), w_mix, b16, mod, mod, bf16)),
         ("SiLU -> 1x1 conv input grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",

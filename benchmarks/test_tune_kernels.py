@@ -9,7 +9,7 @@ def test_quick_sweep_runs_and_restores_the_tiles(capsys):
     assert tune_kernels.main(["--quick"]) == 0
     text = capsys.readouterr().out
     for title in ("depthwise 7x7 forward", "depthwise 3x3 weight + bias gradient", "CfC backward kernel",
-                  "SiLU -> 1x1 conv 8 -> 4 forward", "SiLU -> 1x1 conv 8 -> 4 backward",
+                  "SiLU -> 1x1 conv 8 -> 4 forward + residual", "SiLU -> 1x1 conv 8 -> 4 backward",
                   "CfC heads + gate forward", "CfC heads + gate backward"):
         assert title in text
     for module, names in before.items():

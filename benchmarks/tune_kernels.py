@@ -14,9 +14,10 @@ Sections (each setting is a set of the launcher's module constants, restored aft
 - the CfC backward in channels_last (kernels/cfc_relax.py: tile elements, elements per thread),
   against the same op in NCHW;
 - the SiLU -> 1x1 conv kernels (kernels/pointwise_conv.py, opt-in) at the FeedForward's last
-  conv (2C -> C): forward (pixel block, channel blocks, warps) against SiLU then cuDNN, and
-  backward (pixel block, weight-gradient tile, programs, warps) against SiLU remade, cuDNN's
-  input and weight gradients and SiLU's backward;
+  conv (2C -> C): forward with the block's residual (pixel block, channel blocks, warps) against
+  SiLU, cuDNN and the add, and
+  backward of its fp32 upstream gradient (pixel block, weight-gradient tile, programs, warps)
+  against its cast, SiLU remade, cuDNN's input and weight gradients and SiLU's backward;
 - the CfC heads + gate kernels (kernels/cfc_heads.py, with the pointwise kernels): forward (pixel
   block, channel blocks, warps) and backward (pixel block, tiles per program, warps), against the
   launches they replace (cuDNN's f conv, the g and h pointwise kernels, the CfC kernel's forward
@@ -141,25 +142,29 @@ def pointwise_conv(shape, device, gbps, quick) -> list[str]:
     z = torch.randn(B, 2 * C, H, W, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     w = (torch.randn(C, 2 * C, 1, 1, device=device) / (2 * C) ** 0.5).to(dtype)
     b = torch.randn(C, device=device, dtype=dtype)
-    go = torch.randn(B, C, H, W, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    # The block's fp32 residual stream, which the FeedForward's last conv adds (in its epilogue);
+    # so its upstream gradient is fp32 too.
+    res, go = (torch.randn(B, C, H, W, device=device).contiguous(memory_format=torch.channels_last) for _ in range(2))
+
     def floor(channels_moved: int):
         return channels_moved * B * H * W * dtype.itemsize / (gbps * 1e6) if gbps else None
 
     def cudnn_backward():
         a = F.silu(z)
         d_a, d_w, d_b = torch.ops.aten.convolution_backward(
-            go, a, w, [C], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, True])
+            go.to(dtype), a, w, [C], [1, 1], [0, 0], [1, 1], False, [0, 0], 1, [True, True, True])
         return torch.ops.aten.silu_backward(d_a, z), d_w, d_b
 
     out = []
     for title, base_fn, run, grid, moved in (
-        ("forward", lambda: F.conv2d(F.silu(z), w, b), lambda: POINTWISE.forward(z, w, b, None, None, dtype),
+        ("forward + residual", lambda: res + F.conv2d(F.silu(z), w, b),
+         lambda: POINTWISE.forward(z, w, b, None, None, dtype, res),
          {"_BLOCK_P": (64, 128), "_MAX_BLOCK_N": (128, 64), "_MAX_BLOCK_K": (32, 64), "_WARPS": (4, 8)},
-         3 * C),  # read z (2C), write out (C)
+         6 * C),  # read z (2C) and the fp32 residual (2C in bf16 units), write out in fp32 (2C)
         ("backward (input, weight and bias gradients)", cudnn_backward,
          lambda: POINTWISE.backward(go, z, w, None, None, dtype, (True, True, True, False, False)),
          {"_BLOCK_P": (64, 128), "_MAX_WGRAD_BLOCK": (64, 32), "_BWD_WARPS": (8, 4)},
-         5 * C),  # read grad_out (C) and z (2C), write d_z (2C)
+         6 * C),  # read the fp32 grad_out (2C in bf16 units) and z (2C), write d_z (2C)
     ):
         base = cases.time_ms(base_fn, device)
         rows = [_row("SiLU, then aten (cuDNN) (baseline)", base, base, floor(moved))]

@@ -156,15 +156,19 @@ def context_shift(pixel_sum, weight, bias, scale, shift, pixels: int):
     return context * (1 + scale) + shift
 
 
-def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
+def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     """An optional per-channel modulation, SiLU, then a 1x1 convolution: the end of every residual
-    branch (FeedForward; the spatial mix, modulated by t) and of the CfC g/h heads.
+    branch (FeedForward, whose block adds its residual here; the spatial mix, modulated by t) and
+    of the CfC g/h heads.
 
-    y = z * (1 + scale) + shift (when given), out = conv1x1(silu(y)).
-    z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None; scale, shift: [B, Ci] or None.
+    y = z * (1 + scale) + shift (when given), out = conv1x1(silu(y)) (+ residual, added to the
+    conv's output in PyTorch's promotion of the two: the fp32 residual stream under autocast).
+    z: [B, Ci, H, W]; weight: [Co, Ci, 1, 1]; bias: [Co] or None; scale, shift: [B, Ci] or None;
+    residual: [B, Co, H, W] or None.
     """
     a = F.silu(z) if scale is None else modulated_silu(z, scale, shift)
-    return F.conv2d(a, weight, bias)
+    out = F.conv2d(a, weight, bias)
+    return out if residual is None else residual + out
 
 
 def silu_convs(z, weights, biases):

@@ -198,11 +198,12 @@ class FeedForward(FusedSwitch, nn.Module):
     def conv_parameters(self) -> list:
         return [(self.inner.weight, self.inner.bias), (self.out.weight, self.out.bias)]
 
-    def forward(self, x, convs=None):
-        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
+    def forward(self, x, convs=None, residual=None):
+        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under
+        autocast); ``residual``: added to the output (the block's, in the last conv's op)."""
         ops = _ops(self.fused)
         (inner_weight, inner_bias), (out_weight, out_bias) = self.conv_parameters() if convs is None else convs
-        return ops.silu_conv1x1(ops.conv1x1(x, inner_weight, inner_bias), out_weight, out_bias)
+        return ops.silu_conv1x1(ops.conv1x1(x, inner_weight, inner_bias), out_weight, out_bias, residual=residual)
 
 
 class BlockParameters(NamedTuple):
@@ -311,7 +312,7 @@ class LiquidDiffusionBlock(nn.Module):
         norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
         n, u = norm2(mixed, temb, residual=u)
         with self._remade(n, norm2, u, temb):
-            return u + self.ffn(n, convs=params.ffn)
+            return self.ffn(n, convs=params.ffn, residual=u)
 
     def time_linears(self) -> tuple:
         """The Linears that project SiLU(temb), in :func:`project_time`'s order."""

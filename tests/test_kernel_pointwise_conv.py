@@ -1,9 +1,9 @@
 """The Triton SiLU -> 1x1 conv kernels (liquiddiff/kernels/pointwise_conv.py), opt-in
 (``pointwise_conv=triton``), through ``kernels.silu_conv1x1`` against
 functional.silu_conv1x1: value and every gradient (one shared upstream, outputs NaN-poisoned)
-in fp32 and fp64, both layouts, awkward channel counts, with and without bias and modulation;
-under autocast as the block calls it; NaN propagation, the runtime switch, gradcheck, opcheck;
-bf16 on the GPU."""
+in fp32 and fp64, both layouts, awkward channel counts, with and without bias, modulation and
+residual; under autocast as the block calls it; NaN propagation, the runtime switch, gradcheck,
+opcheck; bf16 on the GPU."""
 import pytest
 import torch
 
@@ -54,6 +54,40 @@ def test_parity(launches, dtype, tol, fmt, shape, bias, modulated):
                           _inputs(*shape, dtype=dtype, fmt=fmt, bias=bias, modulated=modulated), tol)
     assert launches == ["forward", "backward"], "the Triton kernels did not run"
     assert out.is_contiguous(memory_format=fmt)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_parity_with_a_residual(launches, dtype, tol, fmt):
+    """The block's residual added in the forward kernel's epilogue (the FeedForward's last conv):
+    its gradient is the upstream one, which the backward kernels read as it is."""
+    raw = _inputs(2, 40, 24, 5, 7, dtype=dtype, fmt=fmt)
+    raw["residual"] = torch.randn(2, 24, 5, 7, dtype=dtype, device=DEVICE).contiguous(memory_format=fmt)
+    out = parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, raw, tol)
+    assert launches == ["forward", "backward"]
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_residual_under_autocast_as_the_block_adds_it(launches):
+    """bf16 conv, fp32 residual stream: an fp32 output, the residual's gradient in fp32, the
+    rest to bf16 rounding, as the reference's add promotes and casts."""
+    raw = {k: v.bfloat16() for k, v in _inputs(2, 48, 24, 6, 6, fmt=torch.channels_last).items() if v is not None}
+    raw["residual"] = torch.randn(2, 24, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
+
+    def autocast(fn):
+        def run(**ins):
+            with torch.autocast(DEVICE, dtype=torch.bfloat16):
+                return fn(**ins)
+        return run
+
+    out = parity.check_op(autocast(kernels.silu_conv1x1), autocast(functional.silu_conv1x1), raw, 3e-2)
+    assert out.dtype == torch.float32 and launches == ["forward", "backward"]
+
+
+def test_a_residual_of_the_wrong_shape_is_named():
+    raw = _inputs(2, 8, 4, 3, 3)
+    with pytest.raises(ValueError, match="residual: expected the conv's output shape"):
+        kernels.silu_conv1x1(**raw, residual=torch.randn(2, 8, 3, 3))
 
 
 @pytest.mark.parametrize("wanted", [("z",), ("weight",), ("bias",), ("scale", "shift"), ("z", "shift")])
@@ -114,6 +148,9 @@ def test_opcheck():
                           (raw["z"], raw["weight"], raw["bias"], raw["scale"], raw["shift"], torch.float32))
     torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_forward.default,
                           (raw["z"], raw["weight"], None, None, None, torch.float32))
+    residual = torch.randn(2, 21, 5, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_forward.default,
+                          (raw["z"], raw["weight"], raw["bias"], None, None, torch.float32, residual))
     up = torch.randn(2, 21, 5, 3).contiguous(memory_format=torch.channels_last)
     for needs in ([True] * 5, [False, True, False, True, False], [True, False, True, False, False]):
         torch.library.opcheck(torch.ops.liquiddiff.silu_conv1x1_backward.default,

@@ -4,6 +4,7 @@ in the input gradient's epilogue.
 
     y = z[b, k, p] * (1 + scale[b, k]) + shift[b, k]   (when modulated; else y = z)
     a = round(silu(y));   out[b, n, p] = bias[n] + sum_k a[b, k, p] * weight[n, k]
+    (+ residual[b, n, p], added to round(out) in the promotion of the two, when given)
     d_a = round(grad_out @ weight);   d_y = d_a * silu'(y);   d_z = d_y * (1 + scale)
     d_weight[n, k] = sum_{b,p} grad_out[b, n, p] * a[b, k, p];   d_bias[n] = sum_{b,p} grad_out
     d_scale[b, k] = sum_p d_y * z;   d_shift[b, k] = sum_p d_y
@@ -14,8 +15,10 @@ for the weight gradient), and writes d_a for SiLU's backward to read. These kern
 of those passes: the forward reads z and writes out; the input-gradient kernel reads grad_out
 and z and writes d_z (with d_scale and d_shift as per-program fp32 partials); the
 weight-gradient kernel reads grad_out and z and leaves per-program fp32 partial tiles over
-pixel ranges, which torch sums (no atomics). Used by the FeedForward's last conv, the spatial
-mix's output conv (modulated by t) and the CfC's g and h 1x1 heads.
+pixel ranges, which torch sums (no atomics). Used by the FeedForward's last conv, whose forward
+also adds the block's residual (the fp32 stream: read, and out written in fp32, where the conv's
+bf16 output was written, read back and added), the spatial mix's output conv (modulated by t)
+and the backward of the CfC's g and h 1x1 heads (their forward: ``cfc_heads.py``).
 
 Rounding as the reference: silu(y) and the upstream gradient's product with the weight rounded
 to the conv's dtype, as cuDNN's input and input gradient are; products accumulated in fp32
@@ -98,11 +101,11 @@ if triton is not None:
 
     @triton.jit
     def _silu_conv1x1_kernel(
-        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, P,
-        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k,
+        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, P,
+        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
-        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # int64 batch and pixel offsets: B * K * H * W may pass 2**31.
         pid_b = tl.program_id(2).to(tl.int64)
@@ -113,8 +116,12 @@ if triton is not None:
         acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
                                 sz_b, sz_k, sz_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
                                 CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K)
-        tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, acc.to(out_ptr.dtype.element_ty),
-                 mask=p_mask[:, None] & n_mask[None, :])
+        mask = p_mask[:, None] & n_mask[None, :]
+        out = acc.to(CONV)  # the conv's output, as cuDNN writes it
+        if HAS_RESIDUAL:  # then the block's add, in ACC (PyTorch's fp32 opmath for low precision)
+            res = tl.load(res_ptr + pid_b * sr_b + rows * sr_p + ns[None, :] * sr_n, mask=mask)
+            out = res.to(ACC) + out.to(ACC)
+        tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, out.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _silu_conv1x1_input_grad_kernel(
@@ -218,22 +225,29 @@ def _modulation_args(scale, shift, z):
     return (scale, shift), (*scale.stride(), *shift.stride())
 
 
+def _allocate_out(z, weight, residual, dtype):
+    """The output in z's memory format: ``dtype``, or its promotion with the residual's."""
+    out_dtype = dtype if residual is None else torch.promote_types(dtype, residual.dtype)
+    return _tensors.empty_activation(z, out_dtype, channels=weight.shape[0])
+
+
 def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
                      scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
-                     dtype: torch.dtype) -> torch.Tensor:
+                     dtype: torch.dtype, residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
     B, K, H, W = z.shape
     N = weight.shape[0]
-    out = _tensors.empty_activation(z, dtype, channels=N)
+    out = _allocate_out(z, weight, residual, dtype)
     params, param_strides = _modulation_args(scale, shift, z)
     (z, out), (sz, so) = _tensors.flat_all(z, out)
+    res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
     grid = (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), B)
     conv, dot, acc = dot_dtypes(dtype, z.device)
     _silu_conv1x1_kernel[grid](
-        z, weight, weight if bias is None else bias, *params, out, H * W,
-        *sz, *so, weight.stride(0), weight.stride(1), *param_strides,
-        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, CONV=conv, DOT=dot, ACC=acc,
-        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
+        z, weight, weight if bias is None else bias, *params, res, out, H * W,
+        *sz, *so, weight.stride(0), weight.stride(1), *param_strides, *sr,
+        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
+        CONV=conv, DOT=dot, ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
     )
     return out
 
@@ -242,18 +256,20 @@ _forward_op = torch.library.custom_op("liquiddiff::silu_conv1x1_forward", mutate
 
 
 @_forward_op.register_fake
-def _(z, weight, bias, scale, shift, dtype):
-    return _tensors.empty_activation(z, dtype, channels=weight.shape[0])
+def _(z, weight, bias, scale, shift, dtype, residual=None):
+    return _allocate_out(z, weight, residual, dtype)
 
 
 def forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
             scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
-            dtype: torch.dtype) -> torch.Tensor:
-    """conv1x1(silu(z * (1 + scale) + shift)) (the modulation when given), in ``dtype``, in z's
-    memory format; ``weight`` [N, K, 1, 1] and ``bias`` as the conv runs them. No autograd: the
-    caller's autograd.Function keeps z and makes the backward (recompute.py)."""
+            dtype: torch.dtype, residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """conv1x1(silu(z * (1 + scale) + shift)) (the modulation when given), in ``dtype``, then
+    ``residual`` + that (in their promotion) when given, in z's memory format; ``weight``
+    [N, K, 1, 1] and ``bias`` as the conv runs them. No autograd: the caller's
+    autograd.Function keeps z and makes the backward (recompute.py): the residual's gradient is
+    the upstream one, which the backward kernels round to ``dtype`` as they load it."""
     op = _forward_op if _eager.needs_custom_op(z) else _forward_kernels
-    return op(z, weight, bias, scale, shift, dtype)
+    return op(z, weight, bias, scale, shift, dtype, residual)
 
 
 def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: bool):

@@ -140,14 +140,16 @@ def _eager_input_grads(d_a, y, z, scale, shift, activate: bool, needs):
 
 
 class _RecomputedConv(torch.autograd.Function):
-    """conv(act(modulate(z))), act = SiLU or identity, saving z (and the small parameters) only.
+    """conv(act(modulate(z))) (+ residual: given only where the Triton pointwise kernels run,
+    which add it in their epilogue), act = SiLU or identity, saving z (and the small parameters)
+    only.
 
     A modulated SiLU (the spatial mix's) runs the Triton kernels of ``modulated_silu.py`` when
     that backend is chosen: one pass writes the conv's input, one pass gives d_z, d_scale and
     d_shift, where aten runs a chain of elementwise ops and reductions."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, scale, shift, activate, padding, groups):
+    def forward(ctx, z, weight, bias, scale, shift, residual, activate, padding, groups):
         dtype = _conv_dtype(z, weight, bias)
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
@@ -156,7 +158,7 @@ class _RecomputedConv(torch.autograd.Function):
         pointwise = _triton_pointwise(z, weight, groups, activate)
         with torch.autocast(z.device.type, enabled=False):
             if pointwise:
-                out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype)
+                out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype, residual)
             else:
                 a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
                 out = _conv(a, weight, bias, dtype, padding, groups, triton)
@@ -171,12 +173,16 @@ class _RecomputedConv(torch.autograd.Function):
     def backward(ctx, grad_out):
         z, weight, scale, shift = ctx.saved_tensors
         dtype, activate, padding, groups, triton, fused_act, pointwise = ctx.conv
-        need_z, need_w, need_b, need_scale, need_shift = ctx.needs_input_grad[:5]
+        need_z, need_w, need_b, need_scale, need_shift, need_residual = ctx.needs_input_grad[:6]
         need_b = need_b and ctx.bias_shape is not None
+        # The residual's gradient is the upstream's; the conv's is too, rounded to its dtype
+        # (by the kernels as they load it, or by _conv_backward's cast).
+        d_residual = grad_out if need_residual else None
         if pointwise:  # SiLU remade in registers by both kernels: no activation pass, no d_a
             d_z, d_w, d_b, d_scale, d_shift = pointwise_conv.backward(
                 grad_out, z, weight, scale, shift, dtype, (need_z, need_w, need_b, need_scale, need_shift))
-            return d_z, _cast(d_w, ctx.weight_dtype), _cast(d_b, ctx.bias_dtype), d_scale, d_shift, None, None, None
+            return (d_z, _cast(d_w, ctx.weight_dtype), _cast(d_b, ctx.bias_dtype), d_scale, d_shift, d_residual,
+                    None, None, None)
         need_y = need_z or need_scale or need_shift
         d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
@@ -191,7 +197,7 @@ class _RecomputedConv(torch.autograd.Function):
                 d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
         d_w = d_w.to(ctx.weight_dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b else None
-        return d_z, d_w, d_b, d_scale, d_shift, None, None, None
+        return d_z, d_w, d_b, d_scale, d_shift, d_residual, None, None, None
 
 
 def _cast(grad, dtype):
@@ -327,28 +333,40 @@ def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool,
     return k
 
 
-def silu_conv1x1(z, weight, bias=None, scale=None, shift=None):
-    """:func:`liquiddiff.functional.silu_conv1x1`, keeping only its inputs for backward."""
+def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
+    """:func:`liquiddiff.functional.silu_conv1x1`, keeping only z and the small parameters for
+    backward (the residual's gradient is the upstream one); with the Triton pointwise kernels,
+    the residual is added in the forward kernel's epilogue."""
     _check_conv("z", z, weight, bias, kernel=1, depthwise=False)
     if (scale is None) != (shift is None):
         raise ValueError("scale, shift: give both (the modulation) or neither")
     if scale is not None:
         _tensors.check_vector("scale", scale, z.shape[:2], z.device)
         _tensors.check_vector("shift", shift, z.shape[:2], z.device)
-    return _RecomputedConv.apply(z, weight, bias, scale, shift, True, 0, 1)
+    if residual is not None:
+        _tensors.check_activation("residual", residual)
+        expected = (z.shape[0], weight.shape[0], *z.shape[2:])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual: expected the conv's output shape {expected}, got {tuple(residual.shape)}")
+        _tensors.check_device("residual", residual, z.device)
+        if not _triton_pointwise(z, weight, 1, True):
+            # cuDNN takes no addend: autograd's add, as the reference's (a checkpointed block's
+            # rerun in backward stops before it: it saves nothing).
+            return residual + _RecomputedConv.apply(z, weight, bias, scale, shift, None, True, 0, 1)
+    return _RecomputedConv.apply(z, weight, bias, scale, shift, residual, True, 0, 1)
 
 
 def conv1x1(x, weight, bias=None):
     """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): for an
     fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
-    return _RecomputedConv.apply(x, weight, bias, None, None, False, 0, 1)
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1)
 
 
 def depthwise_conv(x, weight, bias=None):
     """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
     k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
-    return _RecomputedConv.apply(x, weight, bias, None, None, False, k // 2, x.shape[1])
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, k // 2, x.shape[1])
 
 
 class _SpatialMixInput(torch.autograd.Function):
