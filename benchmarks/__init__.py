@@ -4,6 +4,7 @@
 - ``bench_ops.py``, ``bench_model.py``: pytest-benchmark suites (small sizes on a CPU);
 - ``gpu_report.py``: ``python -m benchmarks.gpu_report --out DIR`` (report.json, report.md,
   ratios.png);
+- ``targets.py``: the issues' performance targets, checked against a report;
 - ``sanitize_ops.py``: fused ops at awkward shapes, the program ``compute-sanitizer`` runs;
 - ``gpu_check.sh``: the prepared GPU script (gpu tests, memcheck, report).
 

@@ -4,7 +4,8 @@
     python -m benchmarks.gpu_report --out DIR --quick  # tiny sizes, CPU or GPU: proves it runs
 
 Writes DIR/report.json (every number, with device, versions, date and command), DIR/report.md
-(the tables; printed last) and DIR/ratios.png (per-op time over the memory floor).
+(the tables, with the issues' targets met or missed, ``targets.py``; printed last) and
+DIR/ratios.png (per-op time over the memory floor).
 
 Ops (bf16, [8, 64, 256, 256], NCHW and channels_last): forward and forward+backward times of the
 eager reference, ``torch.compile`` of the reference and the fused op; the memory floor (bytes
@@ -47,7 +48,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import cases  # sets TRITON_INTERPRET before liquiddiff.kernels is imported
-from benchmarks import step_profile
+from benchmarks import step_profile, targets
 from liquiddiff import kernels
 from liquiddiff.kernels import runtime
 
@@ -530,6 +531,10 @@ def render_markdown(report: dict) -> str:
     hl = report.get("headline") or []
     if hl:
         out += ["", "## Headline", ""] + [f"- {line}" for line in hl]
+    if report.get("targets"):
+        out += ["", "## The issues' targets (benchmarks/targets.py)", "",
+                _table(["issue", "target", "measured", "verdict"],
+                       [[str(t["issue"]), t["target"], t["measured"], t["verdict"]] for t in report["targets"]])]
 
     shape, dtype = meta["op_shape"], meta["op_dtype"]
     out += ["", f"## Fused ops ({dtype}, {shape}): median ms", ""]
@@ -822,6 +827,7 @@ def run_report(args, argv) -> int:
     report["e2e"] = e2e_section(workers, cfg, notes)
     report["meta"]["elapsed_s"] = clock.elapsed()
     report["headline"] = headline(report)
+    report["targets"] = targets.evaluate(report)
     e2e_rows = report["e2e"].get("train", []) + report["e2e"].get("sample", [])
     if any(r.get("parity") in ("FAIL", "ERROR") for r in report["ops"]) or any(
             r.get("status") == "NON-FINITE" for r in e2e_rows):
