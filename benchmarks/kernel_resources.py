@@ -118,6 +118,8 @@ def launches() -> list[tuple[str, str, str, callable]]:
     out += [  # the CfC backbone's 7x7 (its fp32 input rounded in registers), then its g/h pair
         ("depthwise 7x7 forward (fp32 in)", "depthwise", "_dwconv_kernel",
          lambda: dw.forward(x32, [w7], [bias], bf16)),
+        ("depthwise 7x7 spatial-mix input stage (+ bf16 copy, pixel sums)", "depthwise", "_dwconv_kernel",
+         lambda: dw.input_stage(x32, w7, bias, bf16)),
         ("depthwise 7x7 input grad + CfC's dx", "depthwise", "_dwconv_kernel",
          lambda: dw.backward([g16], x32, [w7], bf16, [True, False, False], addend=d32)),
         ("depthwise 7x7 spatial-mix input grad + residual, pixel-sum grads", "depthwise", "_dwconv_kernel",

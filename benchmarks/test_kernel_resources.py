@@ -21,6 +21,6 @@ def test_kernels_do_not_spill():
         pytest.skip(f"no sm_90 toolchain in this Triton: {proc.stderr[-300:]}")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = re.findall(r"^(\S.*?)\s+\d+ warps:\s+(\d+) registers, stack (\d+)", proc.stdout, re.M)
-    assert len(rows) == 32, proc.stdout  # every launch of kernel_resources.launches()
+    assert len(rows) == 33, proc.stdout  # every launch of kernel_resources.launches()
     for label, registers, stack in rows:
         assert int(stack) == 0 and int(registers) <= 128, (label, registers, stack)

@@ -14,6 +14,13 @@ both heads' grad_out and writes their sum, to which its epilogue adds the gradie
 from its other consumers (the f head's 1x1 conv) and applies SiLU's backward, so it writes z's
 gradient directly; the weight gradient reads a once for both heads.
 
+The spatial mix's input stage (``input_stage``): the model's fp32 residual stream x, under
+autocast, is convolved in bf16 and kept for backward as a bf16 copy, and summed over its pixels
+(its context). One launch does all three: the centre tap's load of a strip's own pixels also
+writes them, rounded, to the copy and adds them, unrounded, to fp32 per-program partial sums.
+Where a cast (read 4 bytes, write 2) and a sum (read 4) ran besides the conv, the conv reads 4
+bytes where it read 2 and writes the copy's 2: 6 bytes an element less, and two launches.
+
 Memory moved: the forward reads x and writes out once each: a program walks down a strip of
 rows, loads each input row k times (its horizontal shifts, cache hits after the first) and adds
 it to the k output rows it feeds (a sliding window; the strip's halo is k - 1 rows and columns).
@@ -44,7 +51,7 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from . import _eager, _tensors
 
-__all__ = ["forward", "backward", "is_depthwise"]
+__all__ = ["forward", "input_stage", "backward", "is_depthwise"]
 
 # Tile sizes from the compiler alone (no GPU has run these kernels yet): registers per thread
 # and spills of the sm_90 compile of the launches at [8, 64, 256, 256]
@@ -81,12 +88,13 @@ if triton is not None:
     @triton.jit
     def _dwconv_kernel(
         x_ptr, x2_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, out_ptr, out2_ptr, add_ptr, cadd_ptr, z_ptr,
-        C, H, W,
+        copy_ptr, psum_ptr, B, C, H, W,
         sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
-        sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
+        sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, scp_b, scp_c, scp_h, scp_w,
+        sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
         PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
-        SILU_GRAD: tl.constexpr,
+        SILU_GRAD: tl.constexpr, COPY: tl.constexpr, PIXEL_SUM: tl.constexpr,
         CONV: tl.constexpr, ACC: tl.constexpr,
         ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
@@ -97,7 +105,9 @@ if triton is not None:
         # PAIR_OUT: a second kernel (w2, bias2 if HAS_BIAS2) on the same input rows, into out2 (the forward
         # of two heads). PAIR_IN: a second input x2 with its kernel w2, summed into out (their
         # input gradient). Epilogue at the store: + addend (+ a per-(b, c) channel addend, unrounded
-        # unlike the bias), then times SiLU'(z).
+        # unlike the bias), then times SiLU'(z). COPY / PIXEL_SUM (the spatial mix's input): the
+        # centre tap's load of the strip's own pixels also writes x rounded to CONV into copy
+        # (what backward keeps) / adds x, unrounded, to this program's per-channel partial sums.
         P: tl.constexpr = K // 2
         pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
         slots = tl.arange(0, SLOTS)
@@ -115,6 +125,7 @@ if triton is not None:
             cadd = tl.load(cadd_ptr + pid_b * sca_b + cs * sca_c, mask=c_mask, other=0.0).to(ACC)
         acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
         acc2 = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)  # PAIR_OUT only (else folded away)
+        psum = tl.zeros([BLOCK_C], dtype=ACC)  # PIXEL_SUM only
         for i in range(ROWS + K - 1):
             r = row0 - P + i  # the input row this step reads
             # Vectors, not scalars: the interpreter rejects a scalar mask & a tensor mask.
@@ -129,7 +140,16 @@ if triton is not None:
                 iw = ow + (v - P)
                 ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
                 wv_col = (K - 1 - v) if FLIP else v
-                xv = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
+                x_raw = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0)
+                xv = x_raw.to(CONV).to(ACC)
+                if COPY or PIXEL_SUM:
+                    if v == P:  # the strip's own pixels of row r, each once
+                        own = ok & ((ow * 0 + r) >= row0)[:, None] & ((ow * 0 + r) < row0 + ROWS)[:, None]
+                        if COPY:
+                            tl.store(copy_ptr + pid_b * scp_b + cs[None, :] * scp_c + r * scp_h + ow[:, None] * scp_w,
+                                     x_raw.to(CONV), mask=own)
+                        if PIXEL_SUM:
+                            psum += tl.sum(tl.where(own, x_raw.to(ACC), 0.0), axis=0)
                 wt = tl.load(w_base + u[:, None] * sw_h + wv_col * sw_w, mask=u_ok, other=0.0)
                 acc += wt.to(CONV).to(ACC)[:, None, :] * xv[None, :, :]
                 if PAIR_OUT or PAIR_IN:
@@ -166,6 +186,8 @@ if triton is not None:
                     out2 += bias2[None, :]
                 tl.store(out2_ptr + o_off + o * so_h, out2.to(out2_ptr.dtype.element_ty), mask=mask)
                 acc2 = tl.where(done, 0.0, acc2)
+        if PIXEL_SUM:  # partials [programs along the pixels, B, C]
+            tl.store(psum_ptr + (tl.program_id(0) * B + pid_b) * C + cs, psum, mask=c_mask)
 
 
     @triton.jit
@@ -251,11 +273,13 @@ def _channel_block(C: int) -> int:
 
 
 def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=None, silu_input=None,
-              channel_addend=None):
+              channel_addend=None, copy=None, pixel_sums=False):
     """One launch of the sliding-window kernel. ``xs``: one input, or two (their convolutions
     summed, ``flip``: the input gradient); ``weights``: one or two (with one input: one output
     each). Epilogue: + ``channel_addend`` ([B, C]) + ``addend``, then times SiLU'(``silu_input``).
-    Returns the outputs."""
+    ``copy``: a tensor of x's shape that gets x in its dtype (rounded in registers);
+    ``pixel_sums``: the partial sums of x over pixels too. Returns the outputs (then the
+    partials, [programs, B, C] in fp32 or fp64, when asked)."""
     x = xs[0]
     B, C, H, W = x.shape
     k = weights[0].shape[-1]
@@ -270,15 +294,21 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
     bias, bias2 = biases[0], biases[-1] if pair_out else None
     add, z = (addend if addend is not None else x), (silu_input if silu_input is not None else x)
     cadd, cadd_strides = (x, (0, 0)) if channel_addend is None else (channel_addend, channel_addend.stride())
+    part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    partials = _tensors.empty_buffer((grid[0], B, C), part_dtype, x.device) if pixel_sums else x
+    copy_to = x if copy is None else copy
     _dwconv_kernel[grid](
         x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
-        add, cadd, z, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(), *cadd_strides, *z.stride(),
+        add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(),
+        *cadd_strides, *z.stride(), *copy_to.stride(),
         weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
-        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None, SILU_GRAD=silu_input is not None, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
+        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
+        SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
+        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
     )
-    return outs
+    return outs + [partials] if pixel_sums else outs
 
 
 def _forward_kernels(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
@@ -302,6 +332,33 @@ def forward(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
     _check_heads(weights, biases, "biases")
     op = _forward_op if _eager.needs_custom_op(x) else _forward_kernels
     return op(x, weights, biases, dtype)
+
+
+def _input_stage_kernels(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    copy = _tensors.empty_activation(x, dtype)
+    out, partials = _convolve([x], [weight], [bias], dtype, flip=False, out_dtype=dtype, copy=copy, pixel_sums=True)
+    # Fresh tensors (custom-op outputs may not alias): the sum, in x's dtype as x.sum would give.
+    return out, copy, partials.sum(0).to(x.dtype)
+
+
+_input_stage_op = torch.library.custom_op("liquiddiff::depthwise_conv_input_stage", mutates_args=())(
+    _input_stage_kernels)
+
+
+@_input_stage_op.register_fake
+def _(x, weight, bias, dtype):
+    return _tensors.empty_activation(x, dtype), _tensors.empty_activation(x, dtype), x.new_empty(x.shape[:2])
+
+
+def input_stage(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(conv(x), x in ``dtype``, x summed over its pixels) in one pass over an fp32 x: the spatial
+    mix's input stage (recompute.py), where x was cast to ``dtype`` (the copy backward keeps)
+    and summed (its context) by two more passes. The sum in x's dtype, from fp32 per-program
+    partials. No autograd: the caller makes the backward."""
+    op = _input_stage_op if _eager.needs_custom_op(x) else _input_stage_kernels
+    return op(x, weight, bias, dtype)
 
 
 def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):

@@ -372,6 +372,8 @@ def depthwise_conv(x, weight, bias=None):
 class _SpatialMixInput(torch.autograd.Function):
     """(conv(x), x.sum((2, 3)), x) for a depthwise conv, saving the conv-dtype copy of x (nothing
     else keeps the spatial mix's input: half the bytes of an fp32 x, what the reference keeps).
+    On the Triton depthwise kernels an fp32 x under autocast is convolved, copied and summed in
+    one pass (``depthwise.input_stage``).
 
     Backward sums x's three gradients, the conv's input gradient, the broadcast pixel-sum
     gradient and the residual's, into one tensor in x's dtype: in the Triton kernel's epilogue,
@@ -379,16 +381,21 @@ class _SpatialMixInput(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
         dtype = _conv_dtype(x, weight, bias)
         ctx.triton = _triton_depthwise(x, weight, x.shape[1])
         ctx.weight_dtype = weight.dtype
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         weight, bias = _conv_params(weight, bias, dtype, ctx.triton)
-        with torch.autocast(x.device.type, enabled=False):
-            x_conv = x.to(dtype)
-            local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
+        if ctx.triton and x.dtype == torch.float32 and dtype != x.dtype:
+            # The model's fp32 stream under autocast: the conv, the copy and the sum (fp32 in any
+            # autocast state, as the reference's) in one pass, where the copy and the sum took two.
+            local, x_conv, pixel_sum = depthwise.input_stage(x, weight, bias, dtype)
+        else:
+            pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
+            with torch.autocast(x.device.type, enabled=False):
+                x_conv = x.to(dtype)
+                local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
         ctx.save_for_backward(x_conv, weight)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a tensor of zeros
