@@ -156,6 +156,8 @@ class _RecomputedConv(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         weight, bias = _conv_params(weight, bias, dtype, triton)
         pointwise = _triton_pointwise(z, weight, groups, activate)
+        if residual is not None and not pointwise:
+            raise ValueError("residual: only the Triton pointwise kernels add it (silu_conv1x1 adds it otherwise)")
         with torch.autocast(z.device.type, enabled=False):
             if pointwise:
                 out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype, residual)
