@@ -5,9 +5,9 @@
 
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
 SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair, the CfC branch on the
-pointwise kernels with its heads + gate kernels; first the spatial mix's input stage in one
-Triton pass (fp32 x: conv, bf16 copy, pixel sums), its merged depthwise kernel and context
-shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,
+pointwise kernels with its heads + gate kernels; first the spatial mix's fp32 input in one
+Triton pass (conv, bf16 copy and pixel sums; or copy and sums before cuDNN), its merged
+depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,
 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
 activations, fp32 rho / t / residual). Launcher output buffers start as NaN, so an element no
@@ -24,6 +24,7 @@ this script, not of memory safety).
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 
@@ -32,6 +33,9 @@ import torch
 from benchmarks import cases
 from liquiddiff import functional, kernels
 from liquiddiff.kernels import depthwise, runtime
+
+# The module (the package's attribute of that name is the op).
+modulated_silu = importlib.import_module("liquiddiff.kernels.modulated_silu")
 
 SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
 # Looser than the parity tests' (bf16 1e-2, fp32 1e-5): tiny C makes LayerNorm ill-conditioned,
@@ -98,25 +102,31 @@ def small_op_checks(channels: int, device: torch.device) -> list[tuple[str, str,
             ("context_shift", f"C={channels}", all(cases.rel_err(a, b) <= 1e-5 for a, b in shifted))]
 
 
-def input_stage_checks(device: torch.device) -> list[tuple[str, str, bool]]:
-    """The spatial mix's input stage on the Triton depthwise kernel (``depthwise.input_stage``:
-    the conv, the copy and the pixel sums of an fp32 x in one pass; the model runs it under
-    autocast, which the op cases do not) at each shape and layout: the copy exactly x.to, the
-    conv and the sum against fp64 references: (op, what, ok)."""
+def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
+    """The spatial mix's fp32 input in one pass, as the model runs it under autocast (which the
+    op cases do not): on the Triton depthwise kernel, conv, copy and pixel sums
+    (``depthwise.input_stage``); before cuDNN, copy and pixel sums (``cast_with_pixel_sum``).
+    At each shape and layout: the copy exactly x.to, the conv and the sum against fp64
+    references: (op, what, ok)."""
     dtype = cases.default_dtype(device) if device.type == "cuda" else torch.float64
     out = []
     for shape in SHAPES:
         gen = torch.Generator().manual_seed(shape[1])
         x = torch.randn(shape, generator=gen)
         w, b = 0.2 * torch.randn(shape[1], 1, 7, 7, generator=gen), torch.randn(shape[1], generator=gen)
+        want_sum, want_copy = x.double().sum((2, 3)), x.to(dtype)
+        want_conv = functional.depthwise_conv(want_copy.double(), w.to(dtype).double(), b.to(dtype).double())
         for layout in cases.LAYOUTS:
-            xd = x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x
-            local, copy, pixel_sum = depthwise.input_stage(xd.to(device), w.to(device, dtype), b.to(device, dtype), dtype)
+            xd = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x).to(device)
+            local, copy, pixel_sum = depthwise.input_stage(xd, w.to(device, dtype), b.to(device, dtype), dtype)
+            cast, cast_sum = modulated_silu.cast_with_pixel_sum(xd, dtype)
             cases.sync(device)
-            want = functional.depthwise_conv(x.to(dtype).double(), w.to(dtype).double(), b.to(dtype).double())
-            ok = (torch.equal(copy.cpu(), x.to(dtype)) and cases.rel_err(local.cpu(), want) <= TOL["bf16"]
-                  and cases.rel_err(pixel_sum.cpu(), x.double().sum((2, 3))) <= TOL["fp32"])
-            out.append(("depthwise_conv", f"input stage {list(shape)} {layout} fp32 -> {str(dtype)[6:]}", ok))
+            what = f"{list(shape)} {layout} fp32 -> {str(dtype)[6:]}"
+            out += [("depthwise_conv", f"input stage {what}",
+                     torch.equal(copy.cpu(), want_copy) and cases.rel_err(local.cpu(), want_conv) <= TOL["bf16"]
+                     and cases.rel_err(pixel_sum.cpu(), want_sum) <= TOL["fp32"]),
+                    ("modulated_silu", f"cast with pixel sums {what}",
+                     torch.equal(cast.cpu(), want_copy) and cases.rel_err(cast_sum.cpu(), want_sum) <= TOL["fp32"])]
     return out
 
 
@@ -154,7 +164,7 @@ def main(argv=None) -> int:
     # The [C]- and [B, C]-sized kernels first: milliseconds, outside the time-limited list.
     small = [check for channels in sorted({shape[1] for shape in SHAPES}) for check in small_op_checks(channels, device)
              if check[0] not in off]
-    small += input_stage_checks(device)
+    small += [check for check in fp32_input_checks(device) if check[0] not in off]
     for op, what, ok in small:
         ran += 1
         mismatches += not ok

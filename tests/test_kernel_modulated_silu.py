@@ -3,8 +3,9 @@
 The launchers' value and gradients against functional.modulated_silu and its autograd, with one
 shared upstream gradient and NaN-poisoned outputs, in fp32 and fp64, NCHW, channels_last and
 channel slices, awkward shapes and backward programs that walk several tiles; then inside
-kernels.silu_conv1x1 (where the spatial mix calls it); gradcheck, opcheck, torch.compile, the
-runtime selection; the `gpu` test checks bf16 under autocast at the model's size.
+kernels.silu_conv1x1 (where the spatial mix calls it); the same kernel as a gradient sum and as a
+cast with pixel sums; gradcheck, opcheck, torch.compile, the runtime selection; the `gpu` tests
+check bf16 under autocast at the model's size.
 """
 import importlib
 
@@ -194,6 +195,36 @@ def test_opcheck_sum_gradients():
     torch.library.opcheck(torch.ops.liquiddiff.gradient_sum.default,
                           ([d, torch.randn_like(d).bfloat16() if DEVICE == "cuda" else d.double(), per_channel],
                            torch.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (1, 130, 33, 40)])
+def test_cast_with_pixel_sum(layout, shape):
+    """cast_with_pixel_sum(x, dtype): x in ``dtype`` (exactly x.to: fp32 to fp64 here, as the
+    interpreter rounds to bf16 toward zero; the gpu test below checks bf16) in x's memory format,
+    and x summed over its pixels, in x's dtype; outputs NaN-poisoned."""
+    x = _z(shape, torch.float32, layout)
+    with parity.poisoned_outputs():
+        copy, pixel_sum = modulated_silu.cast_with_pixel_sum(x, torch.float64)
+    assert torch.equal(copy, x.double()) and pixel_sum.dtype == torch.float32
+    if layout == "channels_last":
+        assert copy.is_contiguous(memory_format=torch.channels_last)
+    parity.assert_close("pixel_sum", pixel_sum, x.sum((2, 3)), 1e-6)
+
+
+def test_opcheck_cast_with_pixel_sum():
+    torch.library.opcheck(torch.ops.liquiddiff.cast_with_pixel_sum.default,
+                          (_z((2, 3, 5, 6), torch.float32, "channels_last"), torch.float64))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_cast_with_pixel_sum_to_bf16(layout):
+    """The spatial mix's fp32 input at the model's size: the bf16 copy bit for bit x.to's."""
+    x = _z((8, 64, 256, 256), torch.float32, layout)
+    copy, pixel_sum = modulated_silu.cast_with_pixel_sum(x, torch.bfloat16)
+    assert torch.equal(copy, x.bfloat16())
+    parity.assert_close("pixel_sum", pixel_sum, x.sum((2, 3)), 1e-5)
 
 
 def test_silu_convs_backward_runs_it(monkeypatch):

@@ -12,7 +12,8 @@ gradients in registers and applies SiLU's backward, d_z = sig(z) * (1 + z * (1 -
 sum(grads), in one pass instead of casts, fp32 adds and SiLU's backward (about 19 passes, 5
 here, for three bf16 gradients). Without SiLU it is a plain sum of gradients
 (:func:`sum_gradients`: the spatial mix's input, whose conv, pixel-sum and residual gradients
-meet in fp32 after cuDNN's input gradient).
+meet in fp32 after cuDNN's input gradient), and with one "gradient" a cast that also sums over
+the pixels (:func:`cast_with_pixel_sum`: the spatial mix's input before cuDNN's conv).
 
 Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
 copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
@@ -39,7 +40,7 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients"]
+__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients", "cast_with_pixel_sum"]
 
 # Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
 # tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
@@ -90,7 +91,8 @@ if triton is not None:
     ):
         # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
         # backbone's SiLU feeds three convs; any strides, a broadcast one included). MODULATED
-        # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread).
+        # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread), and
+        # NEED_PARAMS sums it over the pixels (the second partial; the first stays zero).
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(2).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -121,7 +123,8 @@ if triton is not None:
                 dy = go
             if NEED_PARAMS:
                 # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
-                acc_scale += tl.where(mask, dy * z, 0.0)
+                if SILU:
+                    acc_scale += tl.where(mask, dy * z, 0.0)
                 acc_shift += tl.where(mask, dy, 0.0)
             if NEED_DZ:
                 if MODULATED:
@@ -249,6 +252,28 @@ def silu_backward(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torc
         raise ValueError(f"grads: expected one to three gradients, got {len(grads)}")
     op = _silu_backward_op if _eager.needs_custom_op(z) else _silu_backward_kernels
     return op(grads, z)
+
+
+def _cast_with_pixel_sum_kernels(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    copy, partials = _launch_backward([x], x, None, None, True, True, silu=False, dz_dtype=dtype)
+    return copy, partials[1].sum(0).to(x.dtype)
+
+
+_cast_with_pixel_sum_op = torch.library.custom_op("liquiddiff::cast_with_pixel_sum", mutates_args=())(
+    _cast_with_pixel_sum_kernels)
+
+
+@_cast_with_pixel_sum_op.register_fake
+def _(x, dtype):
+    return _tensors.empty_activation(x, dtype), x.new_empty(x.shape[:2])
+
+
+def cast_with_pixel_sum(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in ``dtype``, in x's layout; x summed over its pixels, in x's dtype, from fp32 (fp64)
+    per-program partials): one pass where a cast and a sum read x twice (the spatial mix's fp32
+    input under autocast, before cuDNN's conv: the copy is what its backward keeps)."""
+    op = _cast_with_pixel_sum_op if _eager.needs_custom_op(x) else _cast_with_pixel_sum_kernels
+    return op(x, dtype)
 
 
 def _sum_kernels(grads: typing.Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

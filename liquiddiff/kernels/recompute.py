@@ -50,8 +50,8 @@ from liquiddiff import functional
 
 from . import _tensors, depthwise, pointwise_conv, runtime
 from .merged_depthwise import merged_depthwise_weight
-from .modulated_silu import (backward as modulated_silu_backward, forward as modulated_silu_forward, silu_backward,
-                             sum_gradients)
+from .modulated_silu import (backward as modulated_silu_backward, cast_with_pixel_sum, forward as modulated_silu_forward,
+                             silu_backward, sum_gradients)
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved"]
 
@@ -374,8 +374,9 @@ def depthwise_conv(x, weight, bias=None):
 class _SpatialMixInput(torch.autograd.Function):
     """(conv(x), x.sum((2, 3)), x) for a depthwise conv, saving the conv-dtype copy of x (nothing
     else keeps the spatial mix's input: half the bytes of an fp32 x, what the reference keeps).
-    On the Triton depthwise kernels an fp32 x under autocast is convolved, copied and summed in
-    one pass (``depthwise.input_stage``).
+    An fp32 x under autocast is copied and summed in one pass: with the convolution on the Triton
+    depthwise kernels (``depthwise.input_stage``), else before cuDNN's
+    (``modulated_silu.cast_with_pixel_sum``).
 
     Backward sums x's three gradients, the conv's input gradient, the broadcast pixel-sum
     gradient and the residual's, into one tensor in x's dtype: in the Triton kernel's epilogue,
@@ -389,14 +390,19 @@ class _SpatialMixInput(torch.autograd.Function):
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         weight, bias = _conv_params(weight, bias, dtype, ctx.triton)
-        if ctx.triton and x.dtype == torch.float32 and dtype != x.dtype:
-            # The model's fp32 stream under autocast: the conv, the copy and the sum (fp32 in any
-            # autocast state, as the reference's) in one pass, where the copy and the sum took two.
+        # The model's fp32 stream under autocast: the copy backward keeps and the pixel sum (fp32
+        # in any autocast state, as the reference's) in one pass over x, with the conv on the
+        # Triton kernel, before cuDNN's by the Triton cast, where a cast and a sum took two.
+        fp32_stream = x.dtype == torch.float32 and dtype != x.dtype
+        if ctx.triton and fp32_stream:
             local, x_conv, pixel_sum = depthwise.input_stage(x, weight, bias, dtype)
         else:
-            pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
-            with torch.autocast(x.device.type, enabled=False):
+            if fp32_stream and runtime.use_triton("modulated_silu", x.device.type):
+                x_conv, pixel_sum = cast_with_pixel_sum(x, dtype)
+            else:
+                pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
                 x_conv = x.to(dtype)
+            with torch.autocast(x.device.type, enabled=False):
                 local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
         ctx.save_for_backward(x_conv, weight)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
