@@ -59,3 +59,12 @@ def check_op(fn, ref_fn, raw: dict[str, torch.Tensor | None], tol: float):
     for name in ins:
         assert_close(name, got[name], want[name], tol)
     return out
+
+
+def under_autocast(fn, device: str):
+    """``fn`` with its inputs by name, under bf16 autocast on ``device`` (as the fused block
+    calls the ops)."""
+    def run(**ins):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            return fn(**ins)
+    return run

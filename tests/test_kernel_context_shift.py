@@ -34,14 +34,6 @@ def _reference(**ins):
     return functional.context_shift(**ins, pixels=PIXELS)
 
 
-def _autocast(fn):
-    """``fn`` under bf16 autocast, as the fused block calls it."""
-    def run(**ins):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            return fn(**ins)
-    return run
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("batch, channels", [(1, 1), (2, 33), (3, 70), (8, 64)])
 def test_parity(dtype, tol, batch, channels):
@@ -57,7 +49,8 @@ def test_under_autocast_as_the_block_calls_it():
     """bf16 autocast, bf16 weight, bias, scale and shift (the block's casts, autocast's Linear), an
     fp32 pixel sum: the reference's dtype, and its values and gradients to bf16 rounding."""
     raw = {k: (v if k == "pixel_sum" else v.bfloat16()) for k, v in _inputs(4, 48).items()}
-    out = parity.check_op(_autocast(_fused), _autocast(_reference), raw, 3e-2)
+    out = parity.check_op(parity.under_autocast(_fused, DEVICE),
+                          parity.under_autocast(_reference, DEVICE), raw, 3e-2)
     assert out.dtype == torch.bfloat16
 
 
@@ -117,5 +110,6 @@ def test_torch_compile_fullgraph():
 def test_gpu_bf16_at_the_bottleneck_width():
     """The tiny preset's widest blocks (C = 256, batch 8) under bf16 autocast."""
     raw = {k: (v if k == "pixel_sum" else v.bfloat16()) for k, v in _inputs(8, 256).items()}
-    parity.check_op(_autocast(_fused), _autocast(_reference), raw, 3e-2)
+    parity.check_op(parity.under_autocast(_fused, DEVICE),
+                    parity.under_autocast(_reference, DEVICE), raw, 3e-2)
 

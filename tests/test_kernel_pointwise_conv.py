@@ -42,14 +42,6 @@ def _inputs(B, K, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, bia
             "bias": randn(N) if bias else None, "scale": scale, "shift": shift}
 
 
-def _autocast(fn):
-    """``fn`` with its inputs by name, under bf16 autocast (as the block calls it)."""
-    def run(**ins):
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            return fn(**ins)
-    return run
-
-
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape, bias, modulated", [
@@ -81,7 +73,8 @@ def test_residual_under_autocast_as_the_block_adds_it(launches):
     rest to bf16 rounding, as the reference's add promotes and casts."""
     raw = {k: v.bfloat16() for k, v in _inputs(2, 48, 24, 6, 6, fmt=torch.channels_last).items() if v is not None}
     raw["residual"] = torch.randn(2, 24, 6, 6, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    out = parity.check_op(_autocast(kernels.silu_conv1x1), _autocast(functional.silu_conv1x1), raw, 3e-2)
+    out = parity.check_op(parity.under_autocast(kernels.silu_conv1x1, DEVICE),
+                          parity.under_autocast(functional.silu_conv1x1, DEVICE), raw, 3e-2)
     assert out.dtype == torch.float32 and launches == ["forward", "backward"]
 
 
@@ -109,7 +102,8 @@ def test_under_autocast_as_the_block_calls_it(launches):
     """bf16 autocast, a bf16 input and weights (the block's casts): the reference's dtype, and
     its values and gradients to bf16 rounding."""
     raw = {k: v.bfloat16() for k, v in _inputs(2, 48, 24, 6, 6, fmt=torch.channels_last).items() if v is not None}
-    out = parity.check_op(_autocast(kernels.silu_conv1x1), _autocast(functional.silu_conv1x1), raw, 3e-2)
+    out = parity.check_op(parity.under_autocast(kernels.silu_conv1x1, DEVICE),
+                          parity.under_autocast(functional.silu_conv1x1, DEVICE), raw, 3e-2)
     assert launches and out.dtype == torch.bfloat16
 
 
