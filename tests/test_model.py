@@ -133,6 +133,26 @@ def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(mon
         assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_gpu_fused_model_on_a_device_that_is_not_current():
+    """Triton launches on the current device: the fused ops switch to their inputs' (a model on
+    cuda:1 while cuda:0 is current gives the reference's output and gradients)."""
+    torch.cuda.set_device(0)
+    model = _randomise(build("micro", channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1)).to("cuda:1")
+    x, t = torch.randn(4, 3, 32, 32, device="cuda:1"), torch.rand(4, device="cuda:1")
+    results = []
+    for fused in (True, False):
+        model.set_fused(fused).zero_grad(set_to_none=True)
+        out = model(x, t)
+        out.square().mean().backward()
+        results.append((out, [p.grad for p in model.parameters()]))
+    (out, grads), (ref, ref_grads) = results
+    assert rel_err(out, ref) < 1e-4
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).norm() <= 1e-4 * r.norm() + 1e-8
+
+
 def test_fused_block_under_autocast_casts_its_parameters_together():
     """Under autocast the fused block casts its parameters by one concatenation and one cast (and
     their gradients back the same way): no op reads a parameter to cast it alone, the values

@@ -133,3 +133,72 @@ def test_grid_arithmetic_matches_triton():
         assert _tensors.next_power_of_2(n) == triton.next_power_of_2(n)
         for block in (1, 3, 64, 1024):
             assert _tensors.cdiv(n, block) == triton.cdiv(n, block)
+
+
+def _registered_ops():
+    """Every custom op the kernel modules define (torch.library's CustomOpDef objects)."""
+    import importlib
+    import pkgutil
+
+    from torch._library.custom_ops import CustomOpDef
+
+    ops = {}
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"liquiddiff.kernels.{info.name}")
+        ops.update({op._qualname: op for op in vars(module).values() if isinstance(op, CustomOpDef)})
+    return ops
+
+
+def test_every_custom_op_launches_on_its_inputs_device():
+    """Triton launches on the current device: each op's launcher (the custom op's and, being the
+    same function, the eager path's) must switch to its inputs' device first."""
+    from liquiddiff.kernels import _tensors
+
+    guard = _tensors.launches_on_input_device(lambda first: first).__code__
+    ops = _registered_ops()
+    assert len(ops) >= 20, sorted(ops)
+    for name, op in ops.items():
+        assert op._init_fn.__code__ is guard, name
+
+
+def test_launcher_switches_to_the_device_of_its_first_input(monkeypatch):
+    from liquiddiff.kernels import _tensors
+
+    events = []
+
+    class Device:  # records torch.cuda.device(...) around the launch
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            events.append(("enter", self.device))
+
+        def __exit__(self, *exc):
+            events.append(("exit", self.device))
+
+    class OnGpu:  # stands in for a CUDA tensor: no GPU here
+        is_cuda = True
+
+        def __init__(self, index):
+            self.index, self.device = index, f"cuda:{index}"
+
+        def get_device(self):
+            return self.index
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+
+    @_tensors.launches_on_input_device
+    def launcher(first, scale=1):
+        events.append("launch")
+        return scale
+
+    assert launcher(OnGpu(1), scale=3) == 3
+    assert events == [("enter", "cuda:1"), "launch", ("exit", "cuda:1")]
+    events.clear()
+    launcher([OnGpu(1), OnGpu(1)])
+    assert events == [("enter", "cuda:1"), "launch", ("exit", "cuda:1")]
+    events.clear()
+    launcher(OnGpu(0))
+    launcher([torch.ones(2)])
+    assert events == ["launch", "launch"]

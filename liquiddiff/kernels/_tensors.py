@@ -5,6 +5,7 @@ Every check runs before any launch and names the argument that is wrong.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -24,6 +25,30 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of 2 >= n (1 for n <= 1)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def launches_on_input_device(launcher):
+    """Run an op's launcher with the current CUDA device set to its first input's.
+
+    Triton launches on the current device (and its current stream), not on the device of the
+    pointers it is given: a model on cuda:1 in a process whose current device is cuda:0 would
+    hand device-1 memory to kernels running on device 0. The first argument is a tensor or a
+    sequence of tensors (the op's inputs share one device, checked before). Costs nothing when
+    the device is already current: no context switch, as in every single-GPU or torchrun run.
+    """
+
+    @functools.wraps(launcher)
+    def on_input_device(first, *args, **kwargs):
+        t = first[0] if isinstance(first, (list, tuple)) else first
+        if t.is_cuda and t.get_device() != torch.cuda.current_device():
+            with torch.cuda.device(t.device):
+                return launcher(first, *args, **kwargs)
+        return launcher(first, *args, **kwargs)
+
+    # torch.library.custom_op reads the signature and evaluates string annotations in the
+    # function's module: give it the launcher's, already evaluated there.
+    on_input_device.__signature__ = inspect.signature(launcher, eval_str=True)
+    return on_input_device
 
 
 def check_floating(name: str, t: torch.Tensor) -> None:

@@ -203,6 +203,7 @@ def _forward_buffers(x, scale, shift, residual, out_dtype):
     return out, s, mean, rstd
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -260,6 +261,7 @@ def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads
     return ds, ds2, dparams
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(
     grad_out: torch.Tensor,
     grad_s: Optional[torch.Tensor],

@@ -220,6 +220,7 @@ def _gate_args(a, b, rho, t):
     return [a, b, rho, t], [*a.stride(), *b.stride(), rho.stride(0), t.stride(0)]
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(
     backbone: torch.Tensor, g_hidden: torch.Tensor, h_hidden: torch.Tensor,
     f_weight: torch.Tensor, f_bias: typing.Optional[torch.Tensor],
@@ -253,6 +254,7 @@ def _(backbone, g_hidden, h_hidden, f_weight, f_bias, g_weight, g_bias, h_weight
     return _allocate_out(x, a, b, rho, t, residual, dtype)
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(
     grad_out: torch.Tensor, backbone: torch.Tensor, g_hidden: torch.Tensor, h_hidden: torch.Tensor,
     f_weight: torch.Tensor, f_bias: typing.Optional[torch.Tensor],

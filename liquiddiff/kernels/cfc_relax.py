@@ -245,6 +245,7 @@ def _allocate_activation_grads(f, g, h, x, needs):
     ]
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(
     f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
@@ -280,6 +281,7 @@ def _(f, g, h, x, a, b, rho, t, residual):
     return _allocate_out(f, g, h, x, a, b, rho, t, residual)
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(
     grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
     a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,

@@ -132,6 +132,7 @@ def _forward_buffers(pixel_sum, weight, bias, scale, shift, conv_dtype):
             _tensors.empty_buffer(tuple(scale.shape), ctx_dtype, scale.device))
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(pixel_sum: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, scale: torch.Tensor,
                      shift: torch.Tensor, pixels: int, conv_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, ctx): ctx (the context, rounded to ``conv_dtype``, kept in fp32) is for backward."""
@@ -155,6 +156,7 @@ def _backward_buffers(pixel_sum, weight, bias_dtype, scale):
             _tensors.empty_buffer(tuple(scale.shape), scale.dtype, scale.device))
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(grad_out: torch.Tensor, pixel_sum: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                       ctx: torch.Tensor, pixels: int, conv_dtype: torch.dtype,
                       bias_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

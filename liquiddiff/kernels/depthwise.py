@@ -311,6 +311,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
     return outs + [partials] if pixel_sums else outs
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
                      biases: typing.Sequence[typing.Optional[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
     return _convolve([x], weights, biases, dtype, flip=False)
@@ -334,6 +335,7 @@ def forward(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
     return op(x, weights, biases, dtype)
 
 
+@_tensors.launches_on_input_device
 def _input_stage_kernels(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
                          dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     copy = _tensors.empty_activation(x, dtype)
@@ -397,6 +399,7 @@ def _input_grad_dtype(dtype, silu_input, addends) -> torch.dtype:
     return dtype
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
                       weights: typing.Sequence[torch.Tensor], dtype: torch.dtype, needs: typing.Sequence[bool],
                       silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor],

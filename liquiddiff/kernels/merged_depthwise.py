@@ -144,6 +144,7 @@ def _forward_buffers(weights, biases) -> tuple[torch.Tensor, torch.Tensor]:
             _tensors.empty_buffer((channels,), _tensors.result_dtype(*biases), device))
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(weights: typing.Sequence[torch.Tensor],
                      biases: typing.Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     weight, bias = _forward_buffers(weights, biases)
@@ -171,6 +172,7 @@ def _backward_buffers(weights, biases) -> tuple[list, list]:
             [_tensors.empty_buffer(tuple(b.shape), b.dtype, b.device) for b in biases])
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(d_weight: torch.Tensor, d_bias: torch.Tensor, weights: typing.Sequence[torch.Tensor],
                       biases: typing.Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """[d w_0, ..., d w_n, d b_0, ..., d b_n] (:func:`_backward_buffers`)."""

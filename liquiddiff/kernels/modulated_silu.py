@@ -141,6 +141,7 @@ def _tile(C: int, P: int, z_strides: tuple[int, int, int], elements: int) -> tup
     return _tensors.pixel_tile(C, P, z_strides[1] == 1 and C > 1, elements, _PER_THREAD)
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     out = _tensors.empty_activation(z, dtype)
     B, C, H, W = z.shape
@@ -198,6 +199,7 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
     return d_z, partials
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
                       needs: typing.Sequence[bool]) -> tuple[torch.Tensor, torch.Tensor]:
     """(d_z, d scale and d shift stacked [2, B, C]: one reduction and one cast,
@@ -232,6 +234,7 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift
     return d_z if needs[0] else None, d_scale, d_shift
 
 
+@_tensors.launches_on_input_device
 def _silu_backward_kernels(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return _launch_backward(list(grads), z, None, None, True, False)[0]
 
@@ -254,6 +257,7 @@ def silu_backward(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torc
     return op(grads, z)
 
 
+@_tensors.launches_on_input_device
 def _cast_with_pixel_sum_kernels(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     copy, partials = _launch_backward([x], x, None, None, True, True, silu=False, dz_dtype=dtype)
     return copy, partials[1].sum(0).to(x.dtype)
@@ -276,6 +280,7 @@ def cast_with_pixel_sum(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     return op(x, dtype)
 
 
+@_tensors.launches_on_input_device
 def _sum_kernels(grads: typing.Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return _launch_backward(list(grads), grads[0], None, None, True, False, silu=False, dz_dtype=dtype)[0]
 

@@ -231,6 +231,7 @@ def _allocate_out(z, weight, residual, dtype):
     return _tensors.empty_activation(z, out_dtype, channels=weight.shape[0])
 
 
+@_tensors.launches_on_input_device
 def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
                      scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
                      dtype: torch.dtype, residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -321,6 +322,7 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     return d_w, d_b
 
 
+@_tensors.launches_on_input_device
 def _backward_kernels(grad_out: torch.Tensor, z: torch.Tensor, weight: torch.Tensor,
                       scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
                       dtype: torch.dtype, needs: typing.Sequence[bool],
