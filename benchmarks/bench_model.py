@@ -41,8 +41,7 @@ def _variants():
 
 
 def _trainer(fused, layout, compiled):
-    trainer = cases.build_trainer(CFG, fused=fused, layout=layout, device=DEVICE)
-    return cases.compile_model(trainer) if compiled else trainer
+    return cases.build_trainer(CFG, fused=fused, layout=layout, device=DEVICE, compile=compiled)
 
 
 @pytest.mark.parametrize("fused, layout, compiled", list(_variants()))

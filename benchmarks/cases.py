@@ -600,9 +600,10 @@ def memory_format(layout: str):
 
 
 def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed: int = 0,
-                  cuda_graph: bool = False) -> RectifiedFlowTrainer:
+                  cuda_graph: bool = False, compile: bool = False) -> RectifiedFlowTrainer:
     """A RectifiedFlowTrainer (AdamW, EMA, bf16 autocast on CUDA) over the preset, in ``layout``;
-    ``cuda_graph``: its train steps replay the model call from CUDA graphs.
+    ``cuda_graph``: its train steps replay the model call from CUDA graphs; ``compile``: the
+    model runs through torch.compile (the trainer's option, as a user turns it on).
 
     The model is put in its memory format before the trainer is made, so the EMA copy and the
     optimizer see the same layout.
@@ -612,7 +613,7 @@ def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed
     model = build(cfg.preset, fused=fused, **dict(cfg.overrides))
     model = model.to(device=device, memory_format=memory_format(layout))
     return RectifiedFlowTrainer(model, lr=1e-4, device=device, channels_last=layout == "channels_last",
-                                cuda_graph=cuda_graph)
+                                cuda_graph=cuda_graph, compile=compile)
 
 
 def make_images(cfg: E2EConfig, layout: str, device=None, seed: int = 1) -> torch.Tensor:
@@ -621,16 +622,6 @@ def make_images(cfg: E2EConfig, layout: str, device=None, seed: int = 1) -> torc
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(cfg.batch, 3, cfg.image, cfg.image, generator=gen) * 2 - 1
     return x.to(device).contiguous(memory_format=memory_format(layout))
-
-
-def compile_model(trainer: RectifiedFlowTrainer) -> RectifiedFlowTrainer:
-    """``torch.compile`` of the trainer's model, in place (``nn.Module.compile``), so every path
-    that calls the module (train_step, sample with use_ema=False) runs the compiled forward
-    whatever attribute the trainer calls it through. The fused ops stay opaque custom ops. The
-    EMA copy, made when the trainer was built, stays eager."""
-    set_compile_limits()
-    trainer.model.compile()
-    return trainer
 
 
 def dynamo_counts() -> dict[str, int]:

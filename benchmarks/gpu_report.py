@@ -133,7 +133,7 @@ def _worker_main(args) -> int:
         torch.set_num_threads(1)  # several workers share the cores; spinning OpenMP threads would stall
     try:
         trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device,
-                                      cuda_graph=variant.cuda_graph and task == "train")
+                                      cuda_graph=variant.cuda_graph and task == "train", compile=variant.compiled)
         trainer.model.set_gradient_checkpointing(variant.checkpointing)
         images = cases.make_images(cfg, variant.layout, device)
         compile_s = None
@@ -141,8 +141,6 @@ def _worker_main(args) -> int:
         # up before 'ready', while the others compile, not inside its timed turn.
         compiles = variant.compiled or bool(variant.kernels) or variant.cuda_graph  # graphs: their capture
         if compiles:
-            if variant.compiled:
-                cases.compile_model(trainer)
             t0 = time.perf_counter()
             _warm_up(trainer, task, cfg, images, variant)
             cases.sync(device)

@@ -107,10 +107,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     cfg = cases.e2e_config(args.quick)
     device = cases.default_device()
-    trainer = cases.build_trainer(cfg, fused=args.fused, layout=args.layout, device=device)
+    trainer = cases.build_trainer(cfg, fused=args.fused, layout=args.layout, device=device, compile=args.compile)
     images = cases.make_images(cfg, args.layout, device)
-    if args.compile:
-        cases.compile_model(trainer)
     for _ in range(max(1, cfg.train_warmup)):
         trainer.train_step(images)
     label = f"{'fused' if args.fused else 'reference'} {args.layout}{' compiled' if args.compile else ''}, {cfg.describe()}"

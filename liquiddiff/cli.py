@@ -142,12 +142,16 @@ def _add_train(sub) -> None:
     g.add_argument("--blocks", type=_int_list, default=None, metavar="N1,N2,..",
                    help="override the preset's blocks per stage, e.g. 1,1")
     g.add_argument("--fused", action="store_true",
-                   help="run the CfC and AdaLN ops through the fused Triton kernels (see `liquiddiff info`)")
+                   help="run the fused ops on their Triton kernels (which ones and why: `liquiddiff info`)")
     g.add_argument("--channels-last", action="store_true",
                    help="keep activations in channels_last (NHWC) memory format: faster convolutions on GPUs")
-    g.add_argument("--cuda-graph", action="store_true",
-                   help="replay each step's model forward and backward from CUDA graphs captured at the first "
-                        "step: no per-kernel launch overhead (CUDA, one process: not under torchrun)")
+    speed = g.add_mutually_exclusive_group()
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
+                            "the first sample grid compile (minutes on a GPU), later ones run faster")
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="replay each step's model forward and backward from CUDA graphs captured at the "
+                            "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and rerun the block there: about half the "
                         "peak memory of a fused step for one more forward pass of the blocks; same values "
@@ -205,9 +209,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="size to generate at (default: the size the model was trained at)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images generated at once")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="capture the model call as a CUDA graph and replay it every step (CUDA only): "
-                        "no per-kernel launch overhead, for three model calls of capture per batch")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument("--cuda-graph", action="store_true",
+                       help="capture the model call as a CUDA graph and replay it every step (CUDA only): "
+                            "no per-kernel launch overhead, for three model calls of capture per batch")
+    speed.add_argument("--compile", action="store_true",
+                       help="torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
+                            "run faster")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
@@ -485,7 +493,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     trainer = RectifiedFlowTrainer(
         model, lr=args.lr, device=device, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
         warmup_steps=args.warmup_steps, mixed_precision=mixed, distributed=info.enabled,
-        channels_last=args.channels_last, cuda_graph=args.cuda_graph,
+        channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
     )
     if state is not None:
         trainer.load_state_dict(state)  # refuses a checkpoint of another preset, with the difference
@@ -619,7 +627,7 @@ def cmd_sample(args, explicit: set[str]) -> int:
         raise ValueError(f"checkpoint {path} does not record its image size; pass --image-size")
     model = LiquidDiffusion(config, fused=args.fused)
     _check_image_size(model, image_size, config.name)
-    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed)
+    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed, compile=args.compile)
     weights = state["model"] if args.no_ema else state["ema"]
     try:
         trainer.ema.model.load_state_dict(weights)

@@ -95,6 +95,9 @@ class RectifiedFlowTrainer:
     ``cuda_graph=True`` (CUDA, one process) replays each train step's model forward and backward
     from CUDA graphs captured at the first step (:func:`graphed_model_call`): the host no longer
     launches the model's kernels one by one. Batches of another shape run eager.
+    ``compile=True`` runs the model through ``torch.compile`` (the fused ops stay opaque custom
+    ops): the first steps at each shape compile, later ones run the compiled code. A dict is
+    passed to ``torch.compile`` as its options (``{"mode": "max-autotune"}``).
     """
 
     def __init__(
@@ -113,6 +116,7 @@ class RectifiedFlowTrainer:
         distributed: bool = False,
         channels_last: bool | None = None,
         cuda_graph: bool = False,
+        compile: bool | dict = False,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
@@ -123,6 +127,9 @@ class RectifiedFlowTrainer:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if cuda_graph and compile:
+            raise ValueError("compile: not with cuda_graph=True (torch.compile(mode='reduce-overhead') "
+                             "captures CUDA graphs of its own)")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
         if cuda_graph and distributed:
@@ -149,6 +156,15 @@ class RectifiedFlowTrainer:
             fused=self.device.type == "cuda",
         )
         self.ema = EMA(self.model, ema_decay)
+        # compile=True: the module train steps call (under torchrun the DDP wrapper, so that
+        # dynamo splits the graph at DDP's gradient buckets and the all-reduce still overlaps the
+        # backward) and the EMA copy that samples are drawn from, compiled in place
+        # (nn.Module.compile: parameters and state_dict keys unchanged). Compiling is lazy.
+        self.compiled = bool(compile)
+        if self.compiled:
+            options = compile if isinstance(compile, dict) else {}
+            self.forward_model.compile(**options)
+            self.ema.model.compile(**options)
         self.step = 0
         # cuda_graph=True: the train steps' model call (forward and backward) replays CUDA graphs
         # captured at the first step; (input shape, graphed call) once captured.
@@ -265,6 +281,9 @@ class RectifiedFlowTrainer:
         model.check_input(torch.empty(shape, device="meta"))
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
+        if cuda_graph and self.compiled:
+            raise ValueError("cuda_graph: not with a trainer made with compile=True "
+                             "(torch.compile(mode='reduce-overhead') captures CUDA graphs of its own)")
         was_training = model.training
         model.eval()
         z = self._in_layout(torch.randn(shape, device=self.device, generator=generator))

@@ -93,6 +93,8 @@ def test_info_names_device_versions_and_backends(capsys):
     (["train", "--name", "../escape"], "letters, digits"),
     (["sample", "--n", "0"], "positive integer"),
     (["sample", "--sampler", "rk4"], "invalid choice"),
+    (["train", "--compile", "--cuda-graph"], "not allowed with"),
+    (["sample", "--cuda-graph", "--compile"], "not allowed with"),
 ])
 def test_out_of_range_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -195,6 +197,21 @@ def test_grid_layout():
 
 
 # -- end to end ------------------------------------------------------------------------------
+def test_compile_flag_compiles_the_trained_model_and_its_ema_copy(tmp_path, capsys, monkeypatch):
+    """--compile reaches the trainer, which compiles the model train steps call and the EMA copy
+    samples come from (recorded here; compiling for real takes minutes on a CPU)."""
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    runs = tmp_path / "runs"
+    code, _, err = _run(["train", "--runs-dir", runs, *TINY, "--steps", "1", "--compile"], capsys)
+    assert code == 0, err
+    assert compiled == ["LiquidDiffusion", "LiquidDiffusion"]
+    code, _, err = _run(["sample", "--ckpt", runs / "digits", "--n", "2", "--steps", "1", "--compile",
+                         "--out", tmp_path / "grid.png", "--no-progress"], capsys)
+    assert code == 0, err
+    assert len(compiled) == 4
+
+
 @pytest.mark.slow
 def test_train_then_sample(tmp_path, capsys):
     runs = tmp_path / "runs"

@@ -233,3 +233,36 @@ def test_trainer_keeps_the_callers_layout_by_default():
     assert trainer.model.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
     trainer = RectifiedFlowTrainer(model, device="cpu", channels_last=False)
     assert trainer.model.stem[0].weight.is_contiguous()
+
+
+def test_compile_cannot_be_combined_with_cuda_graphs():
+    with pytest.raises(ValueError, match="compile: not with cuda_graph=True"):
+        RectifiedFlowTrainer(liquid_diffusion_micro(channels=(16, 32)), device="cpu", compile=True, cuda_graph=True)
+
+
+@pytest.mark.slow
+def test_compiled_trainer_trains_and_samples_as_the_eager_one():
+    """compile= runs train steps and sampling through torch.compile (here its autograd tracing
+    without inductor's code generation, which takes minutes on a CPU): the eager trainer's
+    losses and samples, the same state_dict keys, and graphs that dynamo did compile."""
+    from torch._dynamo.utils import counters
+
+    def run(compile):
+        torch.manual_seed(0)
+        model = liquid_diffusion_micro(channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)
+        trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cpu", compile=compile)
+        losses = []
+        for _ in range(2):
+            torch.manual_seed(3)
+            losses.append(trainer.train_step(_images(2, 8))["loss"])
+        images = trainer.sample(2, 8, num_steps=2, generator=torch.Generator().manual_seed(0))
+        return trainer, losses, images
+
+    eager, eager_losses, eager_images = run(False)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled, losses, images = run({"backend": "aot_eager"})
+    assert counters["stats"]["unique_graphs"] - graphs >= 2  # the train step's and the sampler's
+    assert losses == pytest.approx(eager_losses, rel=1e-5)
+    torch.testing.assert_close(images, eager_images)
+    for key in ("model", "ema"):
+        assert list(compiled.state_dict()[key]) == list(eager.state_dict()[key])
