@@ -159,6 +159,9 @@ def _add_train(sub) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=_positive_int, default=1000, help="total optimizer steps (a resumed run counts on)")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="images per step and process")
+    g.add_argument("--micro-batch-size", type=_positive_int, default=None, metavar="N",
+                   help="accumulate each step's gradient over micro-batches of N images: the step of the "
+                        "whole batch with the activation memory of N images")
     g.add_argument("--lr", type=_positive_float, default=3e-3, help="AdamW learning rate")
     g.add_argument("--warmup-steps", type=_nonnegative_int, default=50, help="linear learning-rate warm-up")
     g.add_argument("--ema-decay", type=_decay, default=0.999,
@@ -299,8 +302,8 @@ def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # Options a resumed run takes from its checkpoint unless they are typed again.
 RUN_KEYS = (
     "data", "image_size", "flip", "workers", "preset", "channels", "blocks", "fused", "channels_last", "steps",
-    "batch_size", "lr", "warmup_steps", "ema_decay", "time_sampling", "precision", "seed", "log_every", "sample_every",
-    "sample_n", "sample_steps", "ckpt_every",
+    "batch_size", "micro_batch_size", "lr", "warmup_steps", "ema_decay", "time_sampling", "precision", "seed",
+    "log_every", "sample_every", "sample_n", "sample_steps", "ckpt_every",
 )
 
 
@@ -494,6 +497,7 @@ def cmd_train(args, explicit: set[str]) -> int:
         model, lr=args.lr, device=device, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
         warmup_steps=args.warmup_steps, mixed_precision=mixed, distributed=info.enabled,
         channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
+        micro_batch_size=args.micro_batch_size,
     )
     if state is not None:
         trainer.load_state_dict(state)  # refuses a checkpoint of another preset, with the difference
@@ -527,6 +531,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     _say(f"model: {args.preset} {list(model.config.channels)} ({n_params / 1e6:.2f} M parameters, "
          f"{'fused kernels' if args.fused else 'PyTorch reference ops'}) on {device}"
          f"{', bf16 autocast' if trainer.mixed_precision else ''}; batch {args.batch_size}"
+         f"{f' (micro-batches of {args.micro_batch_size})' if args.micro_batch_size else ''}"
          f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {args.steps} steps")
     if start >= args.steps:
         _say(f"the run is already at step {start} of {args.steps}; pass a larger --steps to train on")

@@ -95,6 +95,8 @@ class RectifiedFlowTrainer:
     ``cuda_graph=True`` (CUDA, one process) replays each train step's model forward and backward
     from CUDA graphs captured at the first step (:func:`graphed_model_call`): the host no longer
     launches the model's kernels one by one. Batches of another shape run eager.
+    ``micro_batch_size=n`` accumulates each step's gradient over micro-batches of n images: the
+    step and its loss are the whole batch's, the activation memory a micro-batch's.
     ``compile=True`` runs the model through ``torch.compile`` (the fused ops stay opaque custom
     ops): the first steps at each shape compile, later ones run the compiled code. A dict is
     passed to ``torch.compile`` as its options (``{"mode": "max-autotune"}``).
@@ -117,9 +119,13 @@ class RectifiedFlowTrainer:
         channels_last: bool | None = None,
         cuda_graph: bool = False,
         compile: bool | dict = False,
+        micro_batch_size: int | None = None,
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
+        positive_int = isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size > 0
+        if micro_batch_size is not None and not positive_int:
+            raise ValueError(f"micro_batch_size: expected a positive integer or None, got {micro_batch_size!r}")
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"time_sampling: expected one of {', '.join(TIME_SAMPLINGS)}, got {time_sampling!r}")
         if grad_clip is not None and grad_clip <= 0:
@@ -149,6 +155,7 @@ class RectifiedFlowTrainer:
         self.time_sampling = time_sampling
         self.grad_clip = grad_clip
         self.warmup_steps = warmup_steps
+        self.micro_batch_size = micro_batch_size
         # bf16 autocast on CUDA by default (no loss scaling needed, unlike fp16).
         self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
         self.optimizer = torch.optim.AdamW(
@@ -219,12 +226,39 @@ class RectifiedFlowTrainer:
 
     def loss(self, images: torch.Tensor, generator=None) -> torch.Tensor:
         """The rectified-flow loss of one batch (no optimizer step)."""
+        return self._velocity_loss(images, *self._draw(images, generator))
+
+    def _draw(self, images: torch.Tensor, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, t) for a batch of images."""
         noise = torch.randn(images.shape, device=images.device, dtype=images.dtype, generator=generator)
-        t = sample_times(images.shape[0], self.time_sampling, images.device, generator)
+        return noise, sample_times(images.shape[0], self.time_sampling, images.device, generator)
+
+    def _velocity_loss(self, images: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         x_t, target = rectified_flow_pair(images, noise, t)
         with self._autocast(cache=not self.cuda_graph):
             v = self._model_call(x_t, t)
         return F.mse_loss(v.float(), target.float())
+
+    def _backward(self, images: torch.Tensor) -> torch.Tensor:
+        """Backward of the batch's mean loss, one micro-batch at a time; returns the loss.
+
+        Each micro-batch's loss is weighted by its share of the batch, so the gradients add up to
+        the whole batch's. Noise and times are drawn for the whole batch first: the split changes
+        no random draw. Under DDP, gradients are averaged across ranks once, in the last
+        micro-batch's backward (no_sync before it).
+        """
+        noise, t = self._draw(images)
+        batch = images.shape[0]
+        size = self.micro_batch_size or batch
+        total = None
+        for start in range(0, batch, size):
+            part = slice(start, start + size)
+            last = start + size >= batch
+            with self._ddp.no_sync() if self._ddp is not None and not last else nullcontext():
+                loss = self._velocity_loss(images[part], noise[part], t[part]) * (images[part].shape[0] / batch)
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     def _model_call(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model on a training batch: eager, or (``cuda_graph=True``) its forward and backward
@@ -245,9 +279,8 @@ class RectifiedFlowTrainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        loss = self.loss(images)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = self._backward(images)
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         self.optimizer.step()

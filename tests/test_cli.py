@@ -277,6 +277,19 @@ def test_resume_continues_exactly(tmp_path, capsys):
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
+def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsys):
+    runs = ["--runs-dir", tmp_path]
+    assert _run(["train", *runs, "--name", "whole", *TINY, "--steps", "2"], capsys)[0] == 0
+    code, out, err = _run(["train", *runs, "--name", "micro", *TINY, "--steps", "2", "--micro-batch-size", "3"],
+                          capsys)
+    assert code == 0, err
+    assert "batch 4 (micro-batches of 3)" in out
+    whole, micro = _metrics(tmp_path / "whole"), _metrics(tmp_path / "micro")
+    assert [m["loss"] for m in micro] == pytest.approx([m["loss"] for m in whole], rel=1e-5)
+    assert _run(["train", *runs, "--name", "micro", "--resume", "--steps", "3"], capsys)[0] == 0
+    assert json.loads((tmp_path / "micro" / "run.json").read_text())["micro_batch_size"] == 3
+
+
 @pytest.mark.slow
 def test_train_on_a_folder_with_corrupt_images(tmp_path, capsys):
     data = tmp_path / "photos"

@@ -266,3 +266,32 @@ def test_compiled_trainer_trains_and_samples_as_the_eager_one():
     torch.testing.assert_close(images, eager_images)
     for key in ("model", "ema"):
         assert list(compiled.state_dict()[key]) == list(eager.state_dict()[key])
+
+
+@pytest.mark.parametrize("micro", [1, 3])
+def test_micro_batches_take_the_whole_batch_step(micro):
+    """Gradient accumulation over micro-batches of 1 or 3 images (3 + 1 of a batch of 4): the
+    whole batch's loss and gradient (the same draws of noise and t), and that loss is
+    trainer.loss() of the batch."""
+    images = _images()
+
+    def step(trainer):
+        torch.manual_seed(5)
+        m = trainer.train_step(images)
+        return m, torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    whole, whole_grad = step(_trainer())
+    split, split_grad = step(_trainer(micro_batch_size=micro))
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    assert split["grad_norm"] == pytest.approx(whole["grad_norm"], rel=1e-5)
+    assert (split_grad - whole_grad).norm() <= 1e-5 * whole_grad.norm()
+    trainer = _trainer()
+    torch.manual_seed(5)
+    with torch.no_grad():
+        assert trainer.loss(images).item() == pytest.approx(whole["loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, True, "4"])
+def test_micro_batch_size_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="micro_batch_size: expected a positive integer"):
+        _trainer(micro_batch_size=bad)
