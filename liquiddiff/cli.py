@@ -726,7 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     except torch.OutOfMemoryError:
         if debug:
             raise
-        print("liquiddiff: error: out of memory; use a smaller --batch-size or --image-size", file=sys.stderr)
+        hint = "a smaller --batch-size or --image-size"
+        if args.command == "train":
+            hint += ", or --micro-batch-size N (the same steps, N images at a time), --gradient-checkpointing, --fused"
+        print(f"liquiddiff: error: out of memory; use {hint}", file=sys.stderr)
         return 2
     except (ValueError, TypeError, OSError) as exc:
         if debug:

@@ -290,6 +290,16 @@ def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsy
     assert json.loads((tmp_path / "micro" / "run.json").read_text())["micro_batch_size"] == 3
 
 
+def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, capsys, monkeypatch):
+    def oom(self, images):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(RectifiedFlowTrainer, "train_step", oom)
+    code, _, err = _run(["train", "--runs-dir", tmp_path, *TINY, "--steps", "1"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith("liquiddiff: error: out of memory") and "--micro-batch-size" in err
+
+
 @pytest.mark.slow
 def test_train_on_a_folder_with_corrupt_images(tmp_path, capsys):
     data = tmp_path / "photos"
