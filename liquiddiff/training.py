@@ -123,8 +123,8 @@ class RectifiedFlowTrainer:
     ):
         if lr <= 0:
             raise ValueError(f"lr: expected a positive learning rate, got {lr}")
-        positive_int = isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size > 0
-        if micro_batch_size is not None and not positive_int:
+        if micro_batch_size is not None and not (
+                isinstance(micro_batch_size, int) and not isinstance(micro_batch_size, bool) and micro_batch_size > 0):
             raise ValueError(f"micro_batch_size: expected a positive integer or None, got {micro_batch_size!r}")
         if time_sampling not in TIME_SAMPLINGS:
             raise ValueError(f"time_sampling: expected one of {', '.join(TIME_SAMPLINGS)}, got {time_sampling!r}")
