@@ -22,7 +22,7 @@ import torch
 from . import __version__, checkpoint, distributed
 from .model import PRESETS, LiquidDiffusion, LiquidDiffusionConfig, build
 from .sampling import SAMPLERS
-from .training import TIME_SAMPLINGS, RectifiedFlowTrainer
+from .training import AUTOCAST_DTYPES, TIME_SAMPLINGS, RectifiedFlowTrainer
 
 CKPT_NAME = "last.safetensors"
 
@@ -81,6 +81,10 @@ class _Formatter(argparse.HelpFormatter):
         if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
+
+
+PRECISION_HELP = ("auto: bf16 autocast on a GPU that computes in bf16 (A100, H100, RTX 30xx and newer), fp16 "
+                  "autocast with loss scaling on older ones (T4, V100); fp32 on the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,8 +173,8 @@ def _add_train(sub) -> None:
     g.add_argument("--time-sampling", choices=TIME_SAMPLINGS, default="logit_normal",
                    help="how training draws t: logit_normal (SD3; it gave cleaner digits for the same steps) "
                         "or uniform (the seed)")
-    g.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    g.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
+                   help=PRECISION_HELP)
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise (rank r adds r)")
     g = p.add_argument_group("run folder, logging, checkpoints")
@@ -221,8 +225,8 @@ def _add_sample(sub) -> None:
                             "run faster")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    p.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
+                   help=PRECISION_HELP)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
@@ -257,10 +261,16 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
-def _mixed_precision(choice: str, device: torch.device) -> bool | None:
-    if choice == "bf16" and device.type != "cuda":
-        raise ValueError("--precision bf16 needs a CUDA GPU; on the CPU use fp32 (the default there)")
-    return {"auto": None, "bf16": True, "fp32": False}[choice]
+def _autocast_note(trainer) -> str:
+    names = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
+    return f", {names[trainer.autocast_dtype]} autocast" if trainer.mixed_precision else ""
+
+
+def _mixed_precision(choice: str, device: torch.device) -> bool | str | None:
+    """The trainer's ``mixed_precision`` for a --precision choice."""
+    if choice in AUTOCAST_DTYPES and device.type != "cuda":
+        raise ValueError(f"--precision {choice} needs a CUDA GPU; on the CPU use fp32 (the default there)")
+    return {"auto": None, "fp32": False}.get(choice, choice)
 
 
 def _check_image_size(model: LiquidDiffusion, size: int, preset: str) -> None:
@@ -530,7 +540,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     _say(f"data: {_describe_data(ds, args)}")
     _say(f"model: {args.preset} {list(model.config.channels)} ({n_params / 1e6:.2f} M parameters, "
          f"{'fused kernels' if args.fused else 'PyTorch reference ops'}) on {device}"
-         f"{', bf16 autocast' if trainer.mixed_precision else ''}; batch {args.batch_size}"
+         f"{_autocast_note(trainer)}; batch {args.batch_size}"
          f"{f' (micro-batches of {args.micro_batch_size})' if args.micro_batch_size else ''}"
          f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {args.steps} steps")
     if start >= args.steps:

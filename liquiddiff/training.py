@@ -18,6 +18,27 @@ from .model import LiquidDiffusion, LiquidDiffusionConfig
 from .sampling import cuda_graphed, integrate
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device: torch.device, mixed_precision: bool | str | None) -> torch.dtype | None:
+    """The dtype a trainer autocasts to, None for fp32.
+
+    None (the default) means mixed precision on CUDA only; True (or None on CUDA) picks bf16 on
+    GPUs that compute in it (compute capability 8.0 and newer: A100, H100, RTX 30xx and on) and
+    fp16 before them (V100, T4, RTX 20xx: no bf16 arithmetic, an emulated bf16 is slow); "bf16"
+    or "fp16" chooses; False is fp32.
+    """
+    if mixed_precision is None:
+        mixed_precision = device.type == "cuda"
+    if mixed_precision is False:
+        return None
+    if mixed_precision is True:
+        old_gpu = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8
+        return torch.float16 if old_gpu else torch.bfloat16
+    if mixed_precision not in AUTOCAST_DTYPES:
+        raise ValueError(f"mixed_precision: expected None, True, False, 'bf16' or 'fp16', got {mixed_precision!r}")
+    return AUTOCAST_DTYPES[mixed_precision]
 
 
 def sample_times(batch: int, method: str, device, generator=None) -> torch.Tensor:
@@ -95,6 +116,8 @@ class RectifiedFlowTrainer:
     ``cuda_graph=True`` (CUDA, one process) replays each train step's model forward and backward
     from CUDA graphs captured at the first step (:func:`graphed_model_call`): the host no longer
     launches the model's kernels one by one. Batches of another shape run eager.
+    ``mixed_precision`` (:func:`autocast_dtype`): None autocasts on CUDA, to bf16 on GPUs that
+    compute in it and to fp16 with loss scaling on older ones (a T4); "bf16", "fp16", False.
     ``micro_batch_size=n`` accumulates each step's gradient over micro-batches of n images: the
     step and its loss are the whole batch's, the activation memory a micro-batch's.
     ``compile=True`` runs the model through ``torch.compile`` (the fused ops stay opaque custom
@@ -114,7 +137,7 @@ class RectifiedFlowTrainer:
         time_sampling: str = "uniform",
         grad_clip: float | None = 1.0,
         warmup_steps: int = 0,
-        mixed_precision: bool | None = None,
+        mixed_precision: bool | str | None = None,
         distributed: bool = False,
         channels_last: bool | None = None,
         cuda_graph: bool = False,
@@ -133,6 +156,8 @@ class RectifiedFlowTrainer:
         if warmup_steps < 0:
             raise ValueError(f"warmup_steps: expected >= 0, got {warmup_steps}")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        # Autocast on CUDA by default (:func:`autocast_dtype`).
+        self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
         if cuda_graph and compile:
             raise ValueError("compile: not with cuda_graph=True (torch.compile(mode='reduce-overhead') "
                              "captures CUDA graphs of its own)")
@@ -156,8 +181,10 @@ class RectifiedFlowTrainer:
         self.grad_clip = grad_clip
         self.warmup_steps = warmup_steps
         self.micro_batch_size = micro_batch_size
-        # bf16 autocast on CUDA by default (no loss scaling needed, unlike fp16).
-        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.mixed_precision = self.autocast_dtype is not None
+        # fp16 needs its loss scaled (its gradients would underflow): a GradScaler, which does
+        # nothing when disabled.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay,
             fused=self.device.type == "cuda",
@@ -199,7 +226,7 @@ class RectifiedFlowTrainer:
     def _autocast(self, cache: bool = True):
         if not self.mixed_precision:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, cache_enabled=cache)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=cache)
 
     def _in_layout(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.memory_format is None else x.contiguous(memory_format=self.memory_format)
@@ -256,7 +283,7 @@ class RectifiedFlowTrainer:
             last = start + size >= batch
             with self._ddp.no_sync() if self._ddp is not None and not last else nullcontext():
                 loss = self._velocity_loss(images[part], noise[part], t[part]) * (images[part].shape[0] / batch)
-                loss.backward()
+                self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
         return total
 
@@ -281,9 +308,11 @@ class RectifiedFlowTrainer:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._backward(images)
+        self.scaler.unscale_(self.optimizer)  # clipping and the reported norm see true gradients
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # fp16: skipped when a gradient overflowed
+        self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "step": self.step}
@@ -342,6 +371,7 @@ class RectifiedFlowTrainer:
             "ema": self.ema.model.state_dict(),
             "ema_updates": self.ema.updates,
             "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),  # empty unless fp16
             "step": self.step,
             "rng": rng,
         }
@@ -352,6 +382,8 @@ class RectifiedFlowTrainer:
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = int(state["ema_updates"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":

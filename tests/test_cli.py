@@ -123,6 +123,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--image-size", "15", *runs], "multiple of 2"),
         (["train", "--channels", "8,16,32", *runs], "must be non-empty and of equal length"),
         (["train", "--precision", "bf16", "--device", "cpu", *runs], "needs a CUDA GPU"),
+        (["train", "--precision", "fp16", "--device", "cpu", *runs], "--precision fp16 needs a CUDA GPU"),
         (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "cuda_graph: needs a CUDA device"),
         (["train", "--resume", *runs], "no run to continue"),
         (["train", "--batch-size", "5000", *TINY[:4], *runs], "larger than the 1797 images"),

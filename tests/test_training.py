@@ -127,13 +127,17 @@ def test_euler_sampler_integrates_a_known_field():
     torch.testing.assert_close(out, target)
 
 
-def test_checkpoint_round_trip_reproduces_next_step(tmp_path):
-    a = _trainer()
+@pytest.mark.parametrize("precision", [False, "fp16"])
+def test_checkpoint_round_trip_reproduces_next_step(tmp_path, precision):
+    """fp16 too: its loss scale (grown over the steps) comes back with the checkpoint."""
+    a = _trainer(mixed_precision=precision)
     for _ in range(3):
         a.train_step(_images())
+    if precision:
+        a.scaler.update(a.scaler.get_scale() * 2)  # a scale no fresh trainer has
     path = a.save_checkpoint(tmp_path / "ckpt.safetensors")
     expected = a.train_step(_images())
-    b = _trainer()
+    b = _trainer(mixed_precision=precision)
     b.load_checkpoint(path)
     got = b.train_step(_images())
     assert got == expected
@@ -295,3 +299,33 @@ def test_micro_batches_take_the_whole_batch_step(micro):
 def test_micro_batch_size_must_be_a_positive_integer(bad):
     with pytest.raises(ValueError, match="micro_batch_size: expected a positive integer"):
         _trainer(micro_batch_size=bad)
+
+
+def test_autocast_dtype_follows_the_gpu(monkeypatch):
+    from liquiddiff.training import autocast_dtype
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert autocast_dtype(cpu, None) is None and autocast_dtype(cpu, False) is None
+    assert autocast_dtype(cpu, True) is torch.bfloat16 and autocast_dtype(cpu, "fp16") is torch.float16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))  # a T4
+    assert autocast_dtype(cuda, None) is torch.float16 and autocast_dtype(cuda, "bf16") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))  # an H100
+    assert autocast_dtype(cuda, None) is torch.bfloat16 and autocast_dtype(cuda, False) is None
+    with pytest.raises(ValueError, match="mixed_precision: expected None, True, False, 'bf16' or 'fp16'"):
+        autocast_dtype(cpu, "fp8")
+
+
+def test_fp16_scales_the_loss_and_skips_a_step_that_overflows():
+    """fp16 autocast trains through a GradScaler: finite steps with the loss scaled; a scale so
+    large that the fp16 gradients overflow skips the optimizer step (the weights stay) and is
+    lowered for the next one."""
+    trainer = _trainer(mixed_precision="fp16")
+    assert trainer.autocast_dtype is torch.float16 and trainer.scaler.is_enabled()
+    m = trainer.train_step(_images())
+    assert torch.isfinite(torch.tensor([m["loss"], m["grad_norm"]])).all()
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.scaler.update(3e38)
+    trainer.train_step(_images())
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
+    assert trainer.scaler.get_scale() < 3e38
+    assert not _trainer(mixed_precision="bf16").scaler.is_enabled()
