@@ -87,8 +87,8 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting):
         assert (g - ref).norm() <= 1e-5 * ref.norm() + noise, (name, rel_err(g, ref))
 
 
-def _autocast_errors(model, x, t):
-    """(bf16 reference, bf16 fused) errors against the fp32 reference, of the output and of all
+def _autocast_errors(model, x, t, dtype=torch.bfloat16):
+    """(``dtype`` reference, ``dtype`` fused) errors against the fp32 reference, of the output and of all
     parameter gradients (one upstream), channels_last, backward outside autocast (on CUDA: the
     engine's device thread, where recomputed tensors must get the forward's autocast back)."""
     model = model.to(memory_format=torch.channels_last)
@@ -98,7 +98,7 @@ def _autocast_errors(model, x, t):
     def run(fused, autocast):
         model.set_fused(fused)
         model.zero_grad(set_to_none=True)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=autocast):
             out = model(x, t)
         out.float().backward(up)
         return out.detach().float(), torch.cat([p.grad.flatten().float() for p in model.parameters()])
@@ -109,27 +109,33 @@ def _autocast_errors(model, x, t):
             for i, what in enumerate(("output", "gradients"))]
 
 
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton", "auto,pointwise_conv=triton"])
-def test_fused_model_under_cpu_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
-    """bf16 autocast on the CPU (the interpreter runs the kernels): the fused model, whose blocks
-    cast their parameters together, is no further from the fp32 reference than the bf16
-    reference is (twice its error at most). A single parameter's gradient can be rounding noise
+@pytest.mark.parametrize("setting, dtype", [
+    ("auto", torch.bfloat16), ("auto,depthwise_conv=triton", torch.bfloat16),
+    ("auto,pointwise_conv=triton", torch.bfloat16), ("auto", torch.float16), ("auto,pointwise_conv=triton", torch.float16),
+])
+def test_fused_model_under_cpu_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting, dtype):
+    """bf16 (or fp16, as a T4 trains) autocast on the CPU (the interpreter runs the kernels): the
+    fused model, whose blocks cast their parameters together, is no further from the fp32
+    reference than the reference under the same autocast is (twice its error at most). A single parameter's gradient can be rounding noise
     (the last block's output bias, summed over a GroupNorm's zero-mean gradient), so all of them
     are compared as one vector."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
-    for what, ref_err, fused_err in _autocast_errors(model, torch.randn(2, 3, 8, 8), torch.rand(2)):
+    for what, ref_err, fused_err in _autocast_errors(model, torch.randn(2, 3, 8, 8), torch.rand(2), dtype):
         assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton", "auto,pointwise_conv=triton"])
-def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting):
-    """The same on CUDA, at a size where bf16 kernels (not the interpreter) run."""
+@pytest.mark.parametrize("setting, dtype", [
+    ("auto", torch.bfloat16), ("auto,depthwise_conv=triton", torch.bfloat16),
+    ("auto,pointwise_conv=triton", torch.bfloat16), ("auto", torch.float16),
+])
+def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(monkeypatch, setting, dtype):
+    """The same on CUDA, at a size where bf16 and fp16 kernels (not the interpreter) run."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     model = _randomise(build("micro", channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1)).cuda()
     x, t = torch.randn(4, 3, 32, 32, device="cuda"), torch.rand(4, device="cuda")
-    for what, ref_err, fused_err in _autocast_errors(model, x, t):
+    for what, ref_err, fused_err in _autocast_errors(model, x, t, dtype):
         assert fused_err <= 2 * ref_err + 1e-3, (what, fused_err, ref_err)
 
 
