@@ -3,15 +3,18 @@
 reads the resource usage. A kernel that spills (stack > 0) or needs so many registers that one
 block fills an SM is slow whatever its memory access; this catches that before a GPU is at hand.
 
-    python -m benchmarks.kernel_resources
+    python -m benchmarks.kernel_resources            # sm_90: H100, H200
+    python -m benchmarks.kernel_resources --sm 75    # sm_75: the T4 (fp16 training)
 
-Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes)
+Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes;
+fp16 below sm_80, where Triton's tl.dot has no tensor-core path and the opt-in pointwise kernels spill)
 with its kernel replaced by a recorder; the recorded launch is compiled with the specialisation
 Triton's launcher would give it (integer arguments equal to 1 become constants, pointers and
 multiples of 16 get the divisibility hint), so strides, tiles and warps are the real ones.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import re
@@ -24,7 +27,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the int
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-TARGET = ("cuda", 90, 32)  # sm_90, warp size 32
+SM = 90  # the H100 and H200; warp size 32
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 SHAPE = (8, 64, 256, 256)
 _DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
@@ -83,14 +86,14 @@ def _specialise(kernel, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def resources(kernel, args, kwargs) -> dict[str, int]:
-    """{'registers', 'stack', 'shared', 'num_warps'} of the sm_90 cubin of one recorded launch."""
+def resources(kernel, args, kwargs, sm: int = SM) -> dict[str, int]:
+    """{'registers', 'stack', 'shared', 'num_warps'} of the sm_``sm`` cubin of one recorded launch."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     signature, constexprs, attrs, options = _specialise(kernel, args, dict(kwargs))
     src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget(*TARGET), options=options)
+    compiled = triton.compile(src, target=GPUTarget("cuda", sm, 32), options=options)
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -106,37 +109,37 @@ def _meta(shape, dtype, layout="channels_last"):
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
-def launches() -> list[tuple[str, str, str, callable]]:
-    """(label, module, kernel, launch) for the model's calls, bf16 autocast dtypes."""
+def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, callable]]:
+    """(label, module, kernel, launch) for the model's calls, with ``half`` as the autocast dtype."""
     B, C, H, W = SHAPE
     dw, cfc, adaln = _module("depthwise"), _module("cfc_relax"), _module("adaln")
     out = []
     w7, w3 = (torch.empty(C, 1, k, k, device="meta") for k in (7, 3))
-    bias, bf16 = torch.empty(C, device="meta"), torch.bfloat16
+    bias = torch.empty(C, device="meta")
     x32, d32 = _meta(SHAPE, torch.float32), _meta(SHAPE, torch.float32)
-    g16, a16 = _meta(SHAPE, bf16), _meta(SHAPE, bf16)
+    g16, a16 = _meta(SHAPE, half), _meta(SHAPE, half)
     out += [  # the CfC backbone's 7x7 (its fp32 input rounded in registers), then its g/h pair
         ("depthwise 7x7 forward (fp32 in)", "depthwise", "_dwconv_kernel",
-         lambda: dw.forward(x32, [w7], [bias], bf16)),
+         lambda: dw.forward(x32, [w7], [bias], half)),
         ("depthwise 7x7 spatial-mix input stage (+ bf16 copy, pixel sums)", "depthwise", "_dwconv_kernel",
-         lambda: dw.input_stage(x32, w7, bias, bf16)),
+         lambda: dw.input_stage(x32, w7, bias, half)),
         ("depthwise 7x7 input grad + CfC's dx", "depthwise", "_dwconv_kernel",
-         lambda: dw.backward([g16], x32, [w7], bf16, [True, False, False], addend=d32)),
+         lambda: dw.backward([g16], x32, [w7], half, [True, False, False], addend=d32)),
         ("depthwise 7x7 spatial-mix input grad + residual, pixel-sum grads", "depthwise", "_dwconv_kernel",
-         lambda: dw.backward([g16], a16, [w7], bf16, [True, False, False], addend=d32,
+         lambda: dw.backward([g16], a16, [w7], half, [True, False, False], addend=d32,
                              channel_addend=torch.empty(B, C, device="meta"))),
         ("depthwise 7x7 weight grad", "depthwise", "_dwconv_wgrad_kernel",
-         lambda: dw.backward([g16], x32, [w7], bf16, [False, True, True])),
+         lambda: dw.backward([g16], x32, [w7], half, [False, True, True])),
         ("depthwise 3x3 g/h pair forward", "depthwise", "_dwconv_kernel",
-         lambda: dw.forward(a16, [w3, w3], [bias, bias], bf16)),
+         lambda: dw.forward(a16, [w3, w3], [bias, bias], half)),
         ("depthwise 3x3 g/h input grad+SiLU'", "depthwise", "_dwconv_kernel",
-         lambda: dw.backward([g16, g16], a16, [w3, w3], bf16, [True, False, False], silu_input=g16, addend=d32)),
+         lambda: dw.backward([g16, g16], a16, [w3, w3], half, [True, False, False], silu_input=g16, addend=d32)),
         ("depthwise 3x3 g/h weight grad", "depthwise", "_dwconv_wgrad_kernel",
-         lambda: dw.backward([g16, g16], a16, [w3, w3], bf16, [False, True, True])),
+         lambda: dw.backward([g16, g16], a16, [w3, w3], half, [False, True, True])),
     ]
     for layout in ("channels_last", "nchw"):
-        acts = [_meta(SHAPE, torch.bfloat16, layout) for _ in range(3)] + [_meta(SHAPE, torch.float32, layout)]
-        params = [torch.empty(B, C, dtype=torch.bfloat16, device="meta")] * 2 + [
+        acts = [_meta(SHAPE, half, layout) for _ in range(3)] + [_meta(SHAPE, torch.float32, layout)]
+        params = [torch.empty(B, C, dtype=half, device="meta")] * 2 + [
             torch.empty(C, device="meta"), torch.empty(B, device="meta")]
         go = _meta(SHAPE, torch.float32, layout)
         out += [
@@ -147,10 +150,10 @@ def launches() -> list[tuple[str, str, str, callable]]:
         ]
     ms = _module("modulated_silu")
     for layout in ("channels_last", "nchw"):
-        z, scale = _meta(SHAPE, bf16, layout), torch.empty(B, C, dtype=bf16, device="meta")
+        z, scale = _meta(SHAPE, half, layout), torch.empty(B, C, dtype=half, device="meta")
         out += [
             (f"modulated SiLU forward ({layout})", "modulated_silu", "_modulated_silu_fwd_kernel",
-             lambda z=z, scale=scale: ms.forward(z, scale, scale, bf16)),
+             lambda z=z, scale=scale: ms.forward(z, scale, scale, half)),
             (f"modulated SiLU backward ({layout})", "modulated_silu", "_modulated_silu_bwd_kernel",
              lambda z=z, scale=scale: ms.backward(z, z, scale, scale, [True, True, True])),
         ]
@@ -161,15 +164,15 @@ def launches() -> list[tuple[str, str, str, callable]]:
                 lambda: ms.sum_gradients([x32, g16, per_channel], torch.float32)))
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
-        x, r = _meta(shape, torch.bfloat16), _meta(shape, torch.float32)
-        scale = torch.empty(B, channels, dtype=torch.bfloat16, device="meta")
+        x, r = _meta(shape, half), _meta(shape, torch.float32)
+        scale = torch.empty(B, channels, dtype=half, device="meta")
         s, stats = _meta(shape, torch.float32), torch.empty(B, shape[2] * shape[3], device="meta")
         out += [
             (f"AdaLN forward C={channels}", "adaln", "_adaln_fwd_kernel",
              lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r, None)),
             (f"AdaLN backward C={channels}", "adaln", "_adaln_bwd_kernel",
              lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
-                 s, s, s, scale, stats, stats, torch.float32, torch.bfloat16, True, True)),
+                 s, s, s, scale, stats, stats, torch.float32, half, True, True)),
         ]
     merge = _module("merged_depthwise")
     branches = [torch.empty(256, 1, k, k, device="meta") for k in (3, 5, 7)]
@@ -181,55 +184,60 @@ def launches() -> list[tuple[str, str, str, callable]]:
          lambda: merge._backward_kernels(torch.empty(256, 1, 7, 7, device="meta"), biases[0], branches, biases)),
     ]
     shift_op = _module("context_shift")
-    vec, vec16 = torch.empty(B, 256, device="meta"), torch.empty(B, 256, dtype=bf16, device="meta")
-    w16, b16 = torch.empty(256, 256, 1, 1, dtype=bf16, device="meta"), torch.empty(256, dtype=bf16, device="meta")
+    vec, vec16 = torch.empty(B, 256, device="meta"), torch.empty(B, 256, dtype=half, device="meta")
+    w16, b16 = torch.empty(256, 256, 1, 1, dtype=half, device="meta"), torch.empty(256, dtype=half, device="meta")
     out += [
         ("context shift forward, C=256", "context_shift", "_context_shift_fwd_kernel",
-         lambda: shift_op._forward_kernels(vec, w16, b16, vec16, vec16, H * W, bf16)),
+         lambda: shift_op._forward_kernels(vec, w16, b16, vec16, vec16, H * W, half)),
         ("context shift backward, C=256", "context_shift", "_context_shift_bwd_kernel",
-         lambda: shift_op._backward_kernels(vec16, vec, w16, vec16, vec, H * W, bf16, bf16)),
+         lambda: shift_op._backward_kernels(vec16, vec, w16, vec16, vec, H * W, half, half)),
     ]
     pw = _module("pointwise_conv")
-    hidden, w_ffn = _meta((B, 2 * C, H, W), bf16), torch.empty(C, 2 * C, 1, 1, dtype=bf16, device="meta")
-    w_mix, b16 = torch.empty(C, C, 1, 1, dtype=bf16, device="meta"), torch.empty(C, dtype=bf16, device="meta")
-    mod = torch.empty(B, C, dtype=bf16, device="meta")
+    hidden, w_ffn = _meta((B, 2 * C, H, W), half), torch.empty(C, 2 * C, 1, 1, dtype=half, device="meta")
+    w_mix, b16 = torch.empty(C, C, 1, 1, dtype=half, device="meta"), torch.empty(C, dtype=half, device="meta")
+    mod = torch.empty(B, C, dtype=half, device="meta")
     out += [  # opt-in: the FeedForward's last conv (with the block's residual), the spatial mix's (modulated, NCHW)
         ("SiLU -> 1x1 conv forward + residual, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, bf16, x32)),
+         lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, half, x32)),
         ("modulated SiLU -> 1x1 conv forward (nchw)", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._forward_kernels(_meta(SHAPE, bf16, "nchw"), w_mix, b16, mod, mod, bf16)),
+         lambda: pw._forward_kernels(_meta(SHAPE, half, "nchw"), w_mix, b16, mod, mod, half)),
         ("SiLU -> 1x1 conv input grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
-         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, bf16, [True, False, False, False, False])),
+         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, half, [True, False, False, False, False])),
         ("SiLU -> 1x1 conv weight grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_weight_grad_kernel",
-         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, bf16, [False, True, True, False, False])),
+         lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, half, [False, True, True, False, False])),
         ("modulated SiLU -> 1x1 conv input grad", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
-         lambda: pw._backward_kernels(g16, a16, w_mix, mod, mod, bf16, [True, False, False, True, True])),
+         lambda: pw._backward_kernels(g16, a16, w_mix, mod, mod, half, [True, False, False, True, True])),
     ]
     heads = _module("cfc_heads")
-    gate = [torch.empty(B, C, dtype=bf16, device="meta")] * 2 + [torch.empty(C, device="meta"),
+    gate = [torch.empty(B, C, dtype=half, device="meta")] * 2 + [torch.empty(C, device="meta"),
                                                                  torch.empty(B, device="meta")]
     head_args = (a16, a16, a16, w_mix, b16, w_mix, b16, w_mix, b16, x32, *gate)
     out += [  # opt-in, with the pointwise kernels: the CfC's f, g, h heads and its gate in one kernel
         ("CfC heads + gate forward, C=64", "cfc_heads", "_cfc_heads_relax_kernel",
-         lambda: heads._forward_kernels(*head_args, x32, bf16)),
+         lambda: heads._forward_kernels(*head_args, x32, half)),
         ("CfC heads + gate backward, C=64", "cfc_heads", "_cfc_heads_relax_bwd_kernel",
-         lambda: heads._backward_kernels(d32, *head_args, bf16, [True] * 8)),
+         lambda: heads._backward_kernels(d32, *head_args, half, [True] * 8)),
     ]
     return out
 
 
-def report() -> list[tuple[str, dict]]:
+def report(sm: int = SM) -> list[tuple[str, dict]]:
+    """Every launch compiled for sm_``sm``, in bf16, or in fp16 below sm_80 (no bf16 arithmetic:
+    GPUs before the A100 train in fp16)."""
     rows = []
-    for label, module, kernel, launch in launches():
+    for label, module, kernel, launch in launches(torch.bfloat16 if sm >= 80 else torch.float16):
         for kernel_fn, args, kwargs in record(module, kernel, launch):
-            rows.append((label, resources(kernel_fn, args, kwargs)))
+            rows.append((label, resources(kernel_fn, args, kwargs, sm)))
     return rows
 
 
-def main() -> int:
-    print(f"sm_{TARGET[1]}, Triton {triton.__version__}, launches at {list(SHAPE)}: registers per thread, "
-          "spill stack bytes, shared bytes")
-    for label, r in report():
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
+    p.add_argument("--sm", type=int, default=SM, help="compute capability to compile for, e.g. 90 or 75")
+    args = p.parse_args(argv)
+    print(f"sm_{args.sm}, Triton {triton.__version__}, launches at {list(SHAPE)} in "
+          f"{'bf16' if args.sm >= 80 else 'fp16'}: registers per thread, spill stack bytes, shared bytes")
+    for label, r in report(args.sm):
         blocks = 65536 // (r["registers"] * 32 * r["num_warps"])
         print(f"{label:<40} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "
               f"shared {r['shared']}, {blocks} block(s) per SM by registers")
