@@ -329,3 +329,21 @@ def test_fp16_scales_the_loss_and_skips_a_step_that_overflows():
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), before))
     assert trainer.scaler.get_scale() < 3e38
     assert not _trainer(mixed_precision="bf16").scaler.is_enabled()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graph", [False, True])
+def test_gpu_fp16_training_with_loss_scaling(graph):
+    """fp16 autocast (a T4's precision) on the GPU: the fused model trains through the
+    GradScaler (finite losses falling on a fixed batch; the first steps may overflow and be
+    skipped), eager or replaying CUDA graphs."""
+    torch.manual_seed(0)
+    model = liquid_diffusion_micro(channels=(16, 32), fused=True)
+    trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cuda", channels_last=True, mixed_precision="fp16",
+                                   cuda_graph=graph)
+    images, losses = _images().cuda(), []
+    for _ in range(20):
+        torch.manual_seed(1)
+        losses.append(trainer.train_step(images)["loss"])
+    assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0], losses
+    assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() >= 1
