@@ -338,7 +338,7 @@ def test_gpu_fp16_training_with_loss_scaling(graph):
     GradScaler (finite losses falling on a fixed batch; the first steps may overflow and be
     skipped), eager or replaying CUDA graphs."""
     torch.manual_seed(0)
-    model = liquid_diffusion_micro(channels=(16, 32), fused=True)
+    model = liquid_diffusion_micro(channels=(32, 64), fused=True)  # test_model's fp16 kernels: compiled once
     trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cuda", channels_last=True, mixed_precision="fp16",
                                    cuda_graph=graph)
     images, losses = _images().cuda(), []
