@@ -152,10 +152,12 @@ def _add_train(sub) -> None:
     speed = g.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
-                            "the first sample grid compile (minutes on a GPU), later ones run faster")
+                            "the first sample grid compile (minutes on a GPU), later ones run faster (not "
+                            "remembered by --resume)")
     speed.add_argument("--cuda-graph", action="store_true",
                        help="replay each step's model forward and backward from CUDA graphs captured at the "
-                            "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun)")
+                            "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun; "
+                            "not remembered by --resume)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and rerun the block there: about half the "
                         "peak memory of a fused step for one more forward pass of the blocks; same values "
@@ -569,8 +571,11 @@ def cmd_train(args, explicit: set[str]) -> int:
                     now = time.perf_counter()
                     loss = distributed.mean_over_ranks(window_loss / window_n, device)
                     speed = images_per_step * window_n / max(now - window_t, 1e-9)
+                    # An fp16 step whose gradients overflowed (and was skipped) has no norm: null,
+                    # not the NaN or Infinity that strict JSON readers refuse.
+                    grad_norm = m["grad_norm"] if math.isfinite(m["grad_norm"]) else None
                     log.write(json.dumps({
-                        "step": step, "loss": loss, "grad_norm": m["grad_norm"], "lr": m["lr"],
+                        "step": step, "loss": loss, "grad_norm": grad_norm, "lr": m["lr"],
                         "images_per_s": round(speed, 1), "elapsed_s": round(now - t0, 2),
                     }) + "\n")
                     bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{speed:.0f}", refresh=False)

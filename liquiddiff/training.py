@@ -158,7 +158,7 @@ class RectifiedFlowTrainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # Autocast on CUDA by default (:func:`autocast_dtype`).
         self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
-        if cuda_graph and compile:
+        if cuda_graph and compile is not False and compile is not None:
             raise ValueError("compile: not with cuda_graph=True (torch.compile(mode='reduce-overhead') "
                              "captures CUDA graphs of its own)")
         if cuda_graph and self.device.type != "cuda":
@@ -194,7 +194,7 @@ class RectifiedFlowTrainer:
         # dynamo splits the graph at DDP's gradient buckets and the all-reduce still overlaps the
         # backward) and the EMA copy that samples are drawn from, compiled in place
         # (nn.Module.compile: parameters and state_dict keys unchanged). Compiling is lazy.
-        self.compiled = bool(compile)
+        self.compiled = compile is not False and compile is not None  # {} too: torch.compile's defaults
         if self.compiled:
             options = compile if isinstance(compile, dict) else {}
             self.forward_model.compile(**options)
@@ -266,6 +266,19 @@ class RectifiedFlowTrainer:
             v = self._model_call(x_t, t)
         return F.mse_loss(v.float(), target.float())
 
+    def _zero_grads(self) -> None:
+        """Gradients to None; with CUDA graphs, zeroed in place instead. A graphed backward hands
+        autograd its static gradient buffers, which become the .grad of a parameter that has none:
+        the next replay (the step's next micro-batch) would overwrite that gradient instead of
+        adding to it. Gradients the trainer owns are added into."""
+        if not self.cuda_graph:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.optimizer.zero_grad(set_to_none=False)
+
     def _backward(self, images: torch.Tensor) -> torch.Tensor:
         """Backward of the batch's mean loss, one micro-batch at a time; returns the loss.
 
@@ -306,7 +319,7 @@ class RectifiedFlowTrainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grads()
         loss = self._backward(images)
         self.scaler.unscale_(self.optimizer)  # clipping and the reported norm see true gradients
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")

@@ -301,6 +301,20 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, capsys, mo
     assert err.startswith("liquiddiff: error: out of memory") and "--micro-batch-size" in err
 
 
+def test_metrics_stay_strict_json_when_an_fp16_step_overflows(tmp_path, capsys, monkeypatch):
+    """A skipped fp16 step has an infinite or NaN gradient norm: metrics.jsonl says null."""
+    step = RectifiedFlowTrainer.train_step
+    monkeypatch.setattr(RectifiedFlowTrainer, "train_step", lambda self, images: {**step(self, images),
+                                                                                   "grad_norm": float("nan")})
+    assert _run(["train", "--runs-dir", tmp_path, *TINY, "--steps", "2"], capsys)[0] == 0
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    lines = (tmp_path / "digits" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=refuse)["grad_norm"] for line in lines] == [None, None]
+
+
 @pytest.mark.slow
 def test_train_on_a_folder_with_corrupt_images(tmp_path, capsys):
     data = tmp_path / "photos"

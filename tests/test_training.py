@@ -97,15 +97,16 @@ def test_cuda_graph_training_needs_one_cuda_process():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused", [False, True])
-def test_cuda_graph_train_steps_match_eager(fused):
+@pytest.mark.parametrize("fused, micro", [(False, None), (True, None), (True, 2)])
+def test_cuda_graph_train_steps_match_eager(fused, micro):
     """Train steps whose model call replays CUDA graphs follow the eager steps: the same losses
     and weights after a few steps (same kernels; the optimizer, EMA and the loss stay eager), and
-    a batch of another shape runs eager beside them."""
+    a batch of another shape runs eager beside them; with micro-batches, two replays a step."""
     def run(graph):
         torch.manual_seed(0)
         model = liquid_diffusion_micro(channels=(16, 32), fused=fused)
-        trainer = RectifiedFlowTrainer(model, device="cuda", channels_last=True, cuda_graph=graph)
+        trainer = RectifiedFlowTrainer(model, device="cuda", channels_last=True, cuda_graph=graph,
+                                       micro_batch_size=micro)
         torch.manual_seed(1)
         losses = [trainer.train_step(_images().cuda())["loss"] for _ in range(3)]
         losses.append(trainer.train_step(_images()[:2].cuda())["loss"])  # another shape: eager
@@ -239,6 +240,15 @@ def test_trainer_keeps_the_callers_layout_by_default():
     assert trainer.model.stem[0].weight.is_contiguous()
 
 
+def test_compile_passes_its_options_and_an_empty_dict_still_compiles(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **options: calls.append(options))
+    assert _trainer(compile={}).compiled and calls == [{}, {}]  # the model and its EMA copy
+    assert not _trainer(compile=False).compiled and not _trainer(compile=None).compiled and len(calls) == 2
+    _trainer(compile={"mode": "max-autotune"})
+    assert calls[2:] == [{"mode": "max-autotune"}] * 2
+
+
 def test_compile_cannot_be_combined_with_cuda_graphs():
     with pytest.raises(ValueError, match="compile: not with cuda_graph=True"):
         RectifiedFlowTrainer(liquid_diffusion_micro(channels=(16, 32)), device="cpu", compile=True, cuda_graph=True)
@@ -347,3 +357,51 @@ def test_gpu_fp16_training_with_loss_scaling(graph):
         losses.append(trainer.train_step(images)["loss"])
     assert torch.isfinite(torch.tensor(losses)).all() and losses[-1] < losses[0], losses
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() >= 1
+
+
+def _graph_like_call(model, x, t):
+    """Stands in for ``torch.cuda.make_graphed_callables`` on the CPU, as far as gradients go:
+    its backward writes the parameters' gradients into static buffers and returns them (a
+    replay overwrites them), as a captured backward graph does."""
+    params = list(model.parameters())
+    buffers = [torch.zeros_like(p) for p in params]
+
+    class Replay(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, t, *weights):
+            ctx.inputs = x.detach(), t.detach()
+            with torch.no_grad():
+                return model(x, t)
+
+        @staticmethod
+        def backward(ctx, grad):
+            with torch.enable_grad():
+                grads = torch.autograd.grad(model(*ctx.inputs), params, grad)
+            for buffer, g in zip(buffers, grads):
+                buffer.copy_(g)
+            return (None, None, *(buffer.detach() for buffer in buffers))
+
+    return lambda x, t: Replay.apply(x, t, *params)
+
+
+def test_graphed_micro_batches_add_up_instead_of_overwriting(monkeypatch):
+    """With CUDA graphs, the backward's static gradient buffers must not become the parameters'
+    .grad: the next micro-batch's replay would overwrite the first one's gradient. Two
+    micro-batches of the captured shape give the whole batch's gradient, as eager does."""
+    from liquiddiff import training
+
+    monkeypatch.setattr(training, "graphed_model_call", _graph_like_call)
+    images = _images()
+
+    def grads(trainer):
+        torch.manual_seed(5)
+        trainer.train_step(images)
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    whole = grads(_trainer())
+    graphed = _trainer(micro_batch_size=2)
+    graphed.cuda_graph = True  # the CPU has no graphs: the stand-in above replays
+    for _ in range(2):  # the second step reuses the gradients the first one made
+        got = grads(graphed)
+        graphed.model.load_state_dict(_trainer().model.state_dict())
+    assert (got - whole).norm() <= 1e-5 * whole.norm()
