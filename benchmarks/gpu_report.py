@@ -21,12 +21,15 @@ Time budget (``--budget``, seconds): each model variant runs in its own worker p
 workers start at once, so the full-model compiles overlap each other and the op checks; when
 they are ready (or the compile deadline passes), everything is timed one worker at a time on a
 quiet machine. A variant that would overrun the budget is skipped with a note; the report is
-always written.
+always written. On a GPU at most ``TRAIN_WARMUP_SLOTS`` train warm-ups run at once, the compiled
+ones first: a dozen train steps at once (up to ~17 GiB each) could pass an H100's memory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import fcntl
 import gc
 import json
 import math
@@ -107,6 +110,12 @@ ESTIMATE_S = {
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23},
 }
 WRITE_MARGIN_S = 10
+# Train warm-ups (before 'ready') that run at once on a GPU. Each holds a train step's peak (7.7
+# GiB fused, ~17 GiB for the compiled reference, twice a step while CUDA graphs are captured);
+# sampling warm-ups are small and run freely. Three at worst, beside the sampling warm-ups and
+# twenty CUDA contexts, stay within an H100's 80 GB.
+TRAIN_WARMUP_SLOTS = 3
+WARM_SLOTS_ENV = "LIQUIDDIFF_BENCH_WARM_SLOTS"  # the folder of the slots' lock files
 
 
 # ============================================================================ worker side
@@ -140,12 +149,18 @@ def _worker_main(args) -> int:
         # Its first steps compile (torch.compile, or Triton kernels no other variant uses): warm
         # up before 'ready', while the others compile, not inside its timed turn.
         compiles = variant.compiled or bool(variant.kernels) or variant.cuda_graph  # graphs: their capture
+        capture_peak = None
         if compiles:
-            t0 = time.perf_counter()
-            _warm_up(trainer, task, cfg, images, variant)
-            cases.sync(device)
-            compile_s = time.perf_counter() - t0
+            # A graph's activations live in its private pool, allocated while it is captured:
+            # replays allocate nothing, so the row's peak is the capturing step's.
+            _memory_start(device)
+            with _warm_slot(task, variant):
+                t0 = time.perf_counter()
+                _warm_up(trainer, task, cfg, images, variant)
+                cases.sync(device)
+                compile_s = time.perf_counter() - t0
             if device.type == "cuda":
+                capture_peak = torch.cuda.max_memory_allocated() if variant.cuda_graph else None
                 torch.cuda.empty_cache()  # hold no more than the model while others run
         send(event="ready", compile_s=compile_s, **cases.dynamo_counts())
         if sys.stdin.readline().strip() != "go":
@@ -153,6 +168,9 @@ def _worker_main(args) -> int:
         if not compiles:
             _warm_up(trainer, task, cfg, images, variant)
         result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device, variant)
+        if capture_peak is not None and "peak_GiB" in result:
+            result["peak_GiB"] = max(result["peak_GiB"], capture_peak / 2**30)
+            result["transient_GiB"] = result["peak_GiB"] - result["base_GiB"]
         if task == "train" and args.profile:
             try:  # after the timing, so the profiler's overhead touches no number above
                 result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
@@ -165,6 +183,30 @@ def _worker_main(args) -> int:
         print(tb, file=sys.stderr, flush=True)
         send(event="error", error=tb[-3000:])
         return 1
+
+
+@contextlib.contextmanager
+def _warm_slot(task: str, variant: Variant):
+    """One of ``TRAIN_WARMUP_SLOTS`` for a train warm-up (a lock file in the folder the parent
+    names in ``WARM_SLOTS_ENV``; the lock goes with the process, killed or not); sampling
+    warm-ups, and workers given no folder, go straight in. Compiled variants, the slowest to warm
+    up, try first."""
+    folder = os.environ.get(WARM_SLOTS_ENV)
+    if task != "train" or not folder:
+        yield
+        return
+    if not variant.compiled:
+        time.sleep(2.0)
+    while True:
+        for i in range(TRAIN_WARMUP_SLOTS):
+            with open(os.path.join(folder, f"train_warmup_{i}.lock"), "w") as slot:
+                try:
+                    fcntl.flock(slot, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    continue
+                yield
+                return
+        time.sleep(0.2)
 
 
 def _warm_up(trainer, task, cfg, images, variant):
@@ -342,8 +384,10 @@ def _estimate(quick: bool, task: str, compiled: bool) -> float:
     return ESTIMATE_S[quick][(task, compiled)]
 
 
-def _worker_env(quick: bool, variant: Variant, device) -> dict:
+def _worker_env(quick: bool, variant: Variant, device, slots_dir: Path) -> dict:
     env = dict(os.environ)
+    if device.type == "cuda":
+        env[WARM_SLOTS_ENV] = str(slots_dir)
     if variant.kernels:
         env[runtime.ENV_VAR] = runtime.setting_with(variant.kernels)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
@@ -741,7 +785,7 @@ def run_report(args, argv) -> int:
             if not args.compile:
                 notes.append("model torch.compile variants not run (--no-compile)")
             for task, name in tasks:
-                workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device),
+                workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device, log_dir),
                                                log_dir / f"{task}_{name}.log", clock, name in args.profile_variants)
             print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
         reserve = est["ops"] + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks) + WRITE_MARGIN_S

@@ -45,8 +45,12 @@ def kind_of(name: str) -> str:
 def _self_time_us(event, on_gpu: bool) -> float:
     if not on_gpu:
         return event.self_cpu_time_total
-    # torch >= 2.4 names it device time; older releases only have the cuda name.
-    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+    # Kernels only: the CPU op that launched a kernel reports the kernel's device time as its
+    # own too, and range annotations on the GPU timeline span kernels: counting either would
+    # count a kernel twice (torch's own table sums the same events).
+    if event.device_type != torch.autograd.DeviceType.CUDA or event.is_user_annotation:
+        return 0.0
+    return event.self_device_time_total
 
 
 def profile_steps(step: Callable[[], object], device, steps: int = 2, top: int = 15) -> dict:
@@ -62,8 +66,7 @@ def profile_steps(step: Callable[[], object], device, steps: int = 2, top: int =
             step()
         cases.sync(device)
         wall_ms = (time.perf_counter() - t0) * 1e3 / steps
-    # Kernels are the events with self device time (a CPU op's device time belongs to its
-    # kernels); on the CPU, aten ops by self CPU time.
+    # On a GPU, kernels by self device time; on the CPU, aten ops by self CPU time.
     rows = [(e.key, _self_time_us(e, on_gpu) / 1e3 / steps) for e in prof.key_averages()]
     rows = sorted(((n, ms) for n, ms in rows if ms > 0 and (on_gpu or n.startswith("aten::"))), key=lambda r: -r[1])
     total = sum(ms for _, ms in rows) or float("nan")

@@ -99,3 +99,29 @@ def test_gpu_report_quick_end_to_end(tmp_path):
     for name in ("report.md", "ratios.png", "workers.log"):
         assert (tmp_path / name).exists()
     assert "# liquiddiff GPU report" in proc.stdout
+
+
+def test_train_warmups_take_one_of_the_slots_and_sampling_none(tmp_path, monkeypatch):
+    """At most TRAIN_WARMUP_SLOTS train warm-ups at once (lock files in the parent's folder):
+    one more waits until a slot is given back; a sampling warm-up never waits."""
+    import contextlib
+    import threading
+
+    monkeypatch.setenv(gpu_report.WARM_SLOTS_ENV, str(tmp_path))
+    compiled = gpu_report.VARIANTS["ref_compile_cl"]  # compiled: no head-start pause
+    entered = threading.Event()
+
+    def another():
+        with gpu_report._warm_slot("train", compiled):
+            entered.set()
+
+    with contextlib.ExitStack() as slots:
+        for _ in range(gpu_report.TRAIN_WARMUP_SLOTS):
+            slots.enter_context(gpu_report._warm_slot("train", compiled))
+        with gpu_report._warm_slot("sample", compiled):
+            pass
+        waiting = threading.Thread(target=another)
+        waiting.start()
+        assert not entered.wait(0.6)  # every slot is held
+    assert entered.wait(5)  # given back: it gets one
+    waiting.join()

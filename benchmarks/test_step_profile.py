@@ -31,3 +31,19 @@ def test_profile_of_a_cpu_step_adds_up():
     assert any(name == "aten::mm" for name, _, _ in prof["top"]) and len(prof["top"]) <= 5
     text = "\n".join(step_profile.render("step", prof))
     assert "| GEMM, 1x1 and dense conv |" in text and "`aten::mm`" in text
+
+
+def test_gpu_time_counts_each_kernel_once():
+    """On a GPU only kernels count: the CPU op that launched a kernel, and a range annotation
+    over kernels, report the same device time again."""
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    def event(device_type, annotation=False):
+        return SimpleNamespace(device_type=device_type, is_user_annotation=annotation,
+                               self_device_time_total=7.0, self_cpu_time_total=3.0)
+
+    kernel, launcher, annotation = event(DeviceType.CUDA), event(DeviceType.CPU), event(DeviceType.CUDA, True)
+    assert [step_profile._self_time_us(e, True) for e in (kernel, launcher, annotation)] == [7.0, 0.0, 0.0]
+    assert step_profile._self_time_us(launcher, False) == 3.0
