@@ -110,6 +110,11 @@ ESTIMATE_S = {
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23},
 }
 WRITE_MARGIN_S = 10
+# The last rows timed, which the compile deadline does not hold time back for: when the compiles
+# run late (cold caches, every worker compiling at once), these are skipped before the compiled
+# reference, which every issue-7 target is measured against, misses the deadline.
+NOT_RESERVED = {("train", "fused_nchw"), ("sample", "fused_dw_cl"), ("sample", "ref_eager_cl"),
+                ("sample", "ref_eager_nchw")}
 # Train warm-ups (before 'ready') that run at once on a GPU. Each holds a train step's peak (7.7
 # GiB fused, ~17 GiB for the compiled reference, twice a step while CUDA graphs are captured);
 # sampling warm-ups are small and run freely. Three at worst, beside the sampling warm-ups and
@@ -788,7 +793,8 @@ def run_report(args, argv) -> int:
                 workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device, log_dir),
                                                log_dir / f"{task}_{name}.log", clock, name in args.profile_variants)
             print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
-        reserve = est["ops"] + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks) + WRITE_MARGIN_S
+        reserve = est["ops"] + WRITE_MARGIN_S + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks
+                                                     if (t, n) not in NOT_RESERVED)
 
         # 2. Ops: inputs, parity, saved memory, compiles (nothing timed yet).
         if args.ops:

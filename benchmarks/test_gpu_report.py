@@ -125,3 +125,13 @@ def test_train_warmups_take_one_of_the_slots_and_sampling_none(tmp_path, monkeyp
         assert not entered.wait(0.6)  # every slot is held
     assert entered.wait(5)  # given back: it gets one
     waiting.join()
+
+
+def test_rows_without_reserved_time_are_the_last_ones_timed():
+    """The compile deadline holds no time back for NOT_RESERVED: they must be the tail of their
+    order, so that running short of time skips them and nothing before them."""
+    for task, order in (("train", gpu_report.TRAIN_ORDER), ("sample", gpu_report.SAMPLE_ORDER)):
+        tail = [name for name in order if (task, name) in gpu_report.NOT_RESERVED]
+        assert tail == list(order[len(order) - len(tail):]), (task, tail)
+    assert ("train", "ref_compile_cl") not in gpu_report.NOT_RESERVED
+    assert len(gpu_report.NOT_RESERVED) == 4
