@@ -40,7 +40,7 @@ class _Recorder:
         self.kernel, self.calls = kernel, []
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((grid, args, kwargs))
 
 
 def _module(name: str):
@@ -48,7 +48,7 @@ def _module(name: str):
 
 
 def record(module_name: str, kernel_name: str, launch) -> list[tuple]:
-    """(kernel, args, kwargs) of each launch of ``kernel_name`` that ``launch()`` makes."""
+    """(kernel, args, kwargs, grid) of each launch of ``kernel_name`` that ``launch()`` makes."""
     module = _module(module_name)
     recorder = _Recorder(getattr(module, kernel_name))
     setattr(module, kernel_name, recorder)
@@ -56,7 +56,7 @@ def record(module_name: str, kernel_name: str, launch) -> list[tuple]:
         launch()
     finally:
         setattr(module, kernel_name, recorder.kernel)
-    return [(recorder.kernel, args, kwargs) for args, kwargs in recorder.calls]
+    return [(recorder.kernel, args, kwargs, grid) for grid, args, kwargs in recorder.calls]
 
 
 def _specialise(kernel, args, kwargs):
@@ -109,15 +109,16 @@ def _meta(shape, dtype, layout="channels_last"):
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
-def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, callable]]:
-    """(label, module, kernel, launch) for the model's calls, with ``half`` as the autocast dtype."""
-    B, C, H, W = SHAPE
+def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tuple[str, str, str, callable]]:
+    """(label, module, kernel, launch) for the model's calls at ``size``, with ``half`` as the
+    autocast dtype."""
+    B, C, H, W = size
     dw, cfc, adaln = _module("depthwise"), _module("cfc_relax"), _module("adaln")
     out = []
     w7, w3 = (torch.empty(C, 1, k, k, device="meta") for k in (7, 3))
     bias = torch.empty(C, device="meta")
-    x32, d32 = _meta(SHAPE, torch.float32), _meta(SHAPE, torch.float32)
-    g16, a16 = _meta(SHAPE, half), _meta(SHAPE, half)
+    x32, d32 = _meta(size, torch.float32), _meta(size, torch.float32)
+    g16, a16 = _meta(size, half), _meta(size, half)
     out += [  # the CfC backbone's 7x7 (its fp32 input rounded in registers), then its g/h pair
         ("depthwise 7x7 forward (fp32 in)", "depthwise", "_dwconv_kernel",
          lambda: dw.forward(x32, [w7], [bias], half)),
@@ -138,10 +139,10 @@ def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, ca
          lambda: dw.backward([g16, g16], a16, [w3, w3], half, [False, True, True])),
     ]
     for layout in ("channels_last", "nchw"):
-        acts = [_meta(SHAPE, half, layout) for _ in range(3)] + [_meta(SHAPE, torch.float32, layout)]
+        acts = [_meta(size, half, layout) for _ in range(3)] + [_meta(size, torch.float32, layout)]
         params = [torch.empty(B, C, dtype=half, device="meta")] * 2 + [
             torch.empty(C, device="meta"), torch.empty(B, device="meta")]
-        go = _meta(SHAPE, torch.float32, layout)
+        go = _meta(size, torch.float32, layout)
         out += [
             (f"CfC forward ({layout})", "cfc_relax", "_cfc_relax_fwd_kernel",
              lambda acts=acts, params=params, r=go: cfc._forward_kernels(*acts, *params, r)),
@@ -150,7 +151,7 @@ def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, ca
         ]
     ms = _module("modulated_silu")
     for layout in ("channels_last", "nchw"):
-        z, scale = _meta(SHAPE, half, layout), torch.empty(B, C, dtype=half, device="meta")
+        z, scale = _meta(size, half, layout), torch.empty(B, C, dtype=half, device="meta")
         out += [
             (f"modulated SiLU forward ({layout})", "modulated_silu", "_modulated_silu_fwd_kernel",
              lambda z=z, scale=scale: ms.forward(z, scale, scale, half)),
@@ -159,7 +160,7 @@ def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, ca
         ]
     out.append(("SiLU backward, 3 gradients summed", "modulated_silu", "_modulated_silu_bwd_kernel",
                 lambda: ms.silu_backward([g16, g16, g16], g16)))
-    per_channel = torch.empty(B, C, device="meta")[:, :, None, None].expand(SHAPE)
+    per_channel = torch.empty(B, C, device="meta")[:, :, None, None].expand(size)
     out.append(("gradient sum (spatial-mix input, after cuDNN)", "modulated_silu", "_modulated_silu_bwd_kernel",
                 lambda: ms.sum_gradients([x32, g16, per_channel], torch.float32)))
     for channels in (64, 256):
@@ -200,7 +201,7 @@ def launches(half: torch.dtype = torch.bfloat16) -> list[tuple[str, str, str, ca
         ("SiLU -> 1x1 conv forward + residual, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, half, x32)),
         ("modulated SiLU -> 1x1 conv forward (nchw)", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._forward_kernels(_meta(SHAPE, half, "nchw"), w_mix, b16, mod, mod, half)),
+         lambda: pw._forward_kernels(_meta(size, half, "nchw"), w_mix, b16, mod, mod, half)),
         ("SiLU -> 1x1 conv input grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
          lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, half, [True, False, False, False, False])),
         ("SiLU -> 1x1 conv weight grad, 128 -> 64", "pointwise_conv", "_silu_conv1x1_weight_grad_kernel",
@@ -226,9 +227,15 @@ def report(sm: int = SM) -> list[tuple[str, dict]]:
     GPUs before the A100 train in fp16)."""
     rows = []
     for label, module, kernel, launch in launches(torch.bfloat16 if sm >= 80 else torch.float16):
-        for kernel_fn, args, kwargs in record(module, kernel, launch):
+        for kernel_fn, args, kwargs, _ in record(module, kernel, launch):
             rows.append((label, resources(kernel_fn, args, kwargs, sm)))
     return rows
+
+
+def launch_grids(size: tuple) -> list[tuple[str, tuple]]:
+    """(label, grid) of every launch at ``size`` (meta tensors: any size, no memory)."""
+    return [(label, tuple(grid)) for label, module, kernel, launch in launches(size=size)
+            for _, _, _, grid in record(module, kernel, launch)]
 
 
 def main(argv=None) -> int:

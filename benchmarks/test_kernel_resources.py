@@ -3,6 +3,7 @@ For sm_90 (H100, H200): none spills, and none needs more than 128 registers a th
 two blocks of up to 8 warps per SM). For sm_75 (a T4): every kernel compiles. Run as its own
 process: the kernels must be compiled for the GPU, not for the interpreter this test session
 uses."""
+import json
 import os
 import re
 import subprocess
@@ -42,3 +43,18 @@ def test_default_kernels_compile_for_the_t4_without_spilling():
     for label, registers, stack in rows:
         if not label.startswith(("SiLU -> 1x1", "modulated SiLU -> 1x1", "CfC heads")):
             assert stack == 0, (label, registers, stack)
+
+
+def test_launch_grids_fit_cuda_limits_at_2048_px():
+    """Every launch at [2, 64, 2048, 2048] (meta tensors): grid axis 0 below 2**31, axes 1 and 2
+    at most 65535, which the CUDA launch would refuse (the CfC heads kernels put their pixel
+    tiles on axis 1 until they passed it at 1024 x 1024)."""
+    code = ("import json; from benchmarks import kernel_resources as kr; "
+            "print(json.dumps(kr.launch_grids((2, 64, 2048, 2048))))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    grids = json.loads(proc.stdout.splitlines()[-1])
+    assert len(grids) == 33
+    for label, grid in grids:
+        assert grid[0] < 2**31 and all(n <= 65535 for n in grid[1:]), (label, grid)

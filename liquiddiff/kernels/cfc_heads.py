@@ -99,9 +99,12 @@ if triton is not None:
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
         COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # Output-channel blocks on axis 0: a pixel tile's blocks run together and share its inputs in L2.
-        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        ps = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+        # Axis 0 walks a pixel tile's output-channel blocks, then the next tile: a tile's blocks
+        # run together and share its inputs in L2, and the pixel tiles are not bound by the
+        # 65535 programs of axes 1 and 2 (65536 tiles of 32 pixels at 2048 x 1024).
+        n_blocks: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
+        ns = tl.program_id(0) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
+        ps = tl.program_id(0) // n_blocks * BLOCK_P + tl.arange(0, BLOCK_P)
         # int64 batch and pixel offsets: B * C * H * W may pass 2**31.
         pid_b = tl.program_id(2).to(tl.int64)
         p_mask, n_mask = ps < P, ns < C
@@ -139,8 +142,9 @@ if triton is not None:
         # The CfC kernel's backward (cfc_relax.py) with f, g and h remade in registers: TILES
         # pixel tiles of one batch item and channel block, the gate parameters' gradients summed
         # over them into one partial per program.
-        ns = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        pid_p = tl.program_id(1)
+        n_blocks: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N  # on axis 0 with the pixel tiles, as forward
+        ns = tl.program_id(0) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
+        pid_p = tl.program_id(0) // n_blocks
         pid_b = tl.program_id(2).to(tl.int64)
         n_mask = ns < C
         cols = ns[None, :]
@@ -186,8 +190,8 @@ if triton is not None:
                 tl.store(dx_ptr + pid_b * sdx_b + rows * sdx_p + cols * sdx_c, (alpha * go).to(dx_ptr.dtype.element_ty),
                          mask=mask)
         if NEED_PARAMS:
-            store_parameter_partials(part_ptr, pid_p, tl.num_programs(1), pid_b, B, C, ns, n_mask, sum_da, sum_db,
-                                     sum_dalpha, alpha_c, softplus(rho), rho, tv)
+            store_parameter_partials(part_ptr, pid_p, tl.cdiv(P, BLOCK_P * TILES), pid_b, B, C, ns, n_mask,
+                                     sum_da, sum_db, sum_dalpha, alpha_c, softplus(rho), rho, tv)
 
 
 def _allocate_out(x, a, b, rho, t, residual, dtype):
@@ -236,7 +240,7 @@ def _forward_kernels(
     gate, gate_strides = _gate_args(a, b, rho, t)
     (xf, outf), (sx, so) = _tensors.flat_all(x, out)
     res, sr = (x, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
-    grid = (_tensors.cdiv(C, constexprs["BLOCK_N"]), _tensors.cdiv(H * W, _BLOCK_P), B)
+    grid = (_tensors.cdiv(C, constexprs["BLOCK_N"]) * _tensors.cdiv(H * W, _BLOCK_P), 1, B)
     _cfc_heads_relax_kernel[grid](
         *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
         HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
@@ -281,8 +285,9 @@ def _backward_kernels(
     compute, part_dtype = _tensors.compute_dtypes(grad_out, backbone, x, a, b, rho, t)
     block_n = constexprs["BLOCK_N"]
     tiles = _tensors.tiles_per_program(C, P, B, block_n, _BWD_BLOCK_P, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
-    grid = (_tensors.cdiv(C, block_n), _tensors.cdiv(P, _BWD_BLOCK_P * tiles), B)
-    partials = _tensors.empty_buffer((4, grid[1], B, C), part_dtype, x.device) if need_params else xf
+    pixel_programs = _tensors.cdiv(P, _BWD_BLOCK_P * tiles)
+    grid = (_tensors.cdiv(C, block_n) * pixel_programs, 1, B)
+    partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else xf
     _cfc_heads_relax_bwd_kernel[grid](
         go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides,
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,

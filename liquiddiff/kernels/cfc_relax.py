@@ -88,7 +88,7 @@ if triton is not None:
         # Chain factors folded in here so torch only adds partials: d alpha / d rho and / d t.
         d_softplus = tl.where(rho > _SOFTPLUS_THRESHOLD, 1.0, tl.sigmoid(rho))
         sign_t = tl.where(tv > 0, 1.0, 0.0) - tl.where(tv < 0, 1.0, 0.0)
-        stride_k = programs_p * B * C
+        stride_k = programs_p.to(tl.int64) * B * C  # the buffer may pass 2**31 elements
         part = part_ptr + (pid_p * B + pid_b) * C + cs
         tl.store(part, sum_da, mask=c_mask)
         tl.store(part + stride_k, -sum_db, mask=c_mask)

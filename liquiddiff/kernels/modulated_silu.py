@@ -134,7 +134,7 @@ if triton is not None:
         if NEED_PARAMS:
             part = part_ptr + (pid_p * B + pid_b) * C + cs
             tl.store(part, tl.sum(acc_scale, axis=1), mask=c_mask)
-            tl.store(part + tl.num_programs(0) * B * C, tl.sum(acc_shift, axis=1), mask=c_mask)
+            tl.store(part + tl.num_programs(0).to(tl.int64) * B * C, tl.sum(acc_shift, axis=1), mask=c_mask)
 
 
 def _tile(C: int, P: int, z_strides: tuple[int, int, int], elements: int) -> tuple[int, int, int]:

@@ -161,7 +161,7 @@ if triton is not None:
         if NEED_PARAMS:  # per-program partial sums over the pixels, [2, programs, B, K]
             at = part_ptr + (pid_p * B + pid_b) * K + ks
             tl.store(at, tl.sum(d_y * z, axis=0), mask=k_mask)
-            tl.store(at + tl.num_programs(0) * B * K, tl.sum(d_y, axis=0), mask=k_mask)
+            tl.store(at + tl.num_programs(0).to(tl.int64) * B * K, tl.sum(d_y, axis=0), mask=k_mask)
 
     @triton.jit
     def _silu_conv1x1_weight_grad_kernel(
