@@ -22,7 +22,7 @@ import torch
 from . import __version__, checkpoint, distributed
 from .model import PRESETS, LiquidDiffusion, LiquidDiffusionConfig, build
 from .sampling import SAMPLERS
-from .training import AUTOCAST_DTYPES, TIME_SAMPLINGS, RectifiedFlowTrainer
+from .training import AUTOCAST_DTYPES, TIME_SAMPLINGS, RectifiedFlowTrainer, autocast_dtype
 
 CKPT_NAME = "last.safetensors"
 
@@ -702,16 +702,26 @@ def cmd_info(args, explicit: set[str]) -> int:
         print("gpu        none (CUDA not available): training runs on the CPU")
     print(f"cpu        {os.cpu_count()} cores, torch uses {torch.get_num_threads()} threads")
     print(f"device     {device} (what `train` and `sample` use with --device {args.device})")
+    print(f"precision  {_precision_note(device)} (--precision auto)")
     print(f"kernels    LIQUIDDIFF_KERNELS={os.environ.get('LIQUIDDIFF_KERNELS', 'auto')}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     for op in OPS:
         try:
             backend = select_backend(op, device)
-            print(f"  {op:<16} {backend.name:<7} {backend.reason}")
+            print(f"  {op:<24} {backend.name:<7} {backend.reason}")
         except (RuntimeError, ValueError) as exc:  # LIQUIDDIFF_KERNELS=triton where it cannot run
-            print(f"  {op:<16} error   {exc}")
+            print(f"  {op:<24} error   {exc}")
     print("presets    " + ", ".join(f"{name} ({_count_params(name) / 1e6:.1f} M)" for name in PRESETS))
     return 0
+
+
+def _precision_note(device: torch.device) -> str:
+    dtype = autocast_dtype(device, None)
+    if dtype is None:
+        return "fp32"
+    if dtype == torch.float16:
+        return "fp16 autocast with loss scaling (this GPU has no bf16 arithmetic)"
+    return "bf16 autocast"
 
 
 def _count_params(preset: str) -> int:

@@ -77,6 +77,8 @@ def test_info_names_device_versions_and_backends(capsys):
     code, out, _ = _run(["info"], capsys)
     assert code == 0
     assert torch.__version__ in out and "device" in out and "python" in out
+    precision = next(line for line in out.splitlines() if line.startswith("precision"))
+    assert precision.endswith("(--precision auto)") and ("fp32" in precision) == (not torch.cuda.is_available())
     for op in ("cfc_relax", "adaln_modulate"):
         line = next(line for line in out.splitlines() if op in line)
         assert ("triton" in line or "torch" in line) and len(line.split()) > 3  # backend and a reason
