@@ -263,9 +263,13 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
 
 
+def _autocast_name(dtype: torch.dtype | None) -> str:
+    """'bf16' or 'fp16' for an autocast dtype, 'fp32' for none."""
+    return next((name for name, d in AUTOCAST_DTYPES.items() if d == dtype), "fp32")
+
+
 def _autocast_note(trainer) -> str:
-    names = {dtype: name for name, dtype in AUTOCAST_DTYPES.items()}
-    return f", {names[trainer.autocast_dtype]} autocast" if trainer.mixed_precision else ""
+    return f", {_autocast_name(trainer.autocast_dtype)} autocast" if trainer.mixed_precision else ""
 
 
 def _mixed_precision(choice: str, device: torch.device) -> bool | str | None:
@@ -716,12 +720,9 @@ def cmd_info(args, explicit: set[str]) -> int:
 
 
 def _precision_note(device: torch.device) -> str:
-    dtype = autocast_dtype(device, None)
-    if dtype is None:
-        return "fp32"
-    if dtype == torch.float16:
-        return "fp16 autocast with loss scaling (this GPU has no bf16 arithmetic)"
-    return "bf16 autocast"
+    name = _autocast_name(autocast_dtype(device, None))
+    return {"fp32": "fp32", "fp16": "fp16 autocast with loss scaling (this GPU has no bf16 arithmetic)"}.get(
+        name, f"{name} autocast")
 
 
 def _count_params(preset: str) -> int:
