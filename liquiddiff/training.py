@@ -158,7 +158,8 @@ class RectifiedFlowTrainer:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         # Autocast on CUDA by default (:func:`autocast_dtype`).
         self.autocast_dtype = autocast_dtype(self.device, mixed_precision)
-        if cuda_graph and compile is not False and compile is not None:
+        self.compiled = compile is not False and compile is not None  # {} too: torch.compile's defaults
+        if cuda_graph and self.compiled:
             raise ValueError("compile: not with cuda_graph=True (torch.compile(mode='reduce-overhead') "
                              "captures CUDA graphs of its own)")
         if cuda_graph and self.device.type != "cuda":
@@ -194,7 +195,6 @@ class RectifiedFlowTrainer:
         # dynamo splits the graph at DDP's gradient buckets and the all-reduce still overlaps the
         # backward) and the EMA copy that samples are drawn from, compiled in place
         # (nn.Module.compile: parameters and state_dict keys unchanged). Compiling is lazy.
-        self.compiled = compile is not False and compile is not None  # {} too: torch.compile's defaults
         if self.compiled:
             options = compile if isinstance(compile, dict) else {}
             self.forward_model.compile(**options)
