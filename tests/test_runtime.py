@@ -75,6 +75,27 @@ def test_auto_falls_back_and_warns_once(monkeypatch, fresh_warnings):
             model(x, t)  # the second call stays quiet
 
 
+@pytest.mark.parametrize("capability, setting, expected", [
+    ((7, 5), "auto", "torch"),  # a T4: the kernels spill there
+    ((8, 0), "auto", "triton"),
+    ((9, 0), "auto", "triton"),
+    ((7, 5), "auto,pointwise_conv=triton", "triton"),  # asked for by name: runs anyway
+])
+def test_auto_keeps_pytorch_below_an_ops_compute_capability(monkeypatch, fresh_warnings, capability, setting, expected):
+    # As if the GPU report had made the pointwise kernels a default (out of OPT_IN).
+    monkeypatch.setattr(runtime, "OPT_IN", {})
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    backend = kernels.select_backend("pointwise_conv", "cuda")
+    assert backend.name == expected
+    if expected == "torch":
+        assert "7.5" in backend.reason and "pointwise_conv=triton" in backend.reason and backend.deliberate
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a choice, not a fallback: no warning
+            runtime.warn_fallback_once("pointwise_conv", backend)
+    assert kernels.select_backend("cfc_relax", "cuda").is_triton  # other ops: any capability
+
+
 def test_triton_policy_raises_when_triton_cannot_run(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setenv(runtime.ENV_VAR, "triton")

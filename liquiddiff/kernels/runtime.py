@@ -10,7 +10,9 @@ Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs the kernels on the
 
 Per-op settings follow after commas and override it for that op: ``auto,depthwise_conv=triton``.
 An op in ``OPT_IN`` runs its PyTorch path under ``auto`` until its kernel has been measured
-faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``).
+faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``). An op in
+``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU (the current device's
+compute capability), where its kernels compile but spill; named ``=triton``, it still runs there.
 """
 from __future__ import annotations
 
@@ -30,6 +32,9 @@ ENV_VAR = "LIQUIDDIFF_KERNELS"
 class Backend:
     name: str  # "triton" or "torch"
     reason: str
+    # PyTorch chosen on purpose (asked for, opt-in, an older GPU), not because Triton cannot run:
+    # no fallback warning.
+    deliberate: bool = False
 
     @property
     def is_triton(self) -> bool:
@@ -43,6 +48,12 @@ OPT_IN = {
     "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in until "
                       "the GPU report shows them faster",
 }
+
+# Ops whose kernels spill below a compute capability, so that auto keeps PyTorch's path there.
+# Triton's tl.dot has no tensor-core path for these tiles before Ampere: the SiLU -> 1x1 conv
+# kernels take 255 registers and 312-376 bytes of stack on sm_75 (the T4), in fp16 and in bf16
+# (``python -m benchmarks.kernel_resources --sm 75``); every other kernel stays under 128, no spill.
+MIN_CAPABILITY = {"pointwise_conv": (8, 0)}
 
 
 @functools.lru_cache(maxsize=32)
@@ -104,6 +115,17 @@ def triton_unavailable_reason(device: torch.device) -> str | None:
     return f"Triton kernels do not run on device type {device.type!r}"
 
 
+def _older_than_needed(op: str, device: torch.device) -> str | None:
+    """Why ``op``'s kernels should not run on ``device`` under auto (its compute capability is
+    below ``MIN_CAPABILITY[op]``), or None."""
+    needed = MIN_CAPABILITY[op]
+    has = torch.cuda.get_device_capability(device)
+    if tuple(has) >= needed:
+        return None
+    return (f"PyTorch: the Triton kernels of {op} spill registers below compute capability "
+            f"{needed[0]}.{needed[1]} (this GPU: {has[0]}.{has[1]}); {ENV_VAR}=auto,{op}=triton runs them anyway")
+
+
 _warned: set[str] = set()
 
 
@@ -112,11 +134,14 @@ def select_backend(op: str, device: torch.device | str) -> Backend:
     device = torch.device(device)
     chosen = policy(op)
     if chosen == "torch":
-        return Backend("torch", f"{ENV_VAR}=torch (for {op})")
+        return Backend("torch", f"{ENV_VAR}=torch (for {op})", deliberate=True)
     if chosen == "auto" and op in OPT_IN:
-        return Backend("torch", OPT_IN[op])
+        return Backend("torch", OPT_IN[op], deliberate=True)
     missing = triton_unavailable_reason(device)
     if missing is None:
+        older = chosen == "auto" and device.type == "cuda" and op in MIN_CAPABILITY and _older_than_needed(op, device)
+        if older:
+            return Backend("torch", older, deliberate=True)
         where = "interpreter" if device.type == "cpu" else device.type
         return Backend("triton", f"Triton ({where}), {ENV_VAR}={chosen}")
     if chosen == "triton":
@@ -126,7 +151,7 @@ def select_backend(op: str, device: torch.device | str) -> Backend:
 
 def warn_fallback_once(op: str, backend: Backend) -> None:
     """A fused model that falls back to PyTorch says so once per op, not on every call."""
-    if backend.is_triton or op in _warned or op in OPT_IN or policy(op) == "torch":
+    if backend.is_triton or backend.deliberate or op in _warned:
         return
     _warned.add(op)
     warnings.warn(f"liquiddiff: {op} runs the {backend.reason}", RuntimeWarning, stacklevel=3)
@@ -135,7 +160,8 @@ def warn_fallback_once(op: str, backend: Backend) -> None:
 @functools.lru_cache(maxsize=256)
 def _selected(op: str, device_type: str, setting: str | None, interpret: str | None) -> Backend:
     """select_backend, once per op, device type and environment (the arguments after the first
-    two are the environment variables it reads: part of the key, not used otherwise)."""
+    two are the environment variables it reads: part of the key, not used otherwise). On CUDA,
+    MIN_CAPABILITY reads the device current at the first call: a process's GPUs are one kind."""
     return select_backend(op, torch.device(device_type))
 
 
