@@ -19,6 +19,8 @@ from .sampling import cuda_graphed, integrate
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# The optimizer's param-group keys that say how it runs, not what it computes.
+_OPTIMIZER_IMPLEMENTATION = ("fused", "foreach", "capturable", "differentiable")
 
 
 def autocast_dtype(device: torch.device, mixed_precision: bool | str | None) -> torch.dtype | None:
@@ -394,13 +396,28 @@ class RectifiedFlowTrainer:
         self.model.load_state_dict(state["model"])
         self.ema.model.load_state_dict(state["ema"])
         self.ema.updates = int(state["ema_updates"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self._load_optimizer(state["optimizer"])
         if self.scaler.is_enabled() and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         torch.set_rng_state(state["rng"]["cpu"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+
+    def _load_optimizer(self, saved: dict) -> None:
+        """AdamW's state from a checkpoint, on this trainer's terms: its implementation (fused on
+        a GPU) is chosen for this device, not taken from the run that saved it; and each moment
+        takes its parameter's layout, which the checkpoint (contiguous tensors) lost: fused AdamW
+        walks a parameter and its moments as flat memory, so a channels_last weight met NCHW
+        moments, element for wrong element (on a GPU it refuses the mix)."""
+        mine = [{k: group[k] for k in _OPTIMIZER_IMPLEMENTATION if k in group} for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(saved)
+        for group, implementation in zip(self.optimizer.param_groups, mine):
+            group.update(implementation)
+        for param, moments in self.optimizer.state.items():
+            for key, value in moments.items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    moments[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
     def check_config(self, saved: dict | None) -> None:
         mine = self.config.to_dict()

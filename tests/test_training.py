@@ -148,6 +148,30 @@ def test_checkpoint_round_trip_reproduces_next_step(tmp_path, precision):
         assert torch.equal(p, q)
 
 
+def test_resume_restores_the_moments_layout_and_keeps_this_devices_optimizer(tmp_path, monkeypatch):
+    """On a GPU AdamW is fused: it walks a weight and its moments as flat memory. The checkpoint
+    stores them contiguous, so channels_last weights must get channels_last moments back; and a
+    trainer on another device keeps its own AdamW implementation, not the saving run's."""
+    adamw = torch.optim.AdamW
+    monkeypatch.setattr(torch.optim, "AdamW", lambda *args, **kw: adamw(*args, **{**kw, "fused": True}))  # as on a GPU
+    a = _trainer(channels_last=True)
+    for _ in range(2):
+        a.train_step(_images())
+    path = a.save_checkpoint(tmp_path / "ckpt.safetensors")
+    expected = a.train_step(_images())
+    b = _trainer(channels_last=True)
+    b.load_checkpoint(path)
+    for p in b.model.parameters():
+        assert all(v.stride() == p.stride() for v in b.optimizer.state[p].values() if v.shape == p.shape)
+    assert b.train_step(_images()) == expected
+    for (n, p), q in zip(a.model.named_parameters(), b.model.parameters()):
+        assert torch.equal(p, q), n
+    monkeypatch.setattr(torch.optim, "AdamW", adamw)
+    cpu = _trainer(channels_last=True)
+    cpu.load_checkpoint(path)
+    assert not any(group["fused"] for group in cpu.optimizer.param_groups)
+
+
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     trainer = _trainer()
     path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
