@@ -12,7 +12,9 @@ import math
 import os
 import platform
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -559,10 +561,15 @@ def cmd_train(args, explicit: set[str]) -> int:
     t0 = time.perf_counter()
     window_loss, window_n, window_t = 0.0, 0, t0
     images_per_step = args.batch_size * info.world_size
-    last_ckpt = last_grid = None
-    with open(metrics_path, "a", buffering=1) if info.is_main else open(os.devnull, "w") as log:
+    last_grid = None
+    # The step the run folder's checkpoint holds.
+    last_ckpt = start if resume_from is not None and Path(resume_from).resolve() == (run_dir / CKPT_NAME).resolve() else None
+    # Under torchrun every rank must stop after the same step, which one rank's Ctrl-C can't
+    # promise: there a Ctrl-C stops at once, and the run resumes from its last checkpoint.
+    stop = _StopAfterStep(enabled=not info.enabled)
+    with open(metrics_path, "a", buffering=1) if info.is_main else open(os.devnull, "w") as log, stop:
         try:
-            while trainer.step < args.steps:
+            while trainer.step < args.steps and not stop.requested:
                 images = next(loader).to(device, non_blocking=True)
                 if args.flip:
                     from .data import random_hflip
@@ -592,12 +599,16 @@ def cmd_train(args, explicit: set[str]) -> int:
                     last_ckpt = step
         except KeyboardInterrupt:
             bar.close()
-            if not info.enabled and trainer.step > start:
-                _save(trainer, run_dir / CKPT_NAME, run, info, device)
-                _say(f"interrupted at step {trainer.step}; saved {run_dir / CKPT_NAME}. "
-                     f"Continue with: liquiddiff train --name {run_dir.name} --runs-dir {args.runs_dir} --resume")
+            _say(f"interrupted during step {trainer.step + 1}: not saved (the weights may hold part of its "
+                 f"update); {_resume_hint(run_dir, args, last_ckpt)}")
             raise
     bar.close()
+    if stop.requested:
+        if last_ckpt != trainer.step:
+            _save(trainer, run_dir / CKPT_NAME, run, info, device)
+            last_ckpt = trainer.step
+        _say(f"stopped after step {trainer.step}; {_resume_hint(run_dir, args, last_ckpt)}")
+        raise KeyboardInterrupt
     elapsed = time.perf_counter() - t0
 
     if last_ckpt != trainer.step:
@@ -617,6 +628,40 @@ def cmd_train(args, explicit: set[str]) -> int:
         _say(f"generate more: liquiddiff sample --ckpt {run_dir / CKPT_NAME} --n 64")
     distributed.barrier()
     return 0
+
+
+class _StopAfterStep:
+    """Ctrl-C in a training loop: the first asks the loop to stop after the step in flight, which
+    then saves; a second stops at once, unsaved. A checkpoint taken in the middle of a step would
+    hold part of its update (AdamW's moments moved, the step count not) or its noise drawn from
+    the RNG it saves, and resuming from it would not continue the same run."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def _interrupt(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _say("\nstopping after this step (Ctrl-C again to stop now, without saving it)")
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _resume_hint(run_dir: Path, args, saved_step: int | None) -> str:
+    if saved_step is None:
+        return "no checkpoint was written"
+    return (f"{run_dir / CKPT_NAME} holds step {saved_step}. Continue with: "
+            f"liquiddiff train --name {run_dir.name} --runs-dir {args.runs_dir} --resume")
 
 
 # -- sample ----------------------------------------------------------------------------------

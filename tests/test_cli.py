@@ -260,13 +260,34 @@ def test_train_then_sample(tmp_path, capsys):
     assert code == 2 and "multiple of 2" in err
 
 
+def _ctrl_c_during_the_third_step(monkeypatch, presses: int):
+    """The user's Ctrl-C (SIGINT, pressed ``presses`` times) arriving during step 3, after its
+    optimizer update and before the step is counted: where a checkpoint would be torn."""
+    from liquiddiff.training import EMA
+
+    update, calls = EMA.update, []
+
+    def interrupted_update(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            for _ in range(presses):
+                signal.raise_signal(signal.SIGINT)
+        return update(self, model)
+
+    monkeypatch.setattr(EMA, "update", interrupted_update)
+
+
 @pytest.mark.slow
-def test_resume_continues_exactly(tmp_path, capsys):
-    """3 steps, then --resume to 6, logs the same losses as 6 steps in one go; the resumed half
-    runs with --gradient-checkpointing, which changes no value."""
+def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, capsys, monkeypatch):
+    """A run stopped by Ctrl-C during step 3, then resumed to 6, logs the same losses as 6 steps in
+    one go; the resumed half runs with --gradient-checkpointing, which changes no value."""
     runs = ["--runs-dir", tmp_path]
     assert _run(["train", *runs, "--name", "whole", *TINY, "--steps", "6", "--ckpt-every", "3"], capsys)[0] == 0
-    assert _run(["train", *runs, "--name", "split", *TINY, "--steps", "3"], capsys)[0] == 0
+    _ctrl_c_during_the_third_step(monkeypatch, presses=1)
+    code, out, err = _run(["train", *runs, "--name", "split", *TINY, "--steps", "6"], capsys)
+    monkeypatch.undo()
+    assert code == 130 and "stopped after step 3" in out, out + err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     code, out, err = _run(["train", *runs, "--name", "split", "--resume", "--steps", "6", "--gradient-checkpointing"],
                           capsys)
     assert code == 0, err
@@ -278,6 +299,14 @@ def test_resume_continues_exactly(tmp_path, capsys):
     b = checkpoint.load(tmp_path / "split" / "last.safetensors")
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_a_second_ctrl_c_stops_at_once_without_saving_a_torn_step(tmp_path, capsys, monkeypatch):
+    _ctrl_c_during_the_third_step(monkeypatch, presses=2)
+    code, out, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "5",
+                           "--ckpt-every", "2"], capsys)
+    assert code == 130 and "interrupted during step 3: not saved" in out and "holds step 2" in out, out + err
+    assert checkpoint.load(tmp_path / "r" / "last.safetensors")["step"] == 2
 
 
 def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsys):
