@@ -71,20 +71,20 @@ if triton is not None:
 
     @triton.jit
     def _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows, p_mask, ns, n_mask,
-               sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p, swf_n, swf_k, swg_n, swg_k, swh_n, swh_k,
+               sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p, swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
                C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
                CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, COMPUTE: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(f, g, h) tiles [BLOCK_P, BLOCK_N], each rounded to the conv's dtype as cuDNN writes it
         (no modulation: the scale and shift arguments are never read)."""
         f = silu_conv1x1_tile(bb_ptr, wf_ptr, bf_ptr, bb_ptr, bb_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              sbb_b, sbb_k, sbb_p, swf_n, swf_k, 0, 0, 0, 0, C, HAS_BF, False, False,
+                              sbb_b, sbb_k, sbb_p, swf_n, swf_k, sbf, 0, 0, 0, 0, C, HAS_BF, False, False,
                               CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         g = silu_conv1x1_tile(gh_ptr, wg_ptr, bg_ptr, gh_ptr, gh_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              sgh_b, sgh_k, sgh_p, swg_n, swg_k, 0, 0, 0, 0, C, HAS_BG, False, True,
+                              sgh_b, sgh_k, sgh_p, swg_n, swg_k, sbg, 0, 0, 0, 0, C, HAS_BG, False, True,
                               CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         h = silu_conv1x1_tile(hh_ptr, wh_ptr, bh_ptr, hh_ptr, hh_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              shh_b, shh_k, shh_p, swh_n, swh_k, 0, 0, 0, 0, C, HAS_BH, False, True,
+                              shh_b, shh_k, shh_p, swh_n, swh_k, sbh, 0, 0, 0, 0, C, HAS_BH, False, True,
                               CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         return f, g, h
 
@@ -93,7 +93,7 @@ if triton is not None:
         bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr,
         x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr, P,
         sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
-        swf_n, swf_k, swg_n, swg_k, swh_n, swh_k,
+        swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
         sx_b, sx_c, sx_p, sr_b, sr_c, sr_p, so_b, so_c, so_p, sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
@@ -112,7 +112,7 @@ if triton is not None:
         cols = ns[None, :]
         f, g, h = _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows, p_mask,
                          ns, n_mask, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
-                         swf_n, swf_k, swg_n, swg_k, swh_n, swh_k, C, HAS_BF, HAS_BG, HAS_BH,
+                         swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, C, HAS_BF, HAS_BG, HAS_BH,
                          CONV, DOT, ACC, COMPUTE, BLOCK_P, BLOCK_N, BLOCK_K)
         av = tl.load(a_ptr + pid_b * sa_b + ns * sa_c, mask=n_mask).to(COMPUTE)[None, :]
         bv = tl.load(b_ptr + pid_b * sb_b + ns * sb_c, mask=n_mask).to(COMPUTE)[None, :]
@@ -130,7 +130,7 @@ if triton is not None:
         go_ptr, bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr,
         x_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, df_ptr, dg_ptr, dh_ptr, dx_ptr, part_ptr, B, P,
         sgo_b, sgo_c, sgo_p, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
-        swf_n, swf_k, swg_n, swg_k, swh_n, swh_k, sx_b, sx_c, sx_p,
+        swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, sx_b, sx_c, sx_p,
         sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p, sdx_b, sdx_c, sdx_p,
         sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
@@ -165,7 +165,7 @@ if triton is not None:
             go = tl.load(go_ptr + pid_b * sgo_b + rows * sgo_p + cols * sgo_c, mask=mask).to(COMPUTE)
             f, g, h = _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows,
                              p_mask, ns, n_mask, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
-                             swf_n, swf_k, swg_n, swg_k, swh_n, swh_k, C, HAS_BF, HAS_BG, HAS_BH,
+                             swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, C, HAS_BF, HAS_BG, HAS_BH,
                              CONV, DOT, ACC, COMPUTE, BLOCK_P, BLOCK_N, BLOCK_K)
             gate = tl.sigmoid(av * f - bv)
             dy = (1.0 - alpha) * go
@@ -209,7 +209,6 @@ def _allocate_grads(backbone, x, dtype, needs):
 def _head_args(backbone, g_hidden, h_hidden, heads, dtype, device):
     """The heads' part of both kernels' arguments: (pointers, strides, constexprs)."""
     flat, strides = _tensors.flat_all(backbone, g_hidden, h_hidden)
-    weights = [w for w, _ in heads]
     pointers = [*flat, *(t for w, bias in heads for t in (w, w if bias is None else bias))]
     C = backbone.shape[1]
     conv, dot, acc = dot_dtypes(dtype, device)
@@ -217,7 +216,8 @@ def _head_args(backbone, g_hidden, h_hidden, heads, dtype, device):
                       HAS_BH=heads[2][1] is not None, CONV=conv, DOT=dot, ACC=acc,
                       BLOCK_N=max(16, min(_tensors.next_power_of_2(C), _MAX_BLOCK_N)),
                       BLOCK_K=max(16, min(_tensors.next_power_of_2(C), _MAX_BLOCK_K)))
-    return pointers, [*(s for st in strides for s in st), *(s for w in weights for s in w.stride()[:2])], constexprs
+    head_strides = [s for w, bias in heads for s in (*w.stride()[:2], 0 if bias is None else bias.stride(0))]
+    return pointers, [*(s for st in strides for s in st), *head_strides], constexprs
 
 
 def _gate_args(a, b, rho, t):

@@ -91,7 +91,7 @@ if triton is not None:
         copy_ptr, psum_ptr, B, C, H, W,
         sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
         sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, scp_b, scp_c, scp_h, scp_w,
-        sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w,
+        sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w, s_bias, s_bias2,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
         PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
         SILU_GRAD: tl.constexpr, COPY: tl.constexpr, PIXEL_SUM: tl.constexpr,
@@ -118,9 +118,9 @@ if triton is not None:
         w2_base = w2_ptr + cs[None, :] * sw2_c
         store_cols = (ow < W)[:, None] & c_mask[None, :]
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
+            bias = tl.load(bias_ptr + cs * s_bias, mask=c_mask, other=0.0).to(CONV).to(ACC)
         if HAS_BIAS2:
-            bias2 = tl.load(bias2_ptr + cs, mask=c_mask, other=0.0).to(CONV).to(ACC)
+            bias2 = tl.load(bias2_ptr + cs * s_bias2, mask=c_mask, other=0.0).to(CONV).to(ACC)
         if HAS_CHANNEL_ADDEND:
             cadd = tl.load(cadd_ptr + pid_b * sca_b + cs * sca_c, mask=c_mask, other=0.0).to(ACC)
         acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
@@ -302,6 +302,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
         add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(),
         *cadd_strides, *z.stride(), *copy_to.stride(),
         weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
+        *(0 if b is None else b.stride(0) for b in (bias, bias2)),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
         HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
         SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,

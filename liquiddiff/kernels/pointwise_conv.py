@@ -74,7 +74,7 @@ if triton is not None:
 
     @triton.jit
     def silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
-                          sz_b, sz_k, sz_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k,
+                          sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, ACTIVATE: tl.constexpr,
                           CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -96,13 +96,13 @@ if triton is not None:
                         other=0.0).to(CONV).to(DOT)
             acc += tl.dot(a, w, input_precision="ieee", out_dtype=ACC)
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + ns, mask=n_mask, other=0.0).to(ACC)[None, :]
+            acc += tl.load(bias_ptr + ns * s_bias, mask=n_mask, other=0.0).to(ACC)[None, :]
         return acc
 
     @triton.jit
     def _silu_conv1x1_kernel(
         z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, P,
-        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p,
+        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -114,7 +114,7 @@ if triton is not None:
         p_mask, n_mask = ps < P, ns < N
         rows = ps.to(tl.int64)[:, None]
         acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
-                                sz_b, sz_k, sz_p, sw_n, sw_k, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
+                                sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
                                 CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K)
         mask = p_mask[:, None] & n_mask[None, :]
         out = acc.to(CONV)  # the conv's output, as cuDNN writes it
@@ -246,7 +246,7 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     conv, dot, acc = dot_dtypes(dtype, z.device)
     _silu_conv1x1_kernel[grid](
         z, weight, weight if bias is None else bias, *params, res, out, H * W,
-        *sz, *so, weight.stride(0), weight.stride(1), *param_strides, *sr,
+        *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
         K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
         CONV=conv, DOT=dot, ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
     )
