@@ -13,7 +13,10 @@ one launch each way.
 
 Memory moved: the branch weights and biases read once and the merged ones written once (the
 reverse in backward). The branches are added in the order given, rounding to the result dtype
-after each add as the reference's adds do: bitwise its result (a padded zero adds nothing).
+after each add as the reference's adds do: bitwise its result (a padded zero adds nothing) when
+the branches share a dtype, as a model's do. Mixed dtypes (fp32 and fp64 branches) round each
+partial sum to the final dtype, where the reference rounds to the dtype promoted so far: within
+a rounding of it.
 
 Layout: weights [C, 1, k, k] with any strides (channels_last's included), biases [C]; outputs
 in contiguous order (the branch gradients with their weights' strides where those address
@@ -259,7 +262,8 @@ def _check(weights, biases) -> None:
 
 def merged_depthwise_weight(weights, biases):
     """Fused :func:`liquiddiff.functional.merged_depthwise_weight`: the same (weight, bias),
-    bitwise, and gradients; one kernel launch each way. One branch: returned as it is."""
+    bitwise for branches of one dtype, and gradients; one kernel launch each way. One branch:
+    returned as it is."""
     weights, biases = list(weights), list(biases)
     _check(weights, biases)
     if len(weights) == 1 or len(weights) > MAX_BRANCHES or not runtime.use_triton(OP_NAME, weights[0].device.type):
