@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .files import written_atomically
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -44,10 +45,8 @@ def display_scale(image_size: int, target: int = 64) -> int:
 def save_png(img: Image.Image, path: str | Path) -> Path:
     """Write through a temporary name, so a reader never sees a half-written picture."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with written_atomically(path) as tmp:
+        img.save(tmp, format="PNG")
     return path
 
 
@@ -85,9 +84,9 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        with written_atomically(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)
     return path

@@ -1,4 +1,7 @@
 """Rectified-flow trainer: overfitting, sampling, checkpoints, input errors, the seed's Quick Start."""
+import os
+import stat
+
 import pytest
 import torch
 
@@ -186,6 +189,16 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
+    """Readable by whoever may read the run's other files (the umask decides), not 0600."""
+    old = os.umask(0o022)
+    try:
+        path = _trainer().save_checkpoint(tmp_path / "ckpt.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
 def test_checkpoint_from_another_preset_is_refused(tmp_path):
