@@ -147,9 +147,11 @@ def _add_train(sub) -> None:
                    help="override the preset's channels per stage, e.g. 16,32")
     g.add_argument("--blocks", type=_int_list, default=None, metavar="N1,N2,..",
                    help="override the preset's blocks per stage, e.g. 1,1")
-    g.add_argument("--fused", action="store_true",
-                   help="run the fused ops on their Triton kernels (which ones and why: `liquiddiff info`)")
-    g.add_argument("--channels-last", action="store_true",
+    # --no-...: a resumed run keeps these unless told otherwise, so they must be able to say no.
+    g.add_argument("--fused", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the fused ops on their Triton kernels (which ones and why: `liquiddiff info`); "
+                        "the same weights either way")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="keep activations in channels_last (NHWC) memory format: faster convolutions on GPUs")
     speed = g.add_mutually_exclusive_group()
     speed.add_argument("--compile", action="store_true",
@@ -348,6 +350,12 @@ def _resolve_run(args) -> tuple[Path, Path | None]:
             if not ckpt.is_file():
                 raise FileNotFoundError(f"--resume: checkpoint {ckpt} does not exist")
             run_dir = runs_dir / args.name if args.name else ckpt.parent
+            own = run_dir / CKPT_NAME
+            if own.is_file() and own.resolve() != ckpt.resolve():
+                raise ValueError(
+                    f"--resume {args.resume} --name {args.name}: run folder {run_dir} holds a checkpoint of its own, "
+                    f"which this run would overwrite; choose another --name"
+                )
             return run_dir, ckpt
         if args.name:
             ckpt = runs_dir / args.name / CKPT_NAME

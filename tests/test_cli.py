@@ -309,6 +309,18 @@ def test_a_second_ctrl_c_stops_at_once_without_saving_a_torn_step(tmp_path, caps
     assert checkpoint.load(tmp_path / "r" / "last.safetensors")["step"] == 2
 
 
+def test_resume_can_turn_flags_off_and_never_overwrites_another_run(tmp_path, capsys):
+    runs = ["--runs-dir", tmp_path]
+    assert _run(["train", *runs, "--name", "a", *TINY, "--steps", "1", "--channels-last"], capsys)[0] == 0
+    assert _run(["train", *runs, "--name", "b", *TINY, "--steps", "1"], capsys)[0] == 0
+    code, _, err = _run(["train", *runs, "--resume", tmp_path / "a", "--name", "b", "--steps", "2"], capsys)
+    assert code == 2 and "holds a checkpoint of its own" in err, err
+    assert checkpoint.load(tmp_path / "b" / "last.safetensors")["step"] == 1
+    code, _, err = _run(["train", *runs, "--name", "a", "--resume", "--steps", "2", "--no-channels-last"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["channels_last"] is False
+
+
 def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsys):
     runs = ["--runs-dir", tmp_path]
     assert _run(["train", *runs, "--name", "whole", *TINY, "--steps", "2"], capsys)[0] == 0
