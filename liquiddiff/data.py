@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -27,6 +27,19 @@ def to_unit_range(pixels: np.ndarray) -> torch.Tensor:
     if x.dim() == 2:
         x = x.unsqueeze(-1)
     return x.permute(2, 0, 1) / 127.5 - 1.0
+
+
+# Single-channel integer modes: 16-bit PNGs open as "I;16" (or as "I" in older Pillow), whose
+# values PIL's convert("RGB") clips at 255 instead of scaling.
+_WIDE_GRAY_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB: 16-bit grayscale scaled from 0..65535, every other mode as PIL converts it."""
+    if img.mode in _WIDE_GRAY_MODES:
+        pixels = np.asarray(img, dtype=np.float64) * (255.0 / 65535.0)
+        img = Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+    return img.convert("RGB")
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
@@ -128,7 +141,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path = self.files[index]
         with Image.open(path) as img:
             img.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced size
-            img = img.convert("RGB")
+            img = to_rgb(ImageOps.exif_transpose(img))  # a phone photo the way it is displayed
         return to_unit_range(np.asarray(resize_center_crop(img, self.image_size)))
 
     def __getitem__(self, index: int) -> torch.Tensor:

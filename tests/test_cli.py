@@ -168,6 +168,21 @@ def test_image_folder_serves_the_next_image_when_a_file_breaks_later(tmp_path):
     assert list(ds.load_failures) == [0] and len(paths) == 3
 
 
+def test_image_folder_scales_16_bit_gray_and_follows_exif_orientation(tmp_path):
+    ramp = np.tile(np.linspace(0, 65535, 16).astype(np.uint16), (16, 1))  # black to white, left to right
+    Image.fromarray(ramp).save(tmp_path / "a_gray16.png")  # PIL mode I;16
+    Image.fromarray((ramp >> 8).astype(np.uint8)).save(tmp_path / "b_gray8.png")
+    half = np.zeros((16, 32, 3), dtype=np.uint8)
+    half[:, :16] = 255  # stored: white left half; EXIF orientation 6 shows it rotated to the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(half).save(tmp_path / "c_rotated.jpg", exif=exif, quality=95)
+    ds = ImageFolder(tmp_path, 16)
+    torch.testing.assert_close(ds.load(0), ds.load(1), atol=1 / 127.5, rtol=0)  # not clipped white
+    shown = ds.load(2)[0]
+    assert shown[:4].mean() > 0.9 and shown[-4:].mean() < -0.9
+
+
 def test_resize_center_crop_keeps_the_middle():
     pixels = np.zeros((10, 30, 3), dtype=np.uint8)
     pixels[:, 10:20] = 255  # a white middle third
