@@ -86,7 +86,7 @@ class _Formatter(argparse.HelpFormatter):
 
 
 PRECISION_HELP = ("auto: bf16 autocast on a GPU that computes in bf16 (A100, H100, RTX 30xx and newer), fp16 "
-                  "autocast with loss scaling on older ones (T4, V100); fp32 on the CPU")
+                  "autocast on older ones (T4, V100; training scales the loss); fp32 on the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -182,7 +182,8 @@ def _add_train(sub) -> None:
     g.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
                    help=PRECISION_HELP)
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed for weights, data order and noise (rank r adds r)")
+    g.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the data order, and (plus the rank r under torchrun) for the "
+                        "noise, t and flips; a resumed run continues the checkpoint's random state instead")
     g = p.add_argument_group("run folder, logging, checkpoints")
     g.add_argument("--name", type=_run_name, default=None,
                    help="run name (default: 'digits' or the data folder's name, with -2, -3.. added when taken)")
@@ -216,9 +217,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE integrator")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
     p.add_argument("--out", default=None, metavar="PNG",
-                   help="grid picture to write (default: generated.png next to the checkpoint)")
+                   help="grid picture to write, a PNG (.png is added to a name without a suffix; default: "
+                        "generated.png next to the checkpoint)")
     p.add_argument("--separate", action="store_true",
-                   help="also write one PNG per image, into a folder named after --out without .png")
+                   help="also write one PNG per image, into a folder named after --out without its suffix")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="size to generate at (default: the size the model was trained at)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images generated at once")
@@ -713,6 +715,7 @@ def cmd_sample(args, explicit: set[str]) -> int:
         raise ValueError(f"checkpoint {path}: weights do not match its model config ({exc})") from None
 
     out = Path(args.out) if args.out else path.parent / "generated.png"
+    out = out if out.suffix else out.with_suffix(".png")  # and the --separate folder is its stem
     gen = torch.Generator(device=device).manual_seed(args.seed)
     chunks = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     print(f"sampling {args.n} images of {image_size} px from {path} (step {state.get('step')}, "

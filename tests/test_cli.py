@@ -268,9 +268,11 @@ def test_train_then_sample(tmp_path, capsys):
     assert [p.name for p in singles] == [f"{i:04d}.png" for i in range(5)]
     assert Image.open(singles[0]).size == (8, 8)
     first = np.asarray(Image.open(out_png))
-    code, _, _ = _run(["sample", "--ckpt", run, "--n", "5", "--steps", "3", "--sampler", "heun", "--seed", "1",
-                       "--out", out_png, "--batch-size", "2", "--no-progress"], capsys)
-    assert code == 0 and np.array_equal(first, np.asarray(Image.open(out_png)))  # the seed fixes the images
+    out_png.unlink()
+    code, _, err = _run(["sample", "--ckpt", run, "--n", "5", "--steps", "3", "--sampler", "heun", "--seed", "1",
+                         "--out", out_png.with_suffix(""), "--separate", "--batch-size", "2", "--no-progress"], capsys)
+    assert code == 0, err  # --out without a suffix: grid.png beside the grid/ folder
+    assert np.array_equal(first, np.asarray(Image.open(out_png)))  # the seed fixes the images
     code, _, err = _run(["sample", "--ckpt", run, "--image-size", "7"], capsys)
     assert code == 2 and "multiple of 2" in err
 
