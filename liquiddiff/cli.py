@@ -418,11 +418,24 @@ def _collate(batch):
     return batch if isinstance(batch, torch.Tensor) else torch.stack(batch)
 
 
-def _loader(ds, args, info, device, start_step: int):
+def _batches(ds, args, info, batch_size: int, start: tuple[int, int] = (0, 0)):
     from .data import ResumableBatches
 
-    batches = ResumableBatches(ds, args.batch_size, rank=info.rank, world_size=info.world_size,
-                               seed=args.seed, start_step=start_step)
+    return ResumableBatches(ds, batch_size, rank=info.rank, world_size=info.world_size, seed=args.seed, start=start)
+
+
+def _data_start(ds, args, info, state: dict | None, step: int) -> tuple[int, int]:
+    """Where a run's data resumes: the checkpoint's position, or for a checkpoint from before
+    positions were kept, where ``step`` batches of its batch size led."""
+    if state is None:
+        return 0, 0
+    if "data_position" in state:
+        return tuple(state["data_position"])
+    saved_batch = (state.get("run") or {}).get("batch_size", args.batch_size)
+    return _batches(ds, args, info, saved_batch).position_after(step)
+
+
+def _loader(batches, ds, args, device):
     workers = args.workers
     if workers is None:
         workers = 0 if (device.type == "cpu" or args.data is None) else 4
@@ -456,13 +469,14 @@ def _restore_rng(state: dict, args, info, device, step: int) -> None:
          f"{info.world_size}: noise continues from fresh seeds")
 
 
-def _save(trainer, path: Path, run: dict, info, device) -> None:
+def _save(trainer, path: Path, run: dict, info, device, data_position: tuple[int, int]) -> None:
     """All ranks hand over their RNG state (a collective), rank 0 writes the file atomically."""
     rngs = distributed.gather_objects(_rng_state(device))
     if info.is_main:
         state = trainer.state_dict()
         state["run"] = run
         state["rng_ranks"] = rngs
+        state["data_position"] = list(data_position)
         checkpoint.save(state, path)
 
 
@@ -530,13 +544,14 @@ def cmd_train(args, explicit: set[str]) -> int:
     if state is not None:
         trainer.load_state_dict(state)  # refuses a checkpoint of another preset, with the difference
         _restore_rng(state, args, info, device, trainer.step)
-        del state
     else:
         torch.manual_seed(args.seed + info.rank)  # each rank draws its own noise and flips
 
     start = trainer.step
     # Before anything is written: a batch larger than the data is refused here.
-    loader = _loader(ds, args, info, device, start) if start < args.steps else None
+    batches = _batches(ds, args, info, args.batch_size, _data_start(ds, args, info, state, start))
+    del state
+    loader = _loader(batches, ds, args, device) if start < args.steps else None
 
     run = {key: getattr(args, key) for key in RUN_KEYS}
     run["name"] = run_dir.name
@@ -605,7 +620,7 @@ def cmd_train(args, explicit: set[str]) -> int:
                 if step % args.sample_every == 0 and info.is_main:
                     last_grid = _sample_grid(trainer, args, run_dir, device)
                 if step % args.ckpt_every == 0:
-                    _save(trainer, run_dir / CKPT_NAME, run, info, device)
+                    _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
                     last_ckpt = step
         except KeyboardInterrupt:
             bar.close()
@@ -615,14 +630,14 @@ def cmd_train(args, explicit: set[str]) -> int:
     bar.close()
     if stop.requested:
         if last_ckpt != trainer.step:
-            _save(trainer, run_dir / CKPT_NAME, run, info, device)
+            _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
             last_ckpt = trainer.step
         _say(f"stopped after step {trainer.step}; {_resume_hint(run_dir, args, last_ckpt)}")
         raise KeyboardInterrupt
     elapsed = time.perf_counter() - t0
 
     if last_ckpt != trainer.step:
-        _save(trainer, run_dir / CKPT_NAME, run, info, device)
+        _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
     if info.is_main:
         if last_grid is None or trainer.step % args.sample_every:
             last_grid = _sample_grid(trainer, args, run_dir, device)

@@ -194,32 +194,45 @@ def random_hflip(images: torch.Tensor) -> torch.Tensor:
 
 
 class ResumableBatches(torch.utils.data.Sampler):
-    """Endless batches of indices, epoch after epoch, that can start at any step.
+    """Endless batches of indices, epoch after epoch, that can start at any point of an epoch.
 
     The order of epoch ``e`` comes from ``DistributedSampler`` (seed + e), so each rank of a
-    torchrun job sees its own shard and a resumed run sees the same batches it would have
-    seen: the position is a function of the step alone, no sampler state to save.
+    torchrun job sees its own shard and a resumed run sees the images it would have seen. The
+    position, ``(epoch, offset)`` with offset the images of that epoch already served (each
+    rank the same count of its own shard), is a function of the start and the batches served:
+    :meth:`position_after`, which a checkpoint keeps. A run resumed with another batch size
+    goes on from the same image; an epoch's last images that fill no batch are left out.
     """
 
     def __init__(self, dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, start_step: int = 0):
+                 seed: int = 0, start: tuple[int, int] = (0, 0)):
         self.sampler = torch.utils.data.DistributedSampler(
             dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batch_size = batch_size
-        self.batches_per_epoch = len(self.sampler) // batch_size
-        if self.batches_per_epoch == 0:
+        self.images_per_epoch = len(self.sampler)
+        if self.images_per_epoch // batch_size == 0:
             raise ValueError(
-                f"--batch-size {batch_size} is larger than the {len(self.sampler)} images each of "
+                f"--batch-size {batch_size} is larger than the {self.images_per_epoch} images each of "
                 f"{world_size} process(es) gets; use a smaller batch"
             )
-        self.start_step = start_step
+        self.start = tuple(start)
+
+    def position_after(self, batches: int) -> tuple[int, int]:
+        """(epoch, offset) once ``batches`` batches have been served from the start."""
+        epoch, offset = self.start
+        left_in_epoch = (self.images_per_epoch - offset) // self.batch_size
+        if batches < left_in_epoch:
+            return epoch, offset + batches * self.batch_size
+        full_epochs, into = divmod(batches - left_in_epoch, self.images_per_epoch // self.batch_size)
+        return epoch + 1 + full_epochs, into * self.batch_size
 
     def __iter__(self):
-        epoch, skip = divmod(self.start_step, self.batches_per_epoch)
+        epoch, offset = self.start
         while True:
             self.sampler.set_epoch(epoch)
             order = list(self.sampler)
-            for b in range(skip, self.batches_per_epoch):
-                yield order[b * self.batch_size:(b + 1) * self.batch_size]
-            epoch, skip = epoch + 1, 0
+            while offset + self.batch_size <= len(order):
+                yield order[offset:offset + self.batch_size]
+                offset += self.batch_size
+            epoch, offset = epoch + 1, 0

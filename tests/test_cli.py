@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -201,8 +202,22 @@ def test_batches_resume_mid_epoch_and_shard_across_ranks():
     data = list(range(50))
     fresh = iter(ResumableBatches(data, 8, seed=3))
     first = [next(fresh) for _ in range(14)]  # 6 batches an epoch: crosses two epochs
-    resumed = iter(ResumableBatches(data, 8, seed=3, start_step=9))
+    at_nine = ResumableBatches(data, 8, seed=3).position_after(9)
+    assert at_nine == (1, 24)
+    resumed = iter(ResumableBatches(data, 8, seed=3, start=at_nine))
     assert [next(resumed) for _ in range(5)] == first[9:]
+    # Resumed with a batch of 5 at that point: the rest of epoch 1 (its last image fills no batch),
+    # no image twice, then epoch 2.
+    smaller = ResumableBatches(data, 5, seed=3, start=at_nine)
+    served = iter(smaller)
+    rest_of_epoch = [i for _ in range(5) for i in next(served)]
+    assert rest_of_epoch[:24] == [i for batch in first[9:12] for i in batch]
+    assert len(set([i for batch in first[6:9] for i in batch] + rest_of_epoch)) == 49
+    assert smaller.position_after(5) == (2, 0) and smaller.position_after(6) == (2, 5)
+    # A checkpoint from before positions were kept: step 9 of its own batch size (8), whatever the new one.
+    args, one_process = SimpleNamespace(seed=3, batch_size=5), SimpleNamespace(rank=0, world_size=1)
+    assert cli._data_start(data, args, one_process, {"run": {"batch_size": 8}}, 9) == at_nine
+    assert cli._data_start(data, args, one_process, {"data_position": [4, 10]}, 9) == (4, 10)
     assert first[0] != first[6]  # a new order each epoch
     ranks = [next(iter(ResumableBatches(data, 5, rank=r, world_size=2, seed=3))) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
