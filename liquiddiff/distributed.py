@@ -6,6 +6,7 @@ plain ``liquiddiff train`` has none of these and runs as a world of one, with no
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -54,6 +55,9 @@ def device_for(info: DistInfo, requested: str) -> torch.device:
     return device
 
 
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
 def init(info: DistInfo, device: torch.device) -> None:
     """Join the process group: NCCL between GPUs, gloo on the CPU (how CI tests it)."""
     if not info.enabled or dist.is_initialized():
@@ -61,8 +65,11 @@ def init(info: DistInfo, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # The other ranks wait in the next step's all-reduce while rank 0 draws a sample grid, and
+    # with --compile the first grid compiles the EMA copy (minutes): more than NCCL's default
+    # 10 minutes must pass before a wait counts as a hang.
     dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                            device_id=device if device.type == "cuda" else None)
+                            device_id=device if device.type == "cuda" else None, timeout=COLLECTIVE_TIMEOUT)
 
 
 def cleanup() -> None:
