@@ -1,8 +1,8 @@
 # One-command entry points. `make test` is what CI runs (.ci/run).
 PYTHON ?= python3
 VENV ?= .venv
-# The CPU build of torch: the test suite and the demo need no GPU. On a CUDA machine, use
-# `make test TORCH=torch` (or your own environment) to get a CUDA build.
+# The torch version CI tests, in whichever build pip's index gives (CI's wheel source: the CPU
+# one; PyPI's Linux wheel includes CUDA). `make clean test TORCH=torch` takes the newest.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
