@@ -217,7 +217,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE integrator")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
     p.add_argument("--out", default=None, metavar="PNG",
-                   help="grid picture to write, a PNG (.png is added to a name without a suffix; default: "
+                   help="grid picture to write, a PNG (.png is added to a name without a suffix, a folder's too: "
+                        "--out gen writes gen.png beside gen/; default: "
                         "generated.png next to the checkpoint)")
     p.add_argument("--separate", action="store_true",
                    help="also write one PNG per image, into a folder named after --out without its suffix")
@@ -353,7 +354,7 @@ def _resolve_run(args) -> tuple[Path, Path | None]:
                 raise FileNotFoundError(f"--resume: checkpoint {ckpt} does not exist")
             run_dir = runs_dir / args.name if args.name else ckpt.parent
             own = run_dir / CKPT_NAME
-            if own.is_file() and own.resolve() != ckpt.resolve():
+            if args.name and own.is_file() and own.resolve() != ckpt.resolve():
                 raise ValueError(
                     f"--resume {args.resume} --name {args.name}: run folder {run_dir} holds a checkpoint of its own, "
                     f"which this run would overwrite; choose another --name"
@@ -432,15 +433,20 @@ def _data_start(ds, args, info, state: dict | None, step: int) -> tuple[int, int
     if "data_position" in state:
         return tuple(state["data_position"])
     saved_batch = (state.get("run") or {}).get("batch_size", args.batch_size)
-    return _batches(ds, args, info, saved_batch).position_after(step)
+    try:
+        return _batches(ds, args, info, saved_batch).position_after(step)
+    except ValueError:  # that batch fits no more (more processes now): a position as close as can be
+        return _batches(ds, args, info, args.batch_size).position_after(step)
 
 
 def _loader(batches, ds, args, device):
+    from .data import ignore_interrupts
+
     workers = args.workers
     if workers is None:
         workers = 0 if (device.type == "cpu" or args.data is None) else 4
     return torch.utils.data.DataLoader(
-        ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        ds, batch_sampler=batches, num_workers=workers, collate_fn=_collate, worker_init_fn=ignore_interrupts,
         pin_memory=device.type == "cuda", persistent_workers=workers > 0,
         # Its own generator: making the iterator must not draw from the global RNG, which a
         # checkpoint restores, or a resumed run would not continue the same random stream.
@@ -592,15 +598,18 @@ def cmd_train(args, explicit: set[str]) -> int:
     # Under torchrun every rank must stop after the same step, which one rank's Ctrl-C can't
     # promise: there a Ctrl-C stops at once, and the run resumes from its last checkpoint.
     stop = _StopAfterStep(enabled=not info.enabled)
+    mid_step = False
     with open(metrics_path, "a", buffering=1) if info.is_main else open(os.devnull, "w") as log, stop:
         try:
             while trainer.step < args.steps and not stop.requested:
+                mid_step = True
                 images = next(loader).to(device, non_blocking=True)
                 if args.flip:
                     from .data import random_hflip
 
                     images = random_hflip(images)
                 m = trainer.train_step(images)
+                mid_step = False
                 window_loss, window_n = window_loss + m["loss"], window_n + 1
                 step = trainer.step
                 if step % args.log_every == 0 or step == args.steps:
@@ -624,11 +633,14 @@ def cmd_train(args, explicit: set[str]) -> int:
                     last_ckpt = step
         except KeyboardInterrupt:
             bar.close()
-            _say(f"interrupted during step {trainer.step + 1}: not saved (the weights may hold part of its "
-                 f"update); {_resume_hint(run_dir, args, last_ckpt)}")
+            if mid_step:
+                where = f"during step {trainer.step + 1}: not saved (the weights may hold part of its update)"
+            else:  # in a sample grid or a checkpoint's write
+                where = f"after step {trainer.step}" + ("" if last_ckpt == trainer.step else ": not saved")
+            _say(f"interrupted {where}; {_resume_hint(run_dir, args, last_ckpt)}")
             raise
     bar.close()
-    if stop.requested:
+    if stop.requested and trainer.step < args.steps:  # a stop in the last step: the run finishes
         if last_ckpt != trainer.step:
             _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
             last_ckpt = trainer.step
@@ -662,7 +674,9 @@ class _StopAfterStep:
     the RNG it saves, and resuming from it would not continue the same run."""
 
     def __init__(self, enabled: bool):
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        # Not where Ctrl-C is ignored (a job started in the background), nor off the main thread.
+        self.enabled = (enabled and threading.current_thread() is threading.main_thread()
+                        and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN)
         self.requested = False
         self._previous = None
 
@@ -678,8 +692,8 @@ class _StopAfterStep:
         _say("\nstopping after this step (Ctrl-C again to stop now, without saving it)")
 
     def __exit__(self, *exc) -> None:
-        if self.enabled:
-            signal.signal(signal.SIGINT, self._previous)
+        if self.enabled:  # None: a handler installed from C, which Python can't put back
+            signal.signal(signal.SIGINT, signal.SIG_DFL if self._previous is None else self._previous)
 
 
 def _resume_hint(run_dir: Path, args, saved_step: int | None) -> str:

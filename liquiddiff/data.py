@@ -6,6 +6,7 @@ global torch RNG, so that they are part of the RNG state a checkpoint restores.
 """
 from __future__ import annotations
 
+import signal
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,13 @@ class DigitsDataset(torch.utils.data.Dataset):
         return self.images[torch.as_tensor(indices)]
 
 
+def ignore_interrupts(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: a terminal's Ctrl-C reaches the workers too, and one that
+    quits on it leaves the training loop a "worker exited unexpectedly" error instead of the
+    stop after the step it asked for. The main process shuts the workers down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def random_hflip(images: torch.Tensor) -> torch.Tensor:
     """Flip each image of a batch left-right with probability 1/2 (global torch RNG)."""
     flip = torch.rand(images.shape[0], device=images.device) < 0.5
@@ -216,7 +224,10 @@ class ResumableBatches(torch.utils.data.Sampler):
                 f"--batch-size {batch_size} is larger than the {self.images_per_epoch} images each of "
                 f"{world_size} process(es) gets; use a smaller batch"
             )
-        self.start = tuple(start)
+        epoch, offset = start
+        # An offset that leaves no batch in this epoch (a resume with more processes, so fewer
+        # images each, or a smaller batch before) starts the next: as iterating would.
+        self.start = (epoch + 1, 0) if offset + batch_size > self.images_per_epoch else (epoch, offset)
 
     def position_after(self, batches: int) -> tuple[int, int]:
         """(epoch, offset) once ``batches`` batches have been served from the start."""

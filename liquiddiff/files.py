@@ -20,7 +20,10 @@ def written_atomically(path: str | os.PathLike, durable: bool = False):
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.chmod(tmp, 0o666 & ~_umask())
+        except OSError:  # a filesystem without Unix permissions: its own rules apply
+            pass
         if durable:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -37,7 +40,15 @@ def written_atomically(path: str | os.PathLike, durable: bool = False):
 
 
 def _umask() -> int:
-    """The process's umask (reading it means setting it: put straight back)."""
+    """The process's umask: from /proc on Linux, else by setting it and putting it straight
+    back (for that instant another thread's new file would get the widest permissions)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

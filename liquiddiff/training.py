@@ -411,9 +411,10 @@ class RectifiedFlowTrainer:
         walks a parameter and its moments as flat memory, so a channels_last weight met NCHW
         moments, element for wrong element (on a GPU it refuses the mix)."""
         mine = [{k: group[k] for k in _OPTIMIZER_IMPLEMENTATION if k in group} for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(saved)
-        for group, implementation in zip(self.optimizer.param_groups, mine):
-            group.update(implementation)
+        # Before loading: torch places each step count by the loaded groups' flags (on the
+        # parameter's device for fused AdamW, which requires it there).
+        groups = [{**group, **implementation} for group, implementation in zip(saved["param_groups"], mine)]
+        self.optimizer.load_state_dict({**saved, "param_groups": groups})
         for param, moments in self.optimizer.state.items():
             for key, value in moments.items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():

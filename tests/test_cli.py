@@ -214,6 +214,15 @@ def test_batches_resume_mid_epoch_and_shard_across_ranks():
     assert rest_of_epoch[:24] == [i for batch in first[9:12] for i in batch]
     assert len(set([i for batch in first[6:9] for i in batch] + rest_of_epoch)) == 49
     assert smaller.position_after(5) == (2, 0) and smaller.position_after(6) == (2, 5)
+    # Resuming from position_after(n) serves what the n+1-th batch on would have been, from any
+    # start: one that leaves no batch in its epoch (a resume with more processes) included.
+    for start in [(0, 0), (0, 45), (0, 48), (2, 17), (1, 60)]:
+        for size in (5, 8, 50):
+            going = iter(ResumableBatches(data, size, seed=3, start=start))
+            for n in range(8):
+                resumed = ResumableBatches(data, size, seed=3, start=ResumableBatches(data, size, seed=3, start=start)
+                                           .position_after(n))
+                assert next(iter(resumed)) == next(going), (start, size, n)
     # A checkpoint from before positions were kept: step 9 of its own batch size (8), whatever the new one.
     args, one_process = SimpleNamespace(seed=3, batch_size=5), SimpleNamespace(rank=0, world_size=1)
     assert cli._data_start(data, args, one_process, {"run": {"batch_size": 8}}, 9) == at_nine
@@ -331,6 +340,13 @@ def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, caps
     b = checkpoint.load(tmp_path / "split" / "last.safetensors")
     for key in a["ema"]:
         assert torch.equal(a["ema"][key], b["ema"][key]), key
+
+
+def test_ctrl_c_in_the_last_step_lets_the_run_finish(tmp_path, capsys, monkeypatch):
+    _ctrl_c_during_the_third_step(monkeypatch, presses=1)
+    code, out, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "3"], capsys)
+    assert code == 0 and "done: steps 0 -> 3" in out, out + err
+    assert (tmp_path / "r" / "samples.png").is_file() and (tmp_path / "r" / "loss.png").is_file()
 
 
 def test_a_second_ctrl_c_stops_at_once_without_saving_a_torn_step(tmp_path, capsys, monkeypatch):

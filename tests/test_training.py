@@ -1,6 +1,7 @@
 """Rectified-flow trainer: overfitting, sampling, checkpoints, input errors, the seed's Quick Start."""
 import os
 import stat
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -173,6 +174,21 @@ def test_resume_restores_the_moments_layout_and_keeps_this_devices_optimizer(tmp
     cpu = _trainer(channels_last=True)
     cpu.load_checkpoint(path)
     assert not any(group["fused"] for group in cpu.optimizer.param_groups)
+
+
+def test_a_cpu_checkpoint_gives_a_fused_adamw_its_step_counts_on_the_parameters_device():
+    """Fused AdamW (a GPU trainer's) needs its step counts on the parameters' device; a CPU run's
+    checkpoint has them on the CPU. The meta device stands in for the GPU."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    cpu_run = torch.optim.AdamW([p])
+    p.grad = torch.randn(4, 3)
+    cpu_run.step()
+    q = torch.nn.Parameter(torch.randn(4, 3, device="meta"))
+    gpu_like = torch.optim.AdamW([q])
+    gpu_like.param_groups[0]["fused"] = True  # what RectifiedFlowTrainer builds on CUDA
+    RectifiedFlowTrainer._load_optimizer(SimpleNamespace(optimizer=gpu_like), cpu_run.state_dict())
+    state = gpu_like.state[q]
+    assert gpu_like.param_groups[0]["fused"] and state["step"].device == q.device == state["exp_avg"].device
 
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
