@@ -182,8 +182,9 @@ def _add_train(sub) -> None:
     g.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
                    help=PRECISION_HELP)
     g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
-    g.add_argument("--seed", type=int, default=0, help="seed for the initial weights and the data order, and (plus the rank r under torchrun) for the "
-                        "noise, t and flips; a resumed run continues the checkpoint's random state instead")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed for the initial weights and the data order, and (plus the rank r under torchrun) "
+                        "for the noise, t and flips; a resumed run continues the checkpoint's random state instead")
     g = p.add_argument_group("run folder, logging, checkpoints")
     g.add_argument("--name", type=_run_name, default=None,
                    help="run name (default: 'digits' or the data folder's name, with -2, -3.. added when taken)")
@@ -593,6 +594,12 @@ def cmd_train(args, explicit: set[str]) -> int:
     window_loss, window_n, window_t = 0.0, 0, t0
     images_per_step = args.batch_size * info.world_size
     last_grid = None
+
+    def save() -> int:
+        """The run folder's checkpoint, now; returns the step it holds."""
+        _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
+        return trainer.step
+
     # The step the run folder's checkpoint holds.
     last_ckpt = start if resume_from is not None and Path(resume_from).resolve() == (run_dir / CKPT_NAME).resolve() else None
     # Under torchrun every rank must stop after the same step, which one rank's Ctrl-C can't
@@ -629,8 +636,7 @@ def cmd_train(args, explicit: set[str]) -> int:
                 if step % args.sample_every == 0 and info.is_main:
                     last_grid = _sample_grid(trainer, args, run_dir, device)
                 if step % args.ckpt_every == 0:
-                    _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
-                    last_ckpt = step
+                    last_ckpt = save()
         except KeyboardInterrupt:
             bar.close()
             if mid_step:
@@ -642,14 +648,13 @@ def cmd_train(args, explicit: set[str]) -> int:
     bar.close()
     if stop.requested and trainer.step < args.steps:  # a stop in the last step: the run finishes
         if last_ckpt != trainer.step:
-            _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
-            last_ckpt = trainer.step
+            last_ckpt = save()
         _say(f"stopped after step {trainer.step}; {_resume_hint(run_dir, args, last_ckpt)}")
         raise KeyboardInterrupt
     elapsed = time.perf_counter() - t0
 
     if last_ckpt != trainer.step:
-        _save(trainer, run_dir / CKPT_NAME, run, info, device, batches.position_after(trainer.step - start))
+        save()
     if info.is_main:
         if last_grid is None or trainer.step % args.sample_every:
             last_grid = _sample_grid(trainer, args, run_dir, device)
