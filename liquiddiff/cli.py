@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train(sub) -> None:
     p = sub.add_parser(
-        "train", help="train a model (built-in digits, or --data DIR)",
+        "train", help="train a model (built-in digits, --data DIR, or a Hugging Face dataset)",
         description="Train a LiquidDiffusion model with rectified flow. Without --data it trains on the "
         "1797 handwritten digits bundled with scikit-learn (no download). Everything the run writes goes to "
         "RUNS_DIR/NAME/: metrics.jsonl, sample grids from the EMA weights (samples/step_*.png, the latest as "
@@ -128,9 +128,15 @@ def _add_train(sub) -> None:
         formatter_class=_Formatter, allow_abbrev=False,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--data", metavar="DIR", default=None,
+    g.add_argument("--data", metavar="DIR|OWNER/NAME", default=None,
                    help="folder of images (png/jpg/webp, searched recursively; unreadable files are skipped "
-                        "and counted); default: the built-in digits")
+                        "and counted), or a Hugging Face dataset: its Hub id (e.g. huggan/CelebA-HQ, downloaded "
+                        "to the Hugging Face cache) or a folder save_to_disk wrote (needs pip install "
+                        "'liquiddiff[hf]'); default: the built-in digits")
+    g.add_argument("--data-split", metavar="SPLIT", default=None,
+                   help="a Hugging Face dataset's split (default: train)")
+    g.add_argument("--data-column", metavar="COLUMN", default=None,
+                   help="a Hugging Face dataset's image column (default: its only one)")
     g.add_argument("--image-size", type=_positive_int, default=None,
                    help=f"train at this size: images are resized and centre-cropped (default: {DIGITS_IMAGE_SIZE} "
                         f"for the digits, {FOLDER_IMAGE_SIZE} for a folder); must be a multiple of the "
@@ -325,7 +331,7 @@ def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # -- train -----------------------------------------------------------------------------------
 # Options a resumed run takes from its checkpoint unless they are typed again.
 RUN_KEYS = (
-    "data", "image_size", "flip", "workers", "preset", "channels", "blocks", "fused", "channels_last", "steps",
+    "data", "data_split", "data_column", "image_size", "flip", "workers", "preset", "channels", "blocks", "fused", "channels_last", "steps",
     "batch_size", "micro_batch_size", "lr", "warmup_steps", "ema_decay", "time_sampling", "precision", "seed",
     "log_every", "sample_every", "sample_n", "sample_steps", "ckpt_every",
 )
@@ -396,18 +402,36 @@ def _apply_saved_run(args, explicit: set[str], saved: dict | None) -> None:
             setattr(args, key, saved[key])
 
 
-def _make_dataset(args):
-    from .data import DigitsDataset, ImageFolder
+def _make_dataset(args, info):
+    from .data import DigitsDataset, is_hub_id, open_images
 
     if args.data is None:
         return DigitsDataset(args.image_size)
-    return ImageFolder(args.data, args.image_size, progress=distributed.from_env().is_main)
+
+    def make():
+        return open_images(args.data, args.image_size, split=args.data_split, column=args.data_column,
+                           progress=info.is_main)
+
+    if not (info.enabled and is_hub_id(args.data)):
+        return make()
+    # The main process downloads a Hub dataset; the others wait, then read its cache. An error
+    # there is raised on every rank, so none is left waiting.
+    made, failed = None, None
+    if info.is_main:
+        try:
+            made = make()
+        except (ValueError, OSError) as exc:
+            failed = exc
+    failed = distributed.broadcast_object(failed)
+    if failed is not None:
+        raise failed
+    return made if info.is_main else make()
 
 
 def _describe_data(ds, args) -> str:
     if args.data is None:
         return f"built-in digits (scikit-learn, {len(ds)} images, upscaled 8 -> {args.image_size} px)"
-    text = f"{ds.root} ({len(ds)} images, {args.image_size} px)"
+    text = f"{ds.description} ({len(ds)} images, {args.image_size} px)"
     if ds.report.skipped:
         shown = "; ".join(f"{p} ({why})" for p, why in ds.report.skipped[:5])
         more = f"; and {len(ds.report.skipped) - 5} more" if len(ds.report.skipped) > 5 else ""
@@ -528,7 +552,10 @@ def cmd_train(args, explicit: set[str]) -> int:
     if args.flip is None:
         args.flip = args.data is not None
     if args.data is not None:
-        args.data = str(Path(args.data).resolve())
+        from .data import is_hub_id
+
+        if not is_hub_id(args.data):
+            args.data = str(Path(args.data).resolve())
     mixed = _mixed_precision(args.precision, device)
 
     # Model first (cheap), so a bad --image-size or --channels is refused before data loading.
@@ -541,7 +568,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     model = build(args.preset, fused=args.fused, **overrides).set_gradient_checkpointing(args.gradient_checkpointing)
     _check_image_size(model, args.image_size, args.preset)
 
-    ds = _make_dataset(args)
+    ds = _make_dataset(args, info)
     trainer = RectifiedFlowTrainer(
         model, lr=args.lr, device=device, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
         warmup_steps=args.warmup_steps, mixed_precision=mixed, distributed=info.enabled,

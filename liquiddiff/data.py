@@ -1,11 +1,14 @@
-"""Training data without torchvision: an image folder and the digits scikit-learn ships.
+"""Training data without torchvision: an image folder, a Hugging Face dataset's image column, and
+the digits scikit-learn ships.
 
-Both datasets return float tensors [C, H, W] in [-1, 1], the range the trainer expects.
+Each dataset returns float tensors [C, H, W] in [-1, 1], the range the trainer expects.
 Random horizontal flips are not done here but on the batch in the training loop, with the
 global torch RNG, so that they are part of the RNG state a checkpoint restores.
 """
 from __future__ import annotations
 
+import io
+import re
 import signal
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +96,15 @@ def _check_image(path: Path, size: int) -> str | None:
     return None
 
 
+def load_image(source, size: int) -> torch.Tensor:
+    """An image file (a path or a binary file object) as float [3, size, size] in [-1, 1]: RGB,
+    turned the way its EXIF orientation says it is displayed, resized and centre-cropped."""
+    with Image.open(source) as img:
+        img.draft("RGB", (size, size))  # JPEG: decode at a reduced scale, not at full size
+        img = to_rgb(ImageOps.exif_transpose(img))
+    return to_unit_range(np.asarray(resize_center_crop(img, size)))
+
+
 @dataclass
 class ScanReport:
     found: int
@@ -103,21 +115,44 @@ class ScanReport:
         return self.found - len(self.skipped)
 
 
-class ImageFolder(torch.utils.data.Dataset):
-    """Every png/jpg/webp under a folder, resized and centre-cropped to ``image_size``, as RGB.
+class _SkipsBrokenImages(torch.utils.data.Dataset):
+    """Images decoded on demand, where one that fails to decode (``load_failures``) is skipped from
+    then on and the next readable one served instead: one bad file never stops a long run.
 
-    Files PIL cannot read are skipped and counted (``report``) by a scan that decodes every
-    file once. A file that breaks after the scan (``load_failures``) is skipped from then on, and
-    the loader serves the next readable image instead: one bad file never stops a long run.
+    Subclasses give ``__len__``, ``load(index)``, ``name_of(index)`` and ``description``.
     """
 
     channels = 3
 
+    def __init__(self, image_size: int):
+        self.image_size = int(image_size)
+        self.load_failures: dict[int, str] = {}  # index -> reason, in this process
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        for offset in range(len(self)):
+            i = (index + offset) % len(self)
+            if i in self.load_failures:
+                continue
+            try:
+                return self.load(i)
+            except _BROKEN_IMAGE_ERRORS as exc:
+                self.load_failures[i] = str(exc)
+                warnings.warn(f"skipping unreadable image {self.name_of(i)}: {exc}", RuntimeWarning, stacklevel=2)
+        raise ValueError(f"--data: no image in {self.description} could be decoded")
+
+
+class ImageFolder(_SkipsBrokenImages):
+    """Every png/jpg/webp under a folder, resized and centre-cropped to ``image_size``, as RGB.
+
+    Files PIL cannot read are skipped and counted (``report``) by a scan that decodes every
+    file once; one that breaks after the scan is skipped when it is loaded.
+    """
+
     def __init__(self, root: str | Path, image_size: int, progress: bool = False):
         from tqdm import tqdm
 
+        super().__init__(image_size)
         self.root = Path(root)
-        self.image_size = int(image_size)
         files = find_images(self.root)
         self.report = ScanReport(found=len(files))
         self.files = []
@@ -133,29 +168,137 @@ class ImageFolder(torch.utils.data.Dataset):
                 f"--data: none of the {len(files)} image files in {self.root} could be read "
                 f"(first: {files[0]}: {self.report.skipped[0][1]})"
             )
-        self.load_failures: dict[int, str] = {}  # index -> reason, in this process
+
+    @property
+    def description(self) -> str:
+        return str(self.root)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, index: int) -> torch.Tensor:
-        path = self.files[index]
-        with Image.open(path) as img:
-            img.draft("RGB", (self.image_size, self.image_size))  # JPEG: decode at reduced size
-            img = to_rgb(ImageOps.exif_transpose(img))  # a phone photo the way it is displayed
-        return to_unit_range(np.asarray(resize_center_crop(img, self.image_size)))
+    def name_of(self, index: int) -> str:
+        return str(self.files[index])
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        for offset in range(len(self.files)):
-            i = (index + offset) % len(self.files)
-            if i in self.load_failures:
-                continue
-            try:
-                return self.load(i)
-            except _BROKEN_IMAGE_ERRORS as exc:
-                self.load_failures[i] = str(exc)
-                warnings.warn(f"skipping unreadable image {self.files[i]}: {exc}", RuntimeWarning, stacklevel=2)
-        raise ValueError(f"--data: no image in {self.root} could be decoded")
+    def load(self, index: int) -> torch.Tensor:
+        return load_image(self.files[index], self.image_size)
+
+
+# -- Hugging Face datasets (the seed's recommended ones: huggan/CelebA-HQ, huggan/flowers-102-categories)
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def is_hub_id(data: str) -> bool:
+    """True for ``owner/name`` that is no path here: a dataset on the Hugging Face Hub."""
+    return _HUB_ID.fullmatch(data) is not None and not Path(data).exists()
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """True for a folder that ``datasets``' ``save_to_disk`` wrote (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _datasets_module(data: str):
+    try:
+        import datasets
+    except ImportError as exc:
+        raise ValueError(
+            f"--data {data}: reading a Hugging Face dataset needs the datasets package "
+            f"(pip install 'liquiddiff[hf]'): {exc}"
+        ) from exc
+    return datasets
+
+
+def image_column(dataset, column: str | None = None) -> str:
+    """The column of ``dataset`` that holds its images: ``column``, checked, or the only one whose
+    feature is ``datasets.Image``."""
+    from datasets import Image as ImageFeature
+
+    images = [name for name, feature in dataset.features.items() if isinstance(feature, ImageFeature)]
+    if column is not None:
+        if column not in dataset.features:
+            raise ValueError(f"--data-column: no column {column!r} (columns: {', '.join(dataset.features)})")
+        if column not in images:
+            raise ValueError(f"--data-column: column {column!r} holds {dataset.features[column]}, not images")
+        return column
+    if len(images) != 1:
+        found = f"several image columns ({', '.join(images)})" if images else "no image column"
+        raise ValueError(f"--data: the dataset has {found}; columns: {', '.join(dataset.features)}. "
+                         "Name one with --data-column")
+    return images[0]
+
+
+class HuggingFaceImages(_SkipsBrokenImages):
+    """The images of one column of a Hugging Face ``datasets.Dataset``, resized and centre-cropped
+    to ``image_size``, as RGB; the other columns (labels, captions) are not read.
+
+    Images are read as the stored file bytes and decoded here, as an image folder's are (JPEG at a
+    reduced scale, EXIF orientation, 16-bit gray scaled); one that fails to decode is skipped.
+    There is no scan before training: a Hub dataset can hold hundreds of thousands of images.
+    """
+
+    def __init__(self, dataset, image_size: int, column: str | None = None, name: str = "dataset"):
+        from datasets import Image as ImageFeature
+
+        super().__init__(image_size)
+        self.column = image_column(dataset, column)
+        if len(dataset) == 0:
+            raise ValueError(f"--data: {name} has no rows")
+        # decode=False: the stored bytes, which load_image decodes with a JPEG draft, not full size.
+        self.dataset = dataset.select_columns([self.column]).cast_column(self.column, ImageFeature(decode=False))
+        self.name = name
+        self.report = ScanReport(found=len(dataset))
+
+    @property
+    def description(self) -> str:
+        return f"{self.name} (Hugging Face dataset, column '{self.column}')"
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def name_of(self, index: int) -> str:
+        return f"{self.name}[{index}]"
+
+    def load(self, index: int) -> torch.Tensor:
+        stored = self.dataset[index][self.column]
+        if stored is None:
+            raise ValueError("the row has no image")
+        if stored.get("bytes") is not None:
+            return load_image(io.BytesIO(stored["bytes"]), self.image_size)
+        return load_image(stored["path"], self.image_size)
+
+
+def open_hugging_face_dataset(data: str, image_size: int, split: str = "train",
+                              column: str | None = None) -> HuggingFaceImages:
+    """A Hub dataset id (``owner/name``, downloaded to the Hugging Face cache) or a folder that
+    ``save_to_disk`` wrote, as :class:`HuggingFaceImages` of its ``split``."""
+    datasets = _datasets_module(data)
+    if is_hub_id(data):
+        try:
+            loaded = datasets.load_dataset(data, split=split)
+        except Exception as exc:  # no network, no such dataset or split, a gated one: one line for the user
+            raise ValueError(
+                f"--data {data}: no such folder here, and loading it from the Hugging Face Hub "
+                f"(split {split!r}) failed: {type(exc).__name__}: {exc}"
+            ) from exc
+    else:
+        loaded = datasets.load_from_disk(data)
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise ValueError(f"--data-split: {data} has no split {split!r} (it has: {', '.join(loaded)})")
+        loaded = loaded[split]
+    return HuggingFaceImages(loaded, image_size, column=column, name=data)
+
+
+def open_images(data: str, image_size: int, *, split: str | None = None, column: str | None = None,
+                progress: bool = False) -> ImageFolder | HuggingFaceImages:
+    """``--data``: a Hub dataset id or a ``save_to_disk`` folder as :class:`HuggingFaceImages` (split
+    ``train`` unless named), any other folder as an :class:`ImageFolder`."""
+    if is_hub_id(data) or is_saved_dataset(Path(data)):
+        return open_hugging_face_dataset(data, image_size, "train" if split is None else split, column)
+    for flag, value in (("--data-split", split), ("--data-column", column)):
+        if value is not None:
+            raise ValueError(f"{flag} is for a Hugging Face dataset; {data} is a folder of image files")
+    return ImageFolder(data, image_size, progress=progress)
 
 
 class DigitsDataset(torch.utils.data.Dataset):
