@@ -222,7 +222,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--steps", type=_positive_int, default=50, help="ODE steps (Heun evaluates the model twice a step)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE integrator")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same images")
+    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same starting noise on any device and at any "
+                   "--batch-size (it is drawn on the CPU), so the same images up to the device's arithmetic")
     p.add_argument("--out", default=None, metavar="PNG",
                    help="grid picture to write, a PNG (.png is added to a name without a suffix, a folder's too: "
                         "--out gen writes gen.png beside gen/; default: "
@@ -511,11 +512,11 @@ def _save(trainer, path: Path, run: dict, info, device, data_position: tuple[int
         checkpoint.save(state, path)
 
 
-def _sample_grid(trainer, args, run_dir: Path, device) -> Path:
+def _sample_grid(trainer, args, run_dir: Path) -> Path:
     from .images import display_scale, make_grid, save_png
 
     # The same noise every time (its own generator): grids show the model change, not the noise.
-    gen = torch.Generator(device=device).manual_seed(args.seed + 12345)
+    gen = torch.Generator().manual_seed(args.seed + 12345)  # on the CPU: the same noise on any device
     images = trainer.sample(args.sample_n, args.image_size, args.sample_steps, generator=gen)
     grid = make_grid(images, scale=display_scale(args.image_size))
     save_png(grid, run_dir / "samples" / f"step_{trainer.step:07d}.png")
@@ -661,7 +662,7 @@ def cmd_train(args, explicit: set[str]) -> int:
                     window_loss, window_n, window_t = 0.0, 0, now
                 bar.update(1)
                 if step % args.sample_every == 0 and info.is_main:
-                    last_grid = _sample_grid(trainer, args, run_dir, device)
+                    last_grid = _sample_grid(trainer, args, run_dir)
                 if step % args.ckpt_every == 0:
                     last_ckpt = save()
         except KeyboardInterrupt:
@@ -684,7 +685,7 @@ def cmd_train(args, explicit: set[str]) -> int:
         save()
     if info.is_main:
         if last_grid is None or trainer.step % args.sample_every:
-            last_grid = _sample_grid(trainer, args, run_dir, device)
+            last_grid = _sample_grid(trainer, args, run_dir)
         rows = _read_metrics(metrics_path)
         curve = plot_loss([r["step"] for r in rows], [r["loss"] for r in rows], run_dir / "loss.png",
                           title=f"{run_dir.name}: {args.preset}, batch {images_per_step}, lr {args.lr:g}")
@@ -777,7 +778,7 @@ def cmd_sample(args, explicit: set[str]) -> int:
 
     out = Path(args.out) if args.out else path.parent / "generated.png"
     out = out if out.suffix else out.with_suffix(".png")  # and the --separate folder is its stem
-    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)  # on the CPU: one noise stream, however it is split
     chunks = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     print(f"sampling {args.n} images of {image_size} px from {path} (step {state.get('step')}, "
           f"{'raw' if args.no_ema else 'EMA'} weights) with {args.steps} {args.sampler} steps on {device}")

@@ -67,7 +67,7 @@ def _stage(channels: int, n: int, temb_dim: int, ffn_mult: int) -> nn.ModuleList
 class LiquidDiffusion(nn.Module):
     """Attention-free U-Net of LiquidDiffusionBlocks predicting the rectified-flow velocity.
 
-    forward(x [B, C, H, W], t [B] in [0, 1]) -> velocity [B, C, H, W].
+    forward(x [B, C, H, W], t [B] in [0, 1], or one time for the batch) -> velocity [B, C, H, W].
     """
 
     def __init__(self, config: LiquidDiffusionConfig | None = None, *, fused: bool = False, **overrides):
@@ -86,7 +86,9 @@ class LiquidDiffusion(nn.Module):
         self.ups = nn.ModuleList(UpSample(ch[i + 1], ch[i]) for i in range(len(ch) - 1))
         self.fusions = nn.ModuleList(SkipFusion(c) for c in ch)
         self.decoder = nn.ModuleList(_stage(c, n, temb_dim, config.ffn_mult) for c, n in zip(ch, config.blocks))
-        self.head_norm = nn.GroupNorm(min(32, ch[0]), ch[0])
+        # 32 groups (all channels below 32); where 32 does not divide the channels (48, 40), the
+        # most groups up to 32 that do, which GroupNorm requires.
+        self.head_norm = nn.GroupNorm(next(g for g in range(min(32, ch[0]), 0, -1) if ch[0] % g == 0), ch[0])
         self.head = nn.Conv2d(ch[0], config.in_channels, 3, padding=1)
         self.set_fused(fused)
         self.gradient_checkpointing = False
@@ -136,11 +138,26 @@ class LiquidDiffusion(nn.Module):
                 f"for {len(cfg.channels)} U-Net stages"
             )
         if t is not None and (t.dim() != 1 or t.shape[0] != x.shape[0]):
-            raise ValueError(f"t: expected shape [{x.shape[0]}], got {tuple(t.shape)}")
+            raise ValueError(f"t: expected shape [{x.shape[0]}] or one time for the batch, got {tuple(t.shape)}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def batch_times(x: torch.Tensor, t) -> torch.Tensor:
+        """``t`` as [B]: one time (a number, a 0-d or one-element tensor, as in the seed's Euler
+        loop ``model(z, i / N)``) is every image's, on x's device; a [B] tensor is left as it is."""
+        if not isinstance(t, torch.Tensor):
+            t = torch.as_tensor(t, device=x.device)
+        if t.numel() == 1 and t.dim() <= 1 and x.dim() == 4:
+            t = t.reshape(1).to(x.device).expand(x.shape[0])
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+        t = self.batch_times(x, t)
         self.check_input(x, t)
         temb = self.time_embed(t)
+        if x.is_floating_point():
+            # The relaxation weight in the activations' dtype: a float64 t (from numpy), or a model
+            # cast to bf16 for inference given an fp32 t, would otherwise promote every block's output.
+            t = t.to(x.dtype)
         # Fused, every block's time projections in one GEMM (they all project the same temb);
         # blocks take them in call order.
         projected = iter(project_time(temb, self.blocks()) if self.fused else itertools.repeat(None))

@@ -51,15 +51,26 @@ class TimestepEmbedding(nn.Module):
         super().__init__()
         if freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {freq_dim}")
-        half = freq_dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
-        self.register_buffer("freqs", freqs, persistent=False)
+        self.half, self.max_period = freq_dim // 2, max_period
+        self.register_buffer("freqs", self._frequencies(torch.device("cpu")), persistent=False)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def _frequencies(self, device: torch.device) -> torch.Tensor:
+        index = torch.arange(self.half, dtype=torch.float32, device=device)
+        return torch.exp(-math.log(self.max_period) * index / self.half)
+
+    def _apply(self, fn, recurse=True):
+        # The frequencies stay fp32 whatever the module is cast to: in bf16 they would put the
+        # phases (1000 t f radians) up to 2 radians off. Remade on the buffer's new device.
+        super()._apply(fn, recurse)
+        self.freqs = self._frequencies(self.freqs.device)
+        return self
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # t in [0, 1] is scaled to [0, 1000] so the fastest frequencies resolve small steps in t.
         args = (1000.0 * t.float())[:, None] * self.freqs[None, :]
-        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1))
+        # In fp32 up to here; then the MLP's dtype (a model cast to bf16 or fp16 for inference).
+        return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(self.mlp[0].weight.dtype))
 
 
 class TimeProjection(nn.Module):

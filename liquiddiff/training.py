@@ -361,9 +361,15 @@ class RectifiedFlowTrainer:
         if cuda_graph and self.compiled:
             raise ValueError("cuda_graph: not with a trainer made with compile=True "
                              "(torch.compile(mode='reduce-overhead') captures CUDA graphs of its own)")
+        if use_ema and model.fused != self.model.fused:  # set_fused on the model after the trainer was made
+            model.set_fused(self.model.fused)
         was_training = model.training
         model.eval()
-        z = self._in_layout(torch.randn(shape, device=self.device, generator=generator))
+        # The noise is drawn where the generator lives, then moved: a CPU generator gives the same
+        # images on any device, and at any batch split (consecutive draws on the CPU continue one
+        # stream; CUDA's Philox streams depend on each call's size).
+        noise_device = self.device if generator is None else generator.device
+        z = self._in_layout(torch.randn(shape, device=noise_device, generator=generator).to(self.device))
 
         def velocity(z_t, t):
             with self._autocast(cache=not cuda_graph):

@@ -1,4 +1,7 @@
 """The U-Net: presets, shapes, input errors, the fused switch and torch.compile."""
+import copy
+
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +56,49 @@ def test_bad_input_is_named(shape, message):
     model = build("micro")
     with pytest.raises(ValueError, match=message):
         model(torch.randn(*shape), torch.rand(shape[0]))
+    with pytest.raises(ValueError, match=r"t: expected shape \[3\] or one time for the batch, got \(2,\)"):
+        model(torch.randn(3, 3, 32, 32), torch.rand(2))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_one_time_for_the_batch_in_any_form_and_float_dtype(fused):
+    """The seed's Euler loop calls ``model(z, i / N)`` with a Python float. A number, a 0-d or
+    one-element tensor, and a float64 t (from numpy) all give what a float32 [B] t gives, in
+    the activations' dtype; the fused kernels read the batch's one time as they read [B]."""
+    model = build("micro", channels=(8, 16), fused=fused).eval()
+    x = torch.randn(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = model(x, torch.full((3,), 0.375))
+        for t in (0.375, np.float64(0.375), torch.tensor(0.375), torch.tensor([0.375]),
+                  torch.full((3,), 0.375, dtype=torch.float64)):
+            out = model(x, t)
+            assert out.dtype == torch.float32, type(t)
+            torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_cast_to_half_precision_runs_in_it(dtype):
+    """``model.to(torch.bfloat16)`` for inference: the time embedding's frequencies stay fp32
+    (phases of up to 1000 radians), its MLP and every block compute in the model's dtype."""
+    model = build("micro", channels=(16, 32)).eval()
+    half = copy.deepcopy(model).to(dtype)
+    assert half.time_embed.freqs.dtype == torch.float32 and torch.equal(half.time_embed.freqs, model.time_embed.freqs)
+    for module in model.modules():  # a trained-looking model: the zero-initialised projections too
+        if isinstance(module, torch.nn.Linear):
+            torch.nn.init.normal_(module.weight, std=0.02)
+    half = copy.deepcopy(model).to(dtype)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    with torch.no_grad():
+        out = half(x.to(dtype), t)
+        assert out.dtype == dtype
+        assert rel_err(out.float(), model(x, t)) < 0.03
+
+
+@pytest.mark.parametrize("channels, groups", [((48, 96), 24), ((40, 80), 20), ((64, 128), 32), ((16, 32), 16)])
+def test_any_channel_count_builds_with_the_most_output_groups_up_to_32(channels, groups):
+    model = build("micro", channels=channels)
+    assert model.head_norm.num_groups == groups
+    assert model(torch.randn(1, 3, 8, 8), torch.rand(1)).shape == (1, 3, 8, 8)
 
 
 def _param_grads(model, x, t, up):

@@ -1,4 +1,5 @@
 """Rectified-flow trainer: overfitting, sampling, checkpoints, input errors, the seed's Quick Start."""
+import copy
 import json
 import os
 import stat
@@ -272,6 +273,38 @@ def test_seed_quick_start_runs_as_written():
     print(f"Loss: {metrics['loss']:.4f}")
     samples = trainer.sample(batch_size=4, image_size=16, num_steps=2)
     assert samples.shape == (4, 3, 16, 16)
+
+
+def test_the_seeds_euler_loop_as_written_is_the_euler_sampler():
+    """The seed's loop (``t = i / N``, ``z = z - model(z, t) / N``) from the same noise gives
+    ``sample(..., sampler="euler")``'s images, before the final clamp to [-1, 1]."""
+    trainer = _trainer()
+    trainer.train_step(_images())
+    model, N = trainer.model.eval(), 3
+    z = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))  # start from noise
+    with torch.no_grad():
+        for i in range(N, 0, -1):
+            t = i / N
+            z = z - model(z, t) / N  # Euler step
+    ours = trainer.sample(2, 8, num_steps=N, use_ema=False, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(ours, z.clamp(-1, 1))
+
+
+def test_sampling_follows_set_fused_made_after_the_trainer():
+    trainer = _trainer()
+    trainer.model.set_fused(True)
+    assert trainer.sample(1, 8, num_steps=1).shape == (1, 3, 8, 8)
+    assert trainer.ema.model.fused  # the EMA copy samples on the fused kernels too
+
+
+@pytest.mark.gpu
+def test_gpu_sampling_from_a_cpu_generator_gives_the_cpu_images():
+    """A CPU generator's noise is drawn on the CPU and moved: a seed gives the same images on
+    either device (the model's arithmetic aside)."""
+    cpu = _trainer()
+    gpu = RectifiedFlowTrainer(copy.deepcopy(cpu.model), device="cuda", mixed_precision=False)
+    images = [trainer.sample(3, 16, num_steps=2, generator=torch.Generator().manual_seed(5)) for trainer in (cpu, gpu)]
+    torch.testing.assert_close(images[1].cpu(), images[0], rtol=0, atol=1e-4)
 
 
 def test_channels_last_trains_the_same_function():
