@@ -52,6 +52,16 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def ieee_fp32_convolutions() -> None:
+    """cuDNN convolves fp32 in TF32 unless told otherwise (torch's default), about 3e-4 off fp32:
+    comparisons of fp32 results with a reference need IEEE fp32 from it."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        conv.fp32_precision = "ieee"
+    else:
+        torch.backends.cudnn.allow_tf32 = False
+
+
 def set_compile_limits() -> None:
     """Many (op, layout, grad) variants share one code object: let dynamo keep them all."""
     cfg = torch._dynamo.config

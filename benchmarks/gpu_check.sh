@@ -56,8 +56,32 @@ else
 fi
 
 # ---------------------------------------------------------------- 1. gpu-marked tests
-say "stage 1/3: pytest -m gpu tests (timeout ${T_TESTS}s)"
-timeout -k 10 "$T_TESTS" "$PY" -m pytest -m gpu -q -p no:cacheprovider -rfE --tb=short tests 2>&1 | tee "$OUT/gpu_tests.log"
+# Test tools the image may lack, carried as wheels (benchmarks/device_wheels.sh; carry ".whl"):
+# the whole set where there is no pytest, else pytest-xdist alone where it is missing.
+if compgen -G ".whl/*.whl" >/dev/null; then
+    WANT=()
+    if ! "$PY" -c 'import pytest' 2>/dev/null; then WANT=(.whl/*.whl)
+    elif ! "$PY" -c 'import xdist' 2>/dev/null; then WANT=(.whl/pytest_xdist-*.whl .whl/execnet-*.whl)
+    fi
+    if [ ${#WANT[@]} -gt 0 ]; then
+        SITE="${TMPDIR:-/tmp}/liquiddiff_site"
+        if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WANT[@]}"; then
+            export PYTHONPATH="$PYTHONPATH:$SITE"  # after the image's own packages
+            say "installed from .whl into $SITE: ${WANT[*]}"
+        else
+            say "pip could not install ${WANT[*]}: the tests run with what the image has"
+        fi
+    fi
+fi
+# About 300 distinct Triton compiles, one core each: four pytest processes where pytest-xdist is
+# there (a file per process keeps its kernels' compiles together). --benchmark-disable is the
+# ini's only need of pytest-benchmark, which the tests do not use: addopts is set here instead.
+PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfE --tb=short)
+if [ "$HAVE_GPU" = 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
+    PYTEST_ARGS+=(-n "${GPU_TESTS_WORKERS:-4}" --dist loadfile)
+fi
+say "stage 1/3: pytest ${PYTEST_ARGS[*]} tests (timeout ${T_TESTS}s)"
+timeout -k 10 "$T_TESTS" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
 RC=${PIPESTATUS[0]}
 LINE=$(grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran" "$OUT/gpu_tests.log" | tail -n 1)
 case $RC in

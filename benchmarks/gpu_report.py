@@ -372,6 +372,8 @@ class Worker:
         self.state, self.error = state, reason
 
     def close(self) -> None:
+        if self.proc.poll() is None and self.state == "starting":
+            self.proc.kill()  # still building or compiling: it reads no "quit" until it is ready
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.write("quit\n")

@@ -138,6 +138,7 @@ def main(argv=None) -> int:
     t0 = time.monotonic()
     device = cases.default_device()
     on_gpu = device.type == "cuda"
+    cases.ieee_fp32_convolutions()  # the fp32 cases' cuDNN convs (the cfc_heads f head), held to 1e-4
     backends = kernels.backend_report(device)
     name = torch.cuda.get_device_name(device) if on_gpu else "CPU (Triton interpreter)"
     print(f"sanitize_ops: {name}, torch {torch.__version__}; backends: "

@@ -10,6 +10,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    from benchmarks.cases import ieee_fp32_convolutions
+
+    ieee_fp32_convolutions()  # fp32 parity against cuDNN's convs, not its TF32 default
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
