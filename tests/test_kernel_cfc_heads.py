@@ -136,6 +136,15 @@ def test_nan_propagates():
     assert torch.isfinite(out).all()
 
 
+def test_a_nan_rho_reaches_its_channel():
+    raw = _inputs(2, 20, 4, 4)
+    raw["rho"][7] = float("nan")
+    out = _fused(raw)
+    assert torch.isnan(out[:, 7]).all()
+    out[:, 7] = 0
+    assert torch.isfinite(out).all()
+
+
 def test_opcheck():
     for residual, biases in ((True, (True, False, True)), (False, (False, False, False))):
         raw = _inputs(2, 21, 5, 3, fmt=torch.channels_last, biases=biases, residual=residual)

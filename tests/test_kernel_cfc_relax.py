@@ -183,6 +183,20 @@ def test_no_grad_forward(triton_policy):
     parity.assert_close("out", out, functional.cfc_relax(**inputs), TOL[torch.float32])
 
 
+def test_a_nan_rho_reaches_its_channel(triton_policy):
+    """softplus(NaN) is NaN: a diverged rho shows in its channel's output and gradients, as in
+    the reference (a clamp by tl.minimum would drop the NaN and give softplus ~ 20)."""
+    raw = {k: v.detach() for k, v in make_inputs((2, 3, 2, 3), residual=True).items()}
+    raw["rho"][0] = float("nan")
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    out, ref = kernels.cfc_relax(**ins), functional.cfc_relax(**ref_ins)
+    assert out[:, 0].isnan().all() and out[:, 1:].isfinite().all()
+    up = torch.randn_like(ref)
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    for name in ins:
+        assert torch.equal(got[name].isnan(), want[name].isnan()), name
+
+
 def test_nan_and_inf_propagate(triton_policy):
     inputs = {k: v.detach() for k, v in make_inputs((1, 2, 3, 3), residual=False).items()}
     inputs["x"][0, 0, 0, 0] = float("nan")

@@ -85,6 +85,46 @@ def test_inf_beyond_the_edge_stays_out(triton_dw, monkeypatch):
         torch.testing.assert_close(got[name].nan_to_num(posinf=0, neginf=0), want[name].nan_to_num(posinf=0, neginf=0))
 
 
+def _same_nonfinite(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf()), name
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], msg=name)
+
+
+@pytest.mark.parametrize("k", [3, 5, 7])
+@pytest.mark.parametrize("where", ["x", "upstream"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_and_inf_reach_only_the_outputs_they_feed(triton_dw, k, where, bad):
+    """A NaN or inf in one pixel, of the input or of the upstream gradient, makes exactly the
+    outputs and gradients non-finite that the reference's does: the sliding window's slots that
+    a row does not feed meet it with weight 0, and 0 * NaN must not reach them."""
+    raw = _inputs((1, 2, 12, 5), k, torch.float64)
+    up = torch.randn(1, 2, 12, 5, dtype=torch.float64, device=DEVICE)
+    (raw["x"] if where == "x" else up)[0, 0, 6, 2] = bad
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    out, ref = kernels.depthwise_conv(**ins), functional.depthwise_conv(**ref_ins)
+    _same_nonfinite(out, ref, "out")
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    for name in ins:
+        _same_nonfinite(got[name], want[name], name)
+
+
+def test_nan_in_the_paired_heads_reaches_only_the_outputs_it_feeds(triton_dw):
+    """The g/h pair (one launch each way: PAIR_OUT forward, PAIR_IN input gradient)."""
+    z, weights, biases = _silu_convs_inputs(torch.float64, torch.channels_last)
+    z[1, 2, 3, 4] = float("nan")
+    leaves = [t.clone().requires_grad_() for t in (z, weights[1], weights[2])]
+    ref_leaves = [t.clone().requires_grad_() for t in (z, weights[1], weights[2])]
+    outs = kernels.silu_convs(leaves[0], [weights[0], *leaves[1:]], biases)[1:]
+    refs = functional.silu_convs(ref_leaves[0], [weights[0], *ref_leaves[1:]], biases)[1:]
+    ups = [torch.randn_like(r) for r in refs]
+    for i, (o, r) in enumerate(zip(outs, refs)):
+        _same_nonfinite(o, r, f"out {i + 1}")
+    got, want = torch.autograd.grad(outs, leaves, ups), torch.autograd.grad(refs, ref_leaves, ups)
+    for name, g, w in zip(("z", "g weight", "h weight"), got, want):
+        _same_nonfinite(g, w, name)
+
+
 def _silu_convs_inputs(dtype, layout, g_bias=True, h_bias=False):
     """z and the CfC's three heads over it: f (1x1, cuDNN/aten), g and h (3x3 depthwise)."""
     z = torch.randn(2, 6, 7, 9, dtype=dtype, device=DEVICE).to(memory_format=layout)

@@ -67,7 +67,9 @@ if triton is not None:
         # interpreter): log(u) * e / (u - 1) stays exact where 1 + e rounds, and is e itself once
         # 1 + e == 1, so very negative r gives exp(r), not 0 or a cancellation error. The clamps keep
         # the discarded branches free of overflow and 0 / 0.
-        e = tl.exp(tl.minimum(r, _SOFTPLUS_THRESHOLD))
+        # A select, not tl.minimum: tl.minimum drops a NaN operand (fminf), so softplus(NaN)
+        # would be ~20 and a NaN rho would vanish from alpha; r > T is False for NaN, so NaN stays.
+        e = tl.exp(tl.where(r > _SOFTPLUS_THRESHOLD, _SOFTPLUS_THRESHOLD, r))
         u = 1.0 + e
         small = tl.where(u == 1.0, e, tl.log(u) * e / tl.where(u == 1.0, 1.0, u - 1.0))
         return tl.where(r > _SOFTPLUS_THRESHOLD, r, small)

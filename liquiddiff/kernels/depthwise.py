@@ -101,7 +101,9 @@ if triton is not None:
         # Sliding window down a [ROWS, BLOCK_W] strip: each input row is loaded once per
         # horizontal tap (K loads, not K*K) and added to the K output rows it feeds, which live
         # in SLOTS (>= K, a power of 2) accumulator rows: output row o in slot o % SLOTS. When
-        # input row r is in, output row r - P is complete: it is stored and its slot cleared.
+        # input row r is in, output row r - P is complete and stored. A slot is cleared when its
+        # row's window opens (input row o - P), not when its last row was stored: the rows between
+        # meet it with weight 0, and 0 * inf or NaN must not reach a row those rows do not feed.
         # PAIR_OUT: a second kernel (w2, bias2 if HAS_BIAS2) on the same input rows, into out2 (the forward
         # of two heads). PAIR_IN: a second input x2 with its kernel w2, summed into out (their
         # input gradient). Epilogue at the store: + addend (+ a per-(b, c) channel addend, unrounded
@@ -134,6 +136,10 @@ if triton is not None:
             # input row r reaches it through the kernel row u = r + P - o (when 0 <= u < K).
             u = K - 1 - ((slots - (r - P)) & (SLOTS - 1))
             u_ok = (u >= 0)[:, None] & c_mask[None, :]
+            opens = (slots == ((r + P) & (SLOTS - 1)))[:, None, None]  # output row r + P's window
+            acc = tl.where(opens, 0.0, acc)
+            if PAIR_OUT:
+                acc2 = tl.where(opens, 0.0, acc2)
             if FLIP:
                 u = K - 1 - u
             for v in range(K):  # a runtime loop: unrolled taps keep too many loads live
@@ -179,13 +185,11 @@ if triton is not None:
                 sig = 1.0 / (1.0 + tl.exp(-zv))
                 out = out * (sig * (1.0 + zv * (1.0 - sig)))
             tl.store(out_ptr + o_off + o * so_h, out.to(out_ptr.dtype.element_ty), mask=mask)
-            acc = tl.where(done, 0.0, acc)
             if PAIR_OUT:
                 out2 = tl.sum(tl.where(done, acc2, 0.0), axis=0)
                 if HAS_BIAS2:
                     out2 += bias2[None, :]
                 tl.store(out2_ptr + o_off + o * so_h, out2.to(out2_ptr.dtype.element_ty), mask=mask)
-                acc2 = tl.where(done, 0.0, acc2)
         if PIXEL_SUM:  # partials [programs along the pixels, B, C]
             tl.store(psum_ptr + (tl.program_id(0) * B + pid_b) * C + cs, psum, mask=c_mask)
 
