@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, checkpoint, distributed
-from .model import PRESETS, LiquidDiffusion, LiquidDiffusionConfig, build
+from .model import PRESETS, LiquidDiffusion, build
 from .sampling import SAMPLERS
 from .training import AUTOCAST_DTYPES, TIME_SAMPLINGS, RectifiedFlowTrainer, autocast_dtype
 
@@ -302,16 +302,6 @@ def _check_image_size(model: LiquidDiffusion, size: int, preset: str) -> None:
             f"--image-size {size}: the {preset} model has {len(model.config.channels)} U-Net stages and "
             f"needs a multiple of {k} (try {lo} or {hi})"
         )
-
-
-def _config_from_checkpoint(state: dict, path: Path) -> LiquidDiffusionConfig:
-    saved = state.get("config")
-    if not isinstance(saved, dict):
-        raise ValueError(f"checkpoint {path} has no model config; it was not written by liquiddiff train")
-    try:
-        return LiquidDiffusionConfig(**saved)
-    except TypeError as exc:
-        raise ValueError(f"checkpoint {path}: unexpected model config {saved} ({exc})") from None
 
 
 def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
@@ -761,20 +751,14 @@ def cmd_sample(args, explicit: set[str]) -> int:
     mixed = _mixed_precision(args.precision, device)
     path = _find_checkpoint(args)
     state = checkpoint.load(path)
-    config = _config_from_checkpoint(state, path)
+    model = LiquidDiffusion.from_state(state, ema=not args.no_ema, fused=args.fused, source=f"checkpoint {path}")
     run = state.get("run") or {}
     image_size = args.image_size or run.get("image_size")
     if image_size is None:
         raise ValueError(f"checkpoint {path} does not record its image size; pass --image-size")
-    model = LiquidDiffusion(config, fused=args.fused)
-    _check_image_size(model, image_size, config.name)
+    _check_image_size(model, image_size, model.config.name)
+    # The trainer's EMA copy, which sample() uses, is a copy of these weights.
     trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed, compile=args.compile)
-    weights = state["model"] if args.no_ema else state["ema"]
-    try:
-        trainer.ema.model.load_state_dict(weights)
-        trainer.model.load_state_dict(weights)
-    except RuntimeError as exc:  # shapes that do not match the config: a damaged or edited file
-        raise ValueError(f"checkpoint {path}: weights do not match its model config ({exc})") from None
 
     out = Path(args.out) if args.out else path.parent / "generated.png"
     out = out if out.suffix else out.with_suffix(".png")  # and the --separate folder is its stem

@@ -93,6 +93,32 @@ class LiquidDiffusion(nn.Module):
         self.set_fused(fused)
         self.gradient_checkpointing = False
 
+    @classmethod
+    def from_checkpoint(cls, path, *, ema: bool = True, fused: bool = False) -> "LiquidDiffusion":
+        """The model a ``liquiddiff train`` / ``RectifiedFlowTrainer.save_checkpoint`` file holds,
+        for inference: its config, the EMA weights (``ema=False``: the raw ones), on the CPU, in
+        eval mode. ``.to(device)`` it, call it, or hand it to a trainer to sample."""
+        from . import checkpoint as checkpoint_file
+
+        return cls.from_state(checkpoint_file.load(path), ema=ema, fused=fused, source=f"checkpoint {path}")
+
+    @classmethod
+    def from_state(cls, state: dict, *, ema: bool = True, fused: bool = False,
+                   source: str = "checkpoint") -> "LiquidDiffusion":
+        """:meth:`from_checkpoint` from a checkpoint already read (``checkpoint.load``)."""
+        saved = state.get("config")
+        if not isinstance(saved, dict):
+            raise ValueError(f"{source} has no model config; it was not written by liquiddiff")
+        try:
+            model = cls(LiquidDiffusionConfig(**saved), fused=fused)
+        except TypeError as exc:
+            raise ValueError(f"{source}: unexpected model config {saved} ({exc})") from None
+        try:
+            model.load_state_dict(state["ema" if ema else "model"])
+        except RuntimeError as exc:  # shapes that do not match the config: a damaged or edited file
+            raise ValueError(f"{source}: weights do not match its model config ({exc})") from None
+        return model.eval()
+
     @property
     def fused(self) -> bool:
         return self._fused

@@ -275,6 +275,30 @@ def test_seed_quick_start_runs_as_written():
     assert samples.shape == (4, 3, 16, 16)
 
 
+def test_a_checkpoint_loads_as_a_model_for_inference(tmp_path):
+    """LiquidDiffusion.from_checkpoint: the EMA weights (or the raw ones) in eval mode; a file
+    without a config, or with weights of another size, is refused with a message."""
+    from liquiddiff import LiquidDiffusion
+
+    trainer = _trainer()
+    for _ in range(2):
+        trainer.train_step(_images())
+    path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
+    x, t = _images(2, 8), torch.rand(2)
+    for ema, source in ((True, trainer.ema.model), (False, trainer.model)):
+        model = LiquidDiffusion.from_checkpoint(path, ema=ema, fused=True)
+        assert not model.training and model.fused and model.config == trainer.config
+        with torch.no_grad():
+            torch.testing.assert_close(model(x, t), source.eval()(x, t))
+    state = checkpoint.load(path)
+    checkpoint.save({k: v for k, v in state.items() if k != "config"}, tmp_path / "no_config.safetensors")
+    with pytest.raises(ValueError, match="has no model config"):
+        LiquidDiffusion.from_checkpoint(tmp_path / "no_config.safetensors")
+    checkpoint.save({**state, "config": {**state["config"], "channels": [8, 16]}}, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="weights do not match its model config"):
+        LiquidDiffusion.from_checkpoint(tmp_path / "other.safetensors")
+
+
 def test_the_seeds_euler_loop_as_written_is_the_euler_sampler():
     """The seed's loop (``t = i / N``, ``z = z - model(z, t) / N``) from the same noise gives
     ``sample(..., sampler="euler")``'s images, before the final clamp to [-1, 1]."""
