@@ -799,6 +799,8 @@ def cmd_info(args, explicit: set[str]) -> int:
     print(f"torch      {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})")
     print(f"triton     {_version('triton')}")
     print(f"numpy      {_version('numpy')}, pillow {_version('PIL')}, scikit-learn {_version('sklearn')}")
+    hub = _version("datasets")
+    print(f"datasets   {hub}" + (" (for --data OWNER/NAME: pip install 'liquiddiff[hf]')" if "not" in hub else ""))
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
