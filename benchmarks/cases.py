@@ -54,12 +54,10 @@ def default_dtype(device: torch.device) -> torch.dtype:
 
 def ieee_fp32_convolutions() -> None:
     """cuDNN convolves fp32 in TF32 unless told otherwise (torch's default), about 3e-4 off fp32:
-    comparisons of fp32 results with a reference need IEEE fp32 from it."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        conv.fp32_precision = "ieee"
-    else:
-        torch.backends.cudnn.allow_tf32 = False
+    comparisons of fp32 results with a reference need IEEE fp32 from it. The legacy switch: set
+    through torch 2.9's ``cudnn.conv.fp32_precision``, a later read of ``allow_tf32`` (inductor's
+    conv templates, ``cudnn.flags()``) raises for mixing the two APIs."""
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def set_compile_limits() -> None:

@@ -57,16 +57,18 @@ fi
 
 # ---------------------------------------------------------------- 1. gpu-marked tests
 # Test tools the image may lack, carried as wheels (benchmarks/device_wheels.sh; carry ".whl"):
-# the whole set where there is no pytest, else pytest-xdist alone where it is missing.
+# each one it cannot import, into a folder on PYTHONPATH (which comes before site-packages: a
+# wheel of a package the image has would shadow it, so those are left out).
 if compgen -G ".whl/*.whl" >/dev/null; then
     WANT=()
-    if ! "$PY" -c 'import pytest' 2>/dev/null; then WANT=(.whl/*.whl)
-    elif ! "$PY" -c 'import xdist' 2>/dev/null; then WANT=(.whl/pytest_xdist-*.whl .whl/execnet-*.whl)
-    fi
+    for pair in pytest:pytest pluggy:pluggy iniconfig:iniconfig packaging:packaging pygments:pygments \
+                xdist:pytest_xdist execnet:execnet; do
+        "$PY" -c "import ${pair%%:*}" 2>/dev/null || WANT+=(.whl/"${pair##*:}"-*.whl)
+    done
     if [ ${#WANT[@]} -gt 0 ]; then
         SITE="${TMPDIR:-/tmp}/liquiddiff_site"
         if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WANT[@]}"; then
-            export PYTHONPATH="$PYTHONPATH:$SITE"  # after the image's own packages
+            export PYTHONPATH="$PYTHONPATH:$SITE"
             say "installed from .whl into $SITE: ${WANT[*]}"
         else
             say "pip could not install ${WANT[*]}: the tests run with what the image has"

@@ -223,7 +223,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--steps", type=_positive_int, default=50, help="ODE steps (Heun evaluates the model twice a step)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE integrator")
     p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same starting noise on any device and at any "
-                   "--batch-size (it is drawn on the CPU), so the same images up to the device's arithmetic")
+                   "--batch-size (drawn on the CPU, image by image), so the same images up to the device's "
+                   "arithmetic")
     p.add_argument("--out", default=None, metavar="PNG",
                    help="grid picture to write, a PNG (.png is added to a name without a suffix, a folder's too: "
                         "--out gen writes gen.png beside gen/; default: "
@@ -538,6 +539,8 @@ def cmd_train(args, explicit: set[str]) -> int:
     if resume_from is not None:
         state = checkpoint.load(resume_from)
         _apply_saved_run(args, explicit, state.get("run"))
+    if args.data is None and (args.data_split is not None or args.data_column is not None):
+        raise ValueError("--data-split and --data-column choose from a Hugging Face dataset: give it with --data")
     if args.image_size is None:
         args.image_size = DIGITS_IMAGE_SIZE if args.data is None else FOLDER_IMAGE_SIZE
     if args.flip is None:
@@ -762,14 +765,17 @@ def cmd_sample(args, explicit: set[str]) -> int:
 
     out = Path(args.out) if args.out else path.parent / "generated.png"
     out = out if out.suffix else out.with_suffix(".png")  # and the --separate folder is its stem
-    gen = torch.Generator().manual_seed(args.seed)  # on the CPU: one noise stream, however it is split
+    # On the CPU, one image's noise at a time: the same images on any device and at any --batch-size.
+    gen = torch.Generator().manual_seed(args.seed)
+    channels = model.config.in_channels
     chunks = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
     print(f"sampling {args.n} images of {image_size} px from {path} (step {state.get('step')}, "
           f"{'raw' if args.no_ema else 'EMA'} weights) with {args.steps} {args.sampler} steps on {device}")
     images = []
     with tqdm(total=len(chunks) * args.steps, unit="step", disable=args.no_progress, file=sys.stderr) as bar:
         for n in chunks:
-            images.append(trainer.sample(n, image_size, args.steps, sampler=args.sampler, generator=gen,
+            noise = torch.stack([torch.randn(channels, image_size, image_size, generator=gen) for _ in range(n)])
+            images.append(trainer.sample(n, image_size, args.steps, sampler=args.sampler, noise=noise,
                                          progress=bar.update, cuda_graph=args.cuda_graph).cpu())
     images = torch.cat(images)
     save_png(make_grid(images, scale=display_scale(image_size)), out)

@@ -188,8 +188,9 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def is_hub_id(data: str) -> bool:
-    """True for ``owner/name`` that is no path here: a dataset on the Hugging Face Hub."""
-    return _HUB_ID.fullmatch(data) is not None and not Path(data).exists()
+    """True for ``owner/name`` that is no path here, nor inside a folder here named ``owner``
+    (``photos/cats`` mistyped): a dataset on the Hugging Face Hub."""
+    return _HUB_ID.fullmatch(data) is not None and not Path(data).exists() and not Path(data).parent.is_dir()
 
 
 def is_saved_dataset(folder: Path) -> bool:
@@ -202,8 +203,8 @@ def _datasets_module(data: str):
         import datasets
     except ImportError as exc:
         raise ValueError(
-            f"--data {data}: reading a Hugging Face dataset needs the datasets package "
-            f"(pip install 'liquiddiff[hf]'): {exc}"
+            f"--data {data}: {'no such folder here; as a Hub id, it' if is_hub_id(data) else 'a Hugging Face dataset'} "
+            f"needs the datasets package (pip install 'liquiddiff[hf]'): {exc}"
         ) from exc
     return datasets
 

@@ -169,7 +169,9 @@ class LiquidDiffusion(nn.Module):
     @staticmethod
     def batch_times(x: torch.Tensor, t) -> torch.Tensor:
         """``t`` as [B]: one time (a number, a 0-d or one-element tensor, as in the seed's Euler
-        loop ``model(z, i / N)``) is every image's, on x's device; a [B] tensor is left as it is."""
+        loop ``model(z, i / N)``) is every image's, on x's device; a [B] tensor is left as it is.
+        Under ``torch.compile`` pass a tensor: a Python number is a constant there, one graph per
+        value."""
         if not isinstance(t, torch.Tensor):
             t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1 and t.dim() <= 1 and x.dim() == 4:

@@ -51,13 +51,13 @@ class TimestepEmbedding(nn.Module):
         super().__init__()
         if freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {freq_dim}")
-        self.half, self.max_period = freq_dim // 2, max_period
-        self.register_buffer("freqs", self._frequencies(torch.device("cpu")), persistent=False)
+        self.freq_count, self.max_period = freq_dim // 2, max_period
+        self.register_buffer("freqs", self._frequencies(None), persistent=False)  # None: the default device
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def _frequencies(self, device: torch.device) -> torch.Tensor:
-        index = torch.arange(self.half, dtype=torch.float32, device=device)
-        return torch.exp(-math.log(self.max_period) * index / self.half)
+    def _frequencies(self, device: torch.device | None) -> torch.Tensor:
+        index = torch.arange(self.freq_count, dtype=torch.float32, device=device)
+        return torch.exp(-math.log(self.max_period) * index / self.freq_count)
 
     def _apply(self, fn, recurse=True):
         # The frequencies stay fp32 whatever the module is cast to: in bf16 they would put the

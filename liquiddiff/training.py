@@ -344,18 +344,24 @@ class RectifiedFlowTrainer:
         generator: torch.Generator | None = None,
         progress=None,
         cuda_graph: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Generate ``batch_size`` images by integrating the learned ODE from noise; in [-1, 1].
 
-        ``cuda_graph=True`` (CUDA only) captures the model call once and replays it for every
-        step (:func:`liquiddiff.sampling.cuda_graphed`): the host's launch overhead goes, for
-        the price of three model calls of capture per batch."""
+        The starting noise is drawn from ``generator`` on its device (then moved), or given as
+        ``noise`` ([batch_size, C, H, W], on any device: to interpolate between seeds, or to make
+        each image's noise its own). ``cuda_graph=True`` (CUDA only) captures the model call once
+        and replays it for every step (:func:`liquiddiff.sampling.cuda_graphed`): the host's
+        launch overhead goes, for the price of three model calls of capture per batch."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         model = self.ema.model if use_ema else self.model
         shape = (int(batch_size), self.config.in_channels, *hw)
         model.check_input(torch.empty(shape, device="meta"))
+        if noise is not None and (tuple(noise.shape) != shape or not noise.is_floating_point()):
+            raise ValueError(f"noise: expected a float tensor of shape {list(shape)}, got {noise.dtype} "
+                             f"{list(noise.shape)}")
         if cuda_graph and self.device.type != "cuda":
             raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
         if cuda_graph and self.compiled:
@@ -365,11 +371,12 @@ class RectifiedFlowTrainer:
             model.set_fused(self.model.fused)
         was_training = model.training
         model.eval()
-        # The noise is drawn where the generator lives, then moved: a CPU generator gives the same
-        # images on any device, and at any batch split (consecutive draws on the CPU continue one
-        # stream; CUDA's Philox streams depend on each call's size).
-        noise_device = self.device if generator is None else generator.device
-        z = self._in_layout(torch.randn(shape, device=noise_device, generator=generator).to(self.device))
+        if noise is None:
+            # Drawn where the generator lives, then moved: a CPU generator's seed gives the same
+            # noise on any device.
+            noise_device = self.device if generator is None else generator.device
+            noise = torch.randn(shape, device=noise_device, generator=generator)
+        z = self._in_layout(noise.to(self.device))
 
         def velocity(z_t, t):
             with self._autocast(cache=not cuda_graph):

@@ -130,6 +130,7 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "cuda_graph: needs a CUDA device"),
         (["train", "--resume", *runs], "no run to continue"),
         (["train", "--batch-size", "5000", *TINY[:4], *runs], "larger than the 1797 images"),
+        (["train", "--data-column", "image", *runs], "--data-split and --data-column choose from a Hugging Face"),
         (["sample", "--ckpt", junk], "not a readable safetensors file"),
         (["sample", "--ckpt", tmp_path / "nothing.safetensors"], "does not exist"),
         (["sample", *runs], "no checkpoint given"),
@@ -297,6 +298,13 @@ def test_train_then_sample(tmp_path, capsys):
                          "--out", out_png.with_suffix(""), "--separate", "--batch-size", "3", "--no-progress"], capsys)
     assert code == 0, err  # --out without a suffix: grid.png beside the grid/ folder
     assert np.array_equal(first, np.asarray(Image.open(out_png)))  # the seed fixes the images, however batched
+    grids = []
+    for batch in ("3", "1"):  # 10 x 10 gray: 100 numbers an image, which no 16-number block of the stream divides
+        code, _, err = _run(["sample", "--ckpt", run, "--n", "3", "--steps", "2", "--image-size", "10",
+                             "--batch-size", batch, "--out", tmp_path / f"ten_{batch}.png", "--no-progress"], capsys)
+        assert code == 0, err
+        grids.append(np.asarray(Image.open(tmp_path / f"ten_{batch}.png")))
+    assert np.array_equal(*grids)
     code, _, err = _run(["sample", "--ckpt", run, "--image-size", "7"], capsys)
     assert code == 2 and "multiple of 2" in err
 

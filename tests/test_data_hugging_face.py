@@ -128,12 +128,16 @@ def test_a_hub_id_loads_its_split_and_a_failure_names_the_hub(fake_hub, tmp_path
     monkeypatch.chdir(tmp_path)
     (tmp_path / "someone" / "faces").mkdir(parents=True)
     assert not is_hub_id("someone/faces")  # a folder of that name here wins
-    assert is_hub_id("someone/else") and not is_hub_id("/abs/path") and not is_hub_id("plain")
+    assert not is_hub_id("someone/else")  # ... and a mistyped one in a folder here is no Hub id
+    with pytest.raises(FileNotFoundError, match="folder someone/else does not exist"):
+        open_images("someone/else", 8)
+    assert is_hub_id("other/name") and not is_hub_id("/abs/path") and not is_hub_id("plain")
 
 
 def test_without_the_datasets_package_the_message_says_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "datasets", None)
-    with pytest.raises(ValueError, match=r"--data someone/faces: .*needs the datasets package .*liquiddiff\[hf\]"):
+    with pytest.raises(ValueError, match=r"--data someone/faces: no such folder here; as a Hub id, it needs the "
+                                         r"datasets package .*liquiddiff\[hf\]"):
         open_images("someone/faces", 8)
 
 

@@ -94,6 +94,18 @@ def test_a_model_cast_to_half_precision_runs_in_it(dtype):
         assert rel_err(out.float(), model(x, t)) < 0.03
 
 
+def test_a_model_built_on_another_default_device_keeps_everything_there():
+    """Built under ``with torch.device("meta")`` (or a default CUDA device), the embedding's
+    frequencies live with the weights; ``to_empty`` remakes them (they are no parameter)."""
+    with torch.device("meta"):
+        model = build("micro", channels=(8, 16))
+    assert model.time_embed.freqs.device.type == "meta"
+    assert model(torch.randn(2, 3, 8, 8, device="meta"), torch.rand(2, device="meta")).device.type == "meta"
+    model = model.to_empty(device="cpu")
+    torch.testing.assert_close(model.time_embed.freqs, build("micro", channels=(8, 16)).time_embed.freqs)
+    assert model.time_embed.half().mlp[0].weight.dtype == torch.float16  # Module.half, not shadowed
+
+
 @pytest.mark.parametrize("channels, groups", [((48, 96), 24), ((40, 80), 20), ((64, 128), 32), ((16, 32), 16)])
 def test_any_channel_count_builds_with_the_most_output_groups_up_to_32(channels, groups):
     model = build("micro", channels=channels)

@@ -314,6 +314,15 @@ def test_the_seeds_euler_loop_as_written_is_the_euler_sampler():
     torch.testing.assert_close(ours, z.clamp(-1, 1))
 
 
+def test_sampling_from_given_noise():
+    trainer = _trainer()
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    drawn = trainer.sample(2, 8, num_steps=2, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(trainer.sample(2, 8, num_steps=2, noise=noise), drawn)
+    with pytest.raises(ValueError, match=r"noise: expected a float tensor of shape \[2, 3, 8, 8\]"):
+        trainer.sample(2, 8, num_steps=2, noise=noise[:1])
+
+
 def test_sampling_follows_set_fused_made_after_the_trainer():
     trainer = _trainer()
     trainer.model.set_fused(True)
