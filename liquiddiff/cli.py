@@ -222,9 +222,10 @@ def _add_sample(sub) -> None:
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--steps", type=_positive_int, default=50, help="ODE steps (Heun evaluates the model twice a step)")
     p.add_argument("--sampler", choices=SAMPLERS, default="euler", help="ODE integrator")
-    p.add_argument("--seed", type=int, default=0, help="noise seed: the same seed gives the same starting noise on any device and at any "
-                   "--batch-size (drawn on the CPU, image by image), so the same images up to the device's "
-                   "arithmetic")
+    p.add_argument("--seed", type=int, default=0,
+                   help="noise seed: the same seed gives the same starting noise on any device and at any "
+                        "--batch-size (drawn on the CPU, image by image), so the same images up to the device's "
+                        "arithmetic")
     p.add_argument("--out", default=None, metavar="PNG",
                    help="grid picture to write, a PNG (.png is added to a name without a suffix, a folder's too: "
                         "--out gen writes gen.png beside gen/; default: "
@@ -323,9 +324,9 @@ def _read_metrics(path: Path, up_to_step: int | None = None) -> list[dict]:
 # -- train -----------------------------------------------------------------------------------
 # Options a resumed run takes from its checkpoint unless they are typed again.
 RUN_KEYS = (
-    "data", "data_split", "data_column", "image_size", "flip", "workers", "preset", "channels", "blocks", "fused", "channels_last", "steps",
-    "batch_size", "micro_batch_size", "lr", "warmup_steps", "ema_decay", "time_sampling", "precision", "seed",
-    "log_every", "sample_every", "sample_n", "sample_steps", "ckpt_every",
+    "data", "data_split", "data_column", "image_size", "flip", "workers", "preset", "channels", "blocks", "fused",
+    "channels_last", "steps", "batch_size", "micro_batch_size", "lr", "warmup_steps", "ema_decay", "time_sampling",
+    "precision", "seed", "log_every", "sample_every", "sample_n", "sample_steps", "ckpt_every",
 )
 
 

@@ -49,8 +49,9 @@ def _dataset(cells, **columns):
 
 def _rows(paths, stored_as="bytes", **columns):
     """A dataset whose image column holds ``paths`` as file bytes or as file paths."""
-    return _dataset([{"bytes": p.read_bytes(), "path": None} if stored_as == "bytes" else {"bytes": None, "path": str(p)}
-                     for p in paths], **columns)
+    cells = [{"bytes": p.read_bytes(), "path": None} if stored_as == "bytes" else {"bytes": None, "path": str(p)}
+             for p in paths]
+    return _dataset(cells, **columns)
 
 
 @pytest.mark.parametrize("stored_as", ["bytes", "path"])
