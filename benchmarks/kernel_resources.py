@@ -80,7 +80,7 @@ def _specialise(kernel, args, kwargs):
             signature[param.name] = "fp32"
         else:
             raise TypeError(f"{kernel.__name__}: argument {param.name} = {value!r}")
-    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages", "enable_fp_fusion") if k in kwargs}
     for name, value in kwargs.items():
         signature[name], constexprs[name] = "constexpr", value
     return signature, constexprs, attrs, options

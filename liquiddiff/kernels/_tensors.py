@@ -15,6 +15,12 @@ except Exception:  # Triton missing: the launchers are never reached (runtime.se
     tl = None
 
 
+# Compile options every launch passes. FMA contraction on, as the kernels were validated: Triton
+# 3.9 warns at the first compile when it is left to its default, and 3.10 turns that default off.
+# (The interpreter drops launch options it does not know.)
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 # Launch-grid arithmetic in plain Python: triton.cdiv and triton.next_power_of_2 are
 # constexpr-function objects in recent Triton, whose calls cost microseconds of host time each
 # (a tenth of an eager CfC call's Python overhead, benchmarks/host_overhead.py).

@@ -234,7 +234,7 @@ def _forward_kernels(
         *scale.stride(), *shift.stride(),
         HAS_RESIDUAL=residual is not None,
         COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return out, s, mean, rstd
 
@@ -309,7 +309,7 @@ def _backward_kernels(
             WRITE_DS2=ds2_dtype is not None,
             PARAM_GRADS=param_grads,
             COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
         )
     if param_grads:
         # Deterministic: a fixed-order torch reduction over the per-program partial sums.

@@ -244,7 +244,7 @@ def _forward_kernels(
     _cfc_heads_relax_kernel[grid](
         *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
         HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
-        BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs,
+        BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs, **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -292,6 +292,7 @@ def _backward_kernels(
         go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides,
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
         COMPUTE=compute, BLOCK_P=_BWD_BLOCK_P, TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
+        **_tensors.COMPILE_OPTIONS,
     )
     return (*grads, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 

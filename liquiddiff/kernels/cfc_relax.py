@@ -270,7 +270,7 @@ def _forward_kernels(
         *sf, *sg, *sh, *sx, *sr, *so,
         *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
         HAS_RESIDUAL=residual is not None, COMPUTE=compute,
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -314,7 +314,7 @@ def _backward_kernels(
         *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
         NEED_PARAMS=need_params, COMPUTE=compute,
-        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 

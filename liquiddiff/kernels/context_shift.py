@@ -144,7 +144,7 @@ def _forward_kernels(pixel_sum: torch.Tensor, weight: torch.Tensor, bias: torch.
             *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
             *shift.stride(),
             C=channels, CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
-            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I,
+            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, **_tensors.COMPILE_OPTIONS,
         )
     return out, ctx
 
@@ -169,7 +169,7 @@ def _backward_kernels(grad_out: torch.Tensor, pixel_sum: torch.Tensor, weight: t
             grad_out, pixel_sum, weight, scale, ctx, d_sum, d_w, d_bias, d_scale, float(pixels),
             *grad_out.stride(), *pixel_sum.stride(), weight.stride(0), weight.stride(1), *scale.stride(),
             B=batch, C=channels, CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(grad_out, pixel_sum, weight, scale),
-            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I,
+            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, **_tensors.COMPILE_OPTIONS,
         )
     return d_sum, d_w, d_bias, d_scale
 

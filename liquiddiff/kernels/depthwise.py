@@ -312,6 +312,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
         SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
         CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
+        **_tensors.COMPILE_OPTIONS,
     )
     return outs + [partials] if pixel_sums else outs
 
@@ -384,7 +385,7 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     _dwconv_wgrad_kernel[grid](
         x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
         ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
+        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]

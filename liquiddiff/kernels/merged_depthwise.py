@@ -161,7 +161,7 @@ def _forward_kernels(weights: typing.Sequence[torch.Tensor],
             *strides, *bias_strides,
             N=len(weights), K=size, K0=sizes[0], K1=sizes[1], K2=sizes[2], K3=sizes[3],
             TAPS=_tensors.next_power_of_2(size * size),
-            COMPUTE=_tensors.compute_dtype(*weights, *biases), BLOCK_C=_BLOCK_C,
+            COMPUTE=_tensors.compute_dtype(*weights, *biases), BLOCK_C=_BLOCK_C, **_tensors.COMPILE_OPTIONS,
         )
     return weight, bias
 
@@ -189,7 +189,7 @@ def _backward_kernels(d_weight: torch.Tensor, d_bias: torch.Tensor, weights: typ
             N=len(weights), K=size, K0=sizes[0], K1=sizes[1], K2=sizes[2], K3=sizes[3],
             T0=_tensors.next_power_of_2(sizes[0] ** 2), T1=_tensors.next_power_of_2(sizes[1] ** 2),
             T2=_tensors.next_power_of_2(sizes[2] ** 2), T3=_tensors.next_power_of_2(sizes[3] ** 2),
-            BLOCK_C=_BLOCK_C,
+            BLOCK_C=_BLOCK_C, **_tensors.COMPILE_OPTIONS,
         )
     return d_ws + d_bs
 

@@ -152,6 +152,7 @@ def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     _modulated_silu_fwd_kernel[grid](
         z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(),
         COMPUTE=_tensors.compute_dtype(z, scale, shift, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -194,7 +195,7 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
         *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
         *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
         GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
-        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
 

@@ -249,6 +249,7 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
         *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
         K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
         CONV=conv, DOT=dot, ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
+        **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -289,7 +290,7 @@ def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: 
         go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
         *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides,
         K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
-        ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS,
+        ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
 
@@ -315,7 +316,7 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     _silu_conv1x1_weight_grad_kernel[(channel_programs, B, splits)](
         go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides,
         K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc, ITERS=iters,
-        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS,
+        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     d_w = part.sum((0, 1)).to(dtype).view(N, K, 1, 1)
     d_b = bias_part.sum((0, 1)).to(dtype) if need_bias else go.new_empty(0, dtype=dtype)
