@@ -52,24 +52,26 @@ class TimestepEmbedding(nn.Module):
         if freq_dim % 2:
             raise ValueError(f"freq_dim must be even, got {freq_dim}")
         self.freq_count, self.max_period = freq_dim // 2, max_period
-        self.register_buffer("freqs", self._frequencies(None), persistent=False)  # None: the default device
+        self.register_buffer("freqs", self._frequencies(None, torch.float32), persistent=False)  # None: the default device
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def _frequencies(self, device: torch.device | None) -> torch.Tensor:
-        index = torch.arange(self.freq_count, dtype=torch.float32, device=device)
+    def _frequencies(self, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+        index = torch.arange(self.freq_count, dtype=dtype, device=device)
         return torch.exp(-math.log(self.max_period) * index / self.freq_count)
 
     def _apply(self, fn, recurse=True):
-        # The frequencies stay fp32 whatever the module is cast to: in bf16 they would put the
-        # phases (1000 t f radians) up to 2 radians off. Remade on the buffer's new device.
+        # The frequencies stay fp32 whatever the module is cast to (fp64 in a float64 model): in
+        # bf16 they would put the phases (1000 t f radians) up to 2 radians off. Remade on the
+        # buffer's new device.
         super()._apply(fn, recurse)
-        self.freqs = self._frequencies(self.freqs.device)
+        dtype = torch.float64 if self.mlp[0].weight.dtype == torch.float64 else torch.float32
+        self.freqs = self._frequencies(self.freqs.device, dtype)
         return self
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         # t in [0, 1] is scaled to [0, 1000] so the fastest frequencies resolve small steps in t.
-        args = (1000.0 * t.float())[:, None] * self.freqs[None, :]
-        # In fp32 up to here; then the MLP's dtype (a model cast to bf16 or fp16 for inference).
+        args = (1000.0 * t.to(self.freqs.dtype))[:, None] * self.freqs[None, :]
+        # In fp32 (fp64) up to here; then the MLP's dtype (a model cast to bf16 or fp16 for inference).
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=1).to(self.mlp[0].weight.dtype))
 
 

@@ -94,6 +94,23 @@ def test_a_model_cast_to_half_precision_runs_in_it(dtype):
         assert rel_err(out.float(), model(x, t)) < 0.03
 
 
+def test_a_float64_model_embeds_time_in_float64():
+    """``model.double()`` (gradcheck, reference runs): the sinusoid too is fp64, so times that
+    fp32 cannot tell apart give different embeddings; ``.float()`` brings fp32 back."""
+    model = _randomise(build("micro", channels=(8, 16)))
+    t = torch.tensor([0.3, 0.7, 0.9], dtype=torch.float64)
+    nearby = t + 1e-12  # the same fp32 numbers
+    assert torch.equal(nearby.float(), t.float())
+    with torch.no_grad():
+        single = model.time_embed(t.float())
+        model.double()
+        assert model.time_embed.freqs.dtype == torch.float64
+        embedded = model.time_embed(t)
+        assert not torch.equal(model.time_embed(nearby), embedded)
+        assert rel_err(embedded.float(), single) < 1e-4
+    assert model.float().time_embed.freqs.dtype == torch.float32
+
+
 def test_a_model_built_on_another_default_device_keeps_everything_there():
     """Built under ``with torch.device("meta")`` (or a default CUDA device), the embedding's
     frequencies live with the weights; ``to_empty`` remakes them (they are no parameter)."""
