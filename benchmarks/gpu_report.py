@@ -19,9 +19,10 @@ channels_last, torch.compile channels_last) and the fused model (eager, torch.co
 
 Time budget (``--budget``, seconds): each model variant runs in its own worker process. All
 workers start at once, so the full-model compiles overlap each other and the op checks; when
-they are ready (or the compile deadline passes), everything is timed one worker at a time on a
-quiet machine. A variant that would overrun the budget is skipped with a note; the report is
-always written. On a GPU at most ``TRAIN_WARMUP_SLOTS`` train warm-ups run at once, the compiled
+they are ready (or their compile deadline passes: later for the rows the issues' targets read),
+everything is timed one worker at a time on a quiet machine, the targets' rows first. A variant
+that would overrun the budget is skipped with a note; the report is always written, also when
+the outer timeout's SIGTERM cuts the run short. On a GPU at most ``TRAIN_WARMUP_SLOTS`` train warm-ups run at once, the compiled
 ones first: a dozen train steps at once (up to ~17 GiB each) could pass an H100's memory.
 """
 from __future__ import annotations
@@ -93,8 +94,9 @@ VARIANTS = {
     # What the memory lever costs in time, and the peak it reaches.
     "fused_ckpt_cl": Variant("fused + gradient checkpointing", True, "channels_last", False, checkpointing=True),
 }
-# Timed in this order; when time runs short the last ones are skipped (fused NCHW first: the
-# fused model is meant to run channels_last).
+# Shown in this order. Timed with the rows the issues' targets need first (targets.MEASURED_TASKS),
+# then in this order; when time runs short the last ones are skipped (fused NCHW first: the fused
+# model is meant to run channels_last).
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl",
                "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw")
 # (No fused NCHW sampling row: the train row says what NCHW costs the fused model.)
@@ -103,18 +105,14 @@ SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_c
 # Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
 # eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
 # less; the ops 96 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
-# and the trace's processing. They set the compile deadline (budget minus all of them) and
-# decide, task by task, whether what is left of the budget still fits.
+# and the trace's processing. They set the compile deadlines (the budget minus all of them for
+# the other rows; minus the ops' and the targets' rows' for those) and decide, task by task,
+# whether what is left of the budget still fits.
 ESTIMATE_S = {
     False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 35},
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23},
 }
 WRITE_MARGIN_S = 10
-# The last rows timed, which the compile deadline does not hold time back for: when the compiles
-# run late (cold caches, every worker compiling at once), these are skipped before the compiled
-# reference, which every issue-7 target is measured against, misses the deadline.
-NOT_RESERVED = {("train", "fused_nchw"), ("sample", "fused_dw_cl"), ("sample", "ref_eager_cl"),
-                ("sample", "ref_eager_nchw")}
 # Train warm-ups (before 'ready') that run at once on a GPU. Each holds a train step's peak (7.7
 # GiB fused, ~17 GiB for the compiled reference, twice a step while CUDA graphs are captured);
 # sampling warm-ups are small and run freely. Three at worst, beside the sampling warm-ups and
@@ -167,21 +165,23 @@ def _worker_main(args) -> int:
             if device.type == "cuda":
                 capture_peak = torch.cuda.max_memory_allocated() if variant.cuda_graph else None
                 torch.cuda.empty_cache()  # hold no more than the model while others run
-        send(event="ready", compile_s=compile_s, **cases.dynamo_counts())
+        send(event="ready", compile_s=compile_s, free_GiB=_free_GiB(device), **cases.dynamo_counts())
         if sys.stdin.readline().strip() != "go":
             return 0
         if not compiles:
             _warm_up(trainer, task, cfg, images, variant)
         result = _measure_train(trainer, images, cfg, device) if task == "train" else _measure_sample(trainer, cfg, device, variant)
+        result.update(cases.dynamo_counts())  # the timed steps' (a graph more than at 'ready': a recompile)
         if capture_peak is not None and "peak_GiB" in result:
             result["peak_GiB"] = max(result["peak_GiB"], capture_peak / 2**30)
             result["transient_GiB"] = result["peak_GiB"] - result["base_GiB"]
         if task == "train" and args.profile:
             try:  # after the timing, so the profiler's overhead touches no number above
                 result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
+                result["profile"]["timed_ms"] = result["train_ms"]
             except Exception as exc:  # noqa: BLE001 - the timing stands without it
                 result["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
-        send(event="result", **result, **cases.dynamo_counts())
+        send(event="result", **result)
         return 0
     except BaseException:  # noqa: BLE001 - reported to the parent, which notes it
         tb = traceback.format_exc()
@@ -220,6 +220,11 @@ def _warm_up(trainer, task, cfg, images, variant):
             trainer.train_step(images)
     else:
         trainer.sample(cfg.batch, cfg.image, num_steps=2, use_ema=False, cuda_graph=variant.cuda_graph)
+
+
+def _free_GiB(device):
+    """The device's free memory (every process's use counts), for the log of a run that ran out."""
+    return torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else None
 
 
 def _memory_start(device):
@@ -314,6 +319,7 @@ class Worker:
         self.state = "starting"  # -> ready -> done | error | killed | skipped
         self.compile_s = None
         self.ready_at = None
+        self.ready_graphs = None
         self.result: dict | None = None
         self.error: str | None = None
         threading.Thread(target=self._read, daemon=True).start()
@@ -347,6 +353,10 @@ class Worker:
         kind = ev.get("event")
         if kind == "ready" and self.state == "starting":
             self.state, self.compile_s, self.ready_at = "ready", ev.get("compile_s"), self.clock.elapsed()
+            self.ready_graphs = ev.get("graphs")
+            if ev.get("free_GiB") is not None:
+                print(f"[{self.clock.elapsed():6.1f}s] {self.key} ready, {ev['free_GiB']:.1f} GiB free on the device",
+                      flush=True)
         elif kind == "result":
             self.state, self.result = "done", ev
         elif kind == "error":
@@ -354,7 +364,9 @@ class Worker:
         elif kind == "exit" and self.state in ("starting", "ready", "running"):
             self.proc.wait()
             self.state = "error"
-            self.error = self.error or f"worker exited with code {self.proc.returncode} before reporting (see its log)"
+            code = self.proc.returncode
+            self.error = self.error or ("stopped by the outer timeout's SIGTERM" if code == -signal.SIGTERM else
+                                        f"worker exited with code {code} before reporting (see its log)")
 
     def go(self) -> None:
         self.state = "running"
@@ -409,11 +421,14 @@ def _worker_env(quick: bool, variant: Variant, device, slots_dir: Path) -> dict:
 def prepare_ops(args, clock, device, dtype, shape, notes, reserve_s, entries: list) -> list[dict]:
     """Inputs, parity, saved-for-backward memory and the op compiles (not timed), appended to
     ``entries`` as they are made (an interrupted run still reports what was done)."""
-    for op in cases.OP_NAMES:
+    for op in cases.OP_NAMES:  # the issues' target ops first
         for layout in cases.OPS[op].layouts:
             label = f"{op} {layout}"
             entry = {"op": op, "title": cases.OPS[op].title, "layout": layout, "fns": {}, "compile_s": {}}
             entries.append(entry)
+            if clock.left() < reserve_s:
+                notes.append(f"{label}: not run (time budget)")
+                continue
             try:
                 case = cases.make_op_case(op, shape, dtype, device, layout, seed=len(entries))
             except Exception as exc:  # noqa: BLE001
@@ -473,11 +488,17 @@ def prepare_ops(args, clock, device, dtype, shape, notes, reserve_s, entries: li
     return entries
 
 
-def time_ops(entries, device, copy_GBps, quick, notes) -> None:
+def time_ops(entries, device, copy_GBps, quick, notes, clock: Clock, keep_s: float) -> None:
+    """Times each prepared entry while the budget, less ``keep_s`` (the targets' model rows),
+    has room for its share of ``ESTIMATE_S``'s ops."""
     warmup, rep = (5, 20) if quick else (25, 100)
+    share = ESTIMATE_S[quick]["ops"] / max(1, len(entries))
     for entry in entries:
         case = entry.get("case")
         if case is None:
+            continue
+        if clock.left() < keep_s + share:
+            notes.append(f"{entry['op']} {entry['layout']}: not timed (time budget)")
             continue
         entry["ms"], entry["floor_ms"], entry["floor_bytes"] = {}, {}, {}
         for mode in cases.MODES:
@@ -618,9 +639,10 @@ def render_markdown(report: dict) -> str:
     for r in e2e.get("train", []):
         rows.append([r["label"], r["layout"], _fmt(r.get("train_ms"), ".1f"), _fmt(r.get("speedup_vs_ref_eager_nchw"), ".2f"),
                      _fmt(r.get("speedup_vs_ref_compile_cl"), ".2f"), _fmt(r.get("peak_GiB"), ".2f"),
-                     _fmt(r.get("transient_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"), r.get("status", "-")])
+                     _fmt(r.get("transient_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"),
+                     _fmt(r.get("loss_vs_reference"), "+.2%"), r.get("status", "-")])
     out.append(_table(["variant", "layout", "step ms", "x vs eager NCHW", "x vs compile ref CL", "peak GiB",
-                       "step GiB", "compile s", "status"], rows))
+                       "step GiB", "compile s", "loss vs ref", "status"], rows))
     out += ["", f"Sampling ({e2e.get('sample_steps', '-')} Euler steps, batch {e2e.get('batch', '-')}, "
             "RectifiedFlowTrainer.sample):", ""]
     rows = []
@@ -686,12 +708,15 @@ def plot_ratios(report: dict, path: Path) -> None:
                 if v:
                     ax.annotate(f"{v:.2f}", (b.get_x() + b.get_width() / 2, v), ha="center", va="bottom", fontsize=7)
         ax.axhline(1.0, color="black", lw=1)
-        ax.axhline(1.25, color="black", lw=1, ls="--")
+        for x, r in zip(xs, rows):  # the issue's limit on fused / floor, over its op's bars
+            limit = targets.floor_limit(r["op"], mode)
+            if limit is not None:
+                ax.hlines(limit, x - 1.5 * width, x + 1.5 * width, colors="black", lw=1, linestyles="--")
         ax.set_xticks(list(xs))
         ax.set_xticklabels([f"{r['title']}\n{'NCHW' if r['layout'] == 'nchw' else 'channels_last'}" for r in rows],
                            fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(f"{cases.MODE_TITLES[mode]}: time / memory floor (1 = floor, dashed = 1.25x target)", fontsize=9)
+        ax.set_title(f"{cases.MODE_TITLES[mode]}: time / memory floor (1 = floor, dashed = the issue's target)", fontsize=9)
         ax.grid(axis="y", alpha=0.3, which="both")
     axes[0].set_ylabel("time / floor (log)")
     axes[0].legend(fontsize=8)
@@ -741,12 +766,53 @@ def environment(args, device, argv) -> dict:
     return meta
 
 
-class _Interrupted(Exception):
-    pass
+class _Interrupted(BaseException):
+    """The outer timeout's SIGTERM: a BaseException, so no ``except Exception`` on the way
+    (around an op's parity or timing, in Triton's interpreter) takes it for that step's failure."""
 
 
 def _on_sigterm(signum, frame):
     raise _Interrupted(f"signal {signum}")
+
+
+def _share_compile_threads() -> None:
+    """The op baselines compile here while four compiled workers compile with 4 threads each
+    (``_worker_env``): this process takes 4 too, not one per core."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = min(inductor_config.compile_threads, 4)
+
+
+def timing_order(tasks: list) -> list:
+    """The rows the issues' targets read first (targets.MEASURED_TASKS), then the others as given."""
+    first = [task for task in targets.MEASURED_TASKS if task in tasks]
+    return first + [task for task in tasks if task not in first]
+
+
+def wait_for_workers(workers: dict, clock: Clock, others_by: float, targets_by: float, budget: float) -> None:
+    """Wait until every worker is ready (built, compiled, warmed up). At ``others_by`` (monotonic
+    time) the workers of rows no target reads are given up if still compiling, which frees the
+    machine for the rest; at ``targets_by`` the targets' rows too."""
+    last_print = 0.0
+    while True:
+        for w in workers.values():
+            w.drain()
+        now = time.monotonic()
+        pending = [w for w in workers.values() if w.state == "starting"]
+        for w in pending:
+            if now >= (targets_by if (w.task, w.name) in targets.MEASURED_TASKS else others_by):
+                w.kill("skipped", f"not ready (compiling) by its compile deadline, {clock.elapsed():.0f} s into "
+                                  f"a {budget:.0f} s budget")
+        pending = [w for w in pending if w.state == "starting"]
+        if not pending:
+            break
+        if now - last_print > 30:
+            last_print = now
+            print(f"[{clock.elapsed():6.1f}s] waiting for {', '.join(w.key for w in pending)}", flush=True)
+        time.sleep(0.25)
+    for w in workers.values():
+        if w.state == "ready" and w.compile_s is not None:
+            print(f"[{clock.elapsed():6.1f}s] {w.key} compiled and warmed up in {w.compile_s:.0f} s", flush=True)
 
 
 def run_report(args, argv) -> int:
@@ -778,6 +844,7 @@ def run_report(args, argv) -> int:
     try:
         if device.type == "cuda":
             cases.set_compile_limits()
+            _share_compile_threads()
         # 1. Start every model worker: their builds and compiles overlap the op checks below.
         tasks = []
         if args.e2e:
@@ -795,33 +862,22 @@ def run_report(args, argv) -> int:
                 workers[(task, name)] = Worker(task, name, quick, _worker_env(quick, VARIANTS[name], device, log_dir),
                                                log_dir / f"{task}_{name}.log", clock, name in args.profile_variants)
             print(f"[{clock.elapsed():6.1f}s] started {len(workers)} model workers ({cfg.describe()})", flush=True)
-        reserve = est["ops"] + WRITE_MARGIN_S + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks
-                                                     if (t, n) not in NOT_RESERVED)
+        tasks = timing_order(tasks)
+        targeted = [task for task in tasks if task in targets.MEASURED_TASKS]
+        # Seconds the rows the targets need take to time once ready (the ops' included), and all rows.
+        e2e_targets_s = WRITE_MARGIN_S + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in targeted)
+        reserve_targets = est["ops"] + e2e_targets_s
+        reserve_all = reserve_targets + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks
+                                            if (t, n) not in targeted)
 
         # 2. Ops: inputs, parity, saved memory, compiles (nothing timed yet).
         if args.ops:
-            prepare_ops(args, clock, device, dtype, shape, notes, reserve, entries)
+            prepare_ops(args, clock, device, dtype, shape, notes, reserve_targets, entries)
             print(f"[{clock.elapsed():6.1f}s] ops prepared (parity, memory, compiles)", flush=True)
 
-        # 3. Wait for the workers to be ready (compiled), up to the compile deadline.
-        deadline = clock.end - reserve
-        last_print = 0.0
-        while True:
-            for w in workers.values():
-                w.drain()
-            pending = [w for w in workers.values() if w.state == "starting"]
-            if not pending or time.monotonic() >= deadline:
-                break
-            if time.monotonic() - last_print > 30:
-                last_print = time.monotonic()
-                print(f"[{clock.elapsed():6.1f}s] waiting for {', '.join(w.key for w in pending)}", flush=True)
-            time.sleep(0.25)
-        for w in workers.values():
-            if w.state == "starting":
-                w.kill("skipped", f"not ready (compiling) by the compile deadline, {clock.elapsed():.0f} s into "
-                                  f"a {args.budget:.0f} s budget")
-            elif w.state == "ready" and w.compile_s is not None:
-                print(f"[{clock.elapsed():6.1f}s] {w.key} compiled and warmed up in {w.compile_s:.0f} s", flush=True)
+        # 3. Wait for the workers to be ready (compiled): the other rows up to the budget less every
+        # row's timing, the targets' rows up to the budget less theirs.
+        wait_for_workers(workers, clock, clock.end - reserve_all, clock.end - reserve_targets, args.budget)
 
         # 4. Timing, one thing at a time: copy bandwidth, ops, then each worker.
         try:
@@ -832,7 +888,7 @@ def run_report(args, argv) -> int:
             notes.append(f"copy bandwidth measurement failed: {exc!r}: no floor")
         report["meta"]["copy_GBps"] = copy_GBps
         if entries:
-            time_ops(entries, device, copy_GBps, quick, notes)
+            time_ops(entries, device, copy_GBps, quick, notes, clock, keep_s=e2e_targets_s)
             report["ops"] = op_rows(entries)
             report["op_memory"] = memory_rows(entries)
             print(f"[{clock.elapsed():6.1f}s] ops timed", flush=True)
@@ -922,9 +978,13 @@ def e2e_section(workers, cfg, notes) -> dict:
             row["status"] = "NON-FINITE"
             notes.append(f"{task} {name}: non-finite {'loss' if task == 'train' else 'samples'}")
         elif v.compiled and w.state == "done" and row.get("graphs") is not None:
+            recompiled = row["graphs"] - (w.ready_graphs or 0)
             if row["graphs"] == 0:
                 row["status"] = "NOT COMPILED"
                 notes.append(f"{task} {name}: dynamo compiled no graph: this row ran eager")
+            elif recompiled > 0:
+                row["status"] = f"RECOMPILED ({recompiled} more graph(s) while timed)"
+                notes.append(f"{task} {name}: dynamo compiled while timed: its time includes compiling")
             else:
                 row["status"] = f"ok ({row['graphs']} graph(s), {row.get('graph_breaks', 0)} break(s))"
         if w.state != "done":
@@ -933,6 +993,7 @@ def e2e_section(workers, cfg, notes) -> dict:
                          + (" (see workers.log)" if w.state == "error" else ""))
         section[task].append(row)
     train = {r["name"]: r for r in section["train"]}
+    _compare_losses(train, notes)
     for r in section["train"]:
         for base_name, key in (("ref_eager_nchw", "speedup_vs_ref_eager_nchw"), ("ref_compile_cl", "speedup_vs_ref_compile_cl")):
             base = train.get(base_name, {}).get("train_ms")
@@ -941,6 +1002,29 @@ def e2e_section(workers, cfg, notes) -> dict:
     section["train"].sort(key=lambda r: order[r["name"]])
     section["sample"].sort(key=lambda r: order.get(r["name"], len(order)))
     return section
+
+
+# The eager rows train the same model on the same images and noise (cases.build_trainer's seed):
+# their last losses differ by rounding (bf16) over a dozen steps, far less than this. More says a
+# row computes another function. (Compiled rows are left out: inductor's fusions round otherwise,
+# and nothing here shows that compiling and autotuning leave the CUDA generator's draws alone.)
+LOSS_RTOL = 0.02
+LOSS_REFERENCE = "ref_eager_cl"
+
+
+def _compare_losses(train: dict, notes: list) -> None:
+    """Each eager train row's last loss against the eager reference's: ``loss_vs_reference``,
+    and a note where it is off by more than ``LOSS_RTOL``."""
+    reference = train.get(LOSS_REFERENCE, {}).get("loss")
+    if reference is None or not math.isfinite(reference) or reference == 0:
+        return
+    for name, r in train.items():
+        if r.get("compiled") or r.get("loss") is None or not math.isfinite(r["loss"]):
+            continue
+        r["loss_vs_reference"] = r["loss"] / reference - 1
+        if abs(r["loss_vs_reference"]) > LOSS_RTOL:
+            notes.append(f"train {name}: last loss {r['loss']:.4f} against the eager reference's {reference:.4f} "
+                         f"({r['loss_vs_reference']:+.1%}) with the same data and noise: check it computes the same model")
 
 
 def main(argv=None) -> int:

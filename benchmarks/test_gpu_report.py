@@ -3,12 +3,13 @@ the GPU report end to end in quick mode. Nothing here asserts anything about tim
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import cases, gpu_report
+from benchmarks import cases, gpu_report, targets
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,11 +128,82 @@ def test_train_warmups_take_one_of_the_slots_and_sampling_none(tmp_path, monkeyp
     waiting.join()
 
 
-def test_rows_without_reserved_time_are_the_last_ones_timed():
-    """The compile deadline holds no time back for NOT_RESERVED: they must be the tail of their
-    order, so that running short of time skips them and nothing before them."""
-    for task, order in (("train", gpu_report.TRAIN_ORDER), ("sample", gpu_report.SAMPLE_ORDER)):
-        tail = [name for name in order if (task, name) in gpu_report.NOT_RESERVED]
-        assert tail == list(order[len(order) - len(tail):]), (task, tail)
-    assert ("train", "ref_compile_cl") not in gpu_report.NOT_RESERVED
-    assert len(gpu_report.NOT_RESERVED) == 4
+def test_the_rows_the_targets_read_are_timed_first():
+    tasks = [("train", n) for n in gpu_report.TRAIN_ORDER] + [("sample", n) for n in gpu_report.SAMPLE_ORDER]
+    ordered = gpu_report.timing_order(tasks)
+    assert ordered[:len(targets.MEASURED_TASKS)] == list(targets.MEASURED_TASKS)
+    assert sorted(ordered) == sorted(tasks)
+    assert gpu_report.timing_order([("train", "fused_nchw"), ("sample", "fused_cl")]) == [
+        ("sample", "fused_cl"), ("train", "fused_nchw")]
+
+
+class _FakeWorker:
+    """What wait_for_workers and e2e_section read of a Worker; ready after ``ready_after`` s."""
+
+    def __init__(self, task, name, ready_after=None, result=None, ready_graphs=None):
+        self.task, self.name, self.key = task, name, f"{task}:{name}"
+        self.state, self.error, self.compile_s = "starting", None, None
+        self.ready_after, self.t0 = ready_after, time.monotonic()
+        self.result, self.ready_graphs = result, ready_graphs
+
+    def drain(self):
+        if self.state == "starting" and self.ready_after is not None and time.monotonic() - self.t0 >= self.ready_after:
+            self.state = "ready"
+
+    def kill(self, state, reason):
+        self.state, self.error = state, reason
+
+
+def test_still_compiling_the_other_rows_are_given_up_before_the_targets_rows():
+    clock = gpu_report.Clock(60)
+    late_target = _FakeWorker("train", "ref_compile_cl", ready_after=0.5)
+    extra = _FakeWorker("train", "fused_dw_cl", ready_after=30)
+    ready_extra = _FakeWorker("sample", "ref_eager_cl", ready_after=0)
+    workers = {(w.task, w.name): w for w in (late_target, extra, ready_extra)}
+    now = time.monotonic()
+    gpu_report.wait_for_workers(workers, clock, others_by=now, targets_by=now + 5, budget=60)
+    assert (late_target.state, extra.state, ready_extra.state) == ("ready", "skipped", "ready")
+    assert "compile deadline" in extra.error
+    never = _FakeWorker("sample", "fused_cl")
+    gpu_report.wait_for_workers({("sample", "fused_cl"): never}, clock, now, time.monotonic() + 0.3, 60)
+    assert never.state == "skipped"
+
+
+def test_an_interrupt_is_not_taken_for_a_failed_timing(monkeypatch):
+    """The outer timeout's SIGTERM must end the run (and write the report), not become one op
+    row's "timing failed" note while the run goes on past its budget."""
+    case = cases.make_op_case("cfc_relax", (1, 3, 2, 2), torch.float32, "cpu", "nchw")
+    entry = {"op": "cfc_relax", "layout": "nchw", "case": case, "callables": {("fused", "fwd"): lambda: None}}
+
+    def interrupted(*args):
+        raise gpu_report._Interrupted("signal 15")
+
+    monkeypatch.setattr(cases, "time_ms", interrupted)
+    notes = []
+    with pytest.raises(gpu_report._Interrupted):
+        gpu_report.time_ops([entry], torch.device("cpu"), 100.0, True, notes, gpu_report.Clock(60), keep_s=0)
+    assert notes == []
+
+
+def test_a_row_that_compiled_while_timed_or_trained_another_model_is_flagged():
+    cfg = cases.e2e_config(True)
+    done = {"event": "result", "train_ms": 5.0, "peak_GiB": 1.0}
+    workers = {
+        ("train", "ref_eager_cl"): _FakeWorker("train", "ref_eager_cl", result=dict(done, loss=1.00)),
+        ("train", "fused_cl"): _FakeWorker("train", "fused_cl", result=dict(done, loss=1.005)),
+        ("train", "fused_pw_cl"): _FakeWorker("train", "fused_pw_cl", result=dict(done, loss=1.2)),
+        ("train", "ref_compile_cl"): _FakeWorker("train", "ref_compile_cl", ready_graphs=3,
+                                                 result=dict(done, loss=1.5, graphs=5, graph_breaks=0)),
+        ("train", "fused_compile_cl"): _FakeWorker("train", "fused_compile_cl", ready_graphs=2,
+                                                   result=dict(done, loss=1.0, graphs=2, graph_breaks=0)),
+    }
+    for w in workers.values():
+        w.state = "done"
+    notes = []
+    rows = {r["name"]: r for r in gpu_report.e2e_section(workers, cfg, notes)["train"]}
+    assert rows["ref_compile_cl"]["status"] == "RECOMPILED (2 more graph(s) while timed)"
+    assert rows["fused_compile_cl"]["status"] == "ok (2 graph(s), 0 break(s))"
+    assert rows["fused_cl"]["loss_vs_reference"] == pytest.approx(0.005)
+    assert "loss_vs_reference" not in rows["ref_compile_cl"]  # compiled rows: not compared
+    flagged = [n for n in notes if "check it computes the same model" in n]
+    assert len(flagged) == 1 and flagged[0].startswith("train fused_pw_cl: last loss 1.2000")

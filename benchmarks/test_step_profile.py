@@ -8,7 +8,14 @@ from benchmarks import step_profile
 @pytest.mark.parametrize("name, kind", [
     ("dgrad2d_c1_k1_nhwc_specialized", "depthwise conv"),
     ("wgrad2d_c1_k1_nhwc", "depthwise conv"),
-    ("_cfc_relax_bwd_kernel", "Triton CfC / AdaLN (ours)"),
+    ("_cfc_relax_bwd_kernel", "Triton CfC, AdaLN, modulated SiLU (ours)"),
+    ("_cfc_heads_relax_kernel", "Triton CfC, AdaLN, modulated SiLU (ours)"),
+    ("_modulated_silu_bwd_kernel", "Triton CfC, AdaLN, modulated SiLU (ours)"),
+    ("_context_shift_fwd_kernel", "Triton CfC, AdaLN, modulated SiLU (ours)"),
+    ("_merge_bwd_kernel", "Triton CfC, AdaLN, modulated SiLU (ours)"),
+    ("_silu_conv1x1_weight_grad_kernel", "Triton SiLU -> 1x1 conv (ours)"),
+    ("_dwconv_wgrad_kernel", "depthwise conv"),
+    ("void at::native::multi_tensor_apply_kernel<LpNormFunctor>", "optimizer, gradient clipping"),
     ("triton_red_fused__to_copy_add_div", "inductor Triton"),
     ("nvjet_sm90_tst_64x64_64x13_1x2_h_bz_splitK_NTT", "GEMM, 1x1 and dense conv"),
     ("sm90_xmma_dgrad_implicit_gemm_bf16bf16", "GEMM, 1x1 and dense conv"),
@@ -47,3 +54,16 @@ def test_gpu_time_counts_each_kernel_once():
     kernel, launcher, annotation = event(DeviceType.CUDA), event(DeviceType.CPU), event(DeviceType.CUDA, True)
     assert [step_profile._self_time_us(e, True) for e in (kernel, launcher, annotation)] == [7.0, 0.0, 0.0]
     assert step_profile._self_time_us(launcher, False) == 3.0
+
+
+def test_every_kernel_of_ours_is_counted_as_ours():
+    """Each launched @triton.jit kernel in liquiddiff/kernels (named *_kernel) gets one of our
+    kinds, or the depthwise conv's: a new kernel must not vanish into "elementwise, other"."""
+    import pathlib
+    import re
+
+    source = "".join(p.read_text() for p in (pathlib.Path(__file__).parent.parent / "liquiddiff" / "kernels").glob("*.py"))
+    names = re.findall(r"@triton\.jit\s+def (_\w+_kernel)\(", source)
+    assert len(names) >= 15
+    ours = {kind for kind, _ in step_profile.KINDS if "(ours)" in kind} | {"depthwise conv"}
+    assert {name: step_profile.kind_of(name) for name in names if step_profile.kind_of(name) not in ours} == {}
