@@ -4,7 +4,8 @@ Everything a run needs to continue (model and EMA weights, optimizer state, step
 the model config) lives in one ``.safetensors`` file: tensors as tensors, the rest as JSON in
 the file's metadata. No pickle, so loading a checkpoint never executes code. The file is
 written to a temporary name in the same folder, fsynced and renamed over the target, so a crash
-leaves either the old checkpoint or the new one, never a torn file.
+leaves either the old checkpoint or the new one, never a torn file (and no temporary file but
+the one the CLI clears from a run folder: ``files.written_atomically``).
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as serialize
 
 from .files import written_atomically
 
@@ -55,8 +56,12 @@ def save(state: dict, path: str | os.PathLike) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     skeleton = _flatten(state, "s", tensors)
     metadata = {META_KEY: json.dumps({"format": FORMAT_VERSION, "tree": skeleton})}
+    # Serialised here and written by us: safetensors' save_file writes to a temporary file of its
+    # own naming (.tmpXXXXXX) first, which a run killed meanwhile would leave behind for good.
+    data = serialize(tensors, metadata=metadata)
+    tensors.clear()
     with written_atomically(path, durable=True) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        tmp.write_bytes(data)
     return path
 
 

@@ -6,6 +6,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -205,12 +206,42 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(checkpoint, "serialize", crash)
     trainer.train_step(_images())
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
+def test_a_run_killed_while_saving_leaves_only_what_the_cli_clears(tmp_path):
+    """SIGKILL at some moment of back-to-back saves: the folder holds the checkpoint and at most
+    a ``.*.tmp`` file (``files.written_atomically``'s, which a resume removes), never one of
+    another name (safetensors' save_file used to leave its own ``.tmpXXXXXX``)."""
+    script = textwrap.dedent(f"""
+        import torch
+        from liquiddiff import checkpoint
+        state = {{"w": [torch.randn(4 << 20) for _ in range(8)]}}  # 128 MB
+        checkpoint.save(state, {str(tmp_path / "ckpt.safetensors")!r})
+        print("saved", flush=True)
+        while True:
+            checkpoint.save(state, {str(tmp_path / "ckpt.safetensors")!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        assert proc.stdout.readline().strip() == "saved"
+        for _ in range(20):  # kill it mid-write: when a temporary file exists
+            if len(list(tmp_path.iterdir())) > 1:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "ckpt.safetensors" in left
+    assert all(name == "ckpt.safetensors" or (name.startswith(".ckpt.safetensors.") and name.endswith(".tmp"))
+               for name in left), left
 
 
 def test_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
