@@ -58,6 +58,17 @@ _positive_float = _checked(float, lambda v: v > 0 and math.isfinite(v), "a posit
 _decay = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
+def _device(text: str) -> str:
+    """``--device``: auto, or what torch.device takes (cpu, cuda, cuda:N), checked before anything runs."""
+    if text != "auto":
+        try:
+            if torch.device(text).type == "meta":
+                raise ValueError
+        except (RuntimeError, ValueError):
+            raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}") from None
+    return text
+
+
 def _int_list(text: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
@@ -112,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fused op the backend (Triton kernel or PyTorch reference) it would run on here, and why.",
         formatter_class=_Formatter, allow_abbrev=False,
     )
-    info.add_argument("--device", default="auto", help="device to report on: auto, cpu, cuda, cuda:N")
+    info.add_argument("--device", type=_device, default="auto", help="device to report on: auto, cpu, cuda, cuda:N")
     info.set_defaults(func=cmd_info)
     return parser
 
@@ -187,7 +198,7 @@ def _add_train(sub) -> None:
                         "or uniform (the seed)")
     g.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
                    help=PRECISION_HELP)
-    g.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
+    g.add_argument("--device", type=_device, default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0,
                    help="seed for the initial weights and the data order, and (plus the rank r under torchrun) "
                         "for the noise, t and flips; a resumed run continues the checkpoint's random state instead")
@@ -246,7 +257,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
     p.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
                    help=PRECISION_HELP)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
@@ -294,6 +305,31 @@ def _mixed_precision(choice: str, device: torch.device) -> bool | str | None:
     if choice in AUTOCAST_DTYPES and device.type != "cuda":
         raise ValueError(f"--precision {choice} needs a CUDA GPU; on the CPU use fp32 (the default there)")
     return {"auto": None, "fp32": False}.get(choice, choice)
+
+
+def _check_runnable(args, device: torch.device) -> None:
+    """Options that cannot run on ``device``, refused before a run folder, a model or data."""
+    if args.cuda_graph and device.type != "cuda":
+        raise ValueError(f"--cuda-graph: needs a CUDA GPU (device: {device})")
+    if args.fused:
+        from . import kernels
+
+        try:  # LIQUIDDIFF_KERNELS: a bad value, or =triton where Triton cannot run
+            kernels.backend_report(device)
+        except RuntimeError as exc:
+            raise ValueError(str(exc)) from None
+
+
+def _ops_note(fused: bool, device: torch.device) -> str:
+    """What runs the model's ops: the fused model says how many fall back to PyTorch here."""
+    if not fused:
+        return "PyTorch reference ops"
+    from . import kernels
+
+    fallbacks = [op for op, b in kernels.backend_report(device).items() if not (b.is_triton or b.deliberate)]
+    if not fallbacks:
+        return "fused kernels"
+    return f"fused model; {len(fallbacks)} of its ops on the PyTorch reference here, see the warnings"
 
 
 def _check_image_size(model: LiquidDiffusion, size: int, preset: str) -> None:
@@ -540,6 +576,10 @@ def cmd_train(args, explicit: set[str]) -> int:
     if resume_from is not None:
         state = checkpoint.load(resume_from)
         _apply_saved_run(args, explicit, state.get("run"))
+    _check_runnable(args, device)
+    if args.micro_batch_size is not None and args.micro_batch_size > args.batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size}: more than the batch (--batch-size "
+                         f"{args.batch_size}); leave it out, or give at most {args.batch_size}")
     if args.data is None and (args.data_split is not None or args.data_column is not None):
         raise ValueError("--data-split and --data-column choose from a Hugging Face dataset: give it with --data")
     if args.image_size is None:
@@ -600,11 +640,16 @@ def cmd_train(args, explicit: set[str]) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     _say(f"run folder: {run_dir}" + (f" (resuming from {resume_from} at step {start})" if resume_from else ""))
     _say(f"data: {_describe_data(ds, args)}")
+    options = [name for on, name in ((args.channels_last, "channels_last"), (args.gradient_checkpointing,
+               "gradient checkpointing"), (args.compile, "torch.compile"), (args.cuda_graph, "CUDA graphs")) if on]
+    micro = args.micro_batch_size
     _say(f"model: {args.preset} {list(model.config.channels)} ({n_params / 1e6:.2f} M parameters, "
-         f"{'fused kernels' if args.fused else 'PyTorch reference ops'}) on {device}"
-         f"{_autocast_note(trainer)}; batch {args.batch_size}"
-         f"{f' (micro-batches of {args.micro_batch_size})' if args.micro_batch_size else ''}"
+         f"{_ops_note(args.fused, device)}) on {device}{_autocast_note(trainer)}"
+         f"{''.join(f', {o}' for o in options)}; batch {args.batch_size}"
+         f"{f' (micro-batches of {micro}' + (f', the last of {args.batch_size % micro}' if args.batch_size % micro else '') + ')' if micro else ''}"
          f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {args.steps} steps")
+    if args.compile and start < args.steps:
+        _say("torch.compile: the first step compiles the model, and the first sample grid its EMA copy (minutes each)")
     if start >= args.steps:
         _say(f"the run is already at step {start} of {args.steps}; pass a larger --steps to train on")
         return 0
@@ -672,7 +717,7 @@ def cmd_train(args, explicit: set[str]) -> int:
         if last_ckpt != trainer.step:
             last_ckpt = save()
         _say(f"stopped after step {trainer.step}; {_resume_hint(run_dir, args, last_ckpt)}")
-        raise KeyboardInterrupt
+        raise _Stopped
     elapsed = time.perf_counter() - t0
 
     if last_ckpt != trainer.step:
@@ -692,6 +737,10 @@ def cmd_train(args, explicit: set[str]) -> int:
         _say(f"generate more: liquiddiff sample --ckpt {run_dir / CKPT_NAME} --n 64")
     distributed.barrier()
     return 0
+
+
+class _Stopped(KeyboardInterrupt):
+    """A Ctrl-C honoured after a step and saved: the exit status of an interrupt, no more said."""
 
 
 class _StopAfterStep:
@@ -752,6 +801,9 @@ def cmd_sample(args, explicit: set[str]) -> int:
     from .images import display_scale, make_grid, save_images, save_png
 
     device = distributed.device_for(distributed.DistInfo(), args.device)
+    _check_runnable(args, device)
+    if args.out and Path(args.out).suffix.lower() not in ("", ".png"):
+        raise ValueError(f"--out {args.out}: the grid is written as a PNG; give a .png name (or none: .png is added)")
     mixed = _mixed_precision(args.precision, device)
     path = _find_checkpoint(args)
     state = checkpoint.load(path)
@@ -843,7 +895,8 @@ def _count_params(preset: str) -> int:
 
 # -- entry point -----------------------------------------------------------------------------
 def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"liquiddiff: warning: {message}\n"
+    text = str(message)
+    return f"liquiddiff: warning: {text.removeprefix('liquiddiff: ')}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -857,8 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         warnings.formatwarning = _warning_line  # one line, not the source line that warned
     try:
         return args.func(args, explicit)
-    except KeyboardInterrupt:
-        print("liquiddiff: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if not isinstance(exc, _Stopped):
+            print("liquiddiff: interrupted", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
         if debug:

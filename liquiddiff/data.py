@@ -268,12 +268,14 @@ class HuggingFaceImages(_SkipsBrokenImages):
         return load_image(stored["path"], self.image_size)
 
 
-def open_hugging_face_dataset(data: str, image_size: int, split: str = "train",
+def open_hugging_face_dataset(data: str, image_size: int, split: str | None = None,
                               column: str | None = None) -> HuggingFaceImages:
     """A Hub dataset id (``owner/name``, downloaded to the Hugging Face cache) or a folder that
-    ``save_to_disk`` wrote, as :class:`HuggingFaceImages` of its ``split``."""
+    ``save_to_disk`` wrote, as :class:`HuggingFaceImages` of its ``split`` (default ``train``; a
+    folder of one dataset without splits takes no split, or the one it was saved from)."""
     datasets = _datasets_module(data)
     if is_hub_id(data):
+        split = "train" if split is None else split
         try:
             loaded = datasets.load_dataset(data, split=split)
         except Exception as exc:  # no network, no such dataset or split, a gated one: one line for the user
@@ -281,12 +283,17 @@ def open_hugging_face_dataset(data: str, image_size: int, split: str = "train",
                 f"--data {data}: no such folder here, and loading it from the Hugging Face Hub "
                 f"(split {split!r}) failed: {type(exc).__name__}: {exc}"
             ) from exc
-    else:
-        loaded = datasets.load_from_disk(data)
+        return HuggingFaceImages(loaded, image_size, column=column, name=data)
+    loaded = datasets.load_from_disk(data)
     if isinstance(loaded, datasets.DatasetDict):
+        split = "train" if split is None else split
         if split not in loaded:
             raise ValueError(f"--data-split: {data} has no split {split!r} (it has: {', '.join(loaded)})")
         loaded = loaded[split]
+    elif split is not None and split != str(loaded.split or ""):
+        # One dataset: training on all of it while asked for a split would go unnoticed.
+        saved = f"saved from split {str(loaded.split)!r}" if loaded.split else "one dataset without splits"
+        raise ValueError(f"--data-split {split}: {data} is {saved}; leave --data-split out")
     return HuggingFaceImages(loaded, image_size, column=column, name=data)
 
 
@@ -295,7 +302,7 @@ def open_images(data: str, image_size: int, *, split: str | None = None, column:
     """``--data``: a Hub dataset id or a ``save_to_disk`` folder as :class:`HuggingFaceImages` (split
     ``train`` unless named), any other folder as an :class:`ImageFolder`."""
     if is_hub_id(data) or is_saved_dataset(Path(data)):
-        return open_hugging_face_dataset(data, image_size, "train" if split is None else split, column)
+        return open_hugging_face_dataset(data, image_size, split, column)
     for flag, value in (("--data-split", split), ("--data-column", column)):
         if value is not None:
             raise ValueError(f"{flag} is for a Hugging Face dataset; {data} is a folder of image files")

@@ -98,6 +98,9 @@ def test_info_names_device_versions_and_backends(capsys):
     (["sample", "--sampler", "rk4"], "invalid choice"),
     (["train", "--compile", "--cuda-graph"], "not allowed with"),
     (["sample", "--cuda-graph", "--compile"], "not allowed with"),
+    (["train", "--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
+    (["sample", "--device", "meta"], "--device: expected auto, cpu, cuda or cuda:N"),
+    (["info", "--device", "gpu0"], "--device: expected auto"),
 ])
 def test_out_of_range_options_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -127,7 +130,10 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--channels", "8,16,32", *runs], "must be non-empty and of equal length"),
         (["train", "--precision", "bf16", "--device", "cpu", *runs], "needs a CUDA GPU"),
         (["train", "--precision", "fp16", "--device", "cpu", *runs], "--precision fp16 needs a CUDA GPU"),
-        (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "cuda_graph: needs a CUDA device"),
+        (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
+        (["sample", "--cuda-graph", "--device", "cpu", *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
+        (["train", "--batch-size", "4", "--micro-batch-size", "8", *runs], "--micro-batch-size 8: more than the batch"),
+        (["sample", "--out", tmp_path / "grid.jpg", *runs], "the grid is written as a PNG"),
         (["train", "--resume", *runs], "no run to continue"),
         (["train", "--batch-size", "5000", *TINY[:4], *runs], "larger than the 1797 images"),
         (["train", "--data-column", "image", *runs], "--data-split and --data-column choose from a Hugging Face"),
@@ -141,6 +147,33 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert err.startswith("liquiddiff: error: ") and message in err, (argv, err)
         assert "Traceback" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("triton", "LIQUIDDIFF_KERNELS=triton, but tensors are on the CPU and the Triton interpreter is off"),
+    ("auto,adaln=torch", "no op 'adaln'; the ops are cfc_relax, adaln_modulate"),
+])
+def test_a_kernel_setting_that_cannot_run_is_refused_before_the_run_folder(tmp_path, capsys, monkeypatch, setting,
+                                                                           message):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for argv in (["train", "--fused", "--device", "cpu", "--runs-dir", tmp_path / "runs"],
+                 ["sample", "--fused", "--device", "cpu", "--runs-dir", tmp_path / "runs"]):
+        code, out, err = _run(argv, capsys)
+        assert code == 2 and err.startswith("liquiddiff: error: ") and message in err, err
+        assert "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_model_line_says_when_fused_ops_fall_back_and_warnings_have_one_prefix(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert cli._ops_note(True, torch.device("cpu")) == (
+        "fused model; 5 of its ops on the PyTorch reference here, see the warnings")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cli._ops_note(True, torch.device("cpu")) == "fused kernels"  # the opt-in ones are chosen, not fallbacks
+    assert cli._ops_note(False, torch.device("cpu")) == "PyTorch reference ops"
+    line = cli._warning_line(RuntimeWarning("liquiddiff: cfc_relax runs the PyTorch reference"), RuntimeWarning, "f", 1)
+    assert line == "liquiddiff: warning: cfc_relax runs the PyTorch reference\n"
 
 
 # -- data ------------------------------------------------------------------------------------
@@ -335,7 +368,7 @@ def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, caps
     _ctrl_c_during_the_third_step(monkeypatch, presses=1)
     code, out, err = _run(["train", *runs, "--name", "split", *TINY, "--steps", "6"], capsys)
     monkeypatch.undo()
-    assert code == 130 and "stopped after step 3" in out, out + err
+    assert code == 130 and "stopped after step 3" in out and "interrupted" not in err, out + err
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is put back
     code, out, err = _run(["train", *runs, "--name", "split", "--resume", "--steps", "6", "--gradient-checkpointing"],
                           capsys)
@@ -383,7 +416,7 @@ def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsy
     code, out, err = _run(["train", *runs, "--name", "micro", *TINY, "--steps", "2", "--micro-batch-size", "3"],
                           capsys)
     assert code == 0, err
-    assert "batch 4 (micro-batches of 3)" in out
+    assert "batch 4 (micro-batches of 3, the last of 1)" in out
     whole, micro = _metrics(tmp_path / "whole"), _metrics(tmp_path / "micro")
     assert [m["loss"] for m in micro] == pytest.approx([m["loss"] for m in whole], rel=1e-5)
     assert _run(["train", *runs, "--name", "micro", "--resume", "--steps", "3"], capsys)[0] == 0

@@ -104,6 +104,17 @@ def test_a_saved_dataset_folder_opens_with_its_split(tmp_path):
         open_images(str(tmp_path / "dict"), 8, split="val")
     with pytest.raises(ValueError, match="--data-column is for a Hugging Face dataset"):
         open_images(str(tmp_path / "files"), 8, column="image")
+    # One dataset without splits: a split asked for is refused, not ignored
+    with pytest.raises(ValueError, match=r"--data-split test: .* is one dataset without splits; leave --data-split out"):
+        open_images(str(tmp_path / "one"), 8, split="test")
+    # One dataset saved from a split (a load_dataset(..., split=) result): that split only
+    paths = _image_files(tmp_path / "files", 3)
+    cells = [{"bytes": p.read_bytes(), "path": None} for p in paths]
+    datasets.Dataset.from_dict({"image": cells}, features=datasets.Features({"image": datasets.Image()}),
+                               split="test").save_to_disk(tmp_path / "test_only")
+    assert len(open_images(str(tmp_path / "test_only"), 8, split="test")) == 3
+    with pytest.raises(ValueError, match=r"--data-split train: .* is saved from split 'test'"):
+        open_images(str(tmp_path / "test_only"), 8, split="train")
 
 
 @pytest.fixture

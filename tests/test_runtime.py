@@ -53,6 +53,14 @@ def test_bad_setting_is_named(monkeypatch, setting):
         kernels.select_backend("cfc_relax", "cpu")
 
 
+@pytest.mark.parametrize("setting", ["auto,adaln=torch", "triton,cfc_heads=torch"])
+def test_an_unknown_op_is_named_with_the_ops_there_are(monkeypatch, setting):
+    """A typo in an op's name must not leave that op on its default without a word."""
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    with pytest.raises(ValueError, match=r"no op '(adaln|cfc_heads)'; the ops are cfc_relax, adaln_modulate, "):
+        kernels.select_backend("cfc_relax", "cpu")
+
+
 def test_torch_policy_forces_the_reference(monkeypatch):
     monkeypatch.setenv(runtime.ENV_VAR, "torch")
     backend = kernels.select_backend("cfc_relax", "cpu")

@@ -28,14 +28,8 @@ from .context_shift import context_shift
 from .merged_depthwise import merged_depthwise_weight
 from .modulated_silu import modulated_silu
 from .parallel_cfc import parallel_cfc
-from .runtime import Backend, policy, select_backend
+from .runtime import OPS, Backend, policy, select_backend
 from .recompute import conv1x1, depthwise_conv, recompute_saved, silu_conv1x1, silu_convs, spatial_mix_input
-
-# The ops with Triton kernels, as runtime.select_backend names them ("depthwise_conv": the
-# depthwise convolutions inside the recompute ops; "modulated_silu": the spatial mix's
-# activation inside silu_conv1x1; the last two: the spatial mix's small [C] and [B, C] ops).
-OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu", "merged_depthwise_weight", "context_shift",
-       "pointwise_conv")
 
 __all__ = ["cfc_relax", "adaln_modulate", "modulated_silu", "merged_depthwise_weight", "context_shift", "parallel_cfc", "silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved", "backend_report", "select_backend", "policy", "Backend", "OPS"]
 

@@ -26,6 +26,12 @@ import torch
 
 POLICIES = ("auto", "triton", "torch")
 ENV_VAR = "LIQUIDDIFF_KERNELS"
+# The ops with Triton kernels, as select_backend names them ("depthwise_conv": the depthwise
+# convolutions inside the recompute ops; "modulated_silu": the spatial mix's activation inside
+# silu_conv1x1; "merged_depthwise_weight", "context_shift": the spatial mix's small [C] and
+# [B, C] ops; "pointwise_conv": the SiLU -> 1x1 conv kernels and the CfC heads kernel).
+OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu", "merged_depthwise_weight", "context_shift",
+       "pointwise_conv")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,8 @@ def _parse(setting: str | None) -> tuple[str, types.MappingProxyType]:
         if value not in POLICIES or (sep and not name):
             raise ValueError(f"{ENV_VAR}={raw!r}: expected a policy ({', '.join(POLICIES)}), then optional "
                              f"op=policy items separated by commas, got {item!r}")
+        if sep and name.strip() not in OPS:  # a typo would otherwise leave the op on its default, silently
+            raise ValueError(f"{ENV_VAR}={raw!r}: no op {name.strip()!r}; the ops are {', '.join(OPS)}")
         if sep:
             per_op[name.strip()] = value
         else:
