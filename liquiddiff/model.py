@@ -34,7 +34,8 @@ class LiquidDiffusionConfig:
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
         if not self.channels or len(self.channels) != len(self.blocks):
             raise ValueError(
-                f"channels {self.channels} and blocks {self.blocks} must be non-empty and of equal length"
+                f"channels {self.channels} and blocks {self.blocks} (--channels, --blocks, or the preset's) must "
+                f"be non-empty and of equal length: one block count per stage"
             )
         if any(c <= 0 for c in self.channels) or any(b < 0 for b in self.blocks):
             raise ValueError(f"channels must be positive and blocks non-negative: {self.channels}, {self.blocks}")

@@ -440,9 +440,9 @@ class RectifiedFlowTrainer:
         diff = {k: (saved.get(k), v) for k, v in mine.items() if k != "name" and saved.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a} vs model {b}" for k, (a, b) in diff.items())
-            raise ValueError(
-                f"checkpoint is for preset {saved.get('name')!r}, the model is {mine['name']!r}: {detail}"
-            )
+            theirs, ours = saved.get("name"), mine["name"]
+            presets = f"both from preset {ours!r}" if theirs == ours else f"presets {theirs!r} and {ours!r}"
+            raise ValueError(f"checkpoint holds another model than this one: {detail} ({presets})")
 
     def save_checkpoint(self, path: str | Path) -> Path:
         """One safetensors file, written atomically (see liquiddiff.checkpoint)."""

@@ -314,7 +314,8 @@ def test_train_then_sample(tmp_path, capsys):
     assert code == 2 and "add --resume" in err
     # ... and a checkpoint of another model size is refused, with the difference.
     code, _, err = _run(["train", "--runs-dir", runs, "--name", "digits", "--resume", "--channels", "16,32"], capsys)
-    assert code == 2 and "checkpoint is for preset 'micro'" in err and "channels" in err
+    assert code == 2 and "checkpoint holds another model than this one: channels: checkpoint" in err, err
+    assert "(both from preset 'micro')" in err
 
     out_png = tmp_path / "gen" / "grid.png"
     code, out, err = _run(["sample", "--ckpt", run / "last.safetensors", "--n", "5", "--steps", "3",

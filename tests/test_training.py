@@ -257,7 +257,8 @@ def test_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
 def test_checkpoint_from_another_preset_is_refused(tmp_path):
     path = _trainer().save_checkpoint(tmp_path / "micro.safetensors")
     other = RectifiedFlowTrainer(liquid_diffusion_micro(channels=(8, 16)), device="cpu")
-    with pytest.raises(ValueError, match="checkpoint is for preset"):
+    with pytest.raises(ValueError, match=r"checkpoint holds another model than this one: channels: checkpoint "
+                                         r"\[16, 32\] vs model \[8, 16\] \(both from preset 'micro'\)"):
         other.load_checkpoint(path)
     (tmp_path / "junk.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a readable"):
