@@ -596,6 +596,8 @@ def render_markdown(report: dict) -> str:
     out.append(f"- command: `{meta['command']}`" + (f" (git {meta['git_commit']})" if meta.get("git_commit") else ""))
     out.append(f"- fused backends: {meta['kernel_backends']}")
     out.append(f"- copy bandwidth: {_fmt(meta.get('copy_GBps'), '.0f')} GB/s (one device-to-device copy, read + write)")
+    out.append(f"- cuDNN benchmark mode {'on' if meta.get('cudnn_benchmark') else 'off'} in every process; the compiled "
+               "rows' first-launch tuning (inductor) ran beside other workers' warm-ups")
     out.append(f"- wall time: {_fmt(meta.get('elapsed_s'), '.0f')} s of a {meta['budget_s']:.0f} s budget"
                + (" (QUICK MODE: tiny sizes, numbers only prove the code runs)" if meta["quick"] else ""))
     hl = report.get("headline") or []
@@ -744,6 +746,7 @@ def environment(args, device, argv) -> dict:
         "python": platform.python_version(),
         "quick": bool(args.quick),
         "budget_s": float(args.budget),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
         "env": {k: os.environ.get(k) for k in ("LIQUIDDIFF_KERNELS", "TRITON_INTERPRET", "TORCHINDUCTOR_COMPILE_THREADS")},
     }
     if device.type == "cuda":
