@@ -171,10 +171,11 @@ class LiquidDiffusion(nn.Module):
     def batch_times(x: torch.Tensor, t) -> torch.Tensor:
         """``t`` as [B]: one time (a number, a 0-d or one-element tensor, as in the seed's Euler
         loop ``model(z, i / N)``) is every image's, on x's device; a [B] tensor is left as it is.
-        Under ``torch.compile`` pass a tensor: a Python number is a constant there, one graph per
-        value."""
+        A number becomes fp32 (fp64 for a float64 x). Under ``torch.compile`` it is a value dynamo
+        makes symbolic after its second one (``torch.full``, where ``as_tensor`` made it a
+        constant: a graph per value, then eager past the recompile limit)."""
         if not isinstance(t, torch.Tensor):
-            t = torch.as_tensor(t, device=x.device)
+            t = torch.full((1,), t, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
         if t.numel() == 1 and t.dim() <= 1 and x.dim() == 4:
             t = t.reshape(1).to(x.device).expand(x.shape[0])
         return t

@@ -348,6 +348,31 @@ def test_compiled_fused_model_matches_the_reference_forward_and_backward(monkeyp
         assert (g - p.grad).norm() <= 1e-4 * p.grad.norm() + 1e-8, (name, rel_err(g, p.grad))
 
 
+def test_compiled_with_dynamic_shapes_is_one_graph_and_a_number_t_is_no_constant():
+    """``torch.compile(dynamic=True, fullgraph=True)`` traces the fused model whole (AdaLN's eps
+    check once broke on the SymFloat eps), at two batch sizes; the seed's Euler loop with a
+    Python-float t compiles two graphs for twelve values, not one per value up to the
+    recompile limit and eager after it."""
+    from torch._dynamo.utils import counters
+
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)).eval()
+    torch._dynamo.reset()
+    dynamic = torch.compile(model, dynamic=True, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        for batch in (3, 2):
+            x, t = torch.randn(batch, 3, 8, 8), torch.rand(batch)
+            torch.testing.assert_close(dynamic(x, t), model(x, t), rtol=1e-5, atol=1e-6)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled, z, eager = torch.compile(model, backend="eager"), torch.randn(2, 3, 8, 8), None
+        eager = z.clone()
+        for i in range(12, 0, -1):
+            z, eager = z - compiled(z, i / 12) / 12, eager - model(eager, i / 12) / 12
+    assert counters["stats"]["unique_graphs"] <= 2
+    torch.testing.assert_close(z, eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
 def test_fused_model_projects_time_for_all_blocks_in_one_gemm():
     """Fused, every block's five time projections are one GEMM over all the Linears' weights
     (the blocks share temb): the values each module's own Linear gives, in the blocks' call

@@ -231,3 +231,22 @@ def test_launcher_switches_to_the_device_of_its_first_input(monkeypatch):
     launcher(OnGpu(0))
     launcher([torch.ones(2)])
     assert events == ["launch", "launch"]
+
+
+def test_a_setting_changed_after_a_compile_reaches_code_compiled_before(monkeypatch):
+    """use_triton is a constant to dynamo, but the environment it depends on is read outside
+    that constant: dynamo guards on it, and a new LIQUIDDIFF_KERNELS recompiles instead of
+    reusing the graph made under the old one."""
+    torch._dynamo.reset()
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    def f(x):
+        return x * 2 if runtime.use_triton("cfc_relax", x.device.type) else x * 3
+
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    x = torch.ones(3)
+    monkeypatch.setenv(runtime.ENV_VAR, "auto")
+    assert torch.equal(compiled(x), x * 2)
+    monkeypatch.setenv(runtime.ENV_VAR, "torch")
+    assert torch.equal(compiled(x), x * 3)
+    torch._dynamo.reset()

@@ -401,7 +401,7 @@ def _check_eps(eps) -> float:
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
         raise TypeError(f"eps: expected a positive float, got {type(eps).__name__}")
     eps = float(eps)
-    if not (math.isfinite(eps) and eps > 0.0):
+    if not 0.0 < eps < math.inf:  # NaN too; and no math.isfinite, which a SymFloat (dynamic=True) breaks
         raise ValueError(f"eps: expected a positive finite float, got {eps}")
     return eps
 

@@ -174,10 +174,17 @@ def _selected(op: str, device_type: str, setting: str | None, interpret: str | N
     return select_backend(op, torch.device(device_type))
 
 
-@torch.compiler.assume_constant_result
 def use_triton(op: str, device_type: str) -> bool:
-    """Trace-time constant for ``torch.compile``: the choice never costs a graph break. Cached
-    per environment: the fused model asks on every op call, in its hot path."""
-    backend = _selected(op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+    """Whether ``op`` runs Triton for tensors on ``device_type``: cached per environment (the
+    fused model asks on every op call, in its hot path). The environment is read here, outside
+    the constant below, so that dynamo guards on it: a graph compiled under one
+    ``LIQUIDDIFF_KERNELS`` is not reused under another."""
+    return _use_triton(op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+
+
+@torch.compiler.assume_constant_result
+def _use_triton(op: str, device_type: str, setting: str | None, interpret: str | None) -> bool:
+    """Trace-time constant for ``torch.compile``: the choice never costs a graph break."""
+    backend = _selected(op, device_type, setting, interpret)
     warn_fallback_once(op, backend)
     return backend.is_triton
