@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -174,8 +175,10 @@ class LiquidDiffusion(nn.Module):
         A number becomes fp32 (fp64 for a float64 x). Under ``torch.compile`` it is a value dynamo
         makes symbolic after its second one (``torch.full``, where ``as_tensor`` made it a
         constant: a graph per value, then eager past the recompile limit)."""
-        if not isinstance(t, torch.Tensor):
+        if isinstance(t, numbers.Real):  # a Python or numpy number
             t = torch.full((1,), t, device=x.device, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+        elif not isinstance(t, torch.Tensor):  # a numpy array, a list
+            t = torch.as_tensor(t, device=x.device)
         if t.numel() == 1 and t.dim() <= 1 and x.dim() == 4:
             t = t.reshape(1).to(x.device).expand(x.shape[0])
         return t

@@ -70,7 +70,7 @@ def test_one_time_for_the_batch_in_any_form_and_float_dtype(fused):
     with torch.no_grad():
         expected = model(x, torch.full((3,), 0.375))
         for t in (0.375, np.float64(0.375), torch.tensor(0.375), torch.tensor([0.375]),
-                  torch.full((3,), 0.375, dtype=torch.float64)):
+                  torch.full((3,), 0.375, dtype=torch.float64), np.full(3, 0.375), [0.375] * 3):
             out = model(x, t)
             assert out.dtype == torch.float32, type(t)
             torch.testing.assert_close(out, expected, rtol=0, atol=0)
