@@ -403,6 +403,11 @@ def _estimate(quick: bool, task: str, compiled: bool) -> float:
     return ESTIMATE_S[quick][(task, compiled)]
 
 
+def _timing_s(quick: bool, tasks) -> float:
+    """Seconds ``tasks`` ((task, variant) pairs) take to time once their workers are ready."""
+    return sum(_estimate(quick, task, VARIANTS[name].compiled) for task, name in tasks)
+
+
 def _worker_env(quick: bool, variant: Variant, device, slots_dir: Path) -> dict:
     env = dict(os.environ)
     if device.type == "cuda":
@@ -868,10 +873,9 @@ def run_report(args, argv) -> int:
         tasks = timing_order(tasks)
         targeted = [task for task in tasks if task in targets.MEASURED_TASKS]
         # Seconds the rows the targets need take to time once ready (the ops' included), and all rows.
-        e2e_targets_s = WRITE_MARGIN_S + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in targeted)
+        e2e_targets_s = WRITE_MARGIN_S + _timing_s(quick, targeted)
         reserve_targets = est["ops"] + e2e_targets_s
-        reserve_all = reserve_targets + sum(_estimate(quick, t, VARIANTS[n].compiled) for t, n in tasks
-                                            if (t, n) not in targeted)
+        reserve_all = reserve_targets + _timing_s(quick, [task for task in tasks if task not in targeted])
 
         # 2. Ops: inputs, parity, saved memory, compiles (nothing timed yet).
         if args.ops:

@@ -332,6 +332,13 @@ def _ops_note(fused: bool, device: torch.device) -> str:
     return f"fused model; {len(fallbacks)} of its ops on the PyTorch reference here, see the warnings"
 
 
+def _micro_batches(batch: int, micro: int | None) -> str:
+    """How a step's batch is split: "" for one piece, else " (micro-batches of N[, the last of M])"."""
+    if not micro:
+        return ""
+    return f" (micro-batches of {micro}" + (f", the last of {batch % micro})" if batch % micro else ")")
+
+
 def _check_image_size(model: LiquidDiffusion, size: int, preset: str) -> None:
     k = model.config.downsample_factor
     if size % k:
@@ -642,11 +649,10 @@ def cmd_train(args, explicit: set[str]) -> int:
     _say(f"data: {_describe_data(ds, args)}")
     options = [name for on, name in ((args.channels_last, "channels_last"), (args.gradient_checkpointing,
                "gradient checkpointing"), (args.compile, "torch.compile"), (args.cuda_graph, "CUDA graphs")) if on]
-    micro = args.micro_batch_size
     _say(f"model: {args.preset} {list(model.config.channels)} ({n_params / 1e6:.2f} M parameters, "
          f"{_ops_note(args.fused, device)}) on {device}{_autocast_note(trainer)}"
          f"{''.join(f', {o}' for o in options)}; batch {args.batch_size}"
-         f"{f' (micro-batches of {micro}' + (f', the last of {args.batch_size % micro}' if args.batch_size % micro else '') + ')' if micro else ''}"
+         f"{_micro_batches(args.batch_size, args.micro_batch_size)}"
          f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {args.steps} steps")
     if args.compile and start < args.steps:
         _say("torch.compile: the first step compiles the model, and the first sample grid its EMA copy (minutes each)")
