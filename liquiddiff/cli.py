@@ -96,8 +96,11 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-PRECISION_HELP = ("auto: bf16 autocast on a GPU that computes in bf16 (A100, H100, RTX 30xx and newer), fp16 "
-                  "autocast on older ones (T4, V100; training scales the loss); fp32 on the CPU")
+def _precision_help(training: bool) -> str:
+    scaling = "; training scales the loss" if training else ""
+    return ("auto: bf16 autocast on a GPU that computes in bf16 (A100, H100, RTX 30xx and newer), fp16 "
+            f"autocast on older ones (T4, V100{scaling}); fp32 on the CPU, where bf16 autocast pays only on "
+            "CPUs with bf16 units (AMX, AVX512-BF16)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +200,7 @@ def _add_train(sub) -> None:
                    help="how training draws t: logit_normal (SD3; it gave cleaner digits for the same steps) "
                         "or uniform (the seed)")
     g.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
-                   help=PRECISION_HELP)
+                   help=_precision_help(training=True))
     g.add_argument("--device", type=_device, default="auto", help="auto (cuda:LOCAL_RANK if there is a GPU, else cpu), cpu, cuda, cuda:N")
     g.add_argument("--seed", type=int, default=0,
                    help="seed for the initial weights and the data order, and (plus the rank r under torchrun) "
@@ -256,7 +259,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
     p.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
-                   help=PRECISION_HELP)
+                   help=_precision_help(training=False))
     p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
@@ -286,6 +289,11 @@ def _say(*parts) -> None:
         sys.stdout.flush()
 
 
+def _counted(n: int, noun: str) -> str:
+    """'1 step', '2 steps'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _duration(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}m{s:02d}s" if m else f"{seconds:.1f}s"
@@ -300,10 +308,8 @@ def _autocast_note(trainer) -> str:
     return f", {_autocast_name(trainer.autocast_dtype)} autocast" if trainer.mixed_precision else ""
 
 
-def _mixed_precision(choice: str, device: torch.device) -> bool | str | None:
-    """The trainer's ``mixed_precision`` for a --precision choice."""
-    if choice in AUTOCAST_DTYPES and device.type != "cuda":
-        raise ValueError(f"--precision {choice} needs a CUDA GPU; on the CPU use fp32 (the default there)")
+def _mixed_precision(choice: str) -> bool | str | None:
+    """The trainer's ``mixed_precision`` for a --precision choice (bf16 and fp16 on any device, as in the API)."""
     return {"auto": None, "fp32": False}.get(choice, choice)
 
 
@@ -598,7 +604,7 @@ def cmd_train(args, explicit: set[str]) -> int:
 
         if not is_hub_id(args.data):
             args.data = str(Path(args.data).resolve())
-    mixed = _mixed_precision(args.precision, device)
+    mixed = _mixed_precision(args.precision)
 
     # Model first (cheap), so a bad --image-size or --channels is refused before data loading.
     torch.manual_seed(args.seed)  # identical initial weights on every rank
@@ -653,7 +659,7 @@ def cmd_train(args, explicit: set[str]) -> int:
          f"{_ops_note(args.fused, device)}) on {device}{_autocast_note(trainer)}"
          f"{''.join(f', {o}' for o in options)}; batch {args.batch_size}"
          f"{_micro_batches(args.batch_size, args.micro_batch_size)}"
-         f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {args.steps} steps")
+         f"{f' x {info.world_size} processes' if info.enabled else ''}, lr {args.lr:g}, {_counted(args.steps, 'step')}")
     if args.compile and start < args.steps:
         _say("torch.compile: the first step compiles the model, and the first sample grid its EMA copy (minutes each)")
     if start >= args.steps:
@@ -810,7 +816,7 @@ def cmd_sample(args, explicit: set[str]) -> int:
     _check_runnable(args, device)
     if args.out and Path(args.out).suffix.lower() not in ("", ".png"):
         raise ValueError(f"--out {args.out}: the grid is written as a PNG; give a .png name (or none: .png is added)")
-    mixed = _mixed_precision(args.precision, device)
+    mixed = _mixed_precision(args.precision)
     path = _find_checkpoint(args)
     state = checkpoint.load(path)
     model = LiquidDiffusion.from_state(state, ema=not args.no_ema, fused=args.fused, source=f"checkpoint {path}")
@@ -828,8 +834,8 @@ def cmd_sample(args, explicit: set[str]) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     channels = model.config.in_channels
     chunks = [min(args.batch_size, args.n - i) for i in range(0, args.n, args.batch_size)]
-    print(f"sampling {args.n} images of {image_size} px from {path} (step {state.get('step')}, "
-          f"{'raw' if args.no_ema else 'EMA'} weights) with {args.steps} {args.sampler} steps on {device}")
+    print(f"sampling {_counted(args.n, 'image')} of {image_size} px from {path} (step {state.get('step')}, "
+          f"{'raw' if args.no_ema else 'EMA'} weights) with {_counted(args.steps, args.sampler + ' step')} on {device}")
     images = []
     with tqdm(total=len(chunks) * args.steps, unit="step", disable=args.no_progress, file=sys.stderr) as bar:
         for n in chunks:

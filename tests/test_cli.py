@@ -3,6 +3,7 @@
 In-process runs call cli.main(argv); the SIGKILL and torchrun tests need real processes.
 """
 import json
+import math
 import re
 import os
 import signal
@@ -128,8 +129,6 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--data", broken, *runs], "none of the 2 image files"),
         (["train", "--image-size", "15", *runs], "multiple of 2"),
         (["train", "--channels", "8,16,32", *runs], "must be non-empty and of equal length"),
-        (["train", "--precision", "bf16", "--device", "cpu", *runs], "needs a CUDA GPU"),
-        (["train", "--precision", "fp16", "--device", "cpu", *runs], "--precision fp16 needs a CUDA GPU"),
         (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
         (["sample", "--cuda-graph", "--device", "cpu", *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
         (["train", "--batch-size", "4", "--micro-batch-size", "8", *runs], "--micro-batch-size 8: more than the batch"),
@@ -147,6 +146,16 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         assert err.startswith("liquiddiff: error: ") and message in err, (argv, err)
         assert "Traceback" not in err and err.count("\n") == 1, err
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_precisions_train_on_the_cpu_as_in_the_api(tmp_path, capsys, precision):
+    code, out, err = _run(["train", *TINY, "--steps", "2", "--precision", precision, "--device", "cpu",
+                           "--runs-dir", tmp_path / "runs", "--name", "p"], capsys)
+    assert code == 0, err
+    assert f"{precision} autocast" in out
+    losses = [m["loss"] for m in _metrics(tmp_path / "runs" / "p") if "loss" in m]
+    assert len(losses) == 2 and all(map(math.isfinite, losses))
 
 
 @pytest.mark.parametrize("setting, message", [
