@@ -7,10 +7,12 @@ flag only changes which implementation of those ops runs; parameters and state_d
 identical, so checkpoints move freely between the two.
 
 Zero initialisation: every time modulation (AdaLN scale/shift, the CfC gate's time_a/time_b,
-the spatial mix's scale/shift) and the last projection of each residual branch start at zero.
-A fresh block is then close to the identity on its residual stream, as in adaLN-Zero (DiT):
-the deep U-Net trains stably from the first step, and conditioning on t is learned rather than
-injected as random noise by untrained projections.
+the spatial mix's scale/shift) and the last projections of the spatial mix and the FeedForward
+start at zero, as in adaLN-Zero (DiT): those two branches add nothing to a fresh block's
+residual stream, and conditioning on t is learned rather than injected as random noise by
+untrained projections. The CfC branch cannot start at zero: its relaxation adds
+alpha * n + (1 - alpha) * (g + h) / 2 (the gate starts at 0.5; n is the normalised input), so a
+fresh block maps u to u + n at t = 0.
 """
 from __future__ import annotations
 

@@ -11,7 +11,9 @@ Velocity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def _times(z: torch.Tensor, value: float) -> torch.Tensor:
-    return torch.full((z.shape[0],), value, device=z.device, dtype=torch.float32)
+    # fp64 for an fp64 model, so that i / N is not rounded through fp32.
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    return torch.full((z.shape[0],), value, device=z.device, dtype=dtype)
 
 
 @torch.no_grad()

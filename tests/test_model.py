@@ -38,7 +38,9 @@ def test_preset_overrides_and_config():
         LiquidDiffusion(channels=(8, 16), blocks=(1,))
 
 
-def test_fresh_block_starts_near_identity():
+def test_fresh_block_adds_only_its_normalised_input_at_t0():
+    """Zero-initialised modulations and last projections: at t = 0 (alpha = 1) only the CfC's
+    relaxation term n reaches the residual stream."""
     from liquiddiff.modules import LiquidDiffusionBlock
 
     block = LiquidDiffusionBlock(8, 32)

@@ -1,0 +1,37 @@
+"""The ODE samplers as integrators: where they step, and how fast their error falls."""
+import math
+
+import pytest
+import torch
+
+from liquiddiff.sampling import integrate
+
+
+def _linear_field(z, t):
+    """dz/dt = t z: from z(1) the exact z(0) is z(1) exp(-1/2)."""
+    return t[:, None] * z
+
+
+@pytest.mark.parametrize("sampler, order", [("euler", 1), ("heun", 2)])
+def test_error_falls_with_the_samplers_order(sampler, order):
+    z1 = torch.randn(3, 4, dtype=torch.float64)
+    exact = z1 * math.exp(-0.5)
+    errors = [(integrate(_linear_field, z1, n, sampler) - exact).abs().max().item() for n in (16, 32, 64)]
+    for coarse, fine in zip(errors, errors[1:]):
+        assert coarse / fine == pytest.approx(2 ** order, rel=0.1), errors
+
+
+def test_the_model_is_asked_at_the_seeds_times_in_the_models_precision():
+    """Euler at t = i / N for i = N..1 (the seed's loop); an fp64 z gets fp64 times, an fp32 z fp32."""
+    for dtype in (torch.float64, torch.float32):
+        asked = []
+
+        def velocity(z, t):
+            asked.append(t)
+            return torch.ones_like(z)
+
+        out = integrate(velocity, torch.zeros(2, 1, dtype=dtype), 3)
+        assert [t.dtype for t in asked] == [dtype] * 3
+        for t, i in zip(asked, (3, 2, 1), strict=True):
+            assert torch.equal(t, torch.full((2,), i / 3, dtype=dtype))
+        torch.testing.assert_close(out, torch.full((2, 1), -1.0, dtype=dtype))  # three steps of -1/3
