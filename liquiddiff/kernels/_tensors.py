@@ -52,7 +52,8 @@ def launches_on_input_device(launcher):
         return launcher(first, *args, **kwargs)
 
     # torch.library.custom_op reads the signature and evaluates string annotations in the
-    # function's module: give it the launcher's, already evaluated there.
+    # function's module: give it the launcher's, already evaluated there. (A list it returns is
+    # annotated typing.List[...]: torch 2.6's schema inference does not take list[...].)
     on_input_device.__signature__ = inspect.signature(launcher, eval_str=True)
     return on_input_device
 
