@@ -1,5 +1,12 @@
 """LiquidDiffusion: an attention-free U-Net of Parallel CfC blocks, trained with rectified flow."""
-from .model import (
+import torch as _torch
+
+# pyproject's floor, said at import where an environment got around pip (a conda torch): older
+# versions fail later, in the middle of a backward (kernels/recompute.py).
+if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+    raise ImportError(f"liquiddiff needs torch >= 2.8, this environment has torch {_torch.__version__}")
+
+from .model import (  # noqa: E402
     PRESETS,
     LiquidDiffusion,
     LiquidDiffusionConfig,

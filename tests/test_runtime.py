@@ -1,5 +1,8 @@
 """Runtime backend selection: the env policy, the report, the fallback warning and the error."""
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +253,10 @@ def test_a_setting_changed_after_a_compile_reaches_code_compiled_before(monkeypa
     monkeypatch.setenv(runtime.ENV_VAR, "torch")
     assert torch.equal(compiled(x), x * 3)
     torch._dynamo.reset()
+
+
+def test_a_torch_older_than_the_floor_is_named_at_import():
+    code = "import torch; torch.__version__ = '2.7.1+cu126'; import liquiddiff"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert run.returncode == 1
+    assert "ImportError: liquiddiff needs torch >= 2.8, this environment has torch 2.7.1+cu126" in run.stderr
