@@ -453,15 +453,19 @@ _DDP_COMPILE_SCRIPT = textwrap.dedent("""
         model = liquid_diffusion_micro(channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)
         trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cpu", distributed=True, compile=compile)
         torch.manual_seed(1 + info.rank)  # each rank its own batches
-        losses = [trainer.train_step(torch.rand(2, 3, 8, 8) * 2 - 1)["loss"] for _ in range(3)]
-        return losses, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        losses, first_grads = [], None
+        for _ in range(3):
+            losses.append(trainer.train_step(torch.rand(2, 3, 8, 8) * 2 - 1)["loss"])
+            if first_grads is None:  # the averaged gradient of the first step, before AdamW
+                first_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+        return losses, first_grads, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
 
-    eager_losses, eager_params = run(False)
-    losses, params = run({"backend": "aot_eager"})
+    eager_losses, eager_grads, _ = run(False)
+    losses, grads, params = run({"backend": "aot_eager"})
     other = torch.empty_like(params)
     dist.broadcast(other.copy_(params), src=0)
     result = {"eager": eager_losses, "compiled": losses, "graphs": counters["stats"]["unique_graphs"],
-              "param_diff": (params - eager_params).abs().max().item(),
+              "grad_diff": ((grads - eager_grads).norm() / eager_grads.norm()).item(),
               "rank_diff": (params - other).abs().max().item()}
     with open(sys.argv[1] + f".{info.rank}", "w") as f:
         json.dump(result, f)
@@ -472,8 +476,11 @@ _DDP_COMPILE_SCRIPT = textwrap.dedent("""
 @pytest.mark.slow
 def test_ddp_with_compile_trains_as_eager_ddp(tmp_path):
     """compile= under torchrun compiles the DDP wrapper (dynamo's DDP optimizer, gradient hooks
-    around the fused custom ops): every rank's losses and weights are eager DDP's, and the ranks
-    stay in step. Over gloo on the CPU; NCCL is for the GPU report."""
+    around the fused custom ops): every rank's losses and first averaged gradient are eager
+    DDP's, and the ranks stay in step. Over gloo on the CPU; NCCL is for the GPU report.
+    (Weights are not compared with eager's: AdamW's first steps move a weight by about lr
+    whatever its gradient's size, and some have a gradient of zero but for rounding, such as a
+    bias just before a GroupNorm: torch 2.8's compiled rounding moved one by 1e-3 that way.)"""
     script = tmp_path / "ddp_compile.py"
     script.write_text(_DDP_COMPILE_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
@@ -485,7 +492,7 @@ def test_ddp_with_compile_trains_as_eager_ddp(tmp_path):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert result["graphs"] > 0  # dynamo compiled, not fell back to eager
         assert result["compiled"] == pytest.approx(result["eager"], rel=1e-5)
-        assert result["param_diff"] < 1e-5 and result["rank_diff"] == 0.0
+        assert result["grad_diff"] < 1e-5 and result["rank_diff"] == 0.0
 
 
 @pytest.mark.parametrize("micro", [1, 3])
