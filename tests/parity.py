@@ -24,9 +24,17 @@ def poisoned_outputs():
         _tensors.poison_outputs = False
 
 
+def _copy_with_strides(v: torch.Tensor) -> torch.Tensor:
+    """A copy of ``v`` with ``v``'s strides, also for a view with gaps (a channel slice, a chunk
+    of a projection), which ``clone()`` would make dense: the op must see the layout the test
+    built."""
+    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device).copy_(v.detach())
+
+
 def leaves(tensors: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
-    """Fresh leaf copies that require grad, so the fused and reference runs share inputs."""
-    return {k: v.detach().clone().requires_grad_(True) for k, v in tensors.items() if v is not None}
+    """Fresh leaf copies that require grad, so the fused and reference runs share inputs; each
+    keeps its input's strides."""
+    return {k: _copy_with_strides(v).requires_grad_(True) for k, v in tensors.items() if v is not None}
 
 
 def grads_of(out, inputs: dict[str, torch.Tensor], upstream):

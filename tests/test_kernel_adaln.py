@@ -155,6 +155,15 @@ def test_parity_views_and_mixed_layouts(x_layout, res_layout):
     check_parity(Case((2, 24, 9, 10), x_layout=x_layout, res_layout=res_layout), TOL[torch.float32])
 
 
+def test_parity_scale_and_shift_with_their_own_strides():
+    # scale contiguous, shift every other column of a wider tensor: each is read through its own
+    # strides (elsewhere the two always share theirs).
+    case = Case((2, 7, 5, 6), x_layout="channels_last")
+    case.bases["shift"] = torch.randn(2, 14, device=DEVICE)
+    case.views["shift"] = lambda t: t[:, ::2]
+    check_parity(case, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("layout", ["slice_nchw", "crop"])
 def test_parity_views_without_residual(layout):
     check_parity(Case((2, 7, 9, 10), x_layout=layout, residual=False), TOL[torch.float32])
@@ -279,10 +288,14 @@ def _opcheck_samples():
         leaves = case.leaves(ARGS if grad else ())
         samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves.get("residual"), None))
     samples.append((*samples[0][:5], torch.float64))  # out in another dtype than promotion's
+    # Autocast-style mix: x fp32, scale and shift fp64 (out promoted), residual fp64 (s promoted).
+    case = Case((2, 5, 3, 4), x_layout="channels_last", res_dtype=torch.float64, param_dtype=torch.float64)
+    leaves = case.leaves(ARGS)
+    samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves["residual"], None))
     return samples
 
 
-@pytest.mark.parametrize("index", range(4))
+@pytest.mark.parametrize("index", range(5))
 def test_opcheck_forward(index):
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate.default, _opcheck_samples()[index])
 

@@ -98,6 +98,19 @@ def test_backward_parity(dtype, tol, fmt, shape, biases):
     assert got["f"].is_contiguous(memory_format=fmt) and got["x"].is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_backward_programs_walk_several_tiles(monkeypatch, fmt):
+    """The backward's loop over pixel tiles (TILES > 1, off at the measured _BWD_MAX_TILES = 1):
+    several tiles per program, the last one partial, one partial sum per program."""
+    monkeypatch.setattr(cfc_heads, "_BWD_MAX_TILES", 4)
+    monkeypatch.setattr(cfc_heads, "_BWD_MIN_PROGRAMS", 1)
+    raw = _inputs(2, 20, 9, 11, fmt=fmt, residual=False)  # 99 pixels: 7 tiles of 16, 2 programs
+    up = torch.randn(2, 20, 9, 11).contiguous(memory_format=fmt)
+    got, want = _backward(raw, up, [True] * 8), _reference_grads(raw, up)
+    for name in GRAD_NAMES:
+        parity.assert_close(name, got[name], want[name], 1e-5)
+
+
 @pytest.mark.parametrize("wanted", [("g", "h"), ("f", "x", "a"), ("rho", "t"), ("x",)])
 def test_backward_of_some_gradients_only(wanted):
     """Skipped gradients come back as None; the rest match."""

@@ -138,10 +138,27 @@ def test_parity_rho_beyond_softplus_threshold(triton_policy):
     check_parity(make_inputs((2, 7, 5, 5), torch.float64, rho=rho), TOL[torch.float64])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_rho_all_far_below_zero(triton_policy, dtype):
+    # softplus(rho) ~ exp(rho) where 1 + exp(rho) rounds to 1 (fp32) or loses most of its digits
+    # (fp64): in every channel, so the tail's error is not hidden in the norm of larger channels
+    # (d t is proportional to softplus(rho)).
+    rho = -(20 + 10 * torch.rand(5, dtype=dtype))
+    check_parity(make_inputs((2, 5, 4, 6), dtype, rho=rho), TOL[dtype])
+
+
 def test_parity_t_contains_zero(triton_policy):
     # |t| has gradient 0 at t = 0 in torch (sign(0) = 0); the kernel must agree.
     inputs = make_inputs((3, 5, 8, 8), t=torch.tensor([0.0, 0.5, 1.0]))
     check_parity(inputs, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_parity_negative_t(triton_policy, dtype):
+    # alpha uses |t| and d|t|/dt = sign(t): a negative t must give the reference's value and
+    # gradient (every other case draws t in [0, 1], where |t| = t and sign(t) >= 0).
+    t = (1 - torch.rand(3, dtype=dtype)) * torch.tensor([-1.0, 1.0, -1.0], dtype=dtype)
+    check_parity(make_inputs((3, 5, 6, 7), dtype, t=t), TOL[dtype])
 
 
 def test_parity_mixed_dtypes(triton_policy):
@@ -157,6 +174,14 @@ def test_parity_a_and_b_in_different_dtypes(triton_policy):
     inputs["a"] = inputs["a"].detach().double().requires_grad_()
     out = check_parity(inputs, TOL[torch.float32])
     assert out.dtype == torch.float64
+
+
+def test_parity_a_and_b_with_their_own_strides(triton_policy):
+    # a contiguous, b every other column of a wider tensor: each is read through its own strides
+    # (the "slice" case gives both the same strides).
+    inputs = make_inputs((2, 6, 5, 5))
+    inputs["b"] = torch.randn(2, 12, device=DEVICE).requires_grad_()[:, ::2]
+    check_parity(inputs, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("wanted", [("g", "rho"), ("f", "a", "t"), ("residual",), ("x", "b")])
@@ -268,14 +293,22 @@ def _op_args(inputs, requires_grad):
 
 
 @pytest.mark.parametrize("residual", [True, False])
-def test_opcheck_forward(residual):
-    inputs = make_inputs((2, 3, 2, 3), residual=residual)
+@pytest.mark.parametrize("layout, param_dtype", [("nchw", None), ("channels_last", torch.float64)])
+def test_opcheck_forward(residual, layout, param_dtype):
+    # channels_last and a promoted result dtype: the fake kernel must give the real output's
+    # strides and dtype (what torch.compile plans the graph with).
+    inputs = make_inputs((2, 3, 2, 3), residual=residual, layout=layout, param_dtype=param_dtype)
     torch.library.opcheck(torch.ops.liquiddiff.cfc_relax.default, _op_args(inputs, True))
 
 
 @pytest.mark.parametrize("needs", [[True] * 8, [False, True, False, True, True, False, True, False]])
-def test_opcheck_backward(needs):
+@pytest.mark.parametrize("ab_dtype", [None, torch.float16])
+def test_opcheck_backward(needs, ab_dtype):
+    # a and b in a narrower dtype than the fp32 partials (autocast's Linear outputs): d(a, b)
+    # comes back stacked in their dtype, and the fake kernel must say so.
     inputs = make_inputs((2, 3, 2, 3), layout="channels_last")
+    if ab_dtype is not None:
+        inputs["a"], inputs["b"] = inputs["a"].to(ab_dtype), inputs["b"].to(ab_dtype)
     grad_out = torch.randn_like(inputs["x"])
     args = (grad_out, *_op_args(inputs, False)[:8], needs)
     torch.library.opcheck(torch.ops.liquiddiff.cfc_relax_backward.default, args)

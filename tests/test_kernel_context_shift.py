@@ -45,6 +45,15 @@ def test_parity_contiguous_scale_and_shift():
     parity.check_op(_fused, _reference, _inputs(3, 40, strided=False), 1e-5)
 
 
+def test_parity_scale_and_shift_with_different_strides():
+    # Each [B, C] argument is read through its own strides (the chunks share theirs).
+    raw = _inputs(3, 40, strided=False)
+    raw["shift"] = torch.randn(3, 80, device=DEVICE)[:, ::2]
+    ins = parity.leaves(raw)
+    assert ins["shift"].stride() == (80, 2) and ins["scale"].stride() == (40, 1)
+    parity.check_op(_fused, _reference, raw, 1e-5)
+
+
 def test_under_autocast_as_the_block_calls_it():
     """bf16 autocast, bf16 weight, bias, scale and shift (the block's casts, autocast's Linear), an
     fp32 pixel sum: the reference's dtype, and its values and gradients to bf16 rounding."""
@@ -52,6 +61,17 @@ def test_under_autocast_as_the_block_calls_it():
     out = parity.check_op(parity.under_autocast(_fused, DEVICE),
                           parity.under_autocast(_reference, DEVICE), raw, 3e-2)
     assert out.dtype == torch.bfloat16
+
+
+def test_saved_context_is_rounded_to_the_conv_dtype():
+    """Under autocast the context is the conv's bf16 output, which backward reads for d scale:
+    the op's saved fp32 ctx holds bf16 values (the fp32 tests cannot see this rounding, and the
+    bf16 parity tolerance hides it)."""
+    raw = {k: (v if k == "pixel_sum" else v.bfloat16()) for k, v in _inputs(2, 40).items()}
+    args = (raw["pixel_sum"], raw["weight"], raw["bias"], raw["scale"], raw["shift"], PIXELS, torch.bfloat16)
+    with parity.poisoned_outputs():
+        _, ctx = torch.ops.liquiddiff.context_shift.default(*args)
+    assert ctx.dtype == torch.float32 and torch.equal(ctx, ctx.bfloat16().float())
 
 
 def test_nan_propagates():

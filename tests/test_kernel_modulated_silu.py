@@ -66,6 +66,14 @@ def test_parity(layout, dtype, tol):
     check_launchers(_inputs((2, 5, 9, 11), dtype, layout), tol)
 
 
+def test_parity_scale_and_shift_with_their_own_strides():
+    # scale contiguous, shift every other column of a wider tensor: each is read through its own
+    # strides (elsewhere the two always share theirs).
+    raw = _inputs((2, 5, 6, 7), torch.float64)
+    raw["shift"] = torch.randn(2, 10, dtype=torch.float64, device=DEVICE)[:, ::2]
+    check_launchers(raw, 1e-12)
+
+
 @pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 3, 1, 17), (2, 70, 6, 5), (1, 130, 3, 3), (2, 4, 33, 40)])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_parity_awkward_shapes(shape, layout):
@@ -263,8 +271,13 @@ def test_opcheck_forward():
 
 
 @pytest.mark.parametrize("needs", [[True, True, True], [True, False, False], [False, True, True]])
-def test_opcheck_backward(needs):
+@pytest.mark.parametrize("param_dtype", [None, torch.float16])
+def test_opcheck_backward(needs, param_dtype):
+    # scale and shift in a narrower dtype than the fp32 partials: d scale and d shift come back
+    # stacked in their dtype, and the fake kernel must say so.
     raw = _inputs((2, 3, 5, 6))
+    if param_dtype is not None:
+        raw["scale"], raw["shift"] = raw["scale"].to(param_dtype), raw["shift"].to(param_dtype)
     args = (torch.randn_like(raw["z"]), raw["z"], raw["scale"], raw["shift"], needs)
     torch.library.opcheck(torch.ops.liquiddiff.modulated_silu_backward.default, args)
 

@@ -47,7 +47,7 @@ def _inputs(B, K, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, bia
 @pytest.mark.parametrize("shape, bias, modulated", [
     ((2, 40, 24, 5, 7), True, False),   # K over one k-tile, N under one n-tile
     ((1, 3, 65, 4, 4), False, True),    # K under tl.dot's 16, N over one tile by one
-    ((3, 130, 17, 9, 3), True, True),   # odd everything, pixels over one tile
+    ((3, 130, 17, 9, 9), True, True),   # odd everything, pixels over one tile (_BLOCK_P = 64)
 ])
 def test_parity(launches, dtype, tol, fmt, shape, bias, modulated):
     out = parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1,

@@ -51,6 +51,14 @@ def test_matches_reference(dtype, tol, layout, bias, modulated):
     check_parity("silu_conv1x1", _inputs(dtype, layout, bias, modulated), tol, layout)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_matches_reference_with_the_modulation_on_aten(monkeypatch, layout):
+    """modulated_silu on its torch backend: the modulation and its gradients (d z, d scale,
+    d shift) come from aten ops in this op's backward, a path the default backends never take."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,modulated_silu=torch")
+    check_parity("silu_conv1x1", _inputs(torch.float64, layout, True, True), 1e-12, layout)
+
+
 @pytest.mark.parametrize("modulated", [False, True])
 def test_matches_reference_under_autocast(modulated):
     raw = _inputs(torch.float32, torch.channels_last, modulated=modulated)
@@ -293,6 +301,20 @@ def test_silu_convs_matches_reference(dtype, tol, layout, used):
             assert g is None or not g.any(), i
         else:
             assert_close(f"grad {i}", g, w, tol)
+
+
+def test_silu_convs_sums_the_heads_on_aten(monkeypatch):
+    """modulated_silu on its torch backend: the heads' input gradients are summed by _summed and
+    go through aten's SiLU backward, a path the default backends never take."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,modulated_silu=torch")
+    raw = _fanout_inputs(torch.float64, torch.channels_last)
+    ins, ref_ins = _fanout_leaves(raw), _fanout_leaves(raw)
+    outs, refs = kernels.silu_convs(**ins), functional.silu_convs(**ref_ins)
+    ups = [torch.randn_like(r) for r in refs]
+    got = torch.autograd.grad(outs, _flat(ins), ups)
+    want = torch.autograd.grad(refs, _flat(ref_ins), ups)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert_close(f"grad {i}", g, w, 1e-12)
 
 
 def test_silu_convs_under_autocast_keeps_only_z():
