@@ -16,12 +16,19 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 @contextlib.contextmanager
 def poisoned_outputs():
-    """Every buffer a launcher allocates starts as NaN while this is active."""
+    """Every buffer a launcher allocates starts as NaN while this is active, between guard
+    regions that must come out untouched: a kernel that stores past a buffer's ends fails here."""
     _tensors.poison_outputs = True
     try:
         yield
     finally:
         _tensors.poison_outputs = False
+        guarded, _tensors.guarded[:] = list(_tensors.guarded), []
+    for whole, start, end in guarded:
+        for side, region in (("before", whole[:start]), ("after", whole[end:])):
+            written = int((region != _tensors.GUARD).sum())
+            assert written == 0, (f"a kernel stored {written} elements {side} a buffer of {end - start} "
+                                  f"{whole.dtype} elements")
 
 
 def _copy_with_strides(v: torch.Tensor) -> torch.Tensor:

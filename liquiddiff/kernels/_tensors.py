@@ -194,12 +194,24 @@ def tiles_per_program(C: int, P: int, B: int, block_c: int, block_p: int, max_ti
 
 
 # Tests switch this on (tests/parity.py): every buffer a launcher allocates starts as NaN, so an
-# element that no program writes makes the parity check fail instead of passing by luck.
+# element that no program writes makes the parity check fail instead of passing by luck; and it
+# lies between two guard regions of GUARD, at least its own size each, recorded in ``guarded``,
+# so that a store past either end (a mask too loose, a grid too large), which the interpreter
+# writes into whatever memory follows, changes a guard that the test then checks.
 poison_outputs = False
+GUARD = -31.5  # exact in every float dtype, and no value a kernel here computes by chance
+guarded: list[tuple[torch.Tensor, int, int]] = []  # (the whole allocation, start, end of the buffer)
 
 
-def _maybe_poison(t: torch.Tensor) -> torch.Tensor:
-    return t.fill_(float("nan")) if poison_outputs else t
+def _guarded_buffer(shape, stride, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A NaN buffer of ``shape`` and ``stride`` inside a larger allocation whose ends are GUARD."""
+    span = 1 + sum((n - 1) * st for n, st in zip(shape, stride)) if all(shape) else 0
+    margin = max(span, 1024)
+    whole = torch.full((span + 2 * margin,), GUARD, dtype=dtype, device=device)
+    whole[margin:margin + span] = float("nan")
+    if torch._guards.detect_fake_mode() is None:  # a fake kernel's outputs have no memory to guard
+        guarded.append((whole, margin, margin + span))
+    return whole.as_strided(shape, stride, margin)
 
 
 def empty_activation(like: torch.Tensor, dtype: torch.dtype, channels: int | None = None) -> torch.Tensor:
@@ -209,10 +221,13 @@ def empty_activation(like: torch.Tensor, dtype: torch.dtype, channels: int | Non
         fmt = torch.channels_last
     else:
         fmt = torch.contiguous_format
+    B, C, H, W = like.shape
+    shape = (B, C if channels is None else channels, H, W)
+    if poison_outputs:
+        return _guarded_buffer(shape, torch.empty(shape, device="meta", memory_format=fmt).stride(), dtype, like.device)
     if channels is None:
-        return _maybe_poison(torch.empty_like(like, dtype=dtype, memory_format=fmt))
-    B, _, H, W = like.shape
-    return _maybe_poison(torch.empty((B, channels, H, W), dtype=dtype, device=like.device, memory_format=fmt))
+        return torch.empty_like(like, dtype=dtype, memory_format=fmt)
+    return torch.empty(shape, dtype=dtype, device=like.device, memory_format=fmt)
 
 
 def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
@@ -220,5 +235,11 @@ def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
     """A scratch or output buffer (per-program partial sums, saved statistics); with ``like``,
     of its shape and strides."""
     if like is not None:
-        return _maybe_poison(torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=device))
-    return _maybe_poison(torch.empty(shape, dtype=dtype, device=device))
+        shape, stride = tuple(like.shape), like.stride()
+    elif poison_outputs:
+        stride = torch.empty(shape, device="meta").stride()
+    else:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if poison_outputs:
+        return _guarded_buffer(shape, stride, dtype, device)
+    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
