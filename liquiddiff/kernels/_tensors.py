@@ -52,8 +52,7 @@ def launches_on_input_device(launcher):
         return launcher(first, *args, **kwargs)
 
     # torch.library.custom_op reads the signature and evaluates string annotations in the
-    # function's module: give it the launcher's, already evaluated there. (A list it returns is
-    # annotated typing.List[...]: torch 2.6's schema inference does not take list[...].)
+    # function's module: give it the launcher's, already evaluated there.
     on_input_device.__signature__ = inspect.signature(launcher, eval_str=True)
     return on_input_device
 
@@ -234,12 +233,10 @@ def empty_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.devic
                  like: torch.Tensor | None = None) -> torch.Tensor:
     """A scratch or output buffer (per-program partial sums, saved statistics); with ``like``,
     of its shape and strides."""
-    if like is not None:
-        shape, stride = tuple(like.shape), like.stride()
-    elif poison_outputs:
-        stride = torch.empty(shape, device="meta").stride()
-    else:
-        return torch.empty(shape, dtype=dtype, device=device)
     if poison_outputs:
-        return _guarded_buffer(shape, stride, dtype, device)
-    return torch.empty_strided(shape, stride, dtype=dtype, device=device)
+        if like is not None:
+            return _guarded_buffer(tuple(like.shape), like.stride(), dtype, device)
+        return _guarded_buffer(tuple(shape), torch.empty(shape, device="meta").stride(), dtype, device)
+    if like is not None:
+        return torch.empty_strided(like.shape, like.stride(), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

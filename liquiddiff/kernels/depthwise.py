@@ -319,7 +319,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
 
 @_tensors.launches_on_input_device
 def _forward_kernels(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
-                     biases: typing.Sequence[typing.Optional[torch.Tensor]], dtype: torch.dtype) -> typing.List[torch.Tensor]:
+                     biases: typing.Sequence[typing.Optional[torch.Tensor]], dtype: torch.dtype) -> list[torch.Tensor]:
     return _convolve([x], weights, biases, dtype, flip=False)
 
 
@@ -409,7 +409,7 @@ def _input_grad_dtype(dtype, silu_input, addends) -> torch.dtype:
 def _backward_kernels(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor,
                       weights: typing.Sequence[torch.Tensor], dtype: torch.dtype, needs: typing.Sequence[bool],
                       silu_input: typing.Optional[torch.Tensor], addend: typing.Optional[torch.Tensor],
-                      channel_addend: typing.Optional[torch.Tensor]) -> typing.List[torch.Tensor]:
+                      channel_addend: typing.Optional[torch.Tensor]) -> list[torch.Tensor]:
     k = weights[0].shape[-1]
     d_x = x.new_empty(0, dtype=dtype)
     if needs[0]:

@@ -177,7 +177,7 @@ def _backward_buffers(weights, biases) -> tuple[list, list]:
 
 @_tensors.launches_on_input_device
 def _backward_kernels(d_weight: torch.Tensor, d_bias: torch.Tensor, weights: typing.Sequence[torch.Tensor],
-                      biases: typing.Sequence[torch.Tensor]) -> typing.List[torch.Tensor]:
+                      biases: typing.Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """[d w_0, ..., d w_n, d b_0, ..., d b_n] (:func:`_backward_buffers`)."""
     d_ws, d_bs = _backward_buffers(weights, biases)
     channels, size = d_weight.shape[0], d_weight.shape[-1]
