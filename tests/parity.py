@@ -23,7 +23,8 @@ def poisoned_outputs():
         yield
     finally:
         _tensors.poison_outputs = False
-        guarded, _tensors.guarded[:] = list(_tensors.guarded), []
+        guarded = _tensors.guarded.copy()
+        _tensors.guarded.clear()
     for whole, start, end in guarded:
         for side, region in (("before", whole[:start]), ("after", whole[end:])):
             written = int((region != _tensors.GUARD).sum())
