@@ -61,6 +61,19 @@ def save_images(images: torch.Tensor, folder: str | Path) -> list[Path]:
     return paths
 
 
+def _plain_log_labels(axis) -> None:
+    """The ticks matplotlib's log formatter labels, labelled as plain numbers (0.3, not 3x10^-1:
+    a loss curve rarely spans a decade, where only minor ticks are labelled), with grid lines."""
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLogFormatter(LogFormatter):
+        def __call__(self, x, pos=None):
+            return f"{x:g}" if super().__call__(x, pos) else ""
+
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False))
+
+
 def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: str = "") -> Path:
     """Loss per logged step (faint) and its running average (bold), log scale."""
     import matplotlib
@@ -77,11 +90,12 @@ def plot_loss(steps: list[int], losses: list[float], path: str | Path, title: st
         ax.plot(steps[window - 1:], smooth, color="tab:blue", linewidth=2, label=f"mean of {window}")
         if min(losses) > 0:
             ax.set_yscale("log")
+            _plain_log_labels(ax.yaxis)
         ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("rectified-flow loss (MSE)")
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
+    ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     try:

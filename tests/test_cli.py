@@ -20,7 +20,7 @@ from PIL import Image
 
 from liquiddiff import RectifiedFlowTrainer, build, checkpoint, cli
 from liquiddiff.data import DigitsDataset, ImageFolder, ResumableBatches, find_images, resize_center_crop
-from liquiddiff.images import make_grid
+from liquiddiff.images import make_grid, plot_loss
 
 REPO = Path(__file__).resolve().parents[1]
 # Two stages of 8 and 16 channels at 8 px: a few milliseconds a step.
@@ -279,6 +279,17 @@ def test_grid_layout():
     grid = make_grid(torch.zeros(5, 1, 4, 4), nrow=3, pad=1, scale=2)
     assert grid.size == (2 * (3 * 5 + 1), 2 * (2 * 5 + 1)) and grid.mode == "L"
     assert make_grid(torch.zeros(4, 3, 4, 4)).mode == "RGB"
+
+
+@pytest.mark.parametrize("losses,labels", [([0.6, 0.35, 0.22], {"0.3", "0.4", "0.6"}), ([3.0, 0.02], {"1", "0.1"})])
+def test_loss_curve_labels_its_log_axis_with_plain_numbers(tmp_path, monkeypatch, losses, labels):
+    """Within a decade a log axis has no major tick: its minor ones are labelled, as 0.3, not 3e-01."""
+    import matplotlib.pyplot as plt
+
+    shown = []
+    monkeypatch.setattr(plt, "close", lambda fig: shown.extend(t.get_text() for t in fig.axes[0].get_yticklabels(which="both")))
+    assert plot_loss(list(range(len(losses))), losses, tmp_path / "loss.png").is_file()
+    assert labels <= set(shown) and not any("e" in text or "times" in text for text in shown)
 
 
 # -- end to end ------------------------------------------------------------------------------
