@@ -217,6 +217,30 @@ def test_gpu_fused_model_under_autocast_is_as_close_to_fp32_as_the_reference(mon
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton,pointwise_conv=triton"])
+def test_gpu_fused_train_step_is_deterministic(monkeypatch, setting):
+    """The kernels reduce their weight gradients from per-program partials, never atomics (the
+    README says deterministic): two backward passes of one batch give the same bits, with cuDNN
+    held to its deterministic algorithms so that only this package's kernels are on trial."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    model = _randomise(build("micro", channels=(32, 64), blocks=(1, 1), bottleneck_blocks=1, fused=True))
+    model = model.cuda().to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
+    t, up = torch.rand(4, device="cuda"), torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, t)
+        out.float().backward(up)
+        runs.append([out.detach()] + [p.grad for p in model.parameters()])
+    names = ["output"] + [name for name, _ in model.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(*runs)), [n for n, a, b in zip(names, *runs) if not torch.equal(a, b)]
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_gpu_fused_model_on_a_device_that_is_not_current():
     """Triton launches on the current device: the fused ops switch to their inputs' (a model on
