@@ -75,12 +75,14 @@ if compgen -G ".whl/*.whl" >/dev/null; then
         fi
     fi
 fi
-# About 300 distinct Triton compiles, one core each: four pytest processes where pytest-xdist is
-# there (a file per process keeps its kernels' compiles together). --benchmark-disable is the
+# About 300 distinct Triton compiles, one core each, in the dozen files with gpu tests: a pytest
+# process per two cores, at most eight, where pytest-xdist is there (a file per process keeps its
+# kernels' compiles together; the GPU machines have 16 cores). --benchmark-disable is the
 # ini's only need of pytest-benchmark, which the tests do not use: addopts is set here instead.
 PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfE --tb=short)
 if [ "$HAVE_GPU" = 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
-    PYTEST_ARGS+=(-n "${GPU_TESTS_WORKERS:-4}" --dist loadfile)
+    WORKERS=$(( $(nproc 2>/dev/null || echo 8) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
+    PYTEST_ARGS+=(-n "${GPU_TESTS_WORKERS:-$WORKERS}" --dist loadfile)
 fi
 say "stage 1/3: pytest ${PYTEST_ARGS[*]} tests (timeout ${T_TESTS}s)"
 timeout -k 10 "$T_TESTS" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
