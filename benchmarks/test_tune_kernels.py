@@ -17,3 +17,11 @@ def test_quick_sweep_runs_and_restores_the_tiles(capsys):
                      "_MAX_BLOCK_N", "_WARPS", "_BWD_BLOCK_P", "_BWD_MAX_TILES", "_BWD_WARPS"):
             if name in names:
                 assert getattr(module, name) == names[name]
+
+
+def test_a_sweep_past_its_time_prints_every_table_and_what_it_left_out(capsys):
+    assert tune_kernels.main(["--quick", "--max-seconds", "0"]) == 0
+    text = capsys.readouterr().out
+    assert text.count("### ") == 9 and "(baseline)" in text
+    assert "{'" not in text  # no setting was timed
+    assert "Stopped at --max-seconds 0: 9 settings not timed." in text

@@ -33,7 +33,9 @@ import argparse
 import contextlib
 import importlib
 import itertools
+import math
 import sys
+import time
 
 import torch
 
@@ -58,9 +60,22 @@ def configured(module, **values):
             setattr(module, name, value)
 
 
-def _settings(grid: dict, quick: bool) -> list[dict]:
-    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
-    return combos[:1] if quick else combos
+class Sweep:
+    """Which settings of a grid get timed: all of them, the first (the launcher's own) in quick
+    mode, and none past the deadline (``--max-seconds``: what a GPU call has left), so that a
+    sweep cut short still prints every table, and says how many settings it left out."""
+
+    def __init__(self, quick: bool, max_seconds: float = math.inf):
+        self.quick, self.deadline, self.skipped = quick, time.monotonic() + max_seconds, 0
+
+    def settings(self, grid: dict):
+        combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+        combos = combos[:1] if self.quick else combos
+        for i, combo in enumerate(combos):
+            if time.monotonic() > self.deadline:
+                self.skipped += len(combos) - i
+                return
+            yield combo
 
 
 def _row(label: str, ms: float, base_ms: float, floor_ms: float | None) -> str:
@@ -72,7 +87,7 @@ def _table(title: str, rows: list[str]) -> list[str]:
     return ["", f"### {title}", "", "| setting | ms | x faster than baseline | x floor |", "|---|---|---|---|", *rows]
 
 
-def depthwise_forward(shape, device, gbps, quick) -> list[str]:
+def depthwise_forward(shape, device, gbps, sweep: Sweep) -> list[str]:
     out = []
     B, C, H, W = shape
     x = torch.randn(shape, device=device).contiguous(memory_format=torch.channels_last)
@@ -87,7 +102,7 @@ def depthwise_forward(shape, device, gbps, quick) -> list[str]:
         rows = [_row("aten (cuDNN) on autocast's cast copy, cast included (baseline)", base, base, floor),
                 _row("aten (cuDNN) on a bf16 input, no cast", cases.time_ms(conv, device), base, floor)]
         grid = {"_FWD_ROWS": (32,), "_FWD_BLOCK_W": (16, 8, 32), "_MAX_BLOCK_C": (32, 64), "_FWD_WARPS": (8, 4)}
-        for setting in _settings(grid, quick):
+        for setting in sweep.settings(grid):
             with configured(DEPTHWISE, **setting):
                 run = lambda: DEPTHWISE.forward(x, [w], [b], conv_dtype)  # noqa: E731
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
@@ -95,7 +110,7 @@ def depthwise_forward(shape, device, gbps, quick) -> list[str]:
     return out
 
 
-def depthwise_weight_grad(shape, device, gbps, quick) -> list[str]:
+def depthwise_weight_grad(shape, device, gbps, sweep: Sweep) -> list[str]:
     out = []
     B, C, H, W = shape
     conv_dtype = cases.default_dtype(device)
@@ -110,7 +125,7 @@ def depthwise_weight_grad(shape, device, gbps, quick) -> list[str]:
         floor = 2 * x.numel() * x.element_size() / (gbps * 1e6) if gbps else None
         rows = [_row("aten (cuDNN) weight + bias grad (baseline)", base, base, floor)]
         grid = {"_WGRAD_ELEMENTS": (2048, 1024, 4096), "_WGRAD_WARPS": (8, 4), "_WGRAD_MIN_PROGRAMS": (1024, 4096)}
-        for setting in _settings(grid, quick):
+        for setting in sweep.settings(grid):
             with configured(DEPTHWISE, **setting):
                 run = lambda: DEPTHWISE.backward([go], x, [w], conv_dtype, [False, True, True])  # noqa: E731
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
@@ -118,7 +133,7 @@ def depthwise_weight_grad(shape, device, gbps, quick) -> list[str]:
     return out
 
 
-def cfc_backward_channels_last(shape, device, gbps, quick) -> list[str]:
+def cfc_backward_channels_last(shape, device, gbps, sweep: Sweep) -> list[str]:
     dtype = cases.default_dtype(device)
     timed = {}
     for layout in ("nchw", "channels_last"):
@@ -129,13 +144,13 @@ def cfc_backward_channels_last(shape, device, gbps, quick) -> list[str]:
     nchw = cases.time_ms(timed["nchw"], device)
     rows = [_row("NCHW, current tiles (baseline)", nchw, nchw, None)]
     grid = {"_BWD_TILE_CHANNELS_LAST": (512, 256, 1024), "_BWD_PER_THREAD_CHANNELS_LAST": (4, 2, 8)}
-    for setting in _settings(grid, quick):
+    for setting in sweep.settings(grid):
         with configured(CFC, **setting):
             rows.append(_row(str(setting), cases.time_ms(timed["channels_last"], device), nchw, None))
     return _table(f"CfC backward kernel, {dtype}, {list(shape)}: channels_last tiles against NCHW", rows)
 
 
-def pointwise_conv(shape, device, gbps, quick) -> list[str]:
+def pointwise_conv(shape, device, gbps, sweep: Sweep) -> list[str]:
     B, C, H, W = shape
     dtype = cases.default_dtype(device)
     F = torch.nn.functional
@@ -168,14 +183,14 @@ def pointwise_conv(shape, device, gbps, quick) -> list[str]:
     ):
         base = cases.time_ms(base_fn, device)
         rows = [_row("SiLU, then aten (cuDNN) (baseline)", base, base, floor(moved))]
-        for setting in _settings(grid, quick):
+        for setting in sweep.settings(grid):
             with configured(POINTWISE, **setting):
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor(moved)))
         out += _table(f"SiLU -> 1x1 conv {2 * C} -> {C} {title}, {dtype}, {list(shape)} channels_last", rows)
     return out
 
 
-def cfc_heads(shape, device, gbps, quick) -> list[str]:
+def cfc_heads(shape, device, gbps, sweep: Sweep) -> list[str]:
     B, C, H, W = shape
     dtype = cases.default_dtype(device)
 
@@ -211,7 +226,7 @@ def cfc_heads(shape, device, gbps, quick) -> list[str]:
         floor = moved * elements / (gbps * 1e6) if gbps else None
         base = cases.time_ms(base_fn, device)
         rows = [_row("cuDNN f, Triton g and h, then the CfC kernel (baseline)", base, base, floor)]
-        for setting in _settings(grid, quick):
+        for setting in sweep.settings(grid):
             with configured(HEADS, **setting):
                 rows.append(_row(str(setting), cases.time_ms(run, device), base, floor))
         out += _table(f"CfC heads + gate {title}, {dtype}, {list(shape)} channels_last", rows)
@@ -221,6 +236,8 @@ def cfc_heads(shape, device, gbps, quick) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.tune_kernels", description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes and one setting per section (any machine)")
+    p.add_argument("--max-seconds", type=float, default=math.inf,
+                   help="time no setting after this many seconds (baselines still run): a sweep that fits the call")
     args = p.parse_args(argv)
     device = cases.default_device()
     quick = args.quick or device.type != "cuda"
@@ -231,11 +248,14 @@ def main(argv=None) -> int:
              f"`python -m benchmarks.tune_kernels{' --quick' if args.quick else ''}`"]
     if gbps:
         lines.append(f"\ncopy bandwidth {gbps:.0f} GB/s; floor = the bytes the op must move / that bandwidth")
+    sweep = Sweep(quick, args.max_seconds)
     for section in (depthwise_forward, depthwise_weight_grad, cfc_backward_channels_last, pointwise_conv,
                     cfc_heads):
-        lines += section(shape, device, gbps, quick)
+        lines += section(shape, device, gbps, sweep)
         print("\n".join(lines), flush=True)
         lines = []
+    if sweep.skipped:
+        print(f"\n**Stopped at --max-seconds {args.max_seconds:g}: {sweep.skipped} settings not timed.**", flush=True)
     return 0
 
 
