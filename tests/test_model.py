@@ -353,7 +353,7 @@ def test_state_dict_is_the_same_fused_or_not():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("setting, checkpointing", [("auto", False), ("auto,depthwise_conv=triton", False),
-                                                    ("auto", True)])
+                                                    ("auto,pointwise_conv=triton", False), ("auto", True)])
 def test_compiled_fused_model_matches_the_reference_forward_and_backward(monkeypatch, setting, checkpointing):
     """torch.compile(fullgraph=True) of the fused model (its autograd nodes traced, the Triton
     launches as custom ops; with gradient checkpointing, inside the checkpointed regions): the
