@@ -133,35 +133,50 @@ def test_any_channel_count_builds_with_the_most_output_groups_up_to_32(channels,
 
 
 def _param_grads(model, x, t, up):
+    """The output and the gradients of every parameter, and of x and t where they require it."""
     model.zero_grad(set_to_none=True)
-    out = model(x, t)
+    inputs = {name: v.detach().requires_grad_() for name, v in (("x", x), ("t", t)) if v.requires_grad}
+    out = model(inputs.get("x", x), inputs.get("t", t))
     out.backward(up)
-    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    return out.detach(), {**grads, **{name: v.grad for name, v in inputs.items()}}
 
 
-@pytest.mark.parametrize("memory_format, setting", [
-    (torch.contiguous_format, "auto"), (torch.channels_last, "auto"),
-    (torch.channels_last, "auto,depthwise_conv=triton"),  # the opt-in Triton depthwise convs too
-    (torch.contiguous_format, "auto,pointwise_conv=triton"),  # and the opt-in SiLU -> 1x1 conv forward
+@pytest.mark.parametrize("memory_format, setting, frozen", [
+    (torch.contiguous_format, "auto", False), (torch.channels_last, "auto", False),
+    (torch.channels_last, "auto,depthwise_conv=triton", False),  # the opt-in Triton depthwise convs too
+    (torch.contiguous_format, "auto,pointwise_conv=triton", False),  # and the opt-in SiLU -> 1x1 conv forward
+    # Fine-tuning a part: every other parameter frozen (each op then gets a mix of inputs that
+    # need a gradient and inputs that do not), with and without the opt-in kernels.
+    (torch.channels_last, "auto", True),
+    (torch.channels_last, "auto,depthwise_conv=triton,pointwise_conv=triton", True),
 ])
-def test_fused_model_matches_reference(monkeypatch, memory_format, setting):
-    """Same weights, fused=True vs fused=False: output and every parameter gradient agree."""
+def test_fused_model_matches_reference(monkeypatch, memory_format, setting, frozen):
+    """Same weights, fused=True vs fused=False: the output and the gradient of every parameter,
+    and of x and t (what a likelihood's divergence or a guidance term asks of the model), agree;
+    a frozen parameter gets no gradient either way."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
     model = model.to(memory_format=memory_format)
-    x = torch.randn(2, 3, 8, 8).to(memory_format=memory_format)
-    t = torch.rand(2)
+    for p in list(model.parameters())[::2] if frozen else []:
+        p.requires_grad_(False)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=memory_format).requires_grad_()
+    t = torch.rand(2).requires_grad_()
     up = torch.randn_like(x)
     ref_out, ref_grads = _param_grads(model.set_fused(False), x, t, up)
     out, grads = _param_grads(model.set_fused(True), x, t, up)
     assert kernels.select_backend("cfc_relax", "cpu").is_triton, "the interpreter should run the kernels here"
     assert rel_err(out, ref_out) < 1e-5
+    assert grads.keys() == ref_grads.keys() and {"x", "t"} <= grads.keys()
+    assert [n for n, g in grads.items() if g is None] == [n for n, g in ref_grads.items() if g is None]
+    assert sum(g is None for g in grads.values()) == (len(grads) - 2 + 1) // 2 * frozen
     # Some gradients are zero in exact arithmetic (a bias that a per-channel GroupNorm removes):
     # those are held to the rounding noise of the whole gradient instead of their own norm.
-    noise = 1e-7 * torch.cat([g.flatten() for g in ref_grads.values()]).norm()
+    noise = 1e-7 * torch.cat([g.flatten() for g in ref_grads.values() if g is not None]).norm()
     for name, g in grads.items():
         ref = ref_grads[name]
-        assert (g - ref).norm() <= 1e-5 * ref.norm() + noise, (name, rel_err(g, ref))
+        if ref is not None:
+            assert (g - ref).norm() <= 1e-5 * ref.norm() + noise, (name, rel_err(g, ref))
 
 
 def _autocast_errors(model, x, t, dtype=torch.bfloat16):
