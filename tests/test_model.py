@@ -486,3 +486,166 @@ def test_cast_together_is_one_concatenation_and_cast_per_direction():
     for t, g, w in zip(flat, grads, ref_grads):
         w = torch.zeros_like(t) if w is None else w
         assert g.dtype == t.dtype and g.stride() == t.stride() and torch.equal(g, w)
+
+
+def test_parameter_counts_are_the_readmes():
+    """The README's preset table, measured from the code: micro 529,155 and tiny 15,800,963
+    parameters (the widths the seed leaves open: a 4 x C1 time embedding of C1 frequencies, a 2x
+    FeedForward, 3x3 g and h heads, the spatial mix's 3x3 + 5x5 + 7x7 branches)."""
+    for preset, count in (("micro", 529_155), ("tiny", 15_800_963)):
+        assert sum(p.numel() for p in build(preset).parameters()) == count, preset
+
+
+def test_ffn_mult_reaches_every_block():
+    """An ``ffn_mult`` override widens the FeedForward of every block, the bottleneck's too."""
+    model = build("micro", channels=(8, 16), ffn_mult=3)
+    assert len(model.blocks()) == 5
+    for block in model.blocks():
+        assert block.ffn.inner.out_channels == 3 * block.ffn.inner.in_channels
+
+
+def test_time_embedding_feeds_its_mlp_cos_and_sin_of_1000_t():
+    """README: the time embedding is C1 sinusoid frequencies of 1000 t, as in ADM: the MLP reads
+    cat(cos(1000 t f_k), sin(1000 t f_k)) with f_k = 10000^(-k / K), k < K = C1 / 2; the fastest
+    frequency turns a step of 0.001 in t into one radian."""
+    emb = build("micro", channels=(8, 16)).time_embed
+    seen = []
+    emb.mlp[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    t = torch.tensor([0.0, 0.001, 0.25, 0.7, 1.0])
+    emb(t)
+    f = 10000.0 ** (-torch.arange(4, dtype=torch.float64) / 4)
+    phase = 1000 * t.double()[:, None] * f
+    torch.testing.assert_close(seen[0].double(), torch.cat([phase.cos(), phase.sin()], dim=1), atol=2e-4, rtol=0)
+
+
+def test_a_fresh_model_zero_initialises_exactly_the_readmes_parameters():
+    """README: the time modulations (both AdaLNs', the CfC gate's time_a and time_b, the spatial
+    mix's) and the last projections of the spatial mix and the FeedForward start at zero, as
+    adaLN-Zero, and rho starts at 0 (alpha = 2^-|t|); nothing else does but the output
+    GroupNorm's bias (PyTorch's default)."""
+    model = build("micro", channels=(8, 16))
+    designated = (".time.proj.", ".time_a.", ".time_b.", ".mix.out.", ".ffn.out.")
+    expected = {n for n, _ in model.named_parameters() if any(k in n for k in designated) or n.endswith(".rho")}
+    assert len(expected) == 5 * 15  # per block: 3 time Linears x 2, time_a, time_b x 2, mix.out, ffn.out x 2, rho
+    zeros = {n for n, p in model.named_parameters() if not p.detach().any()}
+    assert zeros == expected | {"head_norm.bias"}
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_adaln_is_a_layer_norm_over_channels_with_eps_1e_6(fused):
+    """DESIGN: x_hat = (s - mean_C(s)) / sqrt(var_C(s) + 1e-6): an AdaLN with zero modulation
+    (as fresh) is torch's LayerNorm over the channels of each pixel with that eps, which shows on
+    pixels whose channels barely vary."""
+    from liquiddiff.modules import AdaLN
+
+    norm = AdaLN(8, 16).double()
+    norm.fused = fused
+    x = torch.randn(2, 8, 3, 5, dtype=torch.float64) * 1e-3
+    with torch.no_grad():
+        out = norm(x, torch.randn(2, 16, dtype=torch.float64))
+    want = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,), eps=1e-6).permute(0, 3, 1, 2)
+    torch.testing.assert_close(out, want, atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_spatial_mix_context_is_a_1x1_conv_of_the_pixel_mean(fused):
+    """README: the spatial mix adds its global-average-pool context (a 1x1 conv of the pixel
+    mean) to the local sum. With the depthwise branches zeroed, identity context and output
+    convs and no time modulation, every output pixel is silu(mean of x over its H x W pixels)."""
+    from liquiddiff.modules import MultiScaleSpatialMix
+
+    mix = MultiScaleSpatialMix(4, 8)
+    with torch.no_grad():
+        for conv in mix.branches:
+            conv.weight.zero_()
+            conv.bias.zero_()
+        for conv in (mix.context, mix.out):
+            conv.weight.copy_(torch.eye(4)[:, :, None, None])
+            conv.bias.zero_()
+    mix.fused = fused
+    x = torch.randn(2, 4, 5, 3)
+    with torch.no_grad():
+        out = mix(x, torch.randn(2, 8))
+    torch.testing.assert_close(out, torch.nn.functional.silu(x.mean(dim=(2, 3), keepdim=True)).expand_as(x))
+
+
+def test_upsample_is_nearest_neighbour_then_a_conv():
+    """README: UpSample is nearest x2 then a 3x3 conv: with that conv the identity, each pixel
+    becomes a 2x2 block of itself."""
+    from liquiddiff.modules import UpSample
+
+    up = UpSample(3, 3)
+    with torch.no_grad():
+        torch.nn.init.dirac_(up.conv.weight)
+        up.conv.bias.zero_()
+    x = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_block_is_the_seeds_composition_of_its_modules(fused):
+    """Seed: x -> AdaLN(t) -> ParallelCfC(t) -> +residual -> MultiScaleSpatialMix(t) -> +residual
+    -> AdaLN(t) -> FeedForward -> +residual, composed here from the block's own modules (random
+    weights everywhere), gives the block's output."""
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    block = _randomise(LiquidDiffusionBlock(6, 16)).double()
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = fused
+    u, temb, t = torch.randn(2, 6, 5, 5, dtype=torch.float64), torch.randn(2, 16, dtype=torch.float64), torch.rand(2, dtype=torch.float64)
+    with torch.no_grad():
+        u1 = u + block.cfc(block.norm1(u, temb), temb, t, residual=None)
+        u2 = u1 + block.mix(u1, temb)
+        want = u2 + block.ffn(block.norm2(u2, temb))
+        got = block(u, temb, t)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_unet_wiring_follows_the_seeds_diagram(fused):
+    """Every stage takes what the seed's diagram says it takes, followed through forward hooks:
+    t into the time embedding and every block; stem = 3x3 conv -> SiLU -> 3x3 conv; each encoder
+    stage's blocks in a row, its output kept as the skip, then the stride-2 conv; the
+    bottleneck; each decoder stage fuses (UpSample of the deeper stage's output, or the
+    bottleneck's output for the deepest) with its encoder twin's skip, then runs its blocks; the
+    head is GroupNorm -> SiLU -> 3x3 conv."""
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 2), bottleneck_blocks=1, fused=fused))
+    calls = {}
+    for name, module in model.named_modules():
+        module.register_forward_hook(lambda m, args, out, name=name: calls.setdefault(name, []).append((args, out)))
+    x, t = torch.randn(2, 3, 8, 8), torch.rand(2)
+    with torch.no_grad():
+        out = model(x, t)
+
+    def follow(name, h):
+        (args, result), = calls[name]
+        assert torch.equal(args[0], h), name
+        return result
+
+    assert torch.equal(calls["time_embed"][0][0][0], t)
+    (stem_in, h), = [(a[0], o) for a, o in calls["stem"]]
+    assert torch.equal(stem_in, x)
+    torch.testing.assert_close(calls["stem.2"][0][0][0], torch.nn.functional.silu(calls["stem.0"][0][1]))
+    skips = []
+    for i, stage in enumerate(model.encoder):
+        for j in range(len(stage)):
+            assert torch.equal(calls[f"encoder.{i}.{j}"][0][0][2], t)
+            h = follow(f"encoder.{i}.{j}", h)
+        skips.append(h)
+        if i < len(model.downs):
+            h = follow(f"downs.{i}", h)
+    for j in range(len(model.bottleneck)):
+        h = follow(f"bottleneck.{j}", h)
+    for i in reversed(range(len(model.decoder))):
+        if i < len(model.ups):
+            h = follow(f"ups.{i}", h)
+        (args, fused_out), = calls[f"fusions.{i}"]
+        assert torch.equal(args[0], h) and torch.equal(args[1], skips[i]), i
+        h = fused_out
+        for j in range(len(model.decoder[i])):
+            assert torch.equal(calls[f"decoder.{i}.{j}"][0][0][2], t)
+            h = follow(f"decoder.{i}.{j}", h)
+    normed = follow("head_norm", h)
+    torch.testing.assert_close(calls["head"][0][0][0], torch.nn.functional.silu(normed))
+    assert torch.equal(out, calls["head"][0][1])
