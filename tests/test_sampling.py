@@ -35,3 +35,20 @@ def test_the_model_is_asked_at_the_seeds_times_in_the_models_precision():
         for t, i in zip(asked, (3, 2, 1), strict=True):
             assert torch.equal(t, torch.full((2,), i / 3, dtype=dtype))
         torch.testing.assert_close(out, torch.full((2, 1), -1.0, dtype=dtype))  # three steps of -1/3
+
+
+@pytest.mark.parametrize("sampler, times", [("euler", [3, 2, 1]), ("heun", [3, 2, 2, 1, 1])])
+def test_heun_corrects_at_the_steps_end_but_the_last_step_stays_euler(sampler, times):
+    """Heun asks each step's slope at its start and (corrector) at its end, i / N then (i - 1) / N,
+    but never at t = 0: the last step is Euler's, as in EDM (2N - 1 model calls); ``progress``
+    is called once per step either way."""
+    asked, steps = [], []
+
+    def velocity(z, t):
+        asked.append(t[0].item())
+        return torch.ones_like(z)
+
+    out = integrate(velocity, torch.zeros(2, 1, dtype=torch.float64), 3, sampler, progress=lambda: steps.append(1))
+    assert asked == pytest.approx([i / 3 for i in times])
+    assert len(steps) == 3
+    torch.testing.assert_close(out, torch.full((2, 1), -1.0, dtype=torch.float64))

@@ -618,3 +618,139 @@ def test_graphed_micro_batches_add_up_instead_of_overwriting(monkeypatch):
         got = grads(graphed)
         graphed.model.load_state_dict(_trainer().model.state_dict())
     assert (got - whole).norm() <= 1e-5 * whole.norm()
+
+
+def test_loss_is_the_seeds_mse_on_the_straight_line():
+    """The loss of a batch is the seed's ``||model(x_t, t) - (noise - x)||^2``, averaged, with
+    x_t = (1 - t) x + t noise and the model asked at that same t (not 1 - t): from what the model
+    was called with, noise = (x_t - (1 - t) x) / t and the target (x_t - x) / t; that noise is a
+    standard normal draw, t lies in [0, 1]."""
+    trainer, images = _trainer(), _images(4, 16)
+    for p in trainer.model.parameters():  # nonzero velocities: a zero-initialised last layer would hide t
+        torch.nn.init.normal_(p, std=0.1)
+    calls = []
+    trainer.model.register_forward_hook(lambda module, args, out: calls.append((*args, out)))
+    loss = trainer.loss(images, torch.Generator().manual_seed(3)).item()
+    (x_t, t, v), = calls
+    assert t.shape == (4,) and (t > 0).all() and (t < 1).all()
+    t4 = t.view(-1, 1, 1, 1)
+    noise = (x_t - (1 - t4) * images) / t4
+    assert abs(noise.mean().item()) < 0.1 and abs(noise.std().item() - 1) < 0.1
+    expected = (v - (x_t - images) / t4).square().mean().item()
+    assert loss == pytest.approx(expected, rel=1e-4)
+
+
+def test_time_draws_follow_their_distribution_and_generator():
+    """logit-normal (SD3): logit(t) is a standard normal, where uniform t's logit has std
+    pi / sqrt(3); either is drawn from the generator given (the same seed, the same times)."""
+    logit = lambda t: torch.log(t) - torch.log1p(-t)  # noqa: E731
+    z = logit(sample_times(8000, "logit_normal", "cpu"))
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+    u = logit(sample_times(8000, "uniform", "cpu"))
+    assert abs(u.std().item() - torch.pi / 3 ** 0.5) < 0.1
+    for method in ("uniform", "logit_normal"):
+        a, b = (sample_times(5, method, "cpu", torch.Generator().manual_seed(9)) for _ in range(2))
+        assert torch.equal(a, b) and not torch.equal(a, sample_times(5, method, "cpu", torch.Generator().manual_seed(8)))
+
+
+def test_ema_decay_warms_up_over_the_updates_then_holds():
+    """Over many updates the EMA follows decay_k = min(decay, (1 + k) / (10 + k)) for the k-th
+    update, worked out here step by step on random weights, and counts its updates."""
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.5)  # (1 + k) / (10 + k) passes 0.5 at k = 8: both regimes below
+    expected = model.weight.detach().clone()
+    for k in range(14):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3))
+        d = min(0.5, (1 + k) / (10 + k))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update(model)
+        expected = d * expected + (1 - d) * model.weight.detach()
+        torch.testing.assert_close(ema.model.weight, expected)
+    assert ema.updates == 14
+
+
+def test_ema_averages_the_weights_the_optimizer_step_made():
+    """The EMA is updated after the optimizer step: after the first step (decay 0.1) it holds
+    0.1 * the initial weights + 0.9 * the stepped ones."""
+    trainer = _trainer()
+    initial = [p.detach().clone() for p in trainer.model.parameters()]
+    trainer.train_step(_images())
+    for p0, p, e in zip(initial, trainer.model.parameters(), trainer.ema.model.parameters()):
+        torch.testing.assert_close(e, 0.1 * p0 + 0.9 * p.detach())
+    assert any(not torch.equal(p0, p) for p0, p in zip(initial, trainer.model.parameters()))
+
+
+def test_lr_warms_up_linearly_then_holds_and_reaches_the_optimizer():
+    """warmup_steps=3: steps 1..3 at lr/3, 2lr/3, lr, then lr; the optimizer runs at the lr the
+    step reports."""
+    trainer = _trainer(warmup_steps=3)
+    lrs = []
+    for _ in range(5):
+        m = trainer.train_step(_images(2, 8))
+        lrs.append(m["lr"])
+        assert all(group["lr"] == m["lr"] for group in trainer.optimizer.param_groups)
+    assert lrs == pytest.approx([1e-3, 2e-3, 3e-3, 3e-3, 3e-3])
+
+
+def test_gradients_are_clipped_to_grad_clip_and_the_norm_before_is_reported():
+    """The step's gradient is clipped to norm ``grad_clip`` before the optimizer reads it (the
+    gradients stay in ``.grad`` until the next step); the reported grad_norm is the norm before
+    clipping. Without clipping the gradient keeps that norm."""
+    def grads_after_step(**kw):
+        trainer = _trainer(**kw)
+        torch.manual_seed(2)
+        m = trainer.train_step(_images(2, 8))
+        return m["grad_norm"], torch.cat([p.grad.flatten() for p in trainer.model.parameters()]).norm().item()
+
+    norm, kept = grads_after_step(grad_clip=None)
+    assert kept == pytest.approx(norm, rel=1e-5)
+    clip = norm / 10
+    reported, clipped = grads_after_step(grad_clip=clip)
+    assert reported == pytest.approx(norm, rel=1e-5)
+    assert clipped == pytest.approx(clip, rel=1e-4)
+
+
+def test_fp16_clips_and_reports_the_unscaled_gradient():
+    """fp16 scales the loss by 2^16: the gradient is unscaled before clipping and before its
+    norm is reported, so the fp16 step reports about the fp32 step's norm and clips the true
+    gradient."""
+    def step(precision):
+        trainer = _trainer(mixed_precision=precision, grad_clip=1e-3)
+        torch.manual_seed(2)
+        m = trainer.train_step(_images(2, 8))
+        return m["grad_norm"], torch.cat([p.grad.flatten().float() for p in trainer.model.parameters()]).norm().item()
+
+    (fp32_norm, _), (fp16_norm, fp16_clipped) = step(False), step("fp16")
+    assert fp16_norm == pytest.approx(fp32_norm, rel=0.05)
+    assert fp16_clipped == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_under_ddp_only_the_last_micro_batch_synchronises():
+    """With micro-batches under DDP, every micro-batch but the last runs inside ``no_sync`` (the
+    all-reduce happens once, in the last backward): a stand-in for the DDP wrapper records where
+    each forward ran, for a batch that splits evenly and one whose last part is partial."""
+    import contextlib
+
+    class FakeDDP(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.syncing, self.calls = module, True, []
+
+        @contextlib.contextmanager
+        def no_sync(self):
+            self.syncing = False
+            try:
+                yield
+            finally:
+                self.syncing = True
+
+        def forward(self, x, t):
+            self.calls.append((x.shape[0], self.syncing))
+            return self.module(x, t)
+
+    for micro, expected in ((2, [(2, False), (2, True)]), (3, [(3, False), (1, True)]), (4, [(4, True)])):
+        trainer = _trainer(micro_batch_size=micro)
+        trainer._ddp = FakeDDP(trainer.model)
+        trainer.train_step(_images(4, 8))
+        assert trainer._ddp.calls == expected, micro
