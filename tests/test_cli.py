@@ -363,6 +363,16 @@ def test_train_then_sample(tmp_path, capsys):
     assert code == 2 and "multiple of 2" in err
 
 
+@pytest.fixture
+def terminal_ctrl_c():
+    """Python's own Ctrl-C handler, as a job in a terminal's foreground has it: one started in the
+    background (``make test &``) inherits SIGINT ignored, and the CLI then rightly leaves Ctrl-C
+    alone, which the tests below would take for a failure."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def _ctrl_c_during_the_third_step(monkeypatch, presses: int):
     """The user's Ctrl-C (SIGINT, pressed ``presses`` times) arriving during step 3, after its
     optimizer update and before the step is counted: where a checkpoint would be torn."""
@@ -381,7 +391,7 @@ def _ctrl_c_during_the_third_step(monkeypatch, presses: int):
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, capsys, monkeypatch, terminal_ctrl_c):
     """A run stopped by Ctrl-C during step 3, then resumed to 6, logs the same losses as 6 steps in
     one go; the resumed half runs with --gradient-checkpointing, which changes no value."""
     runs = ["--runs-dir", tmp_path]
@@ -404,14 +414,14 @@ def test_ctrl_c_stops_after_the_step_and_resume_continues_exactly(tmp_path, caps
         assert torch.equal(a["ema"][key], b["ema"][key]), key
 
 
-def test_ctrl_c_in_the_last_step_lets_the_run_finish(tmp_path, capsys, monkeypatch):
+def test_ctrl_c_in_the_last_step_lets_the_run_finish(tmp_path, capsys, monkeypatch, terminal_ctrl_c):
     _ctrl_c_during_the_third_step(monkeypatch, presses=1)
     code, out, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "3"], capsys)
     assert code == 0 and "done: steps 0 -> 3" in out, out + err
     assert (tmp_path / "r" / "samples.png").is_file() and (tmp_path / "r" / "loss.png").is_file()
 
 
-def test_a_second_ctrl_c_stops_at_once_without_saving_a_torn_step(tmp_path, capsys, monkeypatch):
+def test_a_second_ctrl_c_stops_at_once_without_saving_a_torn_step(tmp_path, capsys, monkeypatch, terminal_ctrl_c):
     _ctrl_c_during_the_third_step(monkeypatch, presses=2)
     code, out, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "5",
                            "--ckpt-every", "2"], capsys)
