@@ -214,6 +214,28 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
 
 
+def test_a_write_that_fails_midway_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    """The bytes go to a temporary file beside the target, renamed over it once whole: a write that
+    fails half-way (a full disk) leaves the old checkpoint as it was, and removes its temporary file.
+    (Above, serialising fails before any file is opened.)"""
+    trainer = _trainer()
+    path = trainer.save_checkpoint(tmp_path / "ckpt.safetensors")
+    before = path.read_bytes()
+    write_bytes = Path.write_bytes
+
+    def half_then_disk_full(self, data):
+        write_bytes(self, data[: len(data) // 2])
+        raise OSError("No space left on device")
+
+    trainer.train_step(_images())
+    monkeypatch.setattr(Path, "write_bytes", half_then_disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save_checkpoint(path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.safetensors"]
+
+
 def test_a_run_killed_while_saving_leaves_only_what_the_cli_clears(tmp_path):
     """SIGKILL at some moment of back-to-back saves: the folder holds the checkpoint and at most
     a ``.*.tmp`` file (``files.written_atomically``'s, which a resume removes), never one of
@@ -252,6 +274,28 @@ def test_checkpoint_gets_the_permissions_of_any_new_file(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_checkpoint_file_round_trips_nested_state_and_refuses_other_formats(tmp_path):
+    """checkpoint.save/load: nested dicts (int keys stay ints), lists, tensors of any dtype and JSON
+    values come back as saved; a safetensors file without liquiddiff's metadata, or of another
+    format version, is refused with a message that says which."""
+    from safetensors.torch import save_file
+
+    state = {"step": 3, "optimizer": {0: {"m": torch.arange(3.0)}, 1: {"m": torch.ones(2)}},
+             "rng_ranks": [{"cpu": torch.tensor([1, 2], dtype=torch.uint8)}],
+             "run": {"name": "r", "channels": [8, 16], "flip": None, "lr": 0.01}}
+    back = checkpoint.load(checkpoint.save(state, tmp_path / "a.safetensors"))
+    assert back["step"] == 3 and back["run"] == state["run"] and list(back["optimizer"]) == [0, 1]
+    assert torch.equal(back["optimizer"][1]["m"], torch.ones(2))
+    assert torch.equal(back["rng_ranks"][0]["cpu"], state["rng_ranks"][0]["cpu"])
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="was not written by liquiddiff"):
+        checkpoint.load(tmp_path / "foreign.safetensors")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "future.safetensors"),
+              metadata={"liquiddiff": json.dumps({"format": 2, "tree": {}})})
+    with pytest.raises(ValueError, match="has format 2, expected 1"):
+        checkpoint.load(tmp_path / "future.safetensors")
 
 
 def test_checkpoint_from_another_preset_is_refused(tmp_path):
