@@ -9,7 +9,9 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,9 +20,10 @@ import pytest
 import torch
 from PIL import Image
 
-from liquiddiff import RectifiedFlowTrainer, build, checkpoint, cli
-from liquiddiff.data import DigitsDataset, ImageFolder, ResumableBatches, find_images, resize_center_crop
-from liquiddiff.images import make_grid, plot_loss
+from liquiddiff import RectifiedFlowTrainer, build, checkpoint, cli, distributed
+from liquiddiff.data import (DigitsDataset, ImageFolder, ResumableBatches, find_images, random_hflip,
+                             resize_center_crop, to_rgb, to_unit_range)
+from liquiddiff.images import make_grid, plot_loss, to_uint8
 
 REPO = Path(__file__).resolve().parents[1]
 # Two stages of 8 and 16 channels at 8 px: a few milliseconds a step.
@@ -95,6 +98,7 @@ def test_info_names_device_versions_and_backends(capsys):
     (["train", "--channels", "8,x"], "comma-separated"),
     (["train", "--preset", "huge"], "invalid choice"),
     (["train", "--name", "../escape"], "letters, digits"),
+    (["train", "--ema-decay", "1"], r"\[0, 1\)"),
     (["sample", "--n", "0"], "positive integer"),
     (["sample", "--sampler", "rk4"], "invalid choice"),
     (["train", "--compile", "--cuda-graph"], "not allowed with"),
@@ -110,6 +114,14 @@ def test_out_of_range_options_are_refused(argv, message, capsys):
     err = capsys.readouterr().err
     assert "error" in err and "Traceback" not in err
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("name", ["..", ".", ".hidden"])
+def test_a_run_name_is_one_plain_folder_name(name, capsys):
+    """--name .. or . would put a run's files into RUNS_DIR's parent or RUNS_DIR itself: refused."""
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["train", "--name", name])
+    assert exc.value.code == 2 and "expected letters, digits" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
@@ -234,6 +246,102 @@ def test_resize_center_crop_keeps_the_middle():
     assert out.shape == (5, 5, 3) and out.min() > 200
 
 
+def test_pixel_levels_map_to_minus_one_to_one_and_back_exactly():
+    """Training data: 0 -> -1 and 255 -> 1. Pictures: [-1, 1] back to 0..255, rounded (0 -> 128, not
+    127), values outside clamped (not wrapped around), and every level comes back as itself."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    x = to_unit_range(levels)
+    assert x.shape == (1, 16, 16) and x.min() == -1 and x.max() == 1
+    assert np.array_equal(to_uint8(x[None])[0, ..., 0], levels)
+    out = to_uint8(torch.tensor([-1.5, -1.0, 0.0, 0.999, 1.0, 2.0]).view(1, 1, 1, 6))
+    assert out.ravel().tolist() == [0, 0, 128, 255, 255, 255]
+
+
+def test_16_bit_gray_rounds_to_the_nearest_8_bit_level():
+    """65535 -> 255 scaled and rounded: 129 is level 1 (0.502), 65279 level 254 (253.99), not
+    the level below, which truncation gives."""
+    values = np.array([[0, 128, 129, 32767, 32896, 65279, 65407, 65535]], dtype=np.uint16)
+    img = Image.fromarray(values)
+    assert img.mode in ("I;16", "I")
+    rgb = np.asarray(to_rgb(img))
+    assert rgb.shape == (1, 8, 3)
+    assert rgb[..., 0].tolist() == [[0, 0, 1, 127, 128, 254, 255, 255]]
+
+
+def test_downscaling_is_antialiased():
+    """Resizing averages the pixels it merges (bicubic, antialiased): one-pixel stripes at 32 px
+    become gray at 8 px, not a pick of black and white columns (nearest neighbour)."""
+    stripes = np.zeros((32, 32, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    out = np.asarray(resize_center_crop(Image.fromarray(stripes), 8)).astype(float)
+    assert out.shape == (8, 8, 3) and np.abs(out - 127.5).max() < 40
+
+
+def test_a_truncated_jpeg_that_passes_verify_is_skipped_by_the_scan(tmp_path):
+    """verify() accepts a JPEG cut in its scan data (the headers are whole); decoding it in the scan
+    finds it, so it is counted as skipped before training, not trained on or found mid-run."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "whole.jpg")
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(tmp_path / "cut.jpg") as img:
+        img.verify()  # no error: the structure looks whole
+    ds = ImageFolder(tmp_path, 8)
+    assert [p.name for p in ds.files] == ["whole.jpg"]
+    assert ds.report.found == 2 and [p.name for p, _ in ds.report.skipped] == ["cut.jpg"]
+
+
+def test_hidden_files_are_not_searched(tmp_path):
+    """Dot files (a readable hidden picture, macOS's ._name AppleDouble files) are neither trained
+    on nor counted as skipped."""
+    _write_images(tmp_path, 2)
+    Image.new("RGB", (8, 8)).save(tmp_path / ".thumbnail.png")
+    (tmp_path / "._img0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    assert [p.name for p in find_images(tmp_path)] == ["img0.png", "img1.jpg"]
+    ds = ImageFolder(tmp_path, 8)
+    assert len(ds) == 2 and ds.report.found == 2 and not ds.report.skipped
+
+
+def test_a_file_that_broke_is_skipped_from_then_on_with_one_warning(tmp_path):
+    """An image that fails to decode mid-run is not tried (and warned about) again at every epoch."""
+    _write_images(tmp_path, 3)
+    ds = ImageFolder(tmp_path, 8)
+    ds.files[0].write_bytes(b"broken after the scan")
+    with pytest.warns(RuntimeWarning, match="skipping unreadable image"):
+        ds[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning fails the test
+        for _ in range(3):
+            torch.testing.assert_close(ds[0], ds.load(1))
+
+
+def test_random_hflip_mirrors_about_half_the_images_left_to_right():
+    """Each image comes back as itself or mirrored left-right (not upside down), about half of them
+    mirrored."""
+    images = torch.arange(64 * 3 * 4 * 5, dtype=torch.float32).view(64, 3, 4, 5)
+    out = random_hflip(images)
+    mirrored = [torch.equal(o, i.flip(-1)) for o, i in zip(out, images)]
+    kept = [torch.equal(o, i) for o, i in zip(out, images)]
+    assert all(m != k for m, k in zip(mirrored, kept))
+    assert 16 <= sum(mirrored) <= 48
+
+
+def test_batches_follow_the_seed_and_ranks_never_share_an_image():
+    """--seed sets the data order; under torchrun an epoch serves no image twice, on one rank or across
+    ranks: 51 images over 2 ranks are 25 each, the odd one left out (not padded with a repeat)."""
+    data = list(range(51))
+
+    def epoch(seed, rank=0, world_size=1, batch=13):
+        batches = ResumableBatches(data, batch, rank=rank, world_size=world_size, seed=seed)
+        served = iter(batches)
+        return [i for _ in range(batches.images_per_epoch // batch) for i in next(served)]
+
+    assert epoch(3) == epoch(3) and epoch(3) != epoch(4)
+    both = epoch(3, 0, 2) + epoch(3, 1, 2)
+    assert len(both) == len(set(both)) and set(both) <= set(data)
+    assert ResumableBatches(data, 5, rank=1, world_size=2).images_per_epoch == 25
+
+
 def test_digits_are_single_channel_in_range():
     ds = DigitsDataset(16)
     assert len(ds) == 1797 and ds.channels == 1
@@ -273,6 +381,18 @@ def test_batches_resume_mid_epoch_and_shard_across_ranks():
     assert first[0] != first[6]  # a new order each epoch
     ranks = [next(iter(ResumableBatches(data, 5, rank=r, world_size=2, seed=3))) for r in (0, 1)]
     assert not set(ranks[0]) & set(ranks[1])
+
+
+def test_grid_is_as_square_as_possible_and_fills_row_by_row():
+    """5 images: 3 a row in 2 rows, image i at row i // 3 and column i % 3, on white padding."""
+    images = torch.linspace(-1, 0.6, 5).view(5, 1, 1, 1).expand(5, 1, 4, 4)  # one gray level each
+    grid = np.asarray(make_grid(images, pad=1))
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1)
+    levels = to_uint8(images)[:, 0, 0, 0]
+    for i in range(5):
+        r, c = divmod(i, 3)
+        assert (grid[1 + 5 * r:5 + 5 * r, 1 + 5 * c:5 + 5 * c] == levels[i]).all(), i
+    assert (grid[0] == 255).all() and (grid[:, 0] == 255).all()
 
 
 def test_grid_layout():
@@ -454,6 +574,103 @@ def test_micro_batches_train_the_same_steps_and_resume_with_them(tmp_path, capsy
     assert json.loads((tmp_path / "micro" / "run.json").read_text())["micro_batch_size"] == 3
 
 
+def test_run_folders_are_never_reused_and_resume_and_sample_take_the_newest_run(tmp_path, capsys):
+    """A folder that exists without a checkpoint (a run that has not saved yet) is taken: the next
+    run goes to -2, then -3. --resume without --name continues the newest matching run, and sample
+    without --ckpt reads the newest checkpoint, whatever the folders' names."""
+    runs = tmp_path / "runs"
+    (runs / "digits").mkdir(parents=True)
+    (runs / "digits" / "metrics.jsonl").write_text("not ours\n")
+    for _ in range(2):
+        assert _run(["train", "--runs-dir", runs, *TINY, "--steps", "1"], capsys)[0] == 0
+    assert (runs / "digits" / "metrics.jsonl").read_text() == "not ours\n"
+    assert sorted(p.name for p in runs.iterdir()) == ["digits", "digits-2", "digits-3"]
+    os.utime(runs / "digits-2" / "last.safetensors", (time.time() - 100, time.time() - 100))
+    code, out, err = _run(["train", "--runs-dir", runs, "--resume", "--steps", "2"], capsys)
+    assert code == 0, err
+    assert f"resuming from {runs / 'digits-3' / 'last.safetensors'} at step 1" in out
+    assert checkpoint.load(runs / "digits-2" / "last.safetensors")["step"] == 1
+    code, out, err = _run(["sample", "--runs-dir", runs, "--n", "1", "--steps", "1", "--no-progress"], capsys)
+    assert code == 0, err
+    assert f"from {runs / 'digits-3' / 'last.safetensors'} (step 2," in out
+    assert (runs / "digits-3" / "generated.png").is_file() and not (runs / "digits-2" / "generated.png").exists()
+
+
+def test_resume_takes_every_option_from_the_checkpoint_and_continues_the_data(tmp_path, capsys):
+    """Options not typed again (lr, seed, EMA decay, time sampling, sample and log intervals) come
+    from the checkpoint; one typed as --opt=value counts as typed. The data position saved after a
+    resumed run counts only the batches served since the resume, each of the batch size then."""
+    runs = ["--runs-dir", tmp_path, "--name", "r"]
+    chosen = ["--lr", "0.01", "--seed", "5", "--ema-decay", "0.5", "--time-sampling", "uniform",
+              "--sample-every", "7", "--ckpt-every", "9", "--log-every", "3"]
+    assert _run(["train", *runs, *TINY, "--steps", "1", *chosen], capsys)[0] == 0
+    code, _, err = _run(["train", *runs, "--resume", "--steps=2", "--batch-size=3"], capsys)
+    assert code == 0, err
+    saved = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert {k: saved[k] for k in ("lr", "seed", "ema_decay", "time_sampling", "sample_every", "ckpt_every",
+                                   "log_every", "steps", "batch_size", "image_size", "warmup_steps")} == {
+        "lr": 0.01, "seed": 5, "ema_decay": 0.5, "time_sampling": "uniform", "sample_every": 7, "ckpt_every": 9,
+        "log_every": 3, "steps": 2, "batch_size": 3, "image_size": 8, "warmup_steps": 0}
+    state = checkpoint.load(tmp_path / "r" / "last.safetensors")
+    assert state["step"] == 2 and all(state["run"][k] == saved[k] for k in cli.RUN_KEYS)
+    # One batch of 4 (seed 5's epoch 0 from its start), then one of 3.
+    assert state["data_position"] == [0, 4 + 3]
+
+
+def test_logging_intervals_average_the_loss_and_the_last_step_is_logged_and_drawn(tmp_path, capsys, monkeypatch):
+    """--log-every 2: each metrics line holds the mean loss of the steps since the last line, and the
+    run's last step is logged and drawn even when it is off the intervals."""
+    step = RectifiedFlowTrainer.train_step
+    monkeypatch.setattr(RectifiedFlowTrainer, "train_step",
+                        lambda self, images: {**step(self, images), "loss": float(self.step)})
+    code, _, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "5", "--log-every", "2",
+                         "--sample-every", "3"], capsys)
+    assert code == 0, err
+    assert [(m["step"], m["loss"]) for m in _metrics(tmp_path / "r")] == [(2, 1.5), (4, 3.5), (5, 5.0)]
+    assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["step_0000003.png", "step_0000005.png"]
+
+
+def test_digits_train_at_16_px_without_flips_unless_asked(tmp_path, capsys, monkeypatch):
+    """Digits: 16 px by default, and no flips (a mirrored digit is no digit) unless --flip says so."""
+    from liquiddiff import data
+
+    flipped = []
+    flip = data.random_hflip
+    monkeypatch.setattr(data, "random_hflip", lambda images: flipped.append(len(images)) or flip(images))
+    tiny = [a for a in TINY if a not in ("--image-size", "8")]
+    assert _run(["train", "--runs-dir", tmp_path, "--name", "plain", *tiny, "--steps", "1"], capsys)[0] == 0
+    saved = json.loads((tmp_path / "plain" / "run.json").read_text())
+    assert (saved["image_size"], saved["flip"], flipped) == (16, False, [])
+    assert _run(["train", "--runs-dir", tmp_path, "--name", "flip", *TINY, "--steps", "1", "--flip"], capsys)[0] == 0
+    assert flipped == [4]
+
+
+def test_sample_follows_its_seed_and_no_ema_reads_the_raw_weights(tmp_path, capsys):
+    """sample --seed changes the noise, so the images; --no-ema samples the raw weights, which after a
+    few steps differ from the EMA ones."""
+    assert _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "3", "--lr", "0.05"], capsys)[0] == 0
+    grids = {}
+    for name, extra in (("a", []), ("again", []), ("seed", ["--seed", "1"]), ("raw", ["--no-ema"])):
+        code, _, err = _run(["sample", "--ckpt", tmp_path / "r", "--n", "2", "--steps", "2", "--no-progress",
+                             "--out", tmp_path / f"{name}.png", *extra], capsys)
+        assert code == 0, err
+        grids[name] = np.asarray(Image.open(tmp_path / f"{name}.png"))
+    assert np.array_equal(grids["a"], grids["again"])
+    assert not np.array_equal(grids["a"], grids["seed"]) and not np.array_equal(grids["a"], grids["raw"])
+
+
+def test_resume_drops_the_metrics_a_killed_run_logged_past_its_checkpoint(tmp_path, capsys):
+    """Lines a killed run logged after its last checkpoint (and a torn last line) are dropped: the
+    resumed run logs those steps again, once."""
+    runs = ["--runs-dir", tmp_path, "--name", "r"]
+    assert _run(["train", *runs, *TINY, "--steps", "2"], capsys)[0] == 0
+    with open(tmp_path / "r" / "metrics.jsonl", "a") as log:
+        log.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')
+    assert _run(["train", *runs, "--resume", "--steps", "3"], capsys)[0] == 0
+    logged = _metrics(tmp_path / "r")
+    assert [m["step"] for m in logged] == [1, 2, 3] and logged[-1]["loss"] != 99.0
+
+
 def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, capsys, monkeypatch):
     def oom(self, images):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -549,3 +766,52 @@ def test_torchrun_two_processes_gloo(tmp_path):
     trainer = RectifiedFlowTrainer(build("micro", in_channels=1, channels=(8, 16)), device="cpu")
     trainer.load_checkpoint(run / "last.safetensors")
     assert trainer.step == 4
+
+
+@pytest.mark.slow
+def test_torchrun_resume_gives_each_rank_back_its_own_random_stream(tmp_path):
+    """A torchrun run resumed by the same number of processes: each rank continues its own noise
+    and flips from the checkpoint (not all of them rank 0's, which the trainer's state holds)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "liquiddiff", "train", "--runs-dir", str(tmp_path), "--name", "ddp"]
+    for extra in ([*TINY, "--steps", "1"], ["--resume", "--steps", "2", "--no-progress"]):
+        done = subprocess.run([*cmd, *extra], env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "at step 1" in done.stdout and "noise continues from fresh seeds" not in done.stdout
+    ranks = checkpoint.load(tmp_path / "ddp" / "last.safetensors")["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["cpu"], ranks[1]["cpu"])
+
+
+def test_only_global_rank_0_is_the_main_process(monkeypatch):
+    """On the second node of a torchrun job local rank 0 is not rank 0: it neither logs nor writes."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    info = distributed.from_env()
+    assert info == distributed.DistInfo(rank=2, local_rank=0, world_size=4) and info.enabled and not info.is_main
+    monkeypatch.delenv("LOCAL_RANK")
+    assert distributed.from_env().local_rank == 2
+
+
+@pytest.mark.slow
+def test_collectives_under_torchrun(tmp_path):
+    """Two gloo processes: the logged loss is the mean over ranks (not their sum), gather_objects
+    gives every rank's object in rank order, broadcast_object rank 0's."""
+    script = tmp_path / "collectives.py"
+    script.write_text(textwrap.dedent("""
+        import json
+        import torch
+        from liquiddiff import distributed
+        info = distributed.from_env()
+        distributed.init(info, torch.device("cpu"))
+        mean = distributed.mean_over_ranks(3.0 * (info.rank + 1), torch.device("cpu"))
+        gathered = distributed.gather_objects({"rank": info.rank})
+        told = distributed.broadcast_object(f"from {info.rank}")
+        print(json.dumps({"rank": info.rank, "mean": mean, "gathered": gathered, "told": told}), flush=True)
+        distributed.cleanup()
+    """))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    said = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    assert said == [{"rank": r, "mean": 4.5, "gathered": [{"rank": 0}, {"rank": 1}], "told": "from 0"} for r in (0, 1)]
