@@ -3,6 +3,7 @@ a GPU machine times each candidate setting against the baseline it must beat, in
 
     python -m benchmarks.tune_kernels            # a GPU: bf16, [8, 64, 256, 256], channels_last
     python -m benchmarks.tune_kernels --quick    # any machine: tiny sizes, proves it runs
+    python -m benchmarks.tune_kernels --max-seconds 150   # what a GPU call has left: no setting timed after
 
 Sections (each setting is a set of the launcher's module constants, restored afterwards):
 
