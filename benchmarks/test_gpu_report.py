@@ -207,3 +207,129 @@ def test_a_row_that_compiled_while_timed_or_trained_another_model_is_flagged():
     assert "loss_vs_reference" not in rows["ref_compile_cl"]  # compiled rows: not compared
     flagged = [n for n in notes if "check it computes the same model" in n]
     assert len(flagged) == 1 and flagged[0].startswith("train fused_pw_cl: last loss 1.2000")
+
+
+def test_op_rows_ratios_and_per_pass_parity():
+    """Each op row's ratios are numerator over denominator as their names say (fused / floor,
+    compile / fused, eager / fused), and its parity error is the outputs' in the forward row and
+    the gradients' in the forward+backward row, each against the tolerance."""
+    ms = {("eager", "fwd"): 4.0, ("compile", "fwd"): 3.0, ("fused", "fwd"): 2.0,
+          ("eager", "fwdbwd"): 12.0, ("compile", "fwdbwd"): 9.0, ("fused", "fwdbwd"): 6.0}
+    entry = {"op": "adaln", "title": "AdaLN", "layout": "channels_last", "ms": ms,
+             "floor_ms": {"fwd": 1.0, "fwdbwd": 4.0}, "floor_bytes": {"fwd": 10, "fwdbwd": 40}, "parity": "PASS",
+             "parity_fused": {"out": 1e-3, "dx": 5e-2, "dscale": 1e-4}, "parity_tol": 1e-2,
+             "parity_eager": {"out": 2e-3, "dx": 3e-3}}
+    fwd, bwd = gpu_report.op_rows([entry])
+    assert (fwd["pass"], fwd["fused_over_floor"], fwd["compile_over_fused"], fwd["eager_over_fused"]) == (
+        "fwd", 2.0, 1.5, 2.0)
+    assert (fwd["compile_over_floor"], fwd["eager_over_floor"]) == (3.0, 4.0)
+    assert (bwd["pass"], bwd["fused_over_floor"], bwd["compile_over_fused"]) == ("fwdbwd", 1.5, 1.5)
+    assert (fwd["parity_err"], fwd["parity"], fwd["eager_bf16_err"]) == (1e-3, "PASS", 2e-3)
+    assert (bwd["parity_err"], bwd["parity"], bwd["eager_bf16_err"]) == (5e-2, "FAIL", 3e-3)
+
+
+def test_the_floor_time_is_the_floor_bytes_over_the_copy_bandwidth_in_ms(monkeypatch):
+    """floor_ms = floor bytes / (GB/s * 1e9) * 1e3: milliseconds, like the timings beside it."""
+    case = cases.make_op_case("cfc_relax", (1, 3, 2, 2), torch.float32, "cpu", "nchw")
+    entry = {"op": "cfc_relax", "layout": "nchw", "case": case, "callables": {("fused", "fwd"): lambda: None}}
+    monkeypatch.setattr(cases, "time_ms", lambda *args: 0.5)
+    gpu_report.time_ops([entry], torch.device("cpu"), 100.0, True, [], gpu_report.Clock(60), keep_s=0)
+    for mode in cases.MODES:
+        assert entry["floor_bytes"][mode] == case.floor_bytes(mode)
+        assert entry["floor_ms"][mode] == pytest.approx(case.floor_bytes(mode) / 100e9 * 1e3)
+    assert entry["ms"] == {("fused", "fwd"): 0.5}
+
+
+def test_the_tables_put_each_number_under_its_column():
+    """The op table's compile/fused and eager/fused columns, and the train table's speed-ups
+    against eager NCHW and against the compiled reference, are not swapped."""
+    report = _fake_report()
+    report["ops"][0].update(fused_ms=0.5, fused_over_floor=5.0, compile_over_fused=0.4, eager_over_fused=2.0)
+    report["e2e"] = {"train": [{"name": "fused_cl", "label": "fused", "layout": "channels_last", "train_ms": 50.0,
+                                "speedup_vs_ref_eager_nchw": 3.0, "speedup_vs_ref_compile_cl": 1.25, "peak_GiB": 8.0,
+                                "transient_GiB": 4.0, "compile_s": None, "status": "ok"}],
+                     "sample": [{"name": "fused_cl", "label": "fused", "layout": "channels_last", "images_per_s": 12.0,
+                                 "sample_s": 0.5, "peak_GiB": 2.0, "status": "ok"}]}
+    md = gpu_report.render_markdown(report)
+    assert "| CfC gate+relax | nchw | fwd | 1.000 | 0.200 | 0.500 | 0.100 | 5.00 | 0.40 | 2.00 | ERROR |" in md
+    assert "| fused | channels_last | 50.0 | 3.00 | 1.25 | 8.00 | 4.00 | - | - | ok |" in md
+    assert "| fused | channels_last | 12.0 | 0.50 | 2.00 | - | ok |" in md
+
+
+def test_the_headline_reads_channels_last_ops_and_the_compiled_reference():
+    """The headline's op lines are the channels_last rows only; its train lines compare with
+    torch.compile(reference) channels_last, not another reference row."""
+    report = _fake_report()
+    report["ops"][0].update(fused_ms=0.5)  # an nchw row: not in the headline
+    report["ops"].append(dict(report["ops"][0], layout="channels_last", fused_ms=0.3, fused_over_floor=3.0,
+                              compile_ms=0.6, compile_over_fused=2.0, parity="PASS"))
+    report["e2e"] = {"train": [
+        {"name": "ref_eager_cl", "label": "reference eager", "train_ms": 200.0, "peak_GiB": 20.0},
+        {"name": "ref_compile_cl", "label": "torch.compile(reference)", "train_ms": 80.0, "peak_GiB": 16.0},
+        {"name": "fused_cl", "label": "fused", "train_ms": 50.0, "peak_GiB": 8.0}]}
+    assert gpu_report.headline(report) == [
+        "CfC gate+relax fwd (channels_last): fused 0.300 ms = 3.00x floor; torch.compile 0.600 ms (2.00x fused); parity PASS",
+        "train step, fused channels_last: 50.0 ms, peak 8.0 GiB vs torch.compile(reference) channels_last 80.0 ms, 16.0 GiB"]
+
+
+def test_e2e_section_speedups_non_finite_samples_and_a_lower_loss():
+    """speedup_vs_X = X's step ms / the row's (above 1: faster than X); a sampling row whose
+    images are not finite reads NON-FINITE; a loss far below the reference's is flagged as much
+    as one far above it."""
+    cfg = cases.e2e_config(True)
+    workers = {
+        ("train", "ref_eager_nchw"): _FakeWorker("train", "ref_eager_nchw", result={"train_ms": 100.0, "loss": 1.0}),
+        ("train", "ref_eager_cl"): _FakeWorker("train", "ref_eager_cl", result={"train_ms": 80.0, "loss": 1.0}),
+        ("train", "ref_compile_cl"): _FakeWorker("train", "ref_compile_cl", result={"train_ms": 50.0, "loss": 1.0}),
+        ("train", "fused_cl"): _FakeWorker("train", "fused_cl", result={"train_ms": 25.0, "loss": 0.9}),
+        ("sample", "fused_cl"): _FakeWorker("sample", "fused_cl", result={"images_per_s": 3.0, "finite": False}),
+    }
+    for w in workers.values():
+        w.state = "done"
+    notes = []
+    section = gpu_report.e2e_section(workers, cfg, notes)
+    fused = {r["name"]: r for r in section["train"]}["fused_cl"]
+    assert (fused["speedup_vs_ref_eager_nchw"], fused["speedup_vs_ref_compile_cl"]) == (4.0, 2.0)
+    assert section["sample"][0]["status"] == "NON-FINITE"
+    assert any(n.startswith("train fused_cl: last loss 0.9000") for n in notes)
+
+
+class _FakeTrainer:
+    """Each train step or sample() call advances a fake clock by the next of ``durations`` s."""
+
+    def __init__(self, clock, durations):
+        self.clock, self.durations = clock, list(durations)
+
+    def _tick(self):
+        self.clock.now += self.durations.pop(0)
+
+    def train_step(self, images):
+        self._tick()
+        return {"loss": 1.0, "grad_norm": 1.0}
+
+    def sample(self, batch, image, **kw):
+        self._tick()
+        return torch.zeros(batch, 3, image, image)
+
+
+def test_train_ms_is_the_median_step_and_images_per_s_batch_over_median_seconds(monkeypatch):
+    """train_ms: the median step time in ms (one slow step does not move it, as a mean would);
+    images_per_s: the batch over the median seconds of a sample() call."""
+    import dataclasses
+    import types
+
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(gpu_report, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    cpu = torch.device("cpu")
+    cfg = dataclasses.replace(cases.QUICK_E2E, train_steps=3, sample_runs=3, batch=4)
+    out = gpu_report._measure_train(_FakeTrainer(clock, [1.0, 2.0, 9.0]), None, cfg, cpu)
+    assert out["train_ms"] == 2000.0 and out["train_ms_all"] == [1000.0, 2000.0, 9000.0]
+    out = gpu_report._measure_sample(_FakeTrainer(clock, [1.0, 2.0, 9.0]), cfg, cpu, gpu_report.VARIANTS["fused_cl"])
+    assert (out["sample_s"], out["images_per_s"], out["finite"]) == (2.0, 2.0, True)
+
+
+def test_the_full_model_config_is_issue_7s():
+    """Issue 7's model rows: tiny preset, 256 px, batch 8, 50 Euler sampling steps."""
+    cfg = cases.e2e_config(False)
+    assert (cfg.preset, cfg.image, cfg.batch, cfg.sample_steps, cfg.overrides) == ("tiny", 256, 8, 50, ())
+    assert cfg.describe() == "tiny, 256 px, batch 8"

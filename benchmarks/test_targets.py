@@ -82,3 +82,46 @@ def test_the_report_renders_them():
 def test_the_plot_draws_each_op_its_own_floor_limit():
     assert targets.floor_limit("cfc_relax", "fwd") == 1.25 and targets.floor_limit("adaln", "fwdbwd") == 1.5
     assert targets.floor_limit("adaln", "fwd") is None and targets.floor_limit("dwconv7", "fwdbwd") is None
+
+
+def test_a_ratio_exactly_at_its_limit_meets_it():
+    """'Within 1.25x' and 'at least 1.8x' include the limit itself: <= and >=, not < and >."""
+    report = _report()
+    report["ops"][0]["fused_over_floor"] = 1.25
+    report["ops"][1]["compile_over_fused"] = 1.8
+    rows = _by_target(targets.evaluate(report))
+    assert rows["cfc_relax (nchw): forward time / floor <= 1.25"]["verdict"] == "met"
+    assert rows["cfc_relax (nchw): forward+backward speed-up over compile >= 1.8"]["verdict"] == "met"
+
+
+def test_a_compiled_row_that_ran_right_counts_and_a_parity_error_does_not():
+    """A compiled row's good status reads 'ok (n graph(s), m break(s))' (gpu_report.e2e_section):
+    it counts like 'ok'. An op row whose parity check could not run ('ERROR') did not pass: invalid."""
+    report = _report()
+    train = {r["name"]: r for r in report["e2e"]["train"]}
+    train["ref_compile_cl"]["status"] = "ok (3 graph(s), 0 break(s))"
+    train["fused_compile_cl"].update(train_ms=50.0, status="ok (2 graph(s), 0 break(s))")
+    report["ops"][2]["parity"] = "ERROR"
+    rows = _by_target(targets.evaluate(report))
+    compiled = rows["train step: compile(reference) ms / compile(fused) ms >= 1.5"]
+    assert compiled["verdict"] == "met" and compiled["value"] == 1.6
+    assert rows["adaln (channels_last): forward+backward time / floor <= 1.5"]["verdict"] == "invalid: parity ERROR"
+
+
+def test_a_skipped_row_is_not_measured_and_a_bad_opt_in_row_is_still_shown():
+    """A row with no number (skipped before timing) reads 'not measured', and a skipped opt-in
+    row adds no information row; an opt-in row that has a number from a bad run is listed as
+    invalid even when the reference it is compared with has no number."""
+    report = _report()
+    report["e2e"]["train"].append({"name": "fused_dw_cl", "label": "fused + Triton depthwise", "status": "skipped"})
+    ref_sample = report["e2e"]["sample"][0]
+    ref_sample.update(status="skipped", images_per_s=None)
+    report["e2e"]["sample"].append({"name": "fused_pw_cl", "label": "fused + Triton pointwise",
+                                    "images_per_s": 20.0, "status": "NON-FINITE"})
+    rows = targets.evaluate(report)
+    by = _by_target(rows)
+    assert by["sampling: fused images/s / compile(reference) images/s >= 1.5"]["verdict"] == "not measured"
+    info = [(r["target"], r["verdict"]) for r in rows if r["target"].endswith("information)")]
+    assert ("sampling: fused images/s / compile(reference) images/s >= 1.5 (opt-in kernels, information)",
+            "invalid: fused + Triton pointwise: NON-FINITE") in info
+    assert len(info) == 3  # fused_pw_cl's two train checks and its sampling check
