@@ -13,8 +13,9 @@ the fused model as a user gets it (``FUSED``: the default kernels), for all thre
 each opt-in kernel set's row is checked too, as information for ``runtime.OPT_IN``.
 
 A number counts only from a row that ran as it should: an op row whose parity passed, a model
-row whose status is "ok" (not "NON-FINITE", "NOT COMPILED", "RECOMPILED", killed or skipped);
-otherwise the verdict is "invalid" and says why.
+row whose status is "ok" (not "NON-FINITE", "NOT COMPILED", "RECOMPILED", or "LOSS OFF": an
+eager row whose last loss is not the eager reference's); otherwise the verdict is "invalid" and
+says why. A row that was killed or skipped has no number: "not measured".
 
 Quick-mode reports (tiny sizes, CPU) are checked the same way; their verdicts mean nothing,
 which the report header says.
