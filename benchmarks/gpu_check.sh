@@ -181,7 +181,7 @@ EOF
 )
 case $RC in
     0) note "report: OK ($STATUS)";;
-    1) note "report: PARITY FAIL or non-finite model output ($STATUS)"; FAILED=1;;
+    1) note "report: PARITY FAIL, non-finite model output or a loss off the reference's ($STATUS)"; FAILED=1;;
     124|137) note "report: TIMEOUT after $(( RB + 30 ))s ($STATUS)"; FAILED=1;;
     *) note "report: rc=$RC ($STATUS)"; FAILED=1;;
 esac

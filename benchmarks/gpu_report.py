@@ -943,10 +943,10 @@ def run_report(args, argv) -> int:
     report["targets"] = targets.evaluate(report)
     e2e_rows = report["e2e"].get("train", []) + report["e2e"].get("sample", [])
     if any(r.get("parity") in ("FAIL", "ERROR") for r in report["ops"]) or any(
-            r.get("status") == "NON-FINITE" for r in e2e_rows):
+            str(r.get("status")).startswith(("NON-FINITE", "LOSS OFF")) for r in e2e_rows):
         status = status or 1
     report["meta"]["status"] = status
-    (out_dir / "report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (out_dir / "report.json").write_text(json.dumps(strict_json(report), indent=1, default=str, allow_nan=False) + "\n")
     md = render_markdown(report)
     (out_dir / "report.md").write_text(md)
     try:
@@ -1009,6 +1009,18 @@ def e2e_section(workers, cfg, notes) -> dict:
     section["train"].sort(key=lambda r: order[r["name"]])
     section["sample"].sort(key=lambda r: order.get(r["name"], len(order)))
     return section
+
+
+def strict_json(value):
+    """``value`` with each non-finite float (a NaN parity error, an inf loss) as the string Python
+    prints for it: report.json stays JSON that any parser reads (bare NaN is Python's extension)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
 
 
 # The eager rows train the same model on the same images and noise (cases.build_trainer's seed):

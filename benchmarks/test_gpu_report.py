@@ -338,3 +338,16 @@ def test_the_full_model_config_is_issue_7s():
     cfg = cases.e2e_config(False)
     assert (cfg.preset, cfg.image, cfg.batch, cfg.sample_steps, cfg.overrides) == ("tiny", 256, 8, 50, ())
     assert cfg.describe() == "tiny, 256 px, batch 8"
+
+
+def test_report_json_is_strict_json_with_non_finite_numbers_as_text():
+    """A NaN parity error or an inf loss is written as text, so report.json parses anywhere (bare
+    NaN and Infinity are Python's extension of JSON); finite numbers and the structure are kept."""
+    report = {"ops": [{"parity_err": float("nan"), "ms": [1.5, float("inf")]}], "e2e": {"loss": -float("inf")}, "n": 3}
+    text = json.dumps(gpu_report.strict_json(report), allow_nan=False)
+
+    def refuse(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(text, parse_constant=refuse) == {"ops": [{"parity_err": "nan", "ms": [1.5, "inf"]}],
+                                                       "e2e": {"loss": "-inf"}, "n": 3}
