@@ -1,12 +1,15 @@
 """Test setup: without CUDA, Triton kernels run under the interpreter on the CPU.
 
 TRITON_INTERPRET must be set before Triton compiles any @triton.jit function, so it is set here,
-before the package is imported by any test module.
+before the package is imported by any test module. The interpreter is made to do what a GPU
+does where the two differ (tests/strict_interpreter.py).
 """
 import os
 
 import pytest
 import torch
+
+from tests import strict_interpreter
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -14,6 +17,8 @@ else:
     from benchmarks.cases import ieee_fp32_convolutions
 
     ieee_fp32_convolutions()  # fp32 parity against cuDNN's convs, not its TF32 default
+if os.environ.get("TRITON_INTERPRET") == "1":
+    strict_interpreter.apply()  # masked-out lanes read NaN, bf16 rounds to nearest even: as on a GPU
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from liquiddiff.kernels import _tensors
-from tests import parity
+from liquiddiff.kernels import _tensors, runtime
+from tests import parity, strict_interpreter
 
 
 @pytest.mark.parametrize("past", ["end", "start"])
@@ -24,3 +24,63 @@ def test_untouched_guards_pass_and_poisoning_ends():
         buf.fill_(2.0)
     assert not _tensors.poison_outputs and not _tensors.guarded
     assert not _tensors.empty_buffer((4, 6), torch.float64, torch.device("cpu")).storage_offset()
+
+
+
+
+def _kernels():
+    """Two copies from x to y: a masked load, with ``other`` or without, to every lane; and a
+    cast of x to y's dtype."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def masked_copy(x_ptr, y_ptr, n, OTHER: tl.constexpr, BLOCK: tl.constexpr):
+        lanes = tl.arange(0, BLOCK)
+        if OTHER:
+            v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
+        else:
+            v = tl.load(x_ptr + lanes, mask=lanes < n)
+        tl.store(y_ptr + lanes, v)
+
+    @triton.jit
+    def cast_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
+        tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
+
+    return masked_copy, cast_copy
+
+
+strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
+                            reason="the interpreter made strict (tests/strict_interpreter.py) only")
+
+
+@strict
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_lanes_without_other_read_nan_under_the_interpreter(dtype):
+    # What a GPU leaves undefined must not read as the interpreter's zeros, or a kernel that
+    # sums those lanes passes here.
+    masked_copy, _ = _kernels()
+    x = torch.randn(5, dtype=dtype)
+    y, y_other = torch.empty(8, dtype=dtype), torch.empty(8, dtype=dtype)
+    masked_copy[(1,)](x, y, 5, OTHER=False, BLOCK=8)
+    masked_copy[(1,)](x, y_other, 5, OTHER=True, BLOCK=8)
+    assert torch.equal(y[:5], x) and y[5:].isnan().all(), y
+    assert torch.equal(y_other[:5], x) and (y_other[5:] == 0).all(), y_other
+
+
+@strict
+def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
+    # A GPU rounds to nearest even, the plain interpreter toward zero. Exact ties (both ways of
+    # breaking them), the largest finite floats (they round to inf), subnormals, inf and NaN.
+    bits = torch.randint(0, 2**31 - 1, (4096,), dtype=torch.int64)
+    bits[:1024] = (bits[:1024] & ~0xFFFF) | 0x8000
+    x = bits.to(torch.int32).view(torch.float32) * torch.where(torch.rand(4096) < 0.5, -1.0, 1.0)
+    x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4028235e38, 1e-40, -3e-39])
+    _, cast_copy = _kernels()
+    y = torch.empty(4096, dtype=torch.bfloat16)
+    cast_copy[(4,)](x, y, 4096, BLOCK=1024)
+    want = x.to(torch.bfloat16)
+    same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
+    assert same.all(), f"{int((~same).sum())} of 4096 differ, e.g. {x[~same][:3].tolist()}"
