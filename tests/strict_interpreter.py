@@ -7,11 +7,15 @@ see what a GPU would.
   (garbage * 0 is NaN when the garbage is inf or NaN) passes every test on the CPU and is wrong
   on a GPU. Here those lanes read NaN, so such a kernel fails the parity tests. Loads that give
   ``other`` read it, as before.
+- Out-of-bounds accesses: a GPU faults, or reads and writes another buffer, and only
+  compute-sanitizer sees an access whose value is then discarded; the interpreter reads or
+  writes the host's memory beyond the tensor. Here every load and store of a launch must lie
+  inside one of the tensors it was given (each view's extent), or the launch raises.
 - bf16 rounding: a GPU rounds fp32 to bf16 to nearest even (Triton's default for a downcast),
   as torch does; the interpreter truncates (toward zero, seen on Triton 3.9), which biases every
   bf16 value a kernel stores. Here it rounds to nearest even.
 
-tests/conftest.py applies both (:func:`apply`) under the interpreter.
+tests/conftest.py applies all three (:func:`apply`) under the interpreter.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ def _interpreter():
         return None
     semantic = getattr(interpreter, "interpreter_semantic", None)
     builder = getattr(interpreter, "InterpreterBuilder", None)
-    if not hasattr(semantic, "load") or not hasattr(builder, "cast_impl"):
+    hooks = ("cast_impl", "create_masked_load", "create_masked_store")
+    if not (hasattr(semantic, "load") and all(hasattr(builder, h) for h in hooks)
+            and hasattr(getattr(interpreter, "GridExecutor", None), "__call__")):
         return None
     return interpreter
 
@@ -46,16 +52,75 @@ def round_to_bf16(values: np.ndarray) -> np.ndarray:
     return rounded
 
 
+class OutOfBounds(Exception):
+    """A load or store of an interpreted launch outside every tensor it was given."""
+
+
+def _extent(tensor) -> tuple[int, int]:
+    """[first byte, past the last byte) of a view's elements in memory (empty when it has none)."""
+    if tensor.numel() == 0:
+        return tensor.data_ptr(), tensor.data_ptr()
+    reach = sum((n - 1) * s for n, s in zip(tensor.shape, tensor.stride()))
+    return tensor.data_ptr(), tensor.data_ptr() + (reach + 1) * tensor.element_size()
+
+
+class _Launch:
+    """The tensors of the launch being interpreted: their extents, sorted by start."""
+    name = None
+    starts = ends = np.zeros(0, dtype=np.uint64)
+
+    @classmethod
+    def begin(cls, name: str, args) -> None:
+        extents = sorted(_extent(a) for a in args if hasattr(a, "data_ptr") and hasattr(a, "stride"))
+        cls.name = name
+        cls.starts = np.array([e[0] for e in extents], dtype=np.uint64)
+        cls.ends = np.array([e[1] for e in extents], dtype=np.uint64)
+
+    @classmethod
+    def check(cls, kind: str, ptrs, mask) -> None:
+        if cls.name is None:
+            return
+        addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)].ravel()
+        size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
+        owner = np.searchsorted(cls.starts, addresses, side="right") - 1
+        inside = (owner >= 0) & (addresses + size <= cls.ends[np.maximum(owner, 0)])
+        # Views of one storage can nest or overlap: an address past its nearest start's end
+        # may still lie inside an earlier, longer tensor.
+        for i in np.flatnonzero(~inside):
+            a = addresses[i]
+            inside[i] = bool(((cls.starts <= a) & (a + size <= cls.ends)).any())
+        if not inside.all():
+            raise OutOfBounds(f"{cls.name}: a {kind} of {int((~inside).sum())} elements outside every "
+                              f"tensor the launch was given (first at {int(addresses[~inside][0]):#x})")
+
+
 def apply() -> None:
-    """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, and
-    fp32 -> bf16 casts round to nearest even (idempotent; nothing where not :func:`supported`)."""
+    """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
+    access of a launch is checked against its tensors, and fp32 -> bf16 casts round to nearest
+    even (idempotent; nothing where not :func:`supported`)."""
     interpreter = _interpreter()
     if interpreter is None or getattr(interpreter.interpreter_semantic.load, "strict", False):
         return
     import triton.language as tl
 
-    semantic, builder = interpreter.interpreter_semantic, interpreter.InterpreterBuilder
-    load, cast = semantic.load, builder.cast_impl
+    semantic, builder, executor = interpreter.interpreter_semantic, interpreter.InterpreterBuilder, interpreter.GridExecutor
+    load, cast, run = semantic.load, builder.cast_impl, executor.__call__
+    masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
+
+    def run_checking_bounds(self, *args, **kwargs):
+        _Launch.begin(getattr(self.fn, "__name__", "kernel"), [*args, *kwargs.values()])
+        try:
+            return run(self, *args, **kwargs)
+        finally:
+            _Launch.name = None
+
+    def load_in_bounds(self, ptrs, mask, *args, **kwargs):
+        _Launch.check("load", ptrs, mask)
+        return masked_load(self, ptrs, mask, *args, **kwargs)
+
+    def store_in_bounds(self, ptrs, value, mask, *args, **kwargs):
+        _Launch.check("store", ptrs, mask)
+        return masked_store(self, ptrs, value, mask, *args, **kwargs)
 
     def load_poisoning_masked_lanes(ptr, mask, other, *args, **kwargs):
         if mask is not None and other is None and ptr.type.scalar.element_ty.is_floating():
@@ -70,3 +135,5 @@ def apply() -> None:
     load_poisoning_masked_lanes.strict = True
     semantic.load = load_poisoning_masked_lanes
     builder.cast_impl = cast_rounding_to_bf16
+    builder.create_masked_load, builder.create_masked_store = load_in_bounds, store_in_bounds
+    executor.__call__ = run_checking_bounds

@@ -44,12 +44,20 @@ def _kernels():
         tl.store(y_ptr + lanes, v)
 
     @triton.jit
+    def reaching_copy(x_ptr, y_ptr, n, load_reach, store_reach, BLOCK: tl.constexpr):
+        # Loads and stores `reach` lanes past n, the loaded ones thrown away: right values,
+        # wrong accesses.
+        lanes = tl.arange(0, BLOCK)
+        v = tl.load(x_ptr + lanes, mask=lanes < n + load_reach, other=0.0)
+        tl.store(y_ptr + lanes, tl.where(lanes < n, v, 0.0), mask=lanes < n + store_reach)
+
+    @triton.jit
     def cast_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
         tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
 
-    return masked_copy, cast_copy
+    return masked_copy, cast_copy, reaching_copy
 
 
 strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
@@ -61,7 +69,7 @@ strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interp
 def test_masked_lanes_without_other_read_nan_under_the_interpreter(dtype):
     # What a GPU leaves undefined must not read as the interpreter's zeros, or a kernel that
     # sums those lanes passes here.
-    masked_copy, _ = _kernels()
+    masked_copy, _, _ = _kernels()
     x = torch.randn(5, dtype=dtype)
     y, y_other = torch.empty(8, dtype=dtype), torch.empty(8, dtype=dtype)
     masked_copy[(1,)](x, y, 5, OTHER=False, BLOCK=8)
@@ -78,9 +86,23 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
     bits[:1024] = (bits[:1024] & ~0xFFFF) | 0x8000
     x = bits.to(torch.int32).view(torch.float32) * torch.where(torch.rand(4096) < 0.5, -1.0, 1.0)
     x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4028235e38, 1e-40, -3e-39])
-    _, cast_copy = _kernels()
+    _, cast_copy, _ = _kernels()
     y = torch.empty(4096, dtype=torch.bfloat16)
     cast_copy[(4,)](x, y, 4096, BLOCK=1024)
     want = x.to(torch.bfloat16)
     same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
     assert same.all(), f"{int((~same).sum())} of 4096 differ, e.g. {x[~same][:3].tolist()}"
+
+
+@strict
+def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
+    # What compute-sanitizer alone sees on a GPU when the values are discarded: an access just
+    # past a view (here slices of larger tensors, so the memory is there).
+    *_, reaching_copy = _kernels()
+    x, y = torch.randn(16), torch.zeros(16)
+    reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
+    assert torch.equal(y[:8], x[:8])
+    with pytest.raises(Exception, match="reaching_copy: a load of 1 elements outside every tensor"):
+        reaching_copy[(1,)](x[:8], y[:8], 8, 1, 0, BLOCK=16)
+    with pytest.raises(Exception, match="reaching_copy: a store of 2 elements outside every tensor"):
+        reaching_copy[(1,)](x[:8], y[:8], 8, 0, 2, BLOCK=16)
