@@ -11,11 +11,15 @@ see what a GPU would.
   compute-sanitizer sees an access whose value is then discarded; the interpreter reads or
   writes the host's memory beyond the tensor. Here every load and store of a launch must lie
   inside one of the tensors it was given (each view's extent), or the launch raises.
+- Programs of a launch: a GPU runs them at once, in any order; the interpreter one after
+  another, so a kernel whose programs share an element that one of them stores (two stores,
+  or a store and another's load) computes one of its possible results here and passes. Here
+  such a launch raises: every kernel's result is the same in any order of its programs.
 - bf16 rounding: a GPU rounds fp32 to bf16 to nearest even (Triton's default for a downcast),
   as torch does; the interpreter truncates (toward zero, seen on Triton 3.9), which biases every
   bf16 value a kernel stores. Here it rounds to nearest even.
 
-tests/conftest.py applies all three (:func:`apply`) under the interpreter.
+tests/conftest.py applies all four (:func:`apply`) under the interpreter.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import numpy as np
 
 
 def _interpreter():
-    """Triton's interpreter module where it has the two hooks wrapped here, else None."""
+    """Triton's interpreter module where it has every hook wrapped here, else None."""
     try:
         from triton.runtime import interpreter
     except ImportError:
@@ -56,6 +60,10 @@ class OutOfBounds(Exception):
     """A load or store of an interpreted launch outside every tensor it was given."""
 
 
+class ProgramsOverlap(Exception):
+    """An element that one program of a launch stores and another loads or stores."""
+
+
 def _extent(tensor) -> tuple[int, int]:
     """[first byte, past the last byte) of a view's elements in memory (empty when it has none)."""
     if tensor.numel() == 0:
@@ -65,9 +73,11 @@ def _extent(tensor) -> tuple[int, int]:
 
 
 class _Launch:
-    """The tensors of the launch being interpreted: their extents, sorted by start."""
+    """The launch being interpreted: its tensors' extents, sorted by start, and the addresses
+    each of its programs loaded and stored."""
     name = None
     starts = ends = np.zeros(0, dtype=np.uint64)
+    accesses = {"load": [], "store": []}
 
     @classmethod
     def begin(cls, name: str, args) -> None:
@@ -75,9 +85,11 @@ class _Launch:
         cls.name = name
         cls.starts = np.array([e[0] for e in extents], dtype=np.uint64)
         cls.ends = np.array([e[1] for e in extents], dtype=np.uint64)
+        cls.accesses = {"load": [], "store": []}
 
     @classmethod
-    def check(cls, kind: str, ptrs, mask) -> None:
+    def access(cls, kind: str, builder, ptrs, mask) -> None:
+        """Check one load or store against the tensors and record it for :meth:`end`."""
         if cls.name is None:
             return
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)].ravel()
@@ -92,12 +104,47 @@ class _Launch:
         if not inside.all():
             raise OutOfBounds(f"{cls.name}: a {kind} of {int((~inside).sum())} elements outside every "
                               f"tensor the launch was given (first at {int(addresses[~inside][0]):#x})")
+        (x, y, z), (_, ny, nz) = builder.grid_idx, builder.grid_dim
+        cls.accesses[kind].append((addresses, (x * ny + y) * nz + z))
+
+    @classmethod
+    def end(cls) -> None:
+        """Raise if programs of the launch share an element one of them stores: on a GPU they
+        run in any order, at once; here they ran one after another."""
+        name, accesses = cls.name, cls.accesses
+        cls.name, cls.accesses = None, {"load": [], "store": []}
+        if not accesses["store"]:
+            return
+        addr, prog = _flatten(accesses["store"])
+        order = np.lexsort((prog, addr))
+        addr, prog = addr[order], prog[order]
+        repeated = addr[1:] == addr[:-1]
+        shared = repeated & (prog[1:] != prog[:-1])
+        if shared.any():
+            raise ProgramsOverlap(f"{name}: {np.unique(addr[1:][shared]).size} elements stored by more "
+                                  f"than one program")
+        first = np.concatenate([[True], ~repeated])
+        stored, writer = addr[first], prog[first]
+        if accesses["load"]:
+            addr, prog = _flatten(accesses["load"])
+            at = np.minimum(np.searchsorted(stored, addr), stored.size - 1)
+            crossed = (stored[at] == addr) & (writer[at] != prog)
+            if crossed.any():
+                raise ProgramsOverlap(f"{name}: {np.unique(addr[crossed]).size} elements stored by one "
+                                      f"program and loaded by another")
+
+
+def _flatten(accesses) -> tuple[np.ndarray, np.ndarray]:
+    """(addresses, programs) of a list of (addresses, program)."""
+    addr = np.concatenate([a for a, _ in accesses])
+    prog = np.concatenate([np.full(a.size, p, dtype=np.uint64) for a, p in accesses])
+    return addr, prog
 
 
 def apply() -> None:
     """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
-    access of a launch is checked against its tensors, and fp32 -> bf16 casts round to nearest
-    even (idempotent; nothing where not :func:`supported`)."""
+    access of a launch is checked against its tensors and its other programs' stores, and fp32
+    -> bf16 casts round to nearest even (idempotent; nothing where not :func:`supported`)."""
     interpreter = _interpreter()
     if interpreter is None or getattr(interpreter.interpreter_semantic.load, "strict", False):
         return
@@ -107,19 +154,22 @@ def apply() -> None:
     load, cast, run = semantic.load, builder.cast_impl, executor.__call__
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
 
-    def run_checking_bounds(self, *args, **kwargs):
+    def run_checking_accesses(self, *args, **kwargs):
         _Launch.begin(getattr(self.fn, "__name__", "kernel"), [*args, *kwargs.values()])
         try:
-            return run(self, *args, **kwargs)
-        finally:
+            result = run(self, *args, **kwargs)
+        except BaseException:
             _Launch.name = None
+            raise
+        _Launch.end()
+        return result
 
-    def load_in_bounds(self, ptrs, mask, *args, **kwargs):
-        _Launch.check("load", ptrs, mask)
+    def checked_load(self, ptrs, mask, *args, **kwargs):
+        _Launch.access("load", self, ptrs, mask)
         return masked_load(self, ptrs, mask, *args, **kwargs)
 
-    def store_in_bounds(self, ptrs, value, mask, *args, **kwargs):
-        _Launch.check("store", ptrs, mask)
+    def checked_store(self, ptrs, value, mask, *args, **kwargs):
+        _Launch.access("store", self, ptrs, mask)
         return masked_store(self, ptrs, value, mask, *args, **kwargs)
 
     def load_poisoning_masked_lanes(ptr, mask, other, *args, **kwargs):
@@ -135,5 +185,5 @@ def apply() -> None:
     load_poisoning_masked_lanes.strict = True
     semantic.load = load_poisoning_masked_lanes
     builder.cast_impl = cast_rounding_to_bf16
-    builder.create_masked_load, builder.create_masked_store = load_in_bounds, store_in_bounds
-    executor.__call__ = run_checking_bounds
+    builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
+    executor.__call__ = run_checking_accesses

@@ -52,12 +52,24 @@ def _kernels():
         tl.store(y_ptr + lanes, tl.where(lanes < n, v, 0.0), mask=lanes < n + store_reach)
 
     @triton.jit
+    def neighbour_sum(x_ptr, y_ptr, SHARED: tl.constexpr):
+        # Program p stores y[p] = x[p] + x[p + 1] (x has one more element): programs share
+        # inputs only. SHARED 1: each also stores y[0]; SHARED 2: each loads y[p - 1] first.
+        p = tl.program_id(0)
+        v = tl.load(x_ptr + p) + tl.load(x_ptr + p + 1)
+        if SHARED == 2:
+            v += tl.load(y_ptr + tl.maximum(p - 1, 0)) * 0.0
+        tl.store(y_ptr + p, v)
+        if SHARED == 1:
+            tl.store(y_ptr, v)
+
+    @triton.jit
     def cast_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
         tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
 
-    return masked_copy, cast_copy, reaching_copy
+    return masked_copy, cast_copy, reaching_copy, neighbour_sum
 
 
 strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
@@ -69,7 +81,7 @@ strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interp
 def test_masked_lanes_without_other_read_nan_under_the_interpreter(dtype):
     # What a GPU leaves undefined must not read as the interpreter's zeros, or a kernel that
     # sums those lanes passes here.
-    masked_copy, _, _ = _kernels()
+    masked_copy, *_ = _kernels()
     x = torch.randn(5, dtype=dtype)
     y, y_other = torch.empty(8, dtype=dtype), torch.empty(8, dtype=dtype)
     masked_copy[(1,)](x, y, 5, OTHER=False, BLOCK=8)
@@ -86,7 +98,7 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
     bits[:1024] = (bits[:1024] & ~0xFFFF) | 0x8000
     x = bits.to(torch.int32).view(torch.float32) * torch.where(torch.rand(4096) < 0.5, -1.0, 1.0)
     x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4028235e38, 1e-40, -3e-39])
-    _, cast_copy, _ = _kernels()
+    _, cast_copy, *_ = _kernels()
     y = torch.empty(4096, dtype=torch.bfloat16)
     cast_copy[(4,)](x, y, 4096, BLOCK=1024)
     want = x.to(torch.bfloat16)
@@ -98,7 +110,7 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
 def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
     # What compute-sanitizer alone sees on a GPU when the values are discarded: an access just
     # past a view (here slices of larger tensors, so the memory is there).
-    *_, reaching_copy = _kernels()
+    *_, reaching_copy, _ = _kernels()
     x, y = torch.randn(16), torch.zeros(16)
     reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
     assert torch.equal(y[:8], x[:8])
@@ -106,3 +118,17 @@ def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
         reaching_copy[(1,)](x[:8], y[:8], 8, 1, 0, BLOCK=16)
     with pytest.raises(Exception, match="reaching_copy: a store of 2 elements outside every tensor"):
         reaching_copy[(1,)](x[:8], y[:8], 8, 0, 2, BLOCK=16)
+
+
+@strict
+def test_programs_sharing_an_element_one_of_them_stores_fail_under_the_interpreter():
+    # Programs run one after another here and in any order on a GPU: a kernel whose result
+    # depends on that order must fail on the CPU.
+    *_, neighbour_sum = _kernels()
+    x, y = torch.randn(5), torch.full((4,), float("nan"))
+    neighbour_sum[(4,)](x, y, SHARED=0)
+    assert torch.equal(y, x[:-1] + x[1:])
+    with pytest.raises(Exception, match="neighbour_sum: 1 elements stored by more than one program"):
+        neighbour_sum[(4,)](x, y, SHARED=1)
+    with pytest.raises(Exception, match="neighbour_sum: 3 elements stored by one program and loaded by another"):
+        neighbour_sum[(4,)](x, y, SHARED=2)
