@@ -15,11 +15,14 @@ see what a GPU would.
   another, so a kernel whose programs share an element that one of them stores (two stores,
   or a store and another's load) computes one of its possible results here and passes. Here
   such a launch raises: every kernel's result is the same in any order of its programs.
+- tl.dot's smallest tile: Triton for NVIDIA GPUs refuses a dot whose K is under 16 (32 for
+  8-bit inputs; Triton 3.6, the GPU machines', for every dtype; 3.9 takes 8 for fp32 and 4 for
+  fp64); the interpreter takes any. Here a launcher whose tiles would not compile fails.
 - bf16 rounding: a GPU rounds fp32 to bf16 to nearest even (Triton's default for a downcast),
   as torch does; the interpreter truncates (toward zero, seen on Triton 3.9), which biases every
   bf16 value a kernel stores. Here it rounds to nearest even.
 
-tests/conftest.py applies all four (:func:`apply`) under the interpreter.
+tests/conftest.py applies all five (:func:`apply`) under the interpreter.
 """
 from __future__ import annotations
 
@@ -36,7 +39,8 @@ def _interpreter():
     builder = getattr(interpreter, "InterpreterBuilder", None)
     hooks = ("cast_impl", "create_masked_load", "create_masked_store")
     if not (hasattr(semantic, "load") and all(hasattr(builder, h) for h in hooks)
-            and hasattr(getattr(interpreter, "GridExecutor", None), "__call__")):
+            and hasattr(getattr(interpreter, "GridExecutor", None), "__call__")
+            and isinstance(getattr(semantic.builder, "codegen_fns", None), dict)):
         return None
     return interpreter
 
@@ -141,10 +145,16 @@ def _flatten(accesses) -> tuple[np.ndarray, np.ndarray]:
     return addr, prog
 
 
+def _gpu_min_dot_size(lhs_type, rhs_type) -> tuple[int, int, int]:
+    """The smallest (M, N, K) of a tl.dot that Triton 3.6 compiles for an NVIDIA GPU."""
+    return (1, 1, 32 if lhs_type.scalar.primitive_bitwidth == 8 else 16)
+
+
 def apply() -> None:
     """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
-    access of a launch is checked against its tensors and its other programs' stores, and fp32
-    -> bf16 casts round to nearest even (idempotent; nothing where not :func:`supported`)."""
+    access of a launch is checked against its tensors and its other programs' stores, tl.dot
+    takes the GPU's smallest tiles, and fp32 -> bf16 casts round to nearest even (idempotent;
+    nothing where not :func:`supported`)."""
     interpreter = _interpreter()
     if interpreter is None or getattr(interpreter.interpreter_semantic.load, "strict", False):
         return
@@ -187,3 +197,4 @@ def apply() -> None:
     builder.cast_impl = cast_rounding_to_bf16
     builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
     executor.__call__ = run_checking_accesses
+    semantic.builder.codegen_fns["min_dot_size"] = _gpu_min_dot_size

@@ -64,12 +64,19 @@ def _kernels():
             tl.store(y_ptr, v)
 
     @triton.jit
+    def square(x_ptr, y_ptr, BLOCK: tl.constexpr):
+        # y = x @ x for a [BLOCK, BLOCK] x: a dot whose K is BLOCK.
+        at = tl.arange(0, BLOCK)[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
+        x = tl.load(x_ptr + at)
+        tl.store(y_ptr + at, tl.dot(x, x, input_precision="ieee"))
+
+    @triton.jit
     def cast_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
         lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
         tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
 
-    return masked_copy, cast_copy, reaching_copy, neighbour_sum
+    return masked_copy, cast_copy, reaching_copy, neighbour_sum, square
 
 
 strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
@@ -110,7 +117,7 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
 def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
     # What compute-sanitizer alone sees on a GPU when the values are discarded: an access just
     # past a view (here slices of larger tensors, so the memory is there).
-    *_, reaching_copy, _ = _kernels()
+    *_, reaching_copy, _, _ = _kernels()
     x, y = torch.randn(16), torch.zeros(16)
     reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
     assert torch.equal(y[:8], x[:8])
@@ -124,7 +131,7 @@ def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
 def test_programs_sharing_an_element_one_of_them_stores_fail_under_the_interpreter():
     # Programs run one after another here and in any order on a GPU: a kernel whose result
     # depends on that order must fail on the CPU.
-    *_, neighbour_sum = _kernels()
+    *_, neighbour_sum, _ = _kernels()
     x, y = torch.randn(5), torch.full((4,), float("nan"))
     neighbour_sum[(4,)](x, y, SHARED=0)
     assert torch.equal(y, x[:-1] + x[1:])
@@ -132,3 +139,15 @@ def test_programs_sharing_an_element_one_of_them_stores_fail_under_the_interpret
         neighbour_sum[(4,)](x, y, SHARED=1)
     with pytest.raises(Exception, match="neighbour_sum: 3 elements stored by one program and loaded by another"):
         neighbour_sum[(4,)](x, y, SHARED=2)
+
+
+@strict
+def test_a_dot_smaller_than_a_gpu_compiles_fails_under_the_interpreter():
+    # Triton 3.6 compiles no tl.dot with K < 16 for an NVIDIA GPU; the interpreter ran any.
+    *_, square = _kernels()
+    x = torch.randn(16, 16, dtype=torch.float64)
+    y = torch.empty_like(x)
+    square[(1,)](x, y, BLOCK=16)
+    torch.testing.assert_close(y, x @ x)
+    with pytest.raises(Exception, match="K >= 16"):
+        square[(1,)](x[:8, :8].contiguous(), y[:8, :8].contiguous(), BLOCK=8)
