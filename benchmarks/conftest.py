@@ -1,7 +1,8 @@
 """Setup of the benchmark suites.
 
 Without CUDA the Triton kernels run under the interpreter: TRITON_INTERPRET must be set before
-Triton jits anything, so it is set here, before any suite imports liquiddiff.kernels.
+Triton jits anything, so it is set here, before any suite imports liquiddiff.kernels. The
+interpreter is made strict as in the tests (tests/strict_interpreter.py).
 
 On a CPU (CI) the suites run the reference and interpreter paths at small sizes; run them with
 ``--benchmark-disable`` to execute each case once (a smoke run, no timing). On a GPU they run
@@ -12,8 +13,12 @@ import os
 import pytest
 import torch
 
+from tests import strict_interpreter
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    strict_interpreter.apply()  # as the tests: each launch checked as a GPU would run it
 
 
 @pytest.fixture(autouse=True)
