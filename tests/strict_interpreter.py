@@ -156,11 +156,15 @@ def apply() -> None:
     takes the GPU's smallest tiles, and fp32 -> bf16 casts round to nearest even (idempotent;
     nothing where not :func:`supported`)."""
     interpreter = _interpreter()
-    if interpreter is None or getattr(interpreter.interpreter_semantic.load, "strict", False):
+    if interpreter is None:
+        return
+    # The semantic's class, not the instance: Triton 3.6 makes one instance per patched builtin.
+    semantic = type(interpreter.interpreter_semantic)
+    if getattr(semantic.load, "strict", False):
         return
     import triton.language as tl
 
-    semantic, builder, executor = interpreter.interpreter_semantic, interpreter.InterpreterBuilder, interpreter.GridExecutor
+    builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
     load, cast, run = semantic.load, builder.cast_impl, executor.__call__
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
 
@@ -182,10 +186,12 @@ def apply() -> None:
         _Launch.access("store", self, ptrs, mask)
         return masked_store(self, ptrs, value, mask, *args, **kwargs)
 
-    def load_poisoning_masked_lanes(ptr, mask, other, *args, **kwargs):
-        if mask is not None and other is None and ptr.type.scalar.element_ty.is_floating():
-            other = semantic.to_tensor(float("nan"))  # cast to the pointer's dtype by load
-        return load(ptr, mask, other, *args, **kwargs)
+    def load_poisoning_masked_lanes(self, ptr, mask, other, *args, **kwargs):
+        # Interpreted launches only: the class also compiles for GPUs (kernel_resources).
+        if (isinstance(self.builder, builder) and mask is not None and other is None
+                and ptr.type.scalar.element_ty.is_floating()):
+            other = self.to_tensor(float("nan"))  # cast to the pointer's dtype by load
+        return load(self, ptr, mask, other, *args, **kwargs)
 
     def cast_rounding_to_bf16(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
@@ -197,4 +203,4 @@ def apply() -> None:
     builder.cast_impl = cast_rounding_to_bf16
     builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
     executor.__call__ = run_checking_accesses
-    semantic.builder.codegen_fns["min_dot_size"] = _gpu_min_dot_size
+    interpreter.interpreter_semantic.builder.codegen_fns["min_dot_size"] = _gpu_min_dot_size
