@@ -1,4 +1,7 @@
 """The parity harness itself: poisoned outputs and the guards around them catch what they claim."""
+import functools
+import types
+
 import pytest
 import torch
 
@@ -26,16 +29,15 @@ def test_untouched_guards_pass_and_poisoning_ends():
     assert not _tensors.empty_buffer((4, 6), torch.float64, torch.device("cpu")).storage_offset()
 
 
-
-
-def _kernels():
-    """Two copies from x to y: a masked load, with ``other`` or without, to every lane; and a
-    cast of x to y's dtype."""
+@functools.cache
+def _kernels() -> types.SimpleNamespace:
+    """Small kernels that each do one thing the strict interpreter must see (or let pass)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def masked_copy(x_ptr, y_ptr, n, OTHER: tl.constexpr, BLOCK: tl.constexpr):
+        # A masked load, `other` given or not, stored to every lane.
         lanes = tl.arange(0, BLOCK)
         if OTHER:
             v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
@@ -72,11 +74,13 @@ def _kernels():
 
     @triton.jit
     def cast_copy(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        # x cast to y's dtype.
         lanes = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
         tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
 
-    return masked_copy, cast_copy, reaching_copy, neighbour_sum, square
+    return types.SimpleNamespace(masked_copy=masked_copy, reaching_copy=reaching_copy, neighbour_sum=neighbour_sum,
+                                 square=square, cast_copy=cast_copy)
 
 
 strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
@@ -88,11 +92,10 @@ strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interp
 def test_masked_lanes_without_other_read_nan_under_the_interpreter(dtype):
     # What a GPU leaves undefined must not read as the interpreter's zeros, or a kernel that
     # sums those lanes passes here.
-    masked_copy, *_ = _kernels()
     x = torch.randn(5, dtype=dtype)
     y, y_other = torch.empty(8, dtype=dtype), torch.empty(8, dtype=dtype)
-    masked_copy[(1,)](x, y, 5, OTHER=False, BLOCK=8)
-    masked_copy[(1,)](x, y_other, 5, OTHER=True, BLOCK=8)
+    _kernels().masked_copy[(1,)](x, y, 5, OTHER=False, BLOCK=8)
+    _kernels().masked_copy[(1,)](x, y_other, 5, OTHER=True, BLOCK=8)
     assert torch.equal(y[:5], x) and y[5:].isnan().all(), y
     assert torch.equal(y_other[:5], x) and (y_other[5:] == 0).all(), y_other
 
@@ -105,9 +108,8 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
     bits[:1024] = (bits[:1024] & ~0xFFFF) | 0x8000
     x = bits.to(torch.int32).view(torch.float32) * torch.where(torch.rand(4096) < 0.5, -1.0, 1.0)
     x[:6] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4028235e38, 1e-40, -3e-39])
-    _, cast_copy, *_ = _kernels()
     y = torch.empty(4096, dtype=torch.bfloat16)
-    cast_copy[(4,)](x, y, 4096, BLOCK=1024)
+    _kernels().cast_copy[(4,)](x, y, 4096, BLOCK=1024)
     want = x.to(torch.bfloat16)
     same = (y.view(torch.int16) == want.view(torch.int16)) | (y.isnan() & want.isnan())
     assert same.all(), f"{int((~same).sum())} of 4096 differ, e.g. {x[~same][:3].tolist()}"
@@ -117,37 +119,34 @@ def test_kernels_round_to_bf16_as_torch_does_under_the_interpreter():
 def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
     # What compute-sanitizer alone sees on a GPU when the values are discarded: an access just
     # past a view (here slices of larger tensors, so the memory is there).
-    *_, reaching_copy, _, _ = _kernels()
     x, y = torch.randn(16), torch.zeros(16)
-    reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
+    _kernels().reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
     assert torch.equal(y[:8], x[:8])
     with pytest.raises(Exception, match="reaching_copy: a load of 1 elements outside every tensor"):
-        reaching_copy[(1,)](x[:8], y[:8], 8, 1, 0, BLOCK=16)
+        _kernels().reaching_copy[(1,)](x[:8], y[:8], 8, 1, 0, BLOCK=16)
     with pytest.raises(Exception, match="reaching_copy: a store of 2 elements outside every tensor"):
-        reaching_copy[(1,)](x[:8], y[:8], 8, 0, 2, BLOCK=16)
+        _kernels().reaching_copy[(1,)](x[:8], y[:8], 8, 0, 2, BLOCK=16)
 
 
 @strict
 def test_programs_sharing_an_element_one_of_them_stores_fail_under_the_interpreter():
     # Programs run one after another here and in any order on a GPU: a kernel whose result
     # depends on that order must fail on the CPU.
-    *_, neighbour_sum, _ = _kernels()
     x, y = torch.randn(5), torch.full((4,), float("nan"))
-    neighbour_sum[(4,)](x, y, SHARED=0)
+    _kernels().neighbour_sum[(4,)](x, y, SHARED=0)
     assert torch.equal(y, x[:-1] + x[1:])
     with pytest.raises(Exception, match="neighbour_sum: 1 elements stored by more than one program"):
-        neighbour_sum[(4,)](x, y, SHARED=1)
+        _kernels().neighbour_sum[(4,)](x, y, SHARED=1)
     with pytest.raises(Exception, match="neighbour_sum: 3 elements stored by one program and loaded by another"):
-        neighbour_sum[(4,)](x, y, SHARED=2)
+        _kernels().neighbour_sum[(4,)](x, y, SHARED=2)
 
 
 @strict
 def test_a_dot_smaller_than_a_gpu_compiles_fails_under_the_interpreter():
     # Triton 3.6 compiles no tl.dot with K < 16 for an NVIDIA GPU; the interpreter ran any.
-    *_, square = _kernels()
     x = torch.randn(16, 16)  # fp32: Triton 3.4's interpreter has no fp64 dot
     y = torch.empty_like(x)
-    square[(1,)](x, y, BLOCK=16)
+    _kernels().square[(1,)](x, y, BLOCK=16)
     torch.testing.assert_close(y, x @ x)
     with pytest.raises(Exception, match="K >= 16"):
-        square[(1,)](x[:8, :8].contiguous(), y[:8, :8].contiguous(), BLOCK=8)
+        _kernels().square[(1,)](x[:8, :8].contiguous(), y[:8, :8].contiguous(), BLOCK=8)
