@@ -102,9 +102,8 @@ class _Launch:
         inside = (owner >= 0) & (addresses + size <= cls.ends[np.maximum(owner, 0)])
         # Views of one storage can nest or overlap: an address past its nearest start's end
         # may still lie inside an earlier, longer tensor.
-        for i in np.flatnonzero(~inside):
-            a = addresses[i]
-            inside[i] = bool(((cls.starts <= a) & (a + size <= cls.ends)).any())
+        rest = addresses[~inside][:, None]
+        inside[~inside] = ((cls.starts <= rest) & (rest + size <= cls.ends)).any(axis=1)
         if not inside.all():
             raise OutOfBounds(f"{cls.name}: a {kind} of {int((~inside).sum())} elements outside every "
                               f"tensor the launch was given (first at {int(addresses[~inside][0]):#x})")

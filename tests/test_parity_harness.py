@@ -122,6 +122,9 @@ def test_an_access_outside_the_launchs_tensors_fails_under_the_interpreter():
     x, y = torch.randn(16), torch.zeros(16)
     _kernels().reaching_copy[(1,)](x[:8], y[:8], 8, 0, 0, BLOCK=16)
     assert torch.equal(y[:8], x[:8])
+    # Past one view but inside another tensor of the launch, which holds it, is in bounds.
+    z = torch.randn(16)
+    _kernels().reaching_copy[(1,)](z[4:12], z, 8, 1, 0, BLOCK=16)
     with pytest.raises(Exception, match="reaching_copy: a load of 1 elements outside every tensor"):
         _kernels().reaching_copy[(1,)](x[:8], y[:8], 8, 1, 0, BLOCK=16)
     with pytest.raises(Exception, match="reaching_copy: a store of 2 elements outside every tensor"):
