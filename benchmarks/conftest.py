@@ -17,8 +17,7 @@ from tests import strict_interpreter
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.environ.get("TRITON_INTERPRET") == "1":
-    strict_interpreter.apply()  # as the tests: each launch checked as a GPU would run it
+strict_interpreter.apply()  # as the tests: each interpreted launch checked as a GPU would run it
 
 
 @pytest.fixture(autouse=True)

@@ -17,8 +17,7 @@ else:
     from benchmarks.cases import ieee_fp32_convolutions
 
     ieee_fp32_convolutions()  # fp32 parity against cuDNN's convs, not its TF32 default
-if os.environ.get("TRITON_INTERPRET") == "1":
-    strict_interpreter.apply()  # as on a GPU: masked lanes, bounds, program order, dot size, bf16 rounding
+strict_interpreter.apply()  # as on a GPU: masked lanes, bounds, program order, dot size, bf16 rounding
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -22,7 +22,7 @@ see what a GPU would.
   as torch does; the interpreter truncates (toward zero, seen on Triton 3.9), which biases every
   bf16 value a kernel stores. Here it rounds to nearest even.
 
-tests/conftest.py applies all five (:func:`apply`) under the interpreter.
+tests/conftest.py applies all five (:func:`apply`); they act under the interpreter only.
 """
 from __future__ import annotations
 
@@ -99,14 +99,15 @@ class _Launch:
         addresses = np.asarray(ptrs.data, dtype=np.uint64)[np.asarray(mask.data, dtype=bool)].ravel()
         size = np.uint64(max(1, ptrs.get_element_ty().primitive_bitwidth // 8))
         owner = np.searchsorted(cls.starts, addresses, side="right") - 1
-        inside = (owner >= 0) & (addresses + size <= cls.ends[np.maximum(owner, 0)])
-        # Views of one storage can nest or overlap: an address past its nearest start's end
-        # may still lie inside an earlier, longer tensor.
-        rest = addresses[~inside][:, None]
-        inside[~inside] = ((cls.starts <= rest) & (rest + size <= cls.ends)).any(axis=1)
-        if not inside.all():
-            raise OutOfBounds(f"{cls.name}: a {kind} of {int((~inside).sum())} elements outside every "
-                              f"tensor the launch was given (first at {int(addresses[~inside][0]):#x})")
+        outside = (owner < 0) | (addresses + size > cls.ends[np.maximum(owner, 0)])
+        if outside.any():
+            # Views of one storage can nest or overlap: an address past its nearest start's
+            # end may still lie inside an earlier, longer tensor.
+            rest = addresses[outside][:, None]
+            outside[outside] = ~((cls.starts <= rest) & (rest + size <= cls.ends)).any(axis=1)
+            if outside.any():
+                raise OutOfBounds(f"{cls.name}: a {kind} of {int(outside.sum())} elements outside every "
+                                  f"tensor the launch was given (first at {int(addresses[outside][0]):#x})")
         (x, y, z), (_, ny, nz) = builder.grid_idx, builder.grid_dim
         cls.accesses[kind].append((addresses, (x * ny + y) * nz + z))
 
@@ -153,9 +154,11 @@ def apply() -> None:
     """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
     access of a launch is checked against its tensors and its other programs' stores, tl.dot
     takes the GPU's smallest tiles, and fp32 -> bf16 casts round to nearest even (idempotent;
-    nothing where not :func:`supported`)."""
+    nothing unless ``TRITON_INTERPRET`` is on, or where not :func:`supported`)."""
+    from liquiddiff.kernels import runtime  # here: liquiddiff must not jit before the env is set
+
     interpreter = _interpreter()
-    if interpreter is None:
+    if interpreter is None or not runtime.interpreter_enabled():
         return
     # The semantic's class, not the instance: Triton 3.6 makes one instance per patched builtin.
     semantic = type(interpreter.interpreter_semantic)
