@@ -799,7 +799,7 @@ def test_collectives_under_torchrun(tmp_path):
     gives every rank's object in rank order, broadcast_object rank 0's."""
     script = tmp_path / "collectives.py"
     script.write_text(textwrap.dedent("""
-        import json
+        import json, pathlib, sys
         import torch
         from liquiddiff import distributed
         info = distributed.from_env()
@@ -807,11 +807,14 @@ def test_collectives_under_torchrun(tmp_path):
         mean = distributed.mean_over_ranks(3.0 * (info.rank + 1), torch.device("cpu"))
         gathered = distributed.gather_objects({"rank": info.rank})
         told = distributed.broadcast_object(f"from {info.rank}")
-        print(json.dumps({"rank": info.rank, "mean": mean, "gathered": gathered, "told": told}), flush=True)
+        said = {"rank": info.rank, "mean": mean, "gathered": gathered, "told": told}
+        pathlib.Path(sys.argv[1], f"rank{info.rank}.json").write_text(json.dumps(said))
         distributed.cleanup()
     """))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    # Each rank writes its own file: two processes printing to one pipe can join their lines.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]
     done = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    said = sorted((json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")), key=lambda r: r["rank"])
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert said == [{"rank": r, "mean": 4.5, "gathered": [{"rank": 0}, {"rank": 1}], "told": "from 0"} for r in (0, 1)]
