@@ -21,10 +21,23 @@ see what a GPU would.
 - bf16 rounding: a GPU rounds fp32 to bf16 to nearest even (Triton's default for a downcast),
   as torch does; the interpreter truncates (toward zero, seen on Triton 3.9), which biases every
   bf16 value a kernel stores. Here it rounds to nearest even.
+- 32-bit integers: a GPU wraps an int32 sum, difference or product that does not fit (an
+  offset past 2**31 elements computed in int32 addresses another place), and so does numpy in
+  the interpreter, silently. Here such an operation, or a cast of a value that does not fit
+  into 32 bits, raises.
+- Grid: a GPU refuses a launch with more than 2**31 - 1 programs along axis 0 or 65535 along
+  axis 1 or 2; the interpreter runs any. Here such a launch raises.
 
-tests/conftest.py applies all five (:func:`apply`); they act under the interpreter only.
+tests/conftest.py applies all seven (:func:`apply`); they act under the interpreter only.
+
+:func:`corner_programs` is for tests at sizes the interpreter could not run in full (a tensor
+past 2**31 elements): inside it each launch runs only the programs at both ends of every grid
+axis, those that reach the largest offsets, with their real program ids and grid.
 """
 from __future__ import annotations
+
+import contextlib
+import functools
 
 import numpy as np
 
@@ -37,9 +50,10 @@ def _interpreter():
         return None
     semantic = getattr(interpreter, "interpreter_semantic", None)
     builder = getattr(interpreter, "InterpreterBuilder", None)
-    hooks = ("cast_impl", "create_masked_load", "create_masked_store")
+    hooks = ("cast_impl", "create_masked_load", "create_masked_store", *_INT_OPS, "set_grid_dim", "set_grid_idx")
+    executor = getattr(interpreter, "GridExecutor", None)
     if not (hasattr(semantic, "load") and all(hasattr(builder, h) for h in hooks)
-            and hasattr(getattr(interpreter, "GridExecutor", None), "__call__")
+            and all(hasattr(executor, h) for h in ("__call__", "_restore_args_dev"))
             and isinstance(getattr(semantic.builder, "codegen_fns", None), dict)):
         return None
     return interpreter
@@ -66,6 +80,52 @@ class OutOfBounds(Exception):
 
 class ProgramsOverlap(Exception):
     """An element that one program of a launch stores and another loads or stores."""
+
+
+class IntegerOverflow(Exception):
+    """A 32-bit integer operation of an interpreted kernel whose exact result does not fit."""
+
+
+class GridTooLarge(Exception):
+    """A launch grid that a CUDA GPU refuses: axis 0 past 2**31 - 1 programs, axis 1 or 2 past 65535."""
+
+
+GPU_GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+# The builder's integer operations that can leave 32 bits, with their exact (int64) form.
+_INT_OPS = {"create_add": np.add, "create_sub": np.subtract, "create_mul": np.multiply}
+
+
+def _check_fits(what: str, exact: np.ndarray, dtype: np.dtype) -> None:
+    """Raise if an exact (int64) result does not fit ``dtype`` when that is a 32-bit integer."""
+    if dtype.kind not in "iu" or dtype.itemsize != 4:
+        return
+    info = np.iinfo(dtype)
+    outside = (exact < info.min) | (exact > info.max)
+    if outside.any():
+        raise IntegerOverflow(f"{_Launch.name or 'kernel'}: {what} of {int(outside.sum())} elements does not fit "
+                              f"{dtype.name} (first {int(exact[outside].flat[0])}); a GPU wraps it")
+
+
+class _Corners:
+    """:func:`corner_programs`' state: whether it is on, and the grid of the launch running."""
+    active = False
+    grid = None
+
+
+@contextlib.contextmanager
+def corner_programs():
+    """Inside, every interpreted launch runs only the programs whose index along each grid axis
+    is its first or last (at most 8), with their real ``tl.program_id`` and ``tl.num_programs``;
+    the others do not run, so what they would have written is left as it was. On the CPU a
+    launch's tensors are the interpreter's host copies themselves, so the copy back after the
+    launch (which would touch every page of a sparse 8 GB tensor) is left out."""
+    _Corners.active = True
+    try:
+        yield
+    finally:
+        _Corners.active, _Corners.grid = False, None
 
 
 def _extent(tensor) -> tuple[int, int]:
@@ -145,6 +205,18 @@ def _flatten(accesses) -> tuple[np.ndarray, np.ndarray]:
     return addr, prog
 
 
+def _checked_grid(grid, args) -> tuple[int, ...]:
+    """A launch's grid, once checked against a GPU's limits; under :func:`corner_programs` the
+    grid of its corners (the real one kept in _Corners)."""
+    real = tuple(grid(args) if callable(grid) else grid)
+    if any(n > limit for n, limit in zip(real, GPU_GRID_LIMITS)):
+        raise GridTooLarge(f"{_Launch.name}: grid {real}; a GPU takes at most {GPU_GRID_LIMITS}")
+    if not _Corners.active:
+        return real
+    _Corners.grid = real + (1,) * (3 - len(real))
+    return tuple(min(n, 2) for n in _Corners.grid)
+
+
 def _gpu_min_dot_size(lhs_type, rhs_type) -> tuple[int, int, int]:
     """The smallest (M, N, K) of a tl.dot that Triton 3.6 compiles for an NVIDIA GPU."""
     return (1, 1, 32 if lhs_type.scalar.primitive_bitwidth == 8 else 16)
@@ -153,8 +225,9 @@ def _gpu_min_dot_size(lhs_type, rhs_type) -> tuple[int, int, int]:
 def apply() -> None:
     """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
     access of a launch is checked against its tensors and its other programs' stores, tl.dot
-    takes the GPU's smallest tiles, and fp32 -> bf16 casts round to nearest even (idempotent;
-    nothing unless ``TRITON_INTERPRET`` is on, or where not :func:`supported`)."""
+    takes the GPU's smallest tiles, fp32 -> bf16 casts round to nearest even, 32-bit integer
+    results that do not fit and grids a GPU would refuse raise (idempotent; nothing unless ``TRITON_INTERPRET`` is on, or
+    where not :func:`supported`); :func:`corner_programs` works from here on."""
     from liquiddiff.kernels import runtime  # here: liquiddiff must not jit before the env is set
 
     interpreter = _interpreter()
@@ -169,16 +242,42 @@ def apply() -> None:
     builder, executor = interpreter.InterpreterBuilder, interpreter.GridExecutor
     load, cast, run = semantic.load, builder.cast_impl, executor.__call__
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
+    set_grid_dim, set_grid_idx, restore = builder.set_grid_dim, builder.set_grid_idx, executor._restore_args_dev
 
     def run_checking_accesses(self, *args, **kwargs):
         _Launch.begin(getattr(self.fn, "__name__", "kernel"), [*args, *kwargs.values()])
+        grid = self.grid
+        self.grid = functools.partial(_checked_grid, grid)
         try:
             result = run(self, *args, **kwargs)
         except BaseException:
             _Launch.name = None
             raise
+        finally:
+            self.grid, _Corners.grid = grid, None
         _Launch.end()
         return result
+
+    def real_grid_dim(self, nx, ny, nz):
+        # The loop runs the corner grid's 2 x 2 x 2 (at most); the kernel sees the real one.
+        set_grid_dim(self, *(_Corners.grid or (nx, ny, nz)))
+
+    def corner_grid_idx(self, x, y, z):
+        if _Corners.grid is not None:
+            x, y, z = (i if i == 0 else n - 1 for i, n in zip((x, y, z), _Corners.grid))
+        set_grid_idx(self, x, y, z)
+
+    def restore_unless_on_cpu(self, args_dev, *rest):
+        if not (_Corners.active and all(a.device.type == "cpu" for a in args_dev if hasattr(a, "data_ptr"))):
+            restore(self, args_dev, *rest)
+
+    def checked_int_op(name, op, exact):
+        def checked(self, lhs, rhs):
+            out = op(self, lhs, rhs)
+            if out.data.dtype.kind in "iu" and out.data.dtype.itemsize == 4:
+                _check_fits(name, exact(lhs.data.astype(np.int64), rhs.data.astype(np.int64)), out.data.dtype)
+            return out
+        return checked
 
     def checked_load(self, ptrs, mask, *args, **kwargs):
         _Launch.access("load", self, ptrs, mask)
@@ -198,11 +297,18 @@ def apply() -> None:
     def cast_rounding_to_bf16(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return interpreter.TensorHandle(round_to_bf16(src.data), dst_type.scalar)
-        return cast(self, src, dst_type)
+        out = cast(self, src, dst_type)
+        if src.data.dtype.kind in "iu":
+            _check_fits("a cast", src.data.astype(np.int64), out.data.dtype)
+        return out
 
     load_poisoning_masked_lanes.strict = True
     semantic.load = load_poisoning_masked_lanes
     builder.cast_impl = cast_rounding_to_bf16
     builder.create_masked_load, builder.create_masked_store = checked_load, checked_store
     executor.__call__ = run_checking_accesses
+    executor._restore_args_dev = restore_unless_on_cpu
+    builder.set_grid_dim, builder.set_grid_idx = real_grid_dim, corner_grid_idx
+    for name, exact in _INT_OPS.items():
+        setattr(builder, name, checked_int_op(name.removeprefix("create_"), getattr(builder, name), exact))
     interpreter.interpreter_semantic.builder.codegen_fns["min_dot_size"] = _gpu_min_dot_size

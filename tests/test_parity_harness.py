@@ -79,8 +79,28 @@ def _kernels() -> types.SimpleNamespace:
         v = tl.load(x_ptr + lanes, mask=lanes < n, other=0.0)
         tl.store(y_ptr + lanes, v.to(y_ptr.dtype.element_ty), mask=lanes < n)
 
+    @triton.jit
+    def product(y_ptr, n, m, WIDE: tl.constexpr):
+        # n * m in int32, or in int64 (WIDE).
+        if WIDE:
+            n = n.to(tl.int64)
+        tl.store(y_ptr, (n * m).to(tl.float64))
+
+    @triton.jit
+    def narrow(y_ptr, n):
+        # An int64 n cast to int32.
+        tl.store(y_ptr, n.to(tl.int32).to(tl.float64))
+
+    @triton.jit
+    def program_ids(ids_ptr, grid_ptr):
+        # Program (i, j) of an [n0, n1] grid stores i * n1 + j at [i, j], and n0 * n1 beside it.
+        at = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(ids_ptr + at, at.to(tl.float32))
+        tl.store(grid_ptr + at, (tl.num_programs(0) * tl.num_programs(1)).to(tl.float32))
+
     return types.SimpleNamespace(masked_copy=masked_copy, reaching_copy=reaching_copy, neighbour_sum=neighbour_sum,
-                                 square=square, cast_copy=cast_copy)
+                                 square=square, cast_copy=cast_copy, product=product, narrow=narrow,
+                                 program_ids=program_ids)
 
 
 strict = pytest.mark.skipif(not (runtime.interpreter_enabled() and strict_interpreter.supported()),
@@ -153,3 +173,38 @@ def test_a_dot_smaller_than_a_gpu_compiles_fails_under_the_interpreter():
     torch.testing.assert_close(y, x @ x)
     with pytest.raises(Exception, match="K >= 16"):
         _kernels().square[(1,)](x[:8, :8].contiguous(), y[:8, :8].contiguous(), BLOCK=8)
+
+
+@strict
+def test_int32_arithmetic_that_wraps_on_a_gpu_fails_under_the_interpreter():
+    # An offset past 2**31 elements computed in int32 wraps on a GPU and addresses another place.
+    y = torch.empty(1, dtype=torch.float64)
+    _kernels().product[(1,)](y, 2**15, 2**15, WIDE=False)
+    assert y.item() == 2**30
+    _kernels().product[(1,)](y, 2**16, 2**15, WIDE=True)
+    assert y.item() == 2**31
+    with pytest.raises(Exception, match="product: mul of 1 elements does not fit int32"):
+        _kernels().product[(1,)](y, 2**16, 2**15, WIDE=False)
+    with pytest.raises(Exception, match="narrow: a cast of 1 elements does not fit int32"):
+        _kernels().narrow[(1,)](y, 2**33)
+
+
+@strict
+def test_a_grid_a_gpu_refuses_fails_under_the_interpreter():
+    ids = torch.empty(65536)
+    with strict_interpreter.corner_programs():  # two of them: enough to show the launch is taken
+        _kernels().program_ids[(1, 65535)](ids, ids.clone())
+    with pytest.raises(Exception, match=r"program_ids: grid \(1, 65536\); a GPU takes at most"):
+        _kernels().program_ids[(1, 65536)](ids, ids.clone())
+
+
+@strict
+def test_corner_programs_run_the_ends_of_every_axis_with_their_real_ids():
+    ids, grid = torch.full((5, 3), float("nan")), torch.full((5, 3), float("nan"))
+    with strict_interpreter.corner_programs():
+        _kernels().program_ids[(5, 3)](ids, grid)
+    ran = ~ids.isnan()
+    assert ran.nonzero().tolist() == [[0, 0], [0, 2], [4, 0], [4, 2]]
+    assert torch.equal(ids[ran], torch.tensor([0.0, 2.0, 12.0, 14.0])) and (grid[ran] == 15).all()
+    _kernels().program_ids[(5, 3)](ids, grid)  # outside it, every program
+    assert torch.equal(ids.flatten(), torch.arange(15.0)) and (grid == 15).all()
