@@ -162,6 +162,21 @@ def flat_all(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int
     return [t for t, _ in flat], [strides for _, strides in flat]
 
 
+# Kernels index inside one batch item with 32-bit integers (their batch offsets are 64-bit)
+# unless some tensor's item spans this many elements; then with 64-bit ones, compiled apart
+# (their ``WIDE`` constexpr): more registers, for items no model here reaches below 4 GB. 2**30,
+# not 2**31: room for the offsets a tile computes past an item's end, for lanes its mask turns off.
+WIDE_ITEM_ELEMENTS = 2**30
+
+
+def wide_offsets(*tensors: torch.Tensor | None) -> bool:
+    """Whether an offset inside one batch item of any of ``tensors`` ([B, ...]) can leave 32 bits."""
+    # The storage's size first: a view spans no more, and it is all a launch of usual sizes costs.
+    return any(t is not None and t.untyped_storage().nbytes() >= WIDE_ITEM_ELEMENTS * t.element_size()
+               and sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:])) >= WIDE_ITEM_ELEMENTS
+               for t in tensors)
+
+
 def compute_dtypes(*tensors: torch.Tensor | None):
     """The Triton compute dtype and the torch dtype of fp32/fp64 partial sums that goes with it."""
     tl_dtype = compute_dtype(*tensors)

@@ -73,19 +73,19 @@ if triton is not None:
     def _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows, p_mask, ns, n_mask,
                sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p, swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
                C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
-               CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, COMPUTE: tl.constexpr,
+               CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(f, g, h) tiles [BLOCK_P, BLOCK_N], each rounded to the conv's dtype as cuDNN writes it
         (no modulation: the scale and shift arguments are never read)."""
         f = silu_conv1x1_tile(bb_ptr, wf_ptr, bf_ptr, bb_ptr, bb_ptr, pid_b, rows, p_mask, ns, n_mask,
                               sbb_b, sbb_k, sbb_p, swf_n, swf_k, sbf, 0, 0, 0, 0, C, HAS_BF, False, False,
-                              CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
+                              CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         g = silu_conv1x1_tile(gh_ptr, wg_ptr, bg_ptr, gh_ptr, gh_ptr, pid_b, rows, p_mask, ns, n_mask,
                               sgh_b, sgh_k, sgh_p, swg_n, swg_k, sbg, 0, 0, 0, 0, C, HAS_BG, False, True,
-                              CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
+                              CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         h = silu_conv1x1_tile(hh_ptr, wh_ptr, bh_ptr, hh_ptr, hh_ptr, pid_b, rows, p_mask, ns, n_mask,
                               shh_b, shh_k, shh_p, swh_n, swh_k, sbh, 0, 0, 0, 0, C, HAS_BH, False, True,
-                              CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
+                              CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         return f, g, h
 
     @triton.jit
@@ -97,7 +97,8 @@ if triton is not None:
         sx_b, sx_c, sx_p, sr_b, sr_c, sr_p, so_b, so_c, so_p, sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-        COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         # Axis 0 walks a pixel tile's output-channel blocks, then the next tile: a tile's blocks
         # run together and share its inputs in L2, and the pixel tiles are not bound by the
@@ -105,15 +106,18 @@ if triton is not None:
         n_blocks: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N
         ns = tl.program_id(0) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
         ps = tl.program_id(0) // n_blocks * BLOCK_P + tl.arange(0, BLOCK_P)
-        # int64 batch and pixel offsets: B * C * H * W may pass 2**31.
+        # int64 batch and pixel offsets: B * C * H * W may pass 2**31 (WIDE: so does one batch
+        # item, and a channel's offset, c * H * W in NCHW, is int64 too).
         pid_b = tl.program_id(2).to(tl.int64)
+        if WIDE:
+            ns = ns.to(tl.int64)
         p_mask, n_mask = ps < P, ns < C
         rows = ps.to(tl.int64)[:, None]
         cols = ns[None, :]
         f, g, h = _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows, p_mask,
                          ns, n_mask, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
                          swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, C, HAS_BF, HAS_BG, HAS_BH,
-                         CONV, DOT, ACC, COMPUTE, BLOCK_P, BLOCK_N, BLOCK_K)
+                         CONV, DOT, ACC, COMPUTE, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
         av = tl.load(a_ptr + pid_b * sa_b + ns * sa_c, mask=n_mask).to(COMPUTE)[None, :]
         bv = tl.load(b_ptr + pid_b * sb_b + ns * sb_c, mask=n_mask).to(COMPUTE)[None, :]
         rho = tl.load(rho_ptr + ns * s_rho, mask=n_mask).to(COMPUTE)
@@ -136,8 +140,8 @@ if triton is not None:
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
         NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr, NEED_DX: tl.constexpr,
         NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-        COMPUTE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        TILES: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # The CfC kernel's backward (cfc_relax.py) with f, g and h remade in registers: TILES
         # pixel tiles of one batch item and channel block, the gate parameters' gradients summed
@@ -146,6 +150,8 @@ if triton is not None:
         ns = tl.program_id(0) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
         pid_p = tl.program_id(0) // n_blocks
         pid_b = tl.program_id(2).to(tl.int64)
+        if WIDE:
+            ns = ns.to(tl.int64)
         n_mask = ns < C
         cols = ns[None, :]
         av = tl.load(a_ptr + pid_b * sa_b + ns * sa_c, mask=n_mask).to(COMPUTE)[None, :]
@@ -166,7 +172,7 @@ if triton is not None:
             f, g, h = _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows,
                              p_mask, ns, n_mask, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
                              swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, C, HAS_BF, HAS_BG, HAS_BH,
-                             CONV, DOT, ACC, COMPUTE, BLOCK_P, BLOCK_N, BLOCK_K)
+                             CONV, DOT, ACC, COMPUTE, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
             gate = tl.sigmoid(av * f - bv)
             dy = (1.0 - alpha) * go
             dz = dy * (g - h) * gate * (1.0 - gate)
@@ -244,7 +250,7 @@ def _forward_kernels(
     _cfc_heads_relax_kernel[grid](
         *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
         HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
-        BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs, **_tensors.COMPILE_OPTIONS,
+        WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs, **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -291,7 +297,8 @@ def _backward_kernels(
     _cfc_heads_relax_bwd_kernel[grid](
         go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides,
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
-        COMPUTE=compute, BLOCK_P=_BWD_BLOCK_P, TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
+        COMPUTE=compute, WIDE=_tensors.wide_offsets(go, *pointers[:3], xf, *d_args), BLOCK_P=_BWD_BLOCK_P,
+        TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
         **_tensors.COMPILE_OPTIONS,
     )
     return (*grads, *reduce_parameter_partials(partials, a, b, rho, t, needs))

@@ -113,15 +113,18 @@ if triton is not None:
         sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
         sr_b, sr_c, sr_p, so_b, so_c, so_p,
         sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
-        HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
-        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not.
+        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
+        # it does, and the channel and pixel offsets are int64 too).
         pid_b = tl.program_id(2).to(tl.int64)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+        if WIDE:
+            cs, ps = cs.to(tl.int64), ps.to(tl.int64)
         c_mask = cs < C
         mask = c_mask[:, None] & (ps < P)[None, :]
         c_col = cs[:, None]
@@ -155,13 +158,15 @@ if triton is not None:
         sdx_b, sdx_c, sdx_p,
         sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
         NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         pid_b = tl.program_id(2).to(tl.int64)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cs = cs.to(tl.int64)
         c_mask = cs < C
         c_col = cs[:, None]
 
@@ -180,6 +185,8 @@ if triton is not None:
         acc_dalpha = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
         for i in range(TILES):
             ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            if WIDE:
+                ps = ps.to(tl.int64)
             mask = c_mask[:, None] & (ps < P)[None, :]
             p_row = ps[None, :]
             # Every load is issued before the first store: the compiler cannot prove the outputs
@@ -269,7 +276,7 @@ def _forward_kernels(
         C, P,
         *sf, *sg, *sh, *sx, *sr, *so,
         *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
-        HAS_RESIDUAL=residual is not None, COMPUTE=compute,
+        HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return out
@@ -313,7 +320,7 @@ def _backward_kernels(
         *sgo, *sf, *sg, *sh, *sx, *d_strides,
         *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
-        NEED_PARAMS=need_params, COMPUTE=compute,
+        NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
         BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))

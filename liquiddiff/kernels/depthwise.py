@@ -76,14 +76,18 @@ _WGRAD_MIN_PROGRAMS = 1024
 if triton is not None:
 
     @triton.jit
-    def _strip(C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _strip(C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
         """This program's strip: batch item (int64, for offsets past 2**31), first row, columns,
-        channels and channel mask. Grid: (row strips x column runs, channel blocks, B)."""
+        channels and channel mask; WIDE (one batch item past 2**31 elements): rows, columns and
+        channels int64 too. Grid: (row strips x column runs, channel blocks, B)."""
         tiles_w = tl.cdiv(W, BLOCK_W)
         pid_p = tl.program_id(0)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ow = (pid_p % tiles_w) * BLOCK_W + tl.arange(0, BLOCK_W)
-        return tl.program_id(2).to(tl.int64), (pid_p // tiles_w) * ROWS, ow, cs, cs < C
+        row0 = (pid_p // tiles_w) * ROWS
+        if WIDE:
+            cs, ow, row0 = cs.to(tl.int64), ow.to(tl.int64), row0.to(tl.int64)
+        return tl.program_id(2).to(tl.int64), row0, ow, cs, cs < C
 
     @triton.jit
     def _dwconv_kernel(
@@ -95,7 +99,7 @@ if triton is not None:
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
         PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
         SILU_GRAD: tl.constexpr, COPY: tl.constexpr, PIXEL_SUM: tl.constexpr,
-        CONV: tl.constexpr, ACC: tl.constexpr,
+        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Sliding window down a [ROWS, BLOCK_W] strip: each input row is loaded once per
@@ -111,7 +115,7 @@ if triton is not None:
         # centre tap's load of the strip's own pixels also writes x rounded to CONV into copy
         # (what backward keeps) / adds x, unrounded, to this program's per-channel partial sums.
         P: tl.constexpr = K // 2
-        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
+        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C, WIDE)
         slots = tl.arange(0, SLOTS)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
         x2_base = x2_ptr + pid_b * sx2_b + cs[None, :] * sx2_c
@@ -201,13 +205,13 @@ if triton is not None:
         sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sg2_b, sg2_c, sg2_h, sg2_w,
         # constexpr: Triton 3.6's interpreter cannot loop over a runtime int (with NumPy 2).
         ROWS: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr, HEADS: tl.constexpr,
-        CONV: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
         # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load and one
         # reduction over the W run, not k*k of each. HEADS == 2: a second head's grad_out (go2)
         # on the same input, whose x loads both heads share.
-        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C)
+        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C, WIDE)
         taps = tl.arange(0, TAPS)
         du = (taps // K - K // 2)[:, None, None]
         dv = (taps % K - K // 2)[:, None, None]
@@ -310,7 +314,7 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
         HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
         SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
-        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
+        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
         ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
         **_tensors.COMPILE_OPTIONS,
     )
@@ -385,7 +389,7 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     _dwconv_wgrad_kernel[grid](
         x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
         ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
-        BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS, **_tensors.COMPILE_OPTIONS,
+        WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]

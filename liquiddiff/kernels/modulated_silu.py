@@ -65,12 +65,15 @@ if triton is not None:
     def _modulated_silu_fwd_kernel(
         z_ptr, scale_ptr, shift_ptr, out_ptr, C, P,
         sz_b, sz_c, sz_p, so_b, so_c, so_p, ss_b, ss_c, sh_b, sh_c,
-        COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
-        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not.
+        # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
+        # it does, and the channel and pixel offsets are int64 too).
         pid_b = tl.program_id(2).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        if WIDE:
+            cs, ps = cs.to(tl.int64), ps.to(tl.int64)
         c_mask = cs < C
         mask = c_mask[:, None] & (ps < P)[None, :]
         one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
@@ -86,8 +89,8 @@ if triton is not None:
         sgo_b, sgo_c, sgo_p, sgo2_b, sgo2_c, sgo2_p, sgo3_b, sgo3_c, sgo3_p,
         sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
         GRADS: tl.constexpr, SILU: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
-        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-        TILES: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr,
+        BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
         # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
         # backbone's SiLU feeds three convs; any strides, a broadcast one included). MODULATED
@@ -96,6 +99,8 @@ if triton is not None:
         pid_p = tl.program_id(0)
         pid_b = tl.program_id(2).to(tl.int64)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if WIDE:
+            cs = cs.to(tl.int64)
         c_mask = cs < C
         if MODULATED:
             one_plus, shift = _modulation(scale_ptr, shift_ptr, pid_b, cs, c_mask, ss_b, ss_c, sh_b, sh_c, COMPUTE)
@@ -104,6 +109,8 @@ if triton is not None:
         acc_shift = tl.zeros([BLOCK_C, BLOCK_P], dtype=COMPUTE)
         for i in range(TILES):
             ps = (pid_p * TILES + i) * BLOCK_P + tl.arange(0, BLOCK_P)
+            if WIDE:
+                ps = ps.to(tl.int64)
             mask = c_mask[:, None] & (ps < P)[None, :]
             rows, cols = cs[:, None], ps[None, :]
             go = tl.load(go_ptr + pid_b * sgo_b + rows * sgo_c + cols * sgo_p, mask=mask).to(COMPUTE)
@@ -151,8 +158,8 @@ def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
     _modulated_silu_fwd_kernel[grid](
         z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(),
-        COMPUTE=_tensors.compute_dtype(z, scale, shift, out), BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-        **_tensors.COMPILE_OPTIONS,
+        COMPUTE=_tensors.compute_dtype(z, scale, shift, out), WIDE=_tensors.wide_offsets(z, out_flat),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -195,7 +202,8 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
         *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
         *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
         GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
-        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
+        WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
+        num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
 

@@ -76,14 +76,16 @@ if triton is not None:
     def silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
                           sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, ACTIVATE: tl.constexpr,
-                          CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+                          BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The [BLOCK_P, BLOCK_N] tile ``rows`` x ``ns`` of conv1x1(silu(y)) + bias (of conv1x1(y)
         without ACTIVATE), accumulated in ACC, before its rounding to the conv's dtype. Also the
-        CfC heads' kernel's (cfc_heads.py)."""
+        CfC heads' kernel's (cfc_heads.py). WIDE: int64 channel offsets (``ns`` comes so)."""
         acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
+            if WIDE:
+                ks = ks.to(tl.int64)
             k_mask = ks < K
             mask = p_mask[:, None] & k_mask[None, :]
             y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
@@ -104,18 +106,21 @@ if triton is not None:
         z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, P,
         sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # int64 batch and pixel offsets: B * K * H * W may pass 2**31.
+        # int64 batch and pixel offsets: B * K * H * W may pass 2**31 (WIDE: so does one batch
+        # item, and a channel's offset, k * H * W in NCHW, is int64 too).
         pid_b = tl.program_id(2).to(tl.int64)
         ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        if WIDE:
+            ns = ns.to(tl.int64)
         p_mask, n_mask = ps < P, ns < N
         rows = ps.to(tl.int64)[:, None]
         acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
                                 sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
-                                CONV, DOT, ACC, BLOCK_P, BLOCK_N, BLOCK_K)
+                                CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
         mask = p_mask[:, None] & n_mask[None, :]
         out = acc.to(CONV)  # the conv's output, as cuDNN writes it
         if HAS_RESIDUAL:  # then the block's add, in ACC (PyTorch's fp32 opmath for low precision)
@@ -128,7 +133,7 @@ if triton is not None:
         go_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, P,
         sgo_b, sgo_n, sgo_p, sw_n, sw_k, sz_b, sz_k, sz_p, sdz_b, sdz_k, sdz_p, ss_b, ss_k, sh_b, sh_k,
         K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
-        NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # d_a = grad_out @ weight (K columns of this program), rounded to the conv's dtype as
@@ -137,11 +142,15 @@ if triton is not None:
         pid_b = tl.program_id(2).to(tl.int64)
         ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if WIDE:  # int64 channel offsets: k * H * W in NCHW
+            ks = ks.to(tl.int64)
         p_mask, k_mask = ps < P, ks < K
         rows = ps.to(tl.int64)[:, None]
         acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=ACC)
         for n0 in range(0, N, BLOCK_N):
             ns = n0 + tl.arange(0, BLOCK_N)
+            if WIDE:
+                ns = ns.to(tl.int64)
             n_mask = ns < N
             go = tl.load(go_ptr + pid_b * sgo_b + rows * sgo_p + ns[None, :] * sgo_n,
                          mask=p_mask[:, None] & n_mask[None, :], other=0.0).to(CONV).to(DOT)
@@ -168,7 +177,7 @@ if triton is not None:
         go_ptr, z_ptr, scale_ptr, shift_ptr, part_ptr, bias_part_ptr, P,
         sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k,
         K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_BIAS: tl.constexpr,
-        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, ITERS: tl.constexpr,
+        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, ITERS: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # d_weight[n, k] = sum over pixels of grad_out[n] * silu(y)[k], silu(y) remade from z in
@@ -179,6 +188,8 @@ if triton is not None:
         pid_b, pid_s = tl.program_id(1).to(tl.int64), tl.program_id(2)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        if WIDE:  # int64 channel offsets: k * H * W in NCHW
+            ns, ks = ns.to(tl.int64), ks.to(tl.int64)
         n_mask, k_mask = ns < N, ks < K
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
         bias_acc = tl.zeros([BLOCK_N], dtype=ACC)
@@ -248,8 +259,8 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
         z, weight, weight if bias is None else bias, *params, res, out, H * W,
         *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
         K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
-        CONV=conv, DOT=dot, ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_WARPS,
-        **_tensors.COMPILE_OPTIONS,
+        CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     return out
 
@@ -290,7 +301,8 @@ def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: 
         go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
         *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides,
         K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
-        ACC=acc, BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
+        ACC=acc, WIDE=_tensors.wide_offsets(go, zf, dzf), BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
 
@@ -315,7 +327,8 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     conv, dot, acc = dot_dtypes(dtype, z.device)
     _silu_conv1x1_weight_grad_kernel[(channel_programs, B, splits)](
         go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides,
-        K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc, ITERS=iters,
+        K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc,
+        WIDE=_tensors.wide_offsets(go, zf), ITERS=iters,
         BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
     )
     d_w = part.sum((0, 1)).to(dtype).view(N, K, 1, 1)

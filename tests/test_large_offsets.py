@@ -1,0 +1,184 @@
+"""Every fused op's Triton kernels on tensors past 2**31 elements, under the interpreter.
+
+A GPU computes an int32 offset that passes 2**31 modulo 2**32, and the kernel reads or writes
+another place: the activations of a 512 px batch of 64 at 128 channels are 2**31 elements, and
+a fully convolutional model samples any image size. The parity tests cannot see it: their
+tensors are small. Here the tensors are that large, and
+
+- each launch runs only its corner programs (``strict_interpreter.corner_programs``): those
+  that reach the largest offsets, with their real program ids and grid. All of them would take
+  the interpreter hours;
+- the strict interpreter raises on an int32 sum, difference or product that does not fit, and
+  on an access outside the launch's tensors;
+- the tensors' memory is touched only where the test writes (``torch.empty`` commits no page
+  before it is written): a 16 x 8 pixel patch at two corners of the last batch item;
+- at those corners, the first and last channels of every activation output and activation
+  gradient must equal the op's on the patch alone (whole grid, small).
+
+The ops run forward and backward through autograd, or, where their public op does work of
+its own on the whole tensor (SiLU in torch before the CfC's heads), as their launchers: forward,
+then backward for an upstream gradient that is one more input. Parameter gradients (sums over
+every pixel) are not compared: most programs did not run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+
+import pytest
+import torch
+
+from liquiddiff import kernels
+from liquiddiff.kernels import cfc_heads, depthwise
+from tests import strict_interpreter
+
+pytestmark = pytest.mark.skipif(not (strict_interpreter.supported() and not torch.cuda.is_available()),
+                                reason="needs Triton's interpreter, made strict (tests/strict_interpreter.py)")
+
+# Past 2**31 elements over the batch (items of 2**16), and in one item (where, in NCHW, even
+# the last channel starts past 2**31).
+SHAPES = {"batch": (32769, 16, 64, 64), "item": (1, 32, 64, 1090000)}
+LAYOUTS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+PATCH = (16, 8)  # rows, columns: wider than the 7x7 convolution's reach of 3
+CORNERS = {"top_left": (slice(0, PATCH[0]), slice(0, PATCH[1])),
+           "bottom_right": (slice(-PATCH[0], None), slice(-PATCH[1], None))}
+
+
+@dataclasses.dataclass
+class Case:
+    op: typing.Callable
+    activations: tuple[str, ...]  # [B, C, H, W] inputs
+    batched: tuple[str, ...]  # [B, ...] inputs, sliced to the last item for the patch
+    other: typing.Callable[[int], dict]  # C -> the inputs that do not depend on B, H, W
+    autograd: bool = True  # False: ``op`` returns its forward outputs and gradients itself
+
+
+def _gate(C):
+    return {"rho": torch.randn(C)}
+
+
+def _cfc_heads(backbone, g_hidden, h_hidden, x, residual, grad_out, a, b, t, rho, heads):
+    """The CfC heads + gate kernels (the opt-in pointwise path of parallel_cfc), both ways."""
+    out = cfc_heads.forward(backbone, g_hidden, h_hidden, heads, x, a, b, rho, t, residual, x.dtype)
+    grads = cfc_heads.backward(grad_out, backbone, g_hidden, h_hidden, heads, x, a, b, rho, t, x.dtype, [True] * 8)
+    return [out, *grads[:4]]
+
+
+def _head_weights(C):
+    return {"rho": torch.randn(C), "heads": [(torch.randn(C, C, 1, 1) / C ** 0.5, torch.randn(C)) for _ in range(3)]}
+
+
+def _depthwise_pair(x, z, addend, grad_g, grad_h, weights, biases):
+    """The CfC's g/h 3x3 pair over x = silu(z): one launch each way, the input gradient with an
+    addend and SiLU's backward in its epilogue (as silu_convs runs it)."""
+    outs = depthwise.forward(x, weights, biases, x.dtype)
+    d_z, _, _ = depthwise.backward([grad_g, grad_h], x, weights, x.dtype, [True, True, True], silu_input=z,
+                                   addend=addend)
+    return [*outs, d_z]
+
+
+def _weights(*kernel_sizes):
+    return lambda C: {"weights": [torch.randn(C, 1, k, k) / k for k in kernel_sizes],
+                      "biases": [torch.randn(C) for _ in kernel_sizes]}
+
+
+CASES = {
+    "cfc_relax": Case(kernels.cfc_relax, ("f", "g", "h", "x", "residual"), ("a", "b", "t"), _gate),
+    "adaln_modulate": Case(kernels.adaln_modulate, ("x", "residual"), ("scale", "shift"), lambda C: {}),
+    "modulated_silu": Case(kernels.modulated_silu, ("z",), ("scale", "shift"), lambda C: {}),
+    "silu_conv1x1": Case(kernels.silu_conv1x1, ("z", "residual"), ("scale", "shift"),
+                         lambda C: {"weight": torch.randn(C, C, 1, 1) / C ** 0.5, "bias": torch.randn(C)}),
+    "depthwise_conv": Case(kernels.depthwise_conv, ("x",), (),
+                           lambda C: {"weight": torch.randn(C, 1, 7, 7) / 7, "bias": torch.randn(C)}),
+    "spatial_mix_input": Case(kernels.spatial_mix_input, ("x",), (), _weights(3, 5, 7)),
+    "cfc_heads": Case(_cfc_heads, ("backbone", "g_hidden", "h_hidden", "x", "residual", "grad_out"), ("a", "b", "t"),
+                      _head_weights, autograd=False),
+    "depthwise_pair": Case(_depthwise_pair, ("x", "z", "addend", "grad_g", "grad_h"), (),
+                           lambda C: {"weights": [torch.randn(C, 1, 3, 3) / 3 for _ in range(2)],
+                                      "biases": [torch.randn(C), None]}, autograd=False),
+}
+
+
+def _patched_activation(shape, fmt) -> torch.Tensor:
+    """An uninitialised [B, C, H, W] tensor with random values in the last item's corner patches."""
+    t = torch.empty(shape, memory_format=fmt)
+    for rows, cols in CORNERS.values():
+        t[-1, :, rows, cols] = torch.randn(shape[1], PATCH[0], PATCH[1])
+    return t
+
+
+def _batched(name, B, C):
+    return torch.rand(B) if name == "t" else torch.randn(B, C)
+
+
+def _inputs(case: Case, shape, fmt) -> dict:
+    B, C = shape[:2]
+    return {**{n: _patched_activation(shape, fmt) for n in case.activations},
+            **{n: _batched(n, B, C) for n in case.batched}, **case.other(C)}
+
+
+def _tensors_of(inputs: dict) -> list[torch.Tensor]:
+    """The tensors among ``inputs`` (through lists: the convolutions' weights and biases)."""
+    flat = []
+    for v in inputs.values():
+        flat += v if isinstance(v, list) else [v]
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def _patch_of(inputs: dict, case: Case, rows, cols, fmt) -> dict:
+    """The inputs of the op on the last item's patch (the others as they are)."""
+    def cut(name, v):
+        if name in case.activations:
+            v = v[-1:, :, rows, cols].contiguous(memory_format=fmt)
+        elif name in case.batched:
+            v = v[-1:]
+        else:
+            return v
+        return v.detach().requires_grad_(case.autograd)
+    return {n: cut(n, v) for n, v in inputs.items()}
+
+
+def _run(case: Case, inputs: dict, upstream: typing.Callable) -> list:
+    """The op's outputs and the gradients of its inputs for upstream gradients made by
+    ``upstream`` (an autograd case; else what the op returns)."""
+    if not case.autograd:
+        return case.op(**inputs)
+    outs = case.op(**inputs)
+    outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.requires_grad]
+    grads = torch.autograd.grad(outs, _tensors_of(inputs), [upstream(o) for o in outs], allow_unused=True)
+    return [*outs, *grads]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", SHAPES)
+@pytest.mark.parametrize("name", CASES)
+def test_kernels_past_2_31_elements(name, where, layout, monkeypatch):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
+    case, shape, fmt = CASES[name], SHAPES[where], LAYOUTS[layout]
+    inputs = _inputs(case, shape, fmt)
+    for t in _tensors_of(inputs):
+        t.requires_grad_(case.autograd)
+    upstreams = {}  # one per output: the same values reach the patch runs
+
+    def big_upstream(out):
+        up = _patched_activation(out.shape, fmt) if out.dim() == 4 else torch.randn_like(out)
+        upstreams[len(upstreams)] = up
+        return up
+
+    with strict_interpreter.corner_programs():  # raises on an int32 overflow, a stray access, a grid too large
+        results = _run(case, inputs, big_upstream)
+
+    compared = 0
+    for corner, (rows, cols) in CORNERS.items():
+        ups = iter(upstreams.values())
+        wanted = _run(case, _patch_of(inputs, case, rows, cols, fmt),
+                      lambda o: next(ups)[-1:, :, rows, cols] if o.dim() == 4 else next(ups)[-1:])
+        pixel = (0, 0) if corner == "top_left" else (-1, -1)
+        for i, (got, want) in enumerate(zip(results, wanted)):
+            if got is None or got.dim() != 4 or got.shape[0] != shape[0]:
+                continue  # a parameter's gradient, or one the op does not give
+            for c in (0, -1):
+                g, w = got[-1, c, pixel[0], pixel[1]], want[0, c, pixel[0], pixel[1]]
+                assert torch.isclose(g, w, rtol=1e-5, atol=1e-6), f"result {i}, channel {c}, {corner}: {g} != {w}"
+                compared += 1
+    assert compared >= 8, compared  # an output and a gradient at least, at both corners
