@@ -5,6 +5,7 @@ block fills an SM is slow whatever its memory access; this catches that before a
 
     python -m benchmarks.kernel_resources            # sm_90: H100, H200
     python -m benchmarks.kernel_resources --sm 75    # sm_75: the T4 (fp16 training)
+    python -m benchmarks.kernel_resources --wide     # the 64-bit-offset variants (items past 2**30)
 
 Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes;
 fp16 below sm_80, where Triton's tl.dot has no tensor-core path and the opt-in pointwise kernels spill)
@@ -26,6 +27,8 @@ os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, not for the int
 
 import torch  # noqa: E402
 import triton  # noqa: E402
+
+from liquiddiff.kernels import _tensors  # noqa: E402
 
 SM = 90  # the H100 and H200; warp size 32
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
@@ -241,9 +244,14 @@ def launch_grids(size: tuple) -> list[tuple[str, tuple]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
     p.add_argument("--sm", type=int, default=SM, help="compute capability to compile for, e.g. 90 or 75")
+    p.add_argument("--wide", action="store_true",
+                   help="compile the variants with 64-bit offsets inside a batch item (items past 2**30 elements)")
     args = p.parse_args(argv)
+    if args.wide:  # what the launchers choose for an item that large, at the model's size
+        _tensors.wide_offsets = lambda *tensors: True
     print(f"sm_{args.sm}, Triton {triton.__version__}, launches at {list(SHAPE)} in "
-          f"{'bf16' if args.sm >= 80 else 'fp16'}: registers per thread, spill stack bytes, shared bytes")
+          f"{'bf16' if args.sm >= 80 else 'fp16'}{', 64-bit offsets' if args.wide else ''}: registers per thread, "
+          f"spill stack bytes, shared bytes")
     for label, r in report(args.sm):
         blocks = 65536 // (r["registers"] * 32 * r["num_warps"])
         print(f"{label:<40} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "
