@@ -225,9 +225,10 @@ def _gpu_min_dot_size(lhs_type, rhs_type) -> tuple[int, int, int]:
 def apply() -> None:
     """Masked floating-point loads without ``other`` read NaN in their masked-out lanes, every
     access of a launch is checked against its tensors and its other programs' stores, tl.dot
-    takes the GPU's smallest tiles, fp32 -> bf16 casts round to nearest even, 32-bit integer
-    results that do not fit and grids a GPU would refuse raise (idempotent; nothing unless ``TRITON_INTERPRET`` is on, or
-    where not :func:`supported`); :func:`corner_programs` works from here on."""
+    takes the GPU's smallest tiles, fp32 -> bf16 casts round to nearest even, and 32-bit
+    integer results that do not fit and grids a GPU would refuse raise (idempotent; nothing
+    unless ``TRITON_INTERPRET`` is on, or where not :func:`supported`). :func:`corner_programs`
+    works from here on."""
     from liquiddiff.kernels import runtime  # here: liquiddiff must not jit before the env is set
 
     interpreter = _interpreter()

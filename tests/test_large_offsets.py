@@ -19,9 +19,13 @@ The ops run forward and backward through autograd, or, where their public op doe
 its own on the whole tensor (SiLU in torch before the CfC's heads), as their launchers: forward,
 then backward for an upstream gradient that is one more input. Parameter gradients (sums over
 every pixel) are not compared: most programs did not run.
+
+On a GPU (``gpu``) the same check runs whole, in bf16 (4.3 GB a tensor, up to eleven of them):
+the 64-bit-offset variants compiled for the GPU and run there.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import typing
 
@@ -32,8 +36,8 @@ from liquiddiff import kernels
 from liquiddiff.kernels import cfc_heads, depthwise
 from tests import strict_interpreter
 
-pytestmark = pytest.mark.skipif(not (strict_interpreter.supported() and not torch.cuda.is_available()),
-                                reason="needs Triton's interpreter, made strict (tests/strict_interpreter.py)")
+interpreted = pytest.mark.skipif(not (strict_interpreter.supported() and not torch.cuda.is_available()),
+                                 reason="needs Triton's interpreter, made strict (tests/strict_interpreter.py)")
 
 # Past 2**31 elements over the batch (items of 2**16), and in one item (where, in NCHW, even
 # the last channel starts past 2**31).
@@ -99,11 +103,11 @@ CASES = {
 }
 
 
-def _patched_activation(shape, fmt) -> torch.Tensor:
+def _patched_activation(shape, fmt, dtype) -> torch.Tensor:
     """An uninitialised [B, C, H, W] tensor with random values in the last item's corner patches."""
-    t = torch.empty(shape, memory_format=fmt)
+    t = torch.empty(shape, memory_format=fmt, dtype=dtype)
     for rows, cols in CORNERS.values():
-        t[-1, :, rows, cols] = torch.randn(shape[1], PATCH[0], PATCH[1])
+        t[-1, :, rows, cols] = torch.randn(shape[1], PATCH[0], PATCH[1], dtype=dtype)
     return t
 
 
@@ -111,10 +115,18 @@ def _batched(name, B, C):
     return torch.rand(B) if name == "t" else torch.randn(B, C)
 
 
-def _inputs(case: Case, shape, fmt) -> dict:
+def _cast(v, dtype):
+    """``v``, or each tensor in a list or tuple of them, in ``dtype``."""
+    if isinstance(v, (list, tuple)):
+        return type(v)(_cast(u, dtype) for u in v)
+    return v if v is None else v.to(dtype)
+
+
+def _inputs(case: Case, shape, fmt, dtype) -> dict:
     B, C = shape[:2]
-    return {**{n: _patched_activation(shape, fmt) for n in case.activations},
-            **{n: _batched(n, B, C) for n in case.batched}, **case.other(C)}
+    small = {**{n: _batched(n, B, C) for n in case.batched}, **case.other(C)}
+    return {**{n: _patched_activation(shape, fmt, dtype) for n in case.activations},
+            **{n: _cast(v, dtype) for n, v in small.items()}}
 
 
 def _tensors_of(inputs: dict) -> list[torch.Tensor]:
@@ -149,23 +161,19 @@ def _run(case: Case, inputs: dict, upstream: typing.Callable) -> list:
     return [*outs, *grads]
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("where", SHAPES)
-@pytest.mark.parametrize("name", CASES)
-def test_kernels_past_2_31_elements(name, where, layout, monkeypatch):
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
-    case, shape, fmt = CASES[name], SHAPES[where], LAYOUTS[layout]
-    inputs = _inputs(case, shape, fmt)
+def check_past_2_31(case: Case, shape, fmt, dtype, tol: float, running) -> None:
+    """The op at ``shape`` (``running``: the programs that run) against it on its corner patches."""
+    inputs = _inputs(case, shape, fmt, dtype)
     for t in _tensors_of(inputs):
         t.requires_grad_(case.autograd)
     upstreams = {}  # one per output: the same values reach the patch runs
 
     def big_upstream(out):
-        up = _patched_activation(out.shape, fmt) if out.dim() == 4 else torch.randn_like(out)
+        up = _patched_activation(out.shape, fmt, out.dtype) if out.dim() == 4 else torch.randn_like(out)
         upstreams[len(upstreams)] = up
         return up
 
-    with strict_interpreter.corner_programs():  # raises on an int32 overflow, a stray access, a grid too large
+    with running:
         results = _run(case, inputs, big_upstream)
 
     compared = 0
@@ -179,6 +187,29 @@ def test_kernels_past_2_31_elements(name, where, layout, monkeypatch):
                 continue  # a parameter's gradient, or one the op does not give
             for c in (0, -1):
                 g, w = got[-1, c, pixel[0], pixel[1]], want[0, c, pixel[0], pixel[1]]
-                assert torch.isclose(g, w, rtol=1e-5, atol=1e-6), f"result {i}, channel {c}, {corner}: {g} != {w}"
+                assert torch.isclose(g, w, rtol=tol, atol=tol), f"result {i}, channel {c}, {corner}: {g} != {w}"
                 compared += 1
     assert compared >= 8, compared  # an output and a gradient at least, at both corners
+
+
+@interpreted
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("where", SHAPES)
+@pytest.mark.parametrize("name", CASES)
+def test_kernels_past_2_31_elements(name, where, layout, monkeypatch):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
+    # Raises on an int32 overflow, a stray access, a grid a GPU refuses.
+    check_past_2_31(CASES[name], SHAPES[where], LAYOUTS[layout], torch.float32, 1e-5,
+                    strict_interpreter.corner_programs())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("name", CASES)
+def test_kernels_past_2_31_elements_in_one_item_on_a_gpu(name, layout, monkeypatch):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
+    try:
+        with torch.device("cuda"):
+            check_past_2_31(CASES[name], SHAPES["item"], LAYOUTS[layout], torch.bfloat16, 1e-2, contextlib.nullcontext())
+    finally:
+        torch.cuda.empty_cache()  # 50 GB this process would keep from the others' tests
