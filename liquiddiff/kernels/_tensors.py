@@ -163,9 +163,9 @@ def flat_all(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], list[tuple[int
 
 
 # Kernels index inside one batch item with 32-bit integers (their batch offsets are 64-bit)
-# unless some tensor's item spans this many elements; then with 64-bit ones, compiled apart
-# (their ``WIDE`` constexpr): more registers, for items no model here reaches below 4 GB. 2**30,
-# not 2**31: room for the offsets a tile computes past an item's end, for lanes its mask turns off.
+# unless some tensor's item spans this many elements (2 GB in bf16); then with 64-bit ones,
+# compiled apart (their ``WIDE`` constexpr), with more registers. 2**30, not 2**31: room for the
+# offsets a tile computes past an item's end, for lanes its mask turns off.
 WIDE_ITEM_ELEMENTS = 2**30
 
 

@@ -250,7 +250,8 @@ def _forward_kernels(
     _cfc_heads_relax_kernel[grid](
         *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
         HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
-        WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs, **_tensors.COMPILE_OPTIONS,
+        WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs,
+        **_tensors.COMPILE_OPTIONS,
     )
     return out
 

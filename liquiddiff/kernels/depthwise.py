@@ -78,8 +78,8 @@ if triton is not None:
     @triton.jit
     def _strip(C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
         """This program's strip: batch item (int64, for offsets past 2**31), first row, columns,
-        channels and channel mask; WIDE (one batch item past 2**31 elements): rows, columns and
-        channels int64 too. Grid: (row strips x column runs, channel blocks, B)."""
+        channels and channel mask; WIDE (a batch item of 2**30 elements or more): rows, columns
+        and channels int64 too. Grid: (row strips x column runs, channel blocks, B)."""
         tiles_w = tl.cdiv(W, BLOCK_W)
         pid_p = tl.program_id(0)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -389,7 +389,8 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     _dwconv_wgrad_kernel[grid](
         x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
         ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
-        WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS, **_tensors.COMPILE_OPTIONS,
+        WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
+        **_tensors.COMPILE_OPTIONS,
     )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]
