@@ -275,8 +275,11 @@ def apply() -> None:
     def checked_int_op(name, op, exact):
         def checked(self, lhs, rhs):
             out = op(self, lhs, rhs)
+            # Few numpy calls: this runs for every index computation of every program.
             if out.data.dtype.kind in "iu" and out.data.dtype.itemsize == 4:
-                _check_fits(name, exact(lhs.data.astype(np.int64), rhs.data.astype(np.int64)), out.data.dtype)
+                wide = exact(lhs.data, rhs.data, dtype=np.int64)
+                if (wide != out.data).any():
+                    _check_fits(name, wide, out.data.dtype)
             return out
         return checked
 
