@@ -6,6 +6,7 @@ block fills an SM is slow whatever its memory access; this catches that before a
     python -m benchmarks.kernel_resources            # sm_90: H100, H200
     python -m benchmarks.kernel_resources --sm 75    # sm_75: the T4 (fp16 training)
     python -m benchmarks.kernel_resources --wide     # the 64-bit-offset variants (items past 2**30)
+    python -m benchmarks.kernel_resources --split-batch  # the variants of a batch launched in parts
 
 Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes;
 fp16 below sm_80, where Triton's tl.dot has no tensor-core path and the opt-in pointwise kernels spill)
@@ -230,8 +231,10 @@ def report(sm: int = SM) -> list[tuple[str, dict]]:
     GPUs before the A100 train in fp16)."""
     rows = []
     for label, module, kernel, launch in launches(torch.bfloat16 if sm >= 80 else torch.float16):
-        for kernel_fn, args, kwargs, _ in record(module, kernel, launch):
-            rows.append((label, resources(kernel_fn, args, kwargs, sm)))
+        # One launch per label; a batch launched in parts (--split-batch) compiles one variant for
+        # every part: the last one's, whose first item, like a real part's, is no multiple of 16.
+        kernel_fn, args, kwargs, _ = record(module, kernel, launch)[-1]
+        rows.append((label, resources(kernel_fn, args, kwargs, sm)))
     return rows
 
 
@@ -246,12 +249,17 @@ def main(argv=None) -> int:
     p.add_argument("--sm", type=int, default=SM, help="compute capability to compile for, e.g. 90 or 75")
     p.add_argument("--wide", action="store_true",
                    help="compile the variants with 64-bit offsets inside a batch item (items past 2**30 elements)")
+    p.add_argument("--split-batch", action="store_true",
+                   help="compile the variants that a batch past 65535 items is launched with, in parts")
     args = p.parse_args(argv)
     if args.wide:  # what the launchers choose for an item that large, at the model's size
         _tensors.wide_offsets = lambda *tensors: True
+    if args.split_batch:  # two parts, of 7 items and 1
+        _tensors.MAX_GRID_BATCH = SHAPE[0] - 1
+    variants = "".join(note for on, note in ((args.wide, ", 64-bit offsets"), (args.split_batch, ", batch in parts"))
+                       if on)
     print(f"sm_{args.sm}, Triton {triton.__version__}, launches at {list(SHAPE)} in "
-          f"{'bf16' if args.sm >= 80 else 'fp16'}{', 64-bit offsets' if args.wide else ''}: registers per thread, "
-          f"spill stack bytes, shared bytes")
+          f"{'bf16' if args.sm >= 80 else 'fp16'}{variants}: registers per thread, spill stack bytes, shared bytes")
     for label, r in report(args.sm):
         blocks = 65536 // (r["registers"] * 32 * r["num_warps"])
         print(f"{label:<40} {r['num_warps']:>2} warps: {r['registers']:>3} registers, stack {r['stack']}, "

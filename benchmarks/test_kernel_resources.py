@@ -30,9 +30,11 @@ def _resources(sm: int, *options: str) -> tuple[str, list[tuple[str, int, int]]]
     return proc.stdout.splitlines()[0], [(label, int(registers), int(stack)) for label, registers, stack in rows]
 
 
-@pytest.mark.parametrize("options", [(), ("--wide",)], ids=["32-bit offsets", "64-bit offsets"])
+@pytest.mark.parametrize("options", [(), ("--wide",), ("--split-batch",)],
+                         ids=["32-bit offsets", "64-bit offsets", "batch in parts"])
 def test_kernels_do_not_spill(options):
-    # --wide: the variants for a batch item past 2**30 elements, which no CPU test compiles for a GPU.
+    # --wide: the variants for a batch item past 2**30 elements; --split-batch: for a batch past
+    # 65535 items. No CPU test compiles either for a GPU.
     _, rows = _resources(90, *options)
     for label, registers, stack in rows:
         assert registers <= 128 and (stack == 0 or (registers == 64 and stack <= 8)), (label, registers, stack)
@@ -49,16 +51,18 @@ def test_default_kernels_compile_for_the_t4_without_spilling():
             assert stack == 0, (label, registers, stack)
 
 
-def test_launch_grids_fit_cuda_limits_at_2048_px():
-    """Every launch at [2, 64, 2048, 2048] (meta tensors): grid axis 0 below 2**31, axes 1 and 2
-    at most 65535, which the CUDA launch would refuse (the CfC heads kernels put their pixel
-    tiles on axis 1 until they passed it at 1024 x 1024)."""
+@pytest.mark.parametrize("size", [(2, 64, 2048, 2048), (70000, 64, 8, 8)], ids=["2048 px", "batch of 70000"])
+def test_launch_grids_fit_cuda_limits(size):
+    """Every launch at ``size`` (meta tensors): grid axis 0 below 2**31, axes 1 and 2 at most
+    65535, which the CUDA launch would refuse (the CfC heads kernels put their pixel tiles on
+    axis 1 until they passed it at 1024 x 1024; every kernel put a batch past 65535 on axis 1 or 2
+    in one launch before it was launched in parts)."""
     code = ("import json; from benchmarks import kernel_resources as kr; "
-            "print(json.dumps(kr.launch_grids((2, 64, 2048, 2048))))")
+            f"print(json.dumps(kr.launch_grids({size})))")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     grids = json.loads(proc.stdout.splitlines()[-1])
-    assert len(grids) == 33
+    assert len({label for label, _ in grids}) == 33  # every launch of kernel_resources.launches()
     for label, grid in grids:
         assert grid[0] < 2**31 and all(n <= 65535 for n in grid[1:]), (label, grid)

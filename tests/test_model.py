@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from liquiddiff import kernels
+from liquiddiff.kernels import _tensors
 from liquiddiff.model import PRESETS, LiquidDiffusion, build, liquid_diffusion_tiny
+from tests import strict_interpreter
 from tests.parity import rel_err
 
 
@@ -156,13 +158,29 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting, froz
     and of x and t (what a likelihood's divergence or a guidance term asks of the model), agree;
     a frozen parameter gets no gradient either way."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    check_fused_matches_reference(memory_format, frozen)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_model_matches_reference_with_its_batch_launched_in_parts(monkeypatch, memory_format):
+    """A batch past the 65535 programs a GPU grid holds along axes 1 and 2 (where every kernel
+    puts it) is launched in parts, each kernel adding its part's first item: here a batch of 5
+    in parts of 2, 2 and 1, through every kernel (the opt-in ones too), whose grids the strict
+    interpreter refuses past 2 along those axes."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
+    monkeypatch.setattr(_tensors, "MAX_GRID_BATCH", 2)
+    monkeypatch.setattr(strict_interpreter, "GPU_GRID_LIMITS", (2**31 - 1, 2, 2))
+    check_fused_matches_reference(memory_format, frozen=False, batch=5)
+
+
+def check_fused_matches_reference(memory_format, frozen: bool, batch: int = 2):
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1))
     model = model.to(memory_format=memory_format)
     frozen_names = [name for name, _ in model.named_parameters()][::2] if frozen else []
     for name in frozen_names:
         model.get_parameter(name).requires_grad_(False)
-    x = torch.randn(2, 3, 8, 8).to(memory_format=memory_format).requires_grad_()
-    t = torch.rand(2).requires_grad_()
+    x = torch.randn(batch, 3, 8, 8).to(memory_format=memory_format).requires_grad_()
+    t = torch.rand(batch).requires_grad_()
     up = torch.randn_like(x)
     ref_out, ref_grads = _param_grads(model.set_fused(False), x, t, up)
     out, grads = _param_grads(model.set_fused(True), x, t, up)

@@ -10,9 +10,10 @@ import inspect
 import torch
 
 try:
+    import triton
     import triton.language as tl
 except Exception:  # Triton missing: the launchers are never reached (runtime.select_backend)
-    tl = None
+    triton = tl = None
 
 
 # Compile options every launch passes. FMA contraction on, as the kernels were validated: Triton
@@ -175,6 +176,35 @@ def wide_offsets(*tensors: torch.Tensor | None) -> bool:
     return any(t is not None and t.untyped_storage().nbytes() >= WIDE_ITEM_ELEMENTS * t.element_size()
                and sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:])) >= WIDE_ITEM_ELEMENTS
                for t in tensors)
+
+
+# A GPU grid holds at most this many programs along axes 1 and 2, where the kernels put the
+# batch (axis 0 holds their pixel tiles, which can be as many). A larger batch takes several
+# launches of the kernels' SPLIT_BATCH variant, each adding its first item (``batch_start``, every
+# kernel's last runtime argument) to its batch index (``batch_item``).
+MAX_GRID_BATCH = 65535
+
+
+def batch_launches(batch: int) -> list[tuple[int, int]] | tuple[tuple[int, int]]:
+    """(first item, items) of each launch over ``batch`` items: one unless ``MAX_GRID_BATCH`` is
+    passed. A launch of fewer items than the batch passes SPLIT_BATCH=True (``batch_item``)."""
+    if batch <= MAX_GRID_BATCH:
+        return ((0, batch),)
+    return [(start, min(MAX_GRID_BATCH, batch - start)) for start in range(0, batch, MAX_GRID_BATCH)]
+
+
+if triton is not None:
+
+    @triton.jit
+    def batch_item(axis: tl.constexpr, batch_start, SPLIT_BATCH: tl.constexpr):
+        """The batch item of this program, the batch on grid ``axis`` (int64: batch offsets pass
+        2**31). Only a split batch adds ``batch_start``, so that the one-launch variant compiles
+        as it did before the argument existed (``benchmarks.kernel_resources`` prints the same):
+        the add, or the argument anywhere but last, cost some kernels registers and occupancy."""
+        item = tl.program_id(axis).to(tl.int64)
+        if SPLIT_BATCH:
+            item += batch_start
+        return item
 
 
 def compute_dtypes(*tensors: torch.Tensor | None):

@@ -72,13 +72,13 @@ def launch_config(channels: int, pixels: int) -> tuple[int, int, int]:
 if triton is not None:
 
     @triton.jit
-    def _program_tile(C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    def _program_tile(batch_start, C, P, SPLIT_BATCH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
         """This program's batch item, pixel indices, masks and [BLOCK_C, BLOCK_P] offsets.
 
         The whole channel axis is in the tile (BLOCK_C >= C); int64 offsets, since a large
         activation can exceed 2**31 elements.
         """
-        b = tl.program_id(1).to(tl.int64)
+        b = _tensors.batch_item(1, batch_start, SPLIT_BATCH)
         c = tl.arange(0, BLOCK_C)
         p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_c = c < C
@@ -95,13 +95,14 @@ if triton is not None:
         so_b, so_c, so_p,
         ss_b, ss_c, ss_p,
         sscale_b, sscale_c,
-        sshift_b, sshift_c,
+        sshift_b, sshift_c, batch_start,
         HAS_RESIDUAL: tl.constexpr,
         COMPUTE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(C, P, BLOCK_C, BLOCK_P)
+        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(batch_start, C, P, SPLIT_BATCH, BLOCK_C, BLOCK_P)
 
         x = tl.load(x_ptr + b * sx_b + c64 * sx_c + p64 * sx_p, mask=mask, other=0.0)
         if HAS_RESIDUAL:
@@ -141,16 +142,17 @@ if triton is not None:
         ss_b, ss_c, ss_p,
         sd_b, sd_c, sd_p,
         sd2_b, sd2_c, sd2_p,
-        sscale_b, sscale_c,
+        sscale_b, sscale_c, batch_start,
         HAS_GRAD_S: tl.constexpr,
         WRITE_DS: tl.constexpr,
         WRITE_DS2: tl.constexpr,
         PARAM_GRADS: tl.constexpr,
         COMPUTE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr,
         BLOCK_P: tl.constexpr,
     ):
-        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(C, P, BLOCK_C, BLOCK_P)
+        b, p, mask_c, mask_p, mask, c64, p64 = _program_tile(batch_start, C, P, SPLIT_BATCH, BLOCK_C, BLOCK_P)
 
         # Masked lanes load g = 0, so padded channels and pixels add nothing to the channel
         # sums below or to the pixel partial sums.
@@ -226,16 +228,17 @@ def _forward_kernels(
         res, res_strides = _tensors.flat_pixels(residual)
         s_arg, s_strides = s, _tensors.pixel_strides(s)
     block_c, block_p, num_warps = launch_config(channels, pixels)
-    grid = (_tensors.cdiv(pixels, block_p), batch)
-    _adaln_fwd_kernel[grid](
-        x, res, scale, shift, out, s_arg, mean, rstd,
-        channels, pixels, eps,
-        *x_strides, *res_strides, *out_strides, *s_strides,
-        *scale.stride(), *shift.stride(),
-        HAS_RESIDUAL=residual is not None,
-        COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(batch):
+        _adaln_fwd_kernel[(_tensors.cdiv(pixels, block_p), items)](
+            x, res, scale, shift, out, s_arg, mean, rstd,
+            channels, pixels, eps,
+            *x_strides, *res_strides, *out_strides, *s_strides,
+            *scale.stride(), *shift.stride(), start,
+            HAS_RESIDUAL=residual is not None,
+            COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
+            SPLIT_BATCH=items < batch, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+            **_tensors.COMPILE_OPTIONS,
+        )
     return out, s, mean, rstd
 
 
@@ -298,19 +301,21 @@ def _backward_kernels(
             gs, gs_strides = _tensors.flat_pixels(grad_s)
         ds_strides = _tensors.pixel_strides(ds) if write_ds else g_strides
         ds2_strides = g_strides if ds2_dtype is None else _tensors.pixel_strides(ds2)
-        _adaln_bwd_kernel[(n_blocks, batch)](
-            grad_out, gs, s, scale, mean, rstd,
-            ds, ds2, dparam_part,
-            batch, channels, pixels,
-            *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
-            *scale.stride(),
-            HAS_GRAD_S=grad_s is not None,
-            WRITE_DS=write_ds,
-            WRITE_DS2=ds2_dtype is not None,
-            PARAM_GRADS=param_grads,
-            COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-        )
+        for start, items in _tensors.batch_launches(batch):
+            _adaln_bwd_kernel[(n_blocks, items)](
+                grad_out, gs, s, scale, mean, rstd,
+                ds, ds2, dparam_part,
+                batch, channels, pixels,
+                *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
+                *scale.stride(), start,
+                HAS_GRAD_S=grad_s is not None,
+                WRITE_DS=write_ds,
+                WRITE_DS2=ds2_dtype is not None,
+                PARAM_GRADS=param_grads,
+                COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
+                SPLIT_BATCH=items < batch, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+                **_tensors.COMPILE_OPTIONS,
+            )
     if param_grads:
         # Deterministic: a fixed-order torch reduction over the per-program partial sums.
         torch.sum(dparam_part, dim=0, out=dparams)

@@ -94,11 +94,11 @@ if triton is not None:
         x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr, P,
         sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
         swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
-        sx_b, sx_c, sx_p, sr_b, sr_c, sr_p, so_b, so_c, so_p, sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        sx_b, sx_c, sx_p, sr_b, sr_c, sr_p, so_b, so_c, so_p, sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # Axis 0 walks a pixel tile's output-channel blocks, then the next tile: a tile's blocks
         # run together and share its inputs in L2, and the pixel tiles are not bound by the
@@ -108,7 +108,7 @@ if triton is not None:
         ps = tl.program_id(0) // n_blocks * BLOCK_P + tl.arange(0, BLOCK_P)
         # int64 batch and pixel offsets: B * C * H * W may pass 2**31 (WIDE: so does one batch
         # item, and a channel's offset, c * H * W in NCHW, is int64 too).
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         if WIDE:
             ns = ns.to(tl.int64)
         p_mask, n_mask = ps < P, ns < C
@@ -136,12 +136,12 @@ if triton is not None:
         sgo_b, sgo_c, sgo_p, sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p,
         swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh, sx_b, sx_c, sx_p,
         sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p, sdx_b, sdx_c, sdx_p,
-        sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
         C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
         NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr, NEED_DX: tl.constexpr,
         NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr,
-        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, TILES: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TILES: tl.constexpr,
     ):
         # The CfC kernel's backward (cfc_relax.py) with f, g and h remade in registers: TILES
         # pixel tiles of one batch item and channel block, the gate parameters' gradients summed
@@ -149,7 +149,7 @@ if triton is not None:
         n_blocks: tl.constexpr = (C + BLOCK_N - 1) // BLOCK_N  # on axis 0 with the pixel tiles, as forward
         ns = tl.program_id(0) % n_blocks * BLOCK_N + tl.arange(0, BLOCK_N)
         pid_p = tl.program_id(0) // n_blocks
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         if WIDE:
             ns = ns.to(tl.int64)
         n_mask = ns < C
@@ -246,13 +246,14 @@ def _forward_kernels(
     gate, gate_strides = _gate_args(a, b, rho, t)
     (xf, outf), (sx, so) = _tensors.flat_all(x, out)
     res, sr = (x, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
-    grid = (_tensors.cdiv(C, constexprs["BLOCK_N"]) * _tensors.cdiv(H * W, _BLOCK_P), 1, B)
-    _cfc_heads_relax_kernel[grid](
-        *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
-        HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
-        WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS, **constexprs,
-        **_tensors.COMPILE_OPTIONS,
-    )
+    programs = _tensors.cdiv(C, constexprs["BLOCK_N"]) * _tensors.cdiv(H * W, _BLOCK_P)
+    for start, items in _tensors.batch_launches(B):
+        _cfc_heads_relax_kernel[(programs, 1, items)](
+            *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides, start,
+            HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
+            WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS,
+            **constexprs, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return out
 
 
@@ -293,15 +294,15 @@ def _backward_kernels(
     block_n = constexprs["BLOCK_N"]
     tiles = _tensors.tiles_per_program(C, P, B, block_n, _BWD_BLOCK_P, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
     pixel_programs = _tensors.cdiv(P, _BWD_BLOCK_P * tiles)
-    grid = (_tensors.cdiv(C, block_n) * pixel_programs, 1, B)
     partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else xf
-    _cfc_heads_relax_bwd_kernel[grid](
-        go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides,
-        NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
-        COMPUTE=compute, WIDE=_tensors.wide_offsets(go, *pointers[:3], xf, *d_args), BLOCK_P=_BWD_BLOCK_P,
-        TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
-        **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _cfc_heads_relax_bwd_kernel[(_tensors.cdiv(C, block_n) * pixel_programs, 1, items)](
+            go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides, start,
+            NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
+            COMPUTE=compute, WIDE=_tensors.wide_offsets(go, *pointers[:3], xf, *d_args), BLOCK_P=_BWD_BLOCK_P,
+            TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
+            SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return (*grads, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 
 

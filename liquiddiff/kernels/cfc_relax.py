@@ -112,15 +112,16 @@ if triton is not None:
         C, P,
         sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
         sr_b, sr_c, sr_p, so_b, so_c, so_p,
-        sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
         HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
         # it does, and the channel and pixel offsets are int64 too).
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         if WIDE:
@@ -156,14 +157,15 @@ if triton is not None:
         sgo_b, sgo_c, sgo_p, sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p,
         sx_b, sx_c, sx_p, sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p,
         sdx_b, sdx_c, sdx_p,
-        sa_b, sa_c, sb_b, sb_c, s_rho, s_t,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
         NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr,
         NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         cs = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
         if WIDE:
             cs = cs.to(tl.int64)
@@ -270,15 +272,15 @@ def _forward_kernels(
         res, sr = _tensors.flat_pixels(residual)
     compute, _ = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
-    grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
-    _cfc_relax_fwd_kernel[grid](
-        f, g, h, x, res, a, b, rho, t, out,
-        C, P,
-        *sf, *sg, *sh, *sx, *sr, *so,
-        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
-        HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _cfc_relax_fwd_kernel[(_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), items)](
+            f, g, h, x, res, a, b, rho, t, out,
+            C, P,
+            *sf, *sg, *sh, *sx, *sr, *so,
+            *a.stride(), *b.stride(), rho.stride(0), t.stride(0), start,
+            HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return out
 
 
@@ -312,17 +314,19 @@ def _backward_kernels(
     compute, part_dtype = _tensors.compute_dtypes(go, f, g, h, x, a, b, rho, t)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=True)
     tiles = _bwd_tiles(C, P, B, block_c, block_p)
-    grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)
-    partials = _tensors.empty_buffer((4, grid[0], B, C), part_dtype, x.device) if need_params else x
-    _cfc_relax_bwd_kernel[grid](
-        go, f, g, h, x, a, b, rho, t, *d_args, partials,
-        B, C, P,
-        *sgo, *sf, *sg, *sh, *sx, *d_strides,
-        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
-        NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
-        NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
-        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-    )
+    pixel_programs = _tensors.cdiv(P, block_p * tiles)
+    partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else x
+    for start, items in _tensors.batch_launches(B):
+        _cfc_relax_bwd_kernel[(pixel_programs, _tensors.cdiv(C, block_c), items)](
+            go, f, g, h, x, a, b, rho, t, *d_args, partials,
+            B, C, P,
+            *sgo, *sf, *sg, *sh, *sx, *d_strides,
+            *a.stride(), *b.stride(), rho.stride(0), t.stride(0), start,
+            NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
+            NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
+            SPLIT_BATCH=items < B, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+            **_tensors.COMPILE_OPTIONS,
+        )
     return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 
 

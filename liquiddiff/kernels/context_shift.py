@@ -60,10 +60,11 @@ if triton is not None:
     @triton.jit
     def _context_shift_fwd_kernel(
         sum_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, out_ptr, ctx_ptr, pixels,
-        s_sum_b, s_sum_c, s_w_o, s_w_i, s_bias, s_scale_b, s_scale_c, s_shift_b, s_shift_c,
-        C: tl.constexpr, CONV: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr,
+        s_sum_b, s_sum_c, s_w_o, s_w_i, s_bias, s_scale_b, s_scale_c, s_shift_b, s_shift_c, batch_start,
+        C: tl.constexpr, CONV: tl.constexpr, COMPUTE: tl.constexpr, SPLIT_BATCH: tl.constexpr, BLOCK_O: tl.constexpr,
+        BLOCK_I: tl.constexpr,
     ):
-        b = tl.program_id(1).to(tl.int64)
+        b = _tensors.batch_item(1, batch_start, SPLIT_BATCH)
         co = tl.program_id(0) * BLOCK_O + tl.arange(0, BLOCK_O)
         o_mask = co < C
         acc = tl.zeros([BLOCK_O], dtype=COMPUTE)
@@ -139,13 +140,15 @@ def _forward_kernels(pixel_sum: torch.Tensor, weight: torch.Tensor, bias: torch.
     out, ctx = _forward_buffers(pixel_sum, weight, bias, scale, shift, conv_dtype)
     batch, channels = scale.shape
     if out.numel():
-        _context_shift_fwd_kernel[(_tensors.cdiv(channels, _BLOCK_O), batch)](
-            pixel_sum, weight, bias, scale, shift, out, ctx, float(pixels),
-            *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
-            *shift.stride(),
-            C=channels, CONV=_tensors.tl_dtype(conv_dtype), COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
-            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, **_tensors.COMPILE_OPTIONS,
-        )
+        for start, items in _tensors.batch_launches(batch):
+            _context_shift_fwd_kernel[(_tensors.cdiv(channels, _BLOCK_O), items)](
+                pixel_sum, weight, bias, scale, shift, out, ctx, float(pixels),
+                *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
+                *shift.stride(), start,
+                C=channels, CONV=_tensors.tl_dtype(conv_dtype),
+                COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
+                BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, SPLIT_BATCH=items < batch, **_tensors.COMPILE_OPTIONS,
+            )
     return out, ctx
 
 

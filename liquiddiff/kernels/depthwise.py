@@ -76,10 +76,12 @@ _WGRAD_MIN_PROGRAMS = 1024
 if triton is not None:
 
     @triton.jit
-    def _strip(C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr):
+    def _strip(batch_start, C, W, ROWS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, WIDE: tl.constexpr,
+               SPLIT_BATCH: tl.constexpr):
         """This program's strip: batch item (int64, for offsets past 2**31), first row, columns,
         channels and channel mask; WIDE (a batch item of 2**30 elements or more): rows, columns
-        and channels int64 too. Grid: (row strips x column runs, channel blocks, B)."""
+        and channels int64 too. Grid: (row strips x column runs, channel blocks, batch items from
+        batch_start)."""
         tiles_w = tl.cdiv(W, BLOCK_W)
         pid_p = tl.program_id(0)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -87,7 +89,7 @@ if triton is not None:
         row0 = (pid_p // tiles_w) * ROWS
         if WIDE:
             cs, ow, row0 = cs.to(tl.int64), ow.to(tl.int64), row0.to(tl.int64)
-        return tl.program_id(2).to(tl.int64), row0, ow, cs, cs < C
+        return _tensors.batch_item(2, batch_start, SPLIT_BATCH), row0, ow, cs, cs < C
 
     @triton.jit
     def _dwconv_kernel(
@@ -95,11 +97,11 @@ if triton is not None:
         copy_ptr, psum_ptr, B, C, H, W,
         sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
         sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, scp_b, scp_c, scp_h, scp_w,
-        sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w, s_bias, s_bias2,
+        sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w, s_bias, s_bias2, batch_start,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
         PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
         SILU_GRAD: tl.constexpr, COPY: tl.constexpr, PIXEL_SUM: tl.constexpr,
-        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
         ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
         # Sliding window down a [ROWS, BLOCK_W] strip: each input row is loaded once per
@@ -115,7 +117,7 @@ if triton is not None:
         # centre tap's load of the strip's own pixels also writes x rounded to CONV into copy
         # (what backward keeps) / adds x, unrounded, to this program's per-channel partial sums.
         P: tl.constexpr = K // 2
-        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C, WIDE)
+        pid_b, row0, ow, cs, c_mask = _strip(batch_start, C, W, ROWS, BLOCK_W, BLOCK_C, WIDE, SPLIT_BATCH)
         slots = tl.arange(0, SLOTS)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
         x2_base = x2_ptr + pid_b * sx2_b + cs[None, :] * sx2_c
@@ -202,16 +204,17 @@ if triton is not None:
     def _dwconv_wgrad_kernel(
         x_ptr, go_ptr, go2_ptr, part_ptr,
         B, C, H, W,
-        sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sg2_b, sg2_c, sg2_h, sg2_w,
+        sx_b, sx_c, sx_h, sx_w, sg_b, sg_c, sg_h, sg_w, sg2_b, sg2_c, sg2_h, sg2_w, batch_start,
         # constexpr: Triton 3.6's interpreter cannot loop over a runtime int (with NumPy 2).
         ROWS: tl.constexpr, K: tl.constexpr, TAPS: tl.constexpr, NEED_BIAS: tl.constexpr, HEADS: tl.constexpr,
-        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr, BLOCK_W: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
         # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load and one
         # reduction over the W run, not k*k of each. HEADS == 2: a second head's grad_out (go2)
         # on the same input, whose x loads both heads share.
-        pid_b, row0, ow, cs, c_mask = _strip(C, W, ROWS, BLOCK_W, BLOCK_C, WIDE)
+        pid_b, row0, ow, cs, c_mask = _strip(batch_start, C, W, ROWS, BLOCK_W, BLOCK_C, WIDE, SPLIT_BATCH)
         taps = tl.arange(0, TAPS)
         du = (taps // K - K // 2)[:, None, None]
         dv = (taps % K - K // 2)[:, None, None]
@@ -296,28 +299,29 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
     block_c = _channel_block(C)
     block_w = min(_tensors.next_power_of_2(W), _FWD_BLOCK_W)
     rows = min(_tensors.next_power_of_2(H), _FWD_ROWS)
-    grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
+    strips = _tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w)
     # Unused pointers and strides (an absent second head, addend or silu_input) repeat the first.
     x2, w2 = xs[-1], weights[-1]
     bias, bias2 = biases[0], biases[-1] if pair_out else None
     add, z = (addend if addend is not None else x), (silu_input if silu_input is not None else x)
     cadd, cadd_strides = (x, (0, 0)) if channel_addend is None else (channel_addend, channel_addend.stride())
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    partials = _tensors.empty_buffer((grid[0], B, C), part_dtype, x.device) if pixel_sums else x
+    partials = _tensors.empty_buffer((strips, B, C), part_dtype, x.device) if pixel_sums else x
     copy_to = x if copy is None else copy
-    _dwconv_kernel[grid](
-        x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
-        add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(), *add.stride(),
-        *cadd_strides, *z.stride(), *copy_to.stride(),
-        weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
-        *(0 if b is None else b.stride(0) for b in (bias, bias2)),
-        K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out, PAIR_IN=pair_in,
-        HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
-        SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
-        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
-        ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
-        **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _dwconv_kernel[(strips, _tensors.cdiv(C, block_c), items)](
+            x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
+            add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(),
+            *add.stride(), *cadd_strides, *z.stride(), *copy_to.stride(),
+            weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
+            *(0 if b is None else b.stride(0) for b in (bias, bias2)), start,
+            K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out,
+            PAIR_IN=pair_in, HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
+            SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
+            CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
+            ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
+            SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return outs + [partials] if pixel_sums else outs
 
 
@@ -383,15 +387,17 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     others = _tensors.cdiv(W, block_w) * _tensors.cdiv(C, block_c) * B
     # A power of 2 (ROWS is a constexpr: few variants to compile).
     rows = min(_tensors.next_power_of_2(H), _tensors.next_power_of_2(_tensors.cdiv(H * others, _WGRAD_MIN_PROGRAMS)))
-    grid = (_tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w), _tensors.cdiv(C, block_c), B)
+    strips = _tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
-    part = _tensors.empty_buffer((grid[0], B, heads, taps + 1, C), acc, x.device)
-    _dwconv_wgrad_kernel[grid](
-        x, grad_outs[0], grad_outs[-1], part, B, C, H, W, *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
-        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
-        WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_WGRAD_WARPS,
-        **_tensors.COMPILE_OPTIONS,
-    )
+    part = _tensors.empty_buffer((strips, B, heads, taps + 1, C), acc, x.device)
+    for start, items in _tensors.batch_launches(B):
+        _dwconv_wgrad_kernel[(strips, _tensors.cdiv(C, block_c), items)](
+            x, grad_outs[0], grad_outs[-1], part, B, C, H, W,
+            *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(), start,
+            ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype),
+            ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c,
+            num_warps=_WGRAD_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]
     d_bs = [part[:, :, i, taps].sum((0, 1)).to(dtype) if need_bias else part.new_empty(0, dtype=dtype)

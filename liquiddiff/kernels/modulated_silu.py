@@ -64,12 +64,13 @@ if triton is not None:
     @triton.jit
     def _modulated_silu_fwd_kernel(
         z_ptr, scale_ptr, shift_ptr, out_ptr, C, P,
-        sz_b, sz_c, sz_p, so_b, so_c, so_p, ss_b, ss_c, sh_b, sh_c,
-        COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+        sz_b, sz_c, sz_p, so_b, so_c, so_p, ss_b, ss_c, sh_b, sh_c, batch_start,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
         # it does, and the channel and pixel offsets are int64 too).
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         if WIDE:
@@ -87,17 +88,17 @@ if triton is not None:
     def _modulated_silu_bwd_kernel(
         go_ptr, go2_ptr, go3_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, C, P,
         sgo_b, sgo_c, sgo_p, sgo2_b, sgo2_c, sgo2_p, sgo3_b, sgo3_c, sgo3_p,
-        sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c,
+        sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c, batch_start,
         GRADS: tl.constexpr, SILU: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
-        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr, BLOCK_C: tl.constexpr,
-        BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
         # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
         # backbone's SiLU feeds three convs; any strides, a broadcast one included). MODULATED
         # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread), and
         # NEED_PARAMS sums it over the pixels (the second partial; the first stays zero).
         pid_p = tl.program_id(0)
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
         if WIDE:
             cs = cs.to(tl.int64)
@@ -155,12 +156,12 @@ def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     P = H * W
     (z, out_flat), (sz, so) = _tensors.flat_all(z, out)
     block_c, block_p, num_warps = _tile(C, P, sz, _FWD_TILE)
-    grid = (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), B)
-    _modulated_silu_fwd_kernel[grid](
-        z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(),
-        COMPUTE=_tensors.compute_dtype(z, scale, shift, out), WIDE=_tensors.wide_offsets(z, out_flat),
-        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _modulated_silu_fwd_kernel[(_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), items)](
+            z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(), start,
+            COMPUTE=_tensors.compute_dtype(z, scale, shift, out), WIDE=_tensors.wide_offsets(z, out_flat),
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return out
 
 
@@ -193,18 +194,19 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
     compute, part_dtype = _tensors.compute_dtypes(*grads, z, scale, shift)
     block_c, block_p, num_warps = _tile(C, P, sz, _BWD_TILE)
     tiles = _tensors.tiles_per_program(C, P, B, block_c, block_p, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
-    grid = (_tensors.cdiv(P, block_p * tiles), _tensors.cdiv(C, block_c), B)
-    partials = _tensors.empty_buffer((2, grid[0], B, C), part_dtype, z.device) if need_params else None
+    pixel_programs = _tensors.cdiv(P, block_p * tiles)
+    partials = _tensors.empty_buffer((2, pixel_programs, B, C), part_dtype, z.device) if need_params else None
     # Absent operands (a second or third gradient, the modulation) repeat the first ones.
     go, sgo = go + [go[-1]] * (3 - len(go)), sgo + [sgo[-1]] * (3 - len(sgo))
     params, param_strides = ((scale, shift), (*scale.stride(), *shift.stride())) if modulated else ((z, z), (0,) * 4)
-    _modulated_silu_bwd_kernel[grid](
-        *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
-        *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
-        GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params, COMPUTE=compute,
-        WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles,
-        num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _modulated_silu_bwd_kernel[(pixel_programs, _tensors.cdiv(C, block_c), items)](
+            *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
+            *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides, start,
+            GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params,
+            COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
+            TILES=tiles, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return d_z, partials
 
 

@@ -104,14 +104,14 @@ if triton is not None:
     @triton.jit
     def _silu_conv1x1_kernel(
         z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, P,
-        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p,
+        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p, batch_start,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
         HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # int64 batch and pixel offsets: B * K * H * W may pass 2**31 (WIDE: so does one batch
         # item, and a channel's offset, k * H * W in NCHW, is int64 too).
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
         ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         if WIDE:
@@ -131,15 +131,15 @@ if triton is not None:
     @triton.jit
     def _silu_conv1x1_input_grad_kernel(
         go_ptr, w_ptr, z_ptr, scale_ptr, shift_ptr, dz_ptr, part_ptr, B, P,
-        sgo_b, sgo_n, sgo_p, sw_n, sw_k, sz_b, sz_k, sz_p, sdz_b, sdz_k, sdz_p, ss_b, ss_k, sh_b, sh_k,
+        sgo_b, sgo_n, sgo_p, sw_n, sw_k, sz_b, sz_k, sz_p, sdz_b, sdz_k, sdz_p, ss_b, ss_k, sh_b, sh_k, batch_start,
         K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
         NEED_PARAMS: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
-        BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # d_a = grad_out @ weight (K columns of this program), rounded to the conv's dtype as
         # cuDNN's input gradient is; then SiLU's (and the modulation's) backward in registers.
         pid_p = tl.program_id(0)
-        pid_b = tl.program_id(2).to(tl.int64)
+        pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         if WIDE:  # int64 channel offsets: k * H * W in NCHW
@@ -175,9 +175,10 @@ if triton is not None:
     @triton.jit
     def _silu_conv1x1_weight_grad_kernel(
         go_ptr, z_ptr, scale_ptr, shift_ptr, part_ptr, bias_part_ptr, P,
-        sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k,
+        sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k, batch_start,
         K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_BIAS: tl.constexpr,
-        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, ITERS: tl.constexpr,
+        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        ITERS: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # d_weight[n, k] = sum over pixels of grad_out[n] * silu(y)[k], silu(y) remade from z in
@@ -185,7 +186,7 @@ if triton is not None:
         # [BLOCK_N, BLOCK_K] in part [B, splits, N, K] (and the bias's, [B, splits, N]).
         K_BLOCKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         pid_n, pid_k = tl.program_id(0) // K_BLOCKS, tl.program_id(0) % K_BLOCKS
-        pid_b, pid_s = tl.program_id(1).to(tl.int64), tl.program_id(2)
+        pid_b, pid_s = _tensors.batch_item(1, batch_start, SPLIT_BATCH), tl.program_id(2)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         if WIDE:  # int64 channel offsets: k * H * W in NCHW
@@ -253,15 +254,16 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     (z, out), (sz, so) = _tensors.flat_all(z, out)
     res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
-    grid = (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), B)
     conv, dot, acc = dot_dtypes(dtype, z.device)
-    _silu_conv1x1_kernel[grid](
-        z, weight, weight if bias is None else bias, *params, res, out, H * W,
-        *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
-        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
-        CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=_WARPS, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _silu_conv1x1_kernel[(_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), items)](
+            z, weight, weight if bias is None else bias, *params, res, out, H * W,
+            *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
+            start,
+            K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
+            CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
+            BLOCK_K=block_k, num_warps=_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return out
 
 
@@ -293,17 +295,18 @@ def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: 
     params, param_strides = _modulation_args(scale, shift, z)
     (go, zf, dzf), (sgo, sz, sdz) = _tensors.flat_all(go, z, d_z if need_z else z)
     block_k, block_n = _blocks(N, K)
-    grid = (_tensors.cdiv(P, _BLOCK_P), _tensors.cdiv(K, block_k), B)
+    pixel_programs = _tensors.cdiv(P, _BLOCK_P)
     conv, dot, acc = dot_dtypes(dtype, z.device)
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    partials = _tensors.empty_buffer((2, grid[0], B, K), part_dtype, z.device) if need_params else None
-    _silu_conv1x1_input_grad_kernel[grid](
-        go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
-        *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides,
-        K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
-        ACC=acc, WIDE=_tensors.wide_offsets(go, zf, dzf), BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
-    )
+    partials = _tensors.empty_buffer((2, pixel_programs, B, K), part_dtype, z.device) if need_params else None
+    for start, items in _tensors.batch_launches(B):
+        _silu_conv1x1_input_grad_kernel[(pixel_programs, _tensors.cdiv(K, block_k), items)](
+            go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
+            *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides, start,
+            K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
+            ACC=acc, WIDE=_tensors.wide_offsets(go, zf, dzf), BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k,
+            num_warps=_BWD_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
+        )
     return d_z, partials
 
 
@@ -325,12 +328,13 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     part = _tensors.empty_buffer((B, splits, N, K), part_dtype, z.device)
     bias_part = _tensors.empty_buffer((B, splits, N), part_dtype, z.device) if need_bias else part
     conv, dot, acc = dot_dtypes(dtype, z.device)
-    _silu_conv1x1_weight_grad_kernel[(channel_programs, B, splits)](
-        go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides,
-        K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc,
-        WIDE=_tensors.wide_offsets(go, zf), ITERS=iters,
-        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
-    )
+    for start, items in _tensors.batch_launches(B):
+        _silu_conv1x1_weight_grad_kernel[(channel_programs, items, splits)](
+            go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides, start,
+            K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc,
+            WIDE=_tensors.wide_offsets(go, zf), SPLIT_BATCH=items < B, ITERS=iters,
+            BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
+        )
     d_w = part.sum((0, 1)).to(dtype).view(N, K, 1, 1)
     d_b = bias_part.sum((0, 1)).to(dtype) if need_bias else go.new_empty(0, dtype=dtype)
     return d_w, d_b
