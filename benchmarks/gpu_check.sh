@@ -3,15 +3,18 @@
 #
 #   PYTHONPATH=. bash benchmarks/gpu_check.sh OUT_DIR
 #
-# 1. the `gpu`-marked tests                    -> OUT_DIR/gpu_tests.log
+# 1. the `gpu`-marked tests but the huge ones   -> OUT_DIR/gpu_tests.log
 # 2. compute-sanitizer memcheck of the fused ops at small awkward shapes (benchmarks/sanitize_ops.py)
 #                                               -> OUT_DIR/sanitizer.log
 # 3. the GPU report (python -m benchmarks.gpu_report) -> OUT_DIR/report.{json,md}, ratios.png,
 #                                                  report.log, workers.log
+# 4. with the time left, the huge gpu tests (tests/test_large_offsets.py: tensors past 2**31
+#    elements, about 50 GB each) -> OUT_DIR/large_offsets.log
 # Every stage has a timeout and runs whatever happened before it; a summary comes last. A small
 # kernel whose gpu tests fail runs its reference in stages 2-3 (LIQUIDDIFF_KERNELS), said in the summary.
 # Budget, seconds (environment overrides): GPU_CHECK_BUDGET=540 for everything, GPU_TESTS_TIMEOUT=180,
-# SANITIZER_TIMEOUT=100, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this).
+# SANITIZER_TIMEOUT=100, REPORT_BUDGET_MAX=330 (the report gets what is left, at most this; stage 4
+# what is left after it, if 45 s or more).
 # Exit status: 0 when every stage passed, else 1 (see the summary). Without a GPU it says so and
 # exits 2, unless GPU_CHECK_ALLOW_CPU=1 (a dry run of this script: tests skip, no sanitizer,
 # sanitize_ops and a --quick report under the Triton interpreter).
@@ -79,12 +82,15 @@ fi
 # process per two cores, at most eight, where pytest-xdist is there (a file per process keeps its
 # kernels' compiles together; the GPU machines have 16 cores). --benchmark-disable is the
 # ini's only need of pytest-benchmark, which the tests do not use: addopts is set here instead.
-PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfE --tb=short)
+# The huge tests wait for stage 4: run here, their compiles and 50 GB tensors would share this
+# stage's timeout (a timeout loses the failure list) and the GPU's memory with the other files.
+HUGE=tests/test_large_offsets.py
+PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfE --tb=short --ignore="$HUGE")
 if [ "$HAVE_GPU" = 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
     WORKERS=$(( $(nproc 2>/dev/null || echo 8) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
     PYTEST_ARGS+=(-n "${GPU_TESTS_WORKERS:-$WORKERS}" --dist loadfile)
 fi
-say "stage 1/3: pytest ${PYTEST_ARGS[*]} tests (timeout ${T_TESTS}s)"
+say "stage 1/4: pytest ${PYTEST_ARGS[*]} tests (timeout ${T_TESTS}s)"
 timeout -k 10 "$T_TESTS" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests 2>&1 | tee "$OUT/gpu_tests.log"
 RC=${PIPESTATUS[0]}
 LINE=$(grep -E "[0-9]+ (passed|failed|error|errors|skipped|deselected)|no tests ran" "$OUT/gpu_tests.log" | tail -n 1)
@@ -122,7 +128,7 @@ run_sanitizer() {  # $@: extra compute-sanitizer options
         "$PY" -m benchmarks.sanitize_ops --max-seconds "$SAN_MAX" > "$OUT/sanitizer.log" 2>&1
 }
 if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
-    say "stage 2/3: $SAN --tool memcheck python -m benchmarks.sanitize_ops (timeout ${T_SAN}s)"
+    say "stage 2/4: $SAN --tool memcheck python -m benchmarks.sanitize_ops (timeout ${T_SAN}s)"
     run_sanitizer --report-api-errors no --print-limit 50
     RC=$?
     if ! grep -q "ERROR SUMMARY" "$OUT/sanitizer.log" && grep -qiE "unrecogni[sz]ed|unknown option|invalid option" "$OUT/sanitizer.log"; then
@@ -150,7 +156,7 @@ if [ "$HAVE_GPU" = 1 ] && [ -n "$SAN" ]; then
 elif [ "$HAVE_GPU" = 1 ]; then
     note "sanitizer: NOT RUN: compute-sanitizer not found (PATH, \$CUDA_HOME/bin, /usr/local/cuda)"; FAILED=1
 else
-    say "stage 2/3: no GPU: sanitize_ops without compute-sanitizer (interpreter; checks the script only)"
+    say "stage 2/4: no GPU: sanitize_ops without compute-sanitizer (interpreter; checks the script only)"
     timeout -k 10 "$T_SAN" "$PY" -m benchmarks.sanitize_ops --max-seconds "$SAN_MAX" > "$OUT/sanitizer.log" 2>&1
     RC=$?
     note "sanitizer: NOT RUN (no GPU); sanitize_ops alone rc=$RC: $(grep -E '^sanitize_ops: [0-9]+/' "$OUT/sanitizer.log" | tail -n 1)"
@@ -161,7 +167,7 @@ LEFT=$(( BUDGET - $(elapsed) - 15 ))
 RB=$REPORT_MAX; [ "$LEFT" -lt "$RB" ] && RB=$LEFT
 [ "$RB" -lt 90 ] && RB=90
 QUICK=""; [ "$HAVE_GPU" = 1 ] || QUICK="--quick"
-say "stage 3/3: python -m benchmarks.gpu_report --out $OUT --budget $RB $QUICK"
+say "stage 3/4: python -m benchmarks.gpu_report --out $OUT --budget $RB $QUICK"
 timeout -k 20 $(( RB + 30 )) "$PY" -m benchmarks.gpu_report --out "$OUT" --budget "$RB" $QUICK 2>&1 | tee "$OUT/report.log"
 RC=${PIPESTATUS[0]}
 STATUS=$("$PY" - "$OUT/report.json" <<'EOF' 2>&1
@@ -185,6 +191,27 @@ case $RC in
     124|137) note "report: TIMEOUT after $(( RB + 30 ))s ($STATUS)"; FAILED=1;;
     *) note "report: rc=$RC ($STATUS)"; FAILED=1;;
 esac
+
+# ---------------------------------------------------------------- 4. the huge gpu tests
+LEFT=$(( BUDGET - $(elapsed) - 10 ))
+if [ "$HAVE_GPU" = 1 ] && [ "$LEFT" -ge 45 ]; then
+    # -v: a result line per test as it ends, so that a timeout still tells which passed.
+    say "stage 4/4: pytest -m gpu -v $HUGE (timeout ${LEFT}s)"
+    timeout -k 10 "$LEFT" "$PY" -m pytest -m gpu -v -p no:cacheprovider -o "addopts=" -rfE --tb=short "$HUGE" \
+        > "$OUT/large_offsets.log" 2>&1
+    RC=$?
+    COUNTS="$(grep -c " PASSED" "$OUT/large_offsets.log") passed, $(grep -c " FAILED" "$OUT/large_offsets.log") failed, $(grep -c " SKIPPED" "$OUT/large_offsets.log") skipped"
+    case $RC in
+        0) note "huge gpu tests: PASS ($COUNTS)";;
+        124|137) note "huge gpu tests: TIMEOUT after ${LEFT}s ($COUNTS so far)"; FAILED=1;;
+        *) note "huge gpu tests: FAIL rc=$RC ($COUNTS)"; FAILED=1
+           while IFS= read -r l; do note "    $l"; done < <(grep -E "^(FAILED|ERROR) " "$OUT/large_offsets.log" | head -n 8);;
+    esac
+elif [ "$HAVE_GPU" = 1 ]; then
+    note "huge gpu tests: NOT RUN (${LEFT}s left of the budget; $HUGE)"
+else
+    say "stage 4/4: no GPU: the huge gpu tests skip"
+fi
 
 echo
 echo "==================== gpu_check summary ($(elapsed)s, GPU: $GPU_NAME) ===================="
