@@ -186,6 +186,15 @@ def test_gpu_fused_model_matches_reference_on_a_batch_past_65535(monkeypatch, me
     check_fused_matches_reference(memory_format, frozen=False, batch=65537, size=4, device="cuda", tol=3e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_model_matches_reference_on_an_empty_batch(monkeypatch, memory_format):
+    """A batch of no images (an empty micro-batch, a sampler asked for none): an empty output and
+    zero gradients, as the reference gives, through every kernel (the pointwise weight gradient's
+    launcher divided by the batch size)."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "triton")
+    check_fused_matches_reference(memory_format, frozen=False, batch=0)
+
+
 def check_fused_matches_reference(memory_format, frozen: bool, batch: int = 2, size: int = 8, device: str = "cpu",
                                   tol: float = 1e-5):
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1)).to(device)

@@ -135,7 +135,7 @@ def pixel_strides(t: torch.Tensor) -> tuple[int, int, int] | None:
     """
     _, _, height, width = t.shape
     sb, sc, sh, sw = t.stride()
-    if height == 1:
+    if height == 1 or width == 0:  # width 0: no pixel, any stride
         return sb, sc, sw
     if width == 1:
         return sb, sc, sh

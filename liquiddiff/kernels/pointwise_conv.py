@@ -321,7 +321,7 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     tiles = _tensors.cdiv(P, _BLOCK_P)
     channel_programs = _tensors.cdiv(N, block_n) * _tensors.cdiv(K, block_k)
     # Pixel tiles per program a power of 2 (a constexpr: few variants), enough programs to fill a GPU.
-    iters = _tensors.next_power_of_2(_tensors.cdiv(tiles, max(1, _WGRAD_MIN_PROGRAMS // (channel_programs * B))))
+    iters = _tensors.next_power_of_2(_tensors.cdiv(tiles, max(1, _WGRAD_MIN_PROGRAMS // max(1, channel_programs * B))))
     iters = min(iters, _tensors.next_power_of_2(tiles))
     splits = _tensors.cdiv(tiles, iters)
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
