@@ -116,6 +116,19 @@ def test_nan_propagates_to_its_pixel_only(launches):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("min_programs, walk", [(6, "4 tiles a program"), (1, "one program")])
+def test_weight_gradient_walks_pixel_tiles_across_batch_items(launches, monkeypatch, fmt, min_programs, walk):
+    """The weight gradient's programs walk consecutive pixel tiles of the whole batch (its
+    partials do not grow with the batch): here 6 tiles (3 items of 2), in programs of 4 tiles
+    (the first walks into the second item, the second past the batch's end: a tile it masks
+    whole, whose item's scale must still exist) or in one program of 8."""
+    monkeypatch.setattr(pointwise_conv, "_WGRAD_MIN_PROGRAMS", min_programs)
+    parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, _inputs(3, 130, 17, 9, 9, fmt=fmt, modulated=True),
+                    1e-5)
+    assert launches == ["forward", "backward"], "the Triton kernels did not run"
+
+
 def test_opt_in_until_measured(monkeypatch):
     assert not kernels.select_backend("pointwise_conv", "cuda").is_triton
     assert "opt-in" in kernels.select_backend("pointwise_conv", "cuda").reason

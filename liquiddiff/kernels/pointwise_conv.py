@@ -15,7 +15,9 @@ for the weight gradient), and writes d_a for SiLU's backward to read. These kern
 of those passes: the forward reads z and writes out; the input-gradient kernel reads grad_out
 and z and writes d_z (with d_scale and d_shift as per-program fp32 partials); the
 weight-gradient kernel reads grad_out and z and leaves per-program fp32 partial tiles over
-pixel ranges, which torch sums (no atomics). Used by the FeedForward's last conv, whose forward
+ranges of the batch's pixel tiles (as many ranges as fill the GPU, whatever the batch: a
+partial per batch item would take B * N * K * 4 bytes, more than the activations of small
+images at large batches), which torch sums (no atomics). Used by the FeedForward's last conv, whose forward
 also adds the block's residual (the fp32 stream: read, and out written in fp32, where the conv's
 bf16 output was written, read back and added), the spatial mix's output conv (modulated by t)
 and the backward of the CfC's g and h 1x1 heads (their forward: ``cfc_heads.py``).
@@ -174,19 +176,24 @@ if triton is not None:
 
     @triton.jit
     def _silu_conv1x1_weight_grad_kernel(
-        go_ptr, z_ptr, scale_ptr, shift_ptr, part_ptr, bias_part_ptr, P,
-        sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k, batch_start,
+        go_ptr, z_ptr, scale_ptr, shift_ptr, part_ptr, bias_part_ptr, P, total_tiles,
+        sgo_b, sgo_n, sgo_p, sz_b, sz_k, sz_p, ss_b, ss_k, sh_b, sh_k,
         K: tl.constexpr, N: tl.constexpr, MODULATED: tl.constexpr, NEED_BIAS: tl.constexpr,
-        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
-        ITERS: tl.constexpr,
+        CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, ITERS: tl.constexpr,
         BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        # d_weight[n, k] = sum over pixels of grad_out[n] * silu(y)[k], silu(y) remade from z in
-        # the prologue: this program's ITERS pixel tiles of one batch item, an fp32 partial tile
-        # [BLOCK_N, BLOCK_K] in part [B, splits, N, K] (and the bias's, [B, splits, N]).
+        # d_weight[n, k] = sum over batch items and pixels of grad_out[n] * silu(y)[k], silu(y)
+        # remade from z in the prologue: this program's ITERS consecutive tiles of the B * cdiv(P,
+        # BLOCK_P) pixel tiles of the batch (total_tiles; one item's tiles, then the next's), an
+        # fp32 partial tile [BLOCK_N, BLOCK_K] in part [splits, N, K] (and the bias's, [splits, N]):
+        # partials as many as it takes to fill the GPU, whatever the batch.
+        # One grid axis, channel blocks first (one range's channel blocks run together and share
+        # its tiles in L2), then the ranges: none of the 65535 programs of axes 1 and 2 to mind.
         K_BLOCKS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-        pid_n, pid_k = tl.program_id(0) // K_BLOCKS, tl.program_id(0) % K_BLOCKS
-        pid_b, pid_s = _tensors.batch_item(1, batch_start, SPLIT_BATCH), tl.program_id(2)
+        CHANNEL_PROGRAMS: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N * K_BLOCKS
+        pid_c, pid_s = tl.program_id(0) % CHANNEL_PROGRAMS, tl.program_id(0) // CHANNEL_PROGRAMS
+        pid_n, pid_k = pid_c // K_BLOCKS, pid_c % K_BLOCKS
+        item_tiles = tl.cdiv(P, BLOCK_P)
         ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         if WIDE:  # int64 channel offsets: k * H * W in NCHW
@@ -195,8 +202,13 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=ACC)
         bias_acc = tl.zeros([BLOCK_N], dtype=ACC)
         for i in range(ITERS):
-            ps = (pid_s * ITERS + i) * BLOCK_P + tl.arange(0, BLOCK_P)
-            p_mask = ps < P
+            tile = pid_s * ITERS + i
+            # A tile past the last is the last again, all masked: its item's scale and shift
+            # exist (they are loaded for every k of the tile).
+            last = tl.minimum(tile, total_tiles - 1)
+            pid_b = (last // item_tiles).to(tl.int64)
+            ps = (last % item_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+            p_mask = ps < P * (tile < total_tiles).to(tl.int32)  # no pixel of a tile past the last
             rows = ps.to(tl.int64)[:, None]
             go = tl.load(go_ptr + pid_b * sgo_b + ps.to(tl.int64)[None, :] * sgo_p + ns[:, None] * sgo_n,
                          mask=n_mask[:, None] & p_mask[None, :], other=0.0)
@@ -207,12 +219,10 @@ if triton is not None:
             acc += tl.dot(go.to(CONV).to(DOT), a, input_precision="ieee", out_dtype=ACC)
             if NEED_BIAS:
                 bias_acc += tl.sum(go.to(CONV).to(ACC), axis=1)
-        splits = tl.num_programs(2)
-        base = pid_b * splits + pid_s
-        tl.store(part_ptr + (base * N + ns[:, None]) * K + ks[None, :], acc, mask=n_mask[:, None] & k_mask[None, :])
+        tl.store(part_ptr + (pid_s * N + ns[:, None]) * K + ks[None, :], acc, mask=n_mask[:, None] & k_mask[None, :])
         if NEED_BIAS:
             if pid_k == 0:  # one program per output channel block writes the bias's partial
-                tl.store(bias_part_ptr + base * N + ns, bias_acc, mask=n_mask)
+                tl.store(bias_part_ptr + pid_s * N + ns, bias_acc, mask=n_mask)
 
 
 def _blocks(reduced: int, kept: int) -> tuple[int, int]:
@@ -318,25 +328,24 @@ def _weight_grads(go, z, scale, shift, N: int, dtype, need_bias: bool):
     params, param_strides = _modulation_args(scale, shift, z)
     (go, zf), (sgo, sz) = _tensors.flat_all(go, z)
     block_n, block_k = (max(16, min(_tensors.next_power_of_2(c), _MAX_WGRAD_BLOCK)) for c in (N, K))
-    tiles = _tensors.cdiv(P, _BLOCK_P)
+    tiles = B * _tensors.cdiv(P, _BLOCK_P)  # over the whole batch: the partials do not grow with it
     channel_programs = _tensors.cdiv(N, block_n) * _tensors.cdiv(K, block_k)
     # Pixel tiles per program a power of 2 (a constexpr: few variants), enough programs to fill a GPU.
-    iters = _tensors.next_power_of_2(_tensors.cdiv(tiles, max(1, _WGRAD_MIN_PROGRAMS // max(1, channel_programs * B))))
+    iters = _tensors.next_power_of_2(_tensors.cdiv(tiles, max(1, _WGRAD_MIN_PROGRAMS // channel_programs)))
     iters = min(iters, _tensors.next_power_of_2(tiles))
     splits = _tensors.cdiv(tiles, iters)
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    part = _tensors.empty_buffer((B, splits, N, K), part_dtype, z.device)
-    bias_part = _tensors.empty_buffer((B, splits, N), part_dtype, z.device) if need_bias else part
+    part = _tensors.empty_buffer((splits, N, K), part_dtype, z.device)
+    bias_part = _tensors.empty_buffer((splits, N), part_dtype, z.device) if need_bias else part
     conv, dot, acc = dot_dtypes(dtype, z.device)
-    for start, items in _tensors.batch_launches(B):
-        _silu_conv1x1_weight_grad_kernel[(channel_programs, items, splits)](
-            go, zf, *params, part, bias_part, P, *sgo, *sz, *param_strides, start,
-            K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc,
-            WIDE=_tensors.wide_offsets(go, zf), SPLIT_BATCH=items < B, ITERS=iters,
-            BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
-        )
-    d_w = part.sum((0, 1)).to(dtype).view(N, K, 1, 1)
-    d_b = bias_part.sum((0, 1)).to(dtype) if need_bias else go.new_empty(0, dtype=dtype)
+    _silu_conv1x1_weight_grad_kernel[(channel_programs * splits,)](
+        go, zf, *params, part, bias_part, P, tiles, *sgo, *sz, *param_strides,
+        K=K, N=N, MODULATED=scale is not None, NEED_BIAS=need_bias, CONV=conv, DOT=dot, ACC=acc,
+        WIDE=_tensors.wide_offsets(go, zf), ITERS=iters,
+        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
+    )
+    d_w = part.sum(0).to(dtype).view(N, K, 1, 1)
+    d_b = bias_part.sum(0).to(dtype) if need_bias else go.new_empty(0, dtype=dtype)
     return d_w, d_b
 
 
