@@ -185,12 +185,16 @@ def wide_offsets(*tensors: torch.Tensor | None) -> bool:
 MAX_GRID_BATCH = 65535
 
 
-def batch_launches(batch: int) -> list[tuple[int, int]] | tuple[tuple[int, int]]:
-    """(first item, items) of each launch over ``batch`` items: one unless ``MAX_GRID_BATCH`` is
-    passed. A launch of fewer items than the batch passes SPLIT_BATCH=True (``batch_item``)."""
+def launch_over_batch(kernel, grid: tuple[int, ...], batch: int, *args, **kwargs) -> None:
+    """``kernel`` over ``grid`` with ``batch`` items on a last grid axis: one launch, or, past
+    ``MAX_GRID_BATCH`` items, one per part of at most that many, each given its first item
+    after ``args`` and SPLIT_BATCH (partial sums keep the whole batch's layout: each part
+    writes its own items' rows)."""
     if batch <= MAX_GRID_BATCH:
-        return ((0, batch),)
-    return [(start, min(MAX_GRID_BATCH, batch - start)) for start in range(0, batch, MAX_GRID_BATCH)]
+        kernel[(*grid, batch)](*args, 0, SPLIT_BATCH=False, **kwargs)
+        return
+    for start in range(0, batch, MAX_GRID_BATCH):
+        kernel[(*grid, min(MAX_GRID_BATCH, batch - start))](*args, start, SPLIT_BATCH=True, **kwargs)
 
 
 if triton is not None:

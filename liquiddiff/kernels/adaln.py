@@ -228,17 +228,17 @@ def _forward_kernels(
         res, res_strides = _tensors.flat_pixels(residual)
         s_arg, s_strides = s, _tensors.pixel_strides(s)
     block_c, block_p, num_warps = launch_config(channels, pixels)
-    for start, items in _tensors.batch_launches(batch):
-        _adaln_fwd_kernel[(_tensors.cdiv(pixels, block_p), items)](
-            x, res, scale, shift, out, s_arg, mean, rstd,
-            channels, pixels, eps,
-            *x_strides, *res_strides, *out_strides, *s_strides,
-            *scale.stride(), *shift.stride(), start,
-            HAS_RESIDUAL=residual is not None,
-            COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
-            SPLIT_BATCH=items < batch, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-            **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _adaln_fwd_kernel, (_tensors.cdiv(pixels, block_p),), batch,
+        x, res, scale, shift, out, s_arg, mean, rstd,
+        channels, pixels, eps,
+        *x_strides, *res_strides, *out_strides, *s_strides,
+        *scale.stride(), *shift.stride(),
+        HAS_RESIDUAL=residual is not None,
+        COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+        **_tensors.COMPILE_OPTIONS,
+    )
     return out, s, mean, rstd
 
 
@@ -301,21 +301,21 @@ def _backward_kernels(
             gs, gs_strides = _tensors.flat_pixels(grad_s)
         ds_strides = _tensors.pixel_strides(ds) if write_ds else g_strides
         ds2_strides = g_strides if ds2_dtype is None else _tensors.pixel_strides(ds2)
-        for start, items in _tensors.batch_launches(batch):
-            _adaln_bwd_kernel[(n_blocks, items)](
-                grad_out, gs, s, scale, mean, rstd,
-                ds, ds2, dparam_part,
-                batch, channels, pixels,
-                *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
-                *scale.stride(), start,
-                HAS_GRAD_S=grad_s is not None,
-                WRITE_DS=write_ds,
-                WRITE_DS2=ds2_dtype is not None,
-                PARAM_GRADS=param_grads,
-                COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
-                SPLIT_BATCH=items < batch, BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
-                **_tensors.COMPILE_OPTIONS,
-            )
+        _tensors.launch_over_batch(
+            _adaln_bwd_kernel, (n_blocks,), batch,
+            grad_out, gs, s, scale, mean, rstd,
+            ds, ds2, dparam_part,
+            batch, channels, pixels,
+            *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
+            *scale.stride(),
+            HAS_GRAD_S=grad_s is not None,
+            WRITE_DS=write_ds,
+            WRITE_DS2=ds2_dtype is not None,
+            PARAM_GRADS=param_grads,
+            COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
+            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
+            **_tensors.COMPILE_OPTIONS,
+        )
     if param_grads:
         # Deterministic: a fixed-order torch reduction over the per-program partial sums.
         torch.sum(dparam_part, dim=0, out=dparams)

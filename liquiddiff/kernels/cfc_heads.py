@@ -247,13 +247,13 @@ def _forward_kernels(
     (xf, outf), (sx, so) = _tensors.flat_all(x, out)
     res, sr = (x, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     programs = _tensors.cdiv(C, constexprs["BLOCK_N"]) * _tensors.cdiv(H * W, _BLOCK_P)
-    for start, items in _tensors.batch_launches(B):
-        _cfc_heads_relax_kernel[(programs, 1, items)](
-            *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides, start,
-            HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
-            WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS,
-            **constexprs, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _cfc_heads_relax_kernel, (programs, 1), B,
+        *pointers, xf, res, *gate, outf, H * W, *strides, *sx, *sr, *so, *gate_strides,
+        HAS_RESIDUAL=residual is not None, COMPUTE=_tensors.compute_dtype(backbone, x, a, b, rho, t, residual),
+        WIDE=_tensors.wide_offsets(*pointers[:3], xf, res, outf), BLOCK_P=_BLOCK_P, num_warps=_WARPS,
+        **constexprs, **_tensors.COMPILE_OPTIONS,
+    )
     return out
 
 
@@ -295,14 +295,14 @@ def _backward_kernels(
     tiles = _tensors.tiles_per_program(C, P, B, block_n, _BWD_BLOCK_P, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
     pixel_programs = _tensors.cdiv(P, _BWD_BLOCK_P * tiles)
     partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else xf
-    for start, items in _tensors.batch_launches(B):
-        _cfc_heads_relax_bwd_kernel[(_tensors.cdiv(C, block_n) * pixel_programs, 1, items)](
-            go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides, start,
-            NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
-            COMPUTE=compute, WIDE=_tensors.wide_offsets(go, *pointers[:3], xf, *d_args), BLOCK_P=_BWD_BLOCK_P,
-            TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
-            SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _cfc_heads_relax_bwd_kernel, (_tensors.cdiv(C, block_n) * pixel_programs, 1), B,
+        go, *pointers, xf, *gate, *d_args, partials, B, P, *sgo, *strides, *sx, *d_strides, *gate_strides,
+        NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3], NEED_PARAMS=need_params,
+        COMPUTE=compute, WIDE=_tensors.wide_offsets(go, *pointers[:3], xf, *d_args), BLOCK_P=_BWD_BLOCK_P,
+        TILES=tiles, num_warps=_BWD_WARPS, **constexprs,
+        **_tensors.COMPILE_OPTIONS,
+    )
     return (*grads, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 
 

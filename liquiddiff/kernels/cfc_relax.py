@@ -272,15 +272,15 @@ def _forward_kernels(
         res, sr = _tensors.flat_pixels(residual)
     compute, _ = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
-    for start, items in _tensors.batch_launches(B):
-        _cfc_relax_fwd_kernel[(_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), items)](
-            f, g, h, x, res, a, b, rho, t, out,
-            C, P,
-            *sf, *sg, *sh, *sx, *sr, *so,
-            *a.stride(), *b.stride(), rho.stride(0), t.stride(0), start,
-            HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _cfc_relax_fwd_kernel, (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c)), B,
+        f, g, h, x, res, a, b, rho, t, out,
+        C, P,
+        *sf, *sg, *sh, *sx, *sr, *so,
+        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
+        HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
+    )
     return out
 
 
@@ -316,17 +316,17 @@ def _backward_kernels(
     tiles = _bwd_tiles(C, P, B, block_c, block_p)
     pixel_programs = _tensors.cdiv(P, block_p * tiles)
     partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else x
-    for start, items in _tensors.batch_launches(B):
-        _cfc_relax_bwd_kernel[(pixel_programs, _tensors.cdiv(C, block_c), items)](
-            go, f, g, h, x, a, b, rho, t, *d_args, partials,
-            B, C, P,
-            *sgo, *sf, *sg, *sh, *sx, *d_strides,
-            *a.stride(), *b.stride(), rho.stride(0), t.stride(0), start,
-            NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
-            NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
-            SPLIT_BATCH=items < B, BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
-            **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _cfc_relax_bwd_kernel, (pixel_programs, _tensors.cdiv(C, block_c)), B,
+        go, f, g, h, x, a, b, rho, t, *d_args, partials,
+        B, C, P,
+        *sgo, *sf, *sg, *sh, *sx, *d_strides,
+        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
+        NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
+        NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
+        BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
+        **_tensors.COMPILE_OPTIONS,
+    )
     return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))
 
 

@@ -140,15 +140,15 @@ def _forward_kernels(pixel_sum: torch.Tensor, weight: torch.Tensor, bias: torch.
     out, ctx = _forward_buffers(pixel_sum, weight, bias, scale, shift, conv_dtype)
     batch, channels = scale.shape
     if out.numel():
-        for start, items in _tensors.batch_launches(batch):
-            _context_shift_fwd_kernel[(_tensors.cdiv(channels, _BLOCK_O), items)](
-                pixel_sum, weight, bias, scale, shift, out, ctx, float(pixels),
-                *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
-                *shift.stride(), start,
-                C=channels, CONV=_tensors.tl_dtype(conv_dtype),
-                COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
-                BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, SPLIT_BATCH=items < batch, **_tensors.COMPILE_OPTIONS,
-            )
+        _tensors.launch_over_batch(
+            _context_shift_fwd_kernel, (_tensors.cdiv(channels, _BLOCK_O),), batch,
+            pixel_sum, weight, bias, scale, shift, out, ctx, float(pixels),
+            *pixel_sum.stride(), weight.stride(0), weight.stride(1), bias.stride(0), *scale.stride(),
+            *shift.stride(),
+            C=channels, CONV=_tensors.tl_dtype(conv_dtype),
+            COMPUTE=_tensors.compute_dtype(pixel_sum, weight, bias, scale, shift),
+            BLOCK_O=_BLOCK_O, BLOCK_I=_BLOCK_I, **_tensors.COMPILE_OPTIONS,
+        )
     return out, ctx
 
 

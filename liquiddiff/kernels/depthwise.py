@@ -308,20 +308,20 @@ def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=Non
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     partials = _tensors.empty_buffer((strips, B, C), part_dtype, x.device) if pixel_sums else x
     copy_to = x if copy is None else copy
-    for start, items in _tensors.batch_launches(B):
-        _dwconv_kernel[(strips, _tensors.cdiv(C, block_c), items)](
-            x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
-            add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(),
-            *add.stride(), *cadd_strides, *z.stride(), *copy_to.stride(),
-            weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
-            *(0 if b is None else b.stride(0) for b in (bias, bias2)), start,
-            K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out,
-            PAIR_IN=pair_in, HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
-            SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
-            CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
-            ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
-            SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _dwconv_kernel, (strips, _tensors.cdiv(C, block_c)), B,
+        x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
+        add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(),
+        *add.stride(), *cadd_strides, *z.stride(), *copy_to.stride(),
+        weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
+        *(0 if b is None else b.stride(0) for b in (bias, bias2)),
+        K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out,
+        PAIR_IN=pair_in, HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
+        SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
+        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
+        ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
+        **_tensors.COMPILE_OPTIONS,
+    )
     return outs + [partials] if pixel_sums else outs
 
 
@@ -390,14 +390,14 @@ def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
     strips = _tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     part = _tensors.empty_buffer((strips, B, heads, taps + 1, C), acc, x.device)
-    for start, items in _tensors.batch_launches(B):
-        _dwconv_wgrad_kernel[(strips, _tensors.cdiv(C, block_c), items)](
-            x, grad_outs[0], grad_outs[-1], part, B, C, H, W,
-            *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(), start,
-            ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype),
-            ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c,
-            num_warps=_WGRAD_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _dwconv_wgrad_kernel, (strips, _tensors.cdiv(C, block_c)), B,
+        x, grad_outs[0], grad_outs[-1], part, B, C, H, W,
+        *x.stride(), *grad_outs[0].stride(), *grad_outs[-1].stride(),
+        ROWS=rows, K=k, TAPS=taps, NEED_BIAS=need_bias, HEADS=heads, CONV=_tensors.tl_dtype(dtype),
+        ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, *grad_outs), BLOCK_W=block_w, BLOCK_C=block_c,
+        num_warps=_WGRAD_WARPS, **_tensors.COMPILE_OPTIONS,
+    )
     # Fresh reductions per output (custom-op outputs may not alias), d_w made [C, 1, k, k]-contiguous.
     d_ws = [part[:, :, i, : k * k].sum((0, 1)).t().contiguous().view(C, 1, k, k).to(dtype) for i in range(heads)]
     d_bs = [part[:, :, i, taps].sum((0, 1)).to(dtype) if need_bias else part.new_empty(0, dtype=dtype)

@@ -156,12 +156,12 @@ def _forward_kernels(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, 
     P = H * W
     (z, out_flat), (sz, so) = _tensors.flat_all(z, out)
     block_c, block_p, num_warps = _tile(C, P, sz, _FWD_TILE)
-    for start, items in _tensors.batch_launches(B):
-        _modulated_silu_fwd_kernel[(_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c), items)](
-            z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(), start,
-            COMPUTE=_tensors.compute_dtype(z, scale, shift, out), WIDE=_tensors.wide_offsets(z, out_flat),
-            BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _modulated_silu_fwd_kernel, (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c)), B,
+        z, scale, shift, out_flat, C, P, *sz, *so, *scale.stride(), *shift.stride(),
+        COMPUTE=_tensors.compute_dtype(z, scale, shift, out), WIDE=_tensors.wide_offsets(z, out_flat),
+        BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
+    )
     return out
 
 
@@ -199,14 +199,14 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
     # Absent operands (a second or third gradient, the modulation) repeat the first ones.
     go, sgo = go + [go[-1]] * (3 - len(go)), sgo + [sgo[-1]] * (3 - len(sgo))
     params, param_strides = ((scale, shift), (*scale.stride(), *shift.stride())) if modulated else ((z, z), (0,) * 4)
-    for start, items in _tensors.batch_launches(B):
-        _modulated_silu_bwd_kernel[(pixel_programs, _tensors.cdiv(C, block_c), items)](
-            *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
-            *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides, start,
-            GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params,
-            COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
-            TILES=tiles, num_warps=num_warps, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _modulated_silu_bwd_kernel, (pixel_programs, _tensors.cdiv(C, block_c)), B,
+        *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
+        *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
+        GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params,
+        COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
+        TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
+    )
     return d_z, partials
 
 

@@ -265,15 +265,14 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
     conv, dot, acc = dot_dtypes(dtype, z.device)
-    for start, items in _tensors.batch_launches(B):
-        _silu_conv1x1_kernel[(_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n), items)](
-            z, weight, weight if bias is None else bias, *params, res, out, H * W,
-            *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
-            start,
-            K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
-            CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
-            BLOCK_K=block_k, num_warps=_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _silu_conv1x1_kernel, (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n)), B,
+        z, weight, weight if bias is None else bias, *params, res, out, H * W,
+        *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
+        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
+        CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=_WARPS, **_tensors.COMPILE_OPTIONS,
+    )
     return out
 
 
@@ -309,14 +308,14 @@ def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: 
     conv, dot, acc = dot_dtypes(dtype, z.device)
     part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     partials = _tensors.empty_buffer((2, pixel_programs, B, K), part_dtype, z.device) if need_params else None
-    for start, items in _tensors.batch_launches(B):
-        _silu_conv1x1_input_grad_kernel[(pixel_programs, _tensors.cdiv(K, block_k), items)](
-            go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
-            *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides, start,
-            K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
-            ACC=acc, WIDE=_tensors.wide_offsets(go, zf, dzf), BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k,
-            num_warps=_BWD_WARPS, SPLIT_BATCH=items < B, **_tensors.COMPILE_OPTIONS,
-        )
+    _tensors.launch_over_batch(
+        _silu_conv1x1_input_grad_kernel, (pixel_programs, _tensors.cdiv(K, block_k)), B,
+        go, weight, zf, *params, dzf, zf if partials is None else partials, B, P,
+        *sgo, weight.stride(0), weight.stride(1), *sz, *sdz, *param_strides,
+        K=K, N=N, MODULATED=scale is not None, NEED_DZ=need_z, NEED_PARAMS=need_params, CONV=conv, DOT=dot,
+        ACC=acc, WIDE=_tensors.wide_offsets(go, zf, dzf), BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=_BWD_WARPS, **_tensors.COMPILE_OPTIONS,
+    )
     return d_z, partials
 
 
