@@ -102,15 +102,16 @@ TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "
 # (No fused NCHW sampling row: the train row says what NCHW costs the fused model.)
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_pw_cl", "fused_all_cl",
                 "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw")
-# Seconds one timed task takes once its worker is ready (compilation excluded). On an H200:
-# eager train 2 + 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones
-# less; the ops 96 do_bench calls of ~0.2 s; a profiled train step (step_profile) 2 steps more
-# and the trace's processing. They set the compile deadlines (the budget minus all of them for
-# the other rows; minus the ops' and the targets' rows' for those) and decide, task by task,
-# whether what is left of the budget still fits.
+# Seconds one timed task takes once its worker is ready (compilation excluded): eager train 2 +
+# 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
+# do_bench calls; a profiled train step (step_profile) 3 steps more and the trace's processing.
+# The first H100 report (2026-11-27) took 5-11 s a train row, 3-8 s a sampling row, 9 s for the
+# ops, and about 10 s more for each profile (the fused step: 20 s with it). They set the compile
+# deadlines (the budget minus all of them for the other rows; minus the ops' and the targets'
+# rows' for those) and decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
-    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 35},
-    True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23},
+    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 15, "profile": 10},
+    True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23, "profile": 5},
 }
 WRITE_MARGIN_S = 10
 # Train warm-ups (before 'ready') that run at once on a GPU. Each holds a train step's peak (7.7
@@ -399,13 +400,16 @@ class Worker:
         self.log.close()
 
 
-def _estimate(quick: bool, task: str, compiled: bool) -> float:
-    return ESTIMATE_S[quick][(task, compiled)]
+def _estimate(quick: bool, task: str, name: str, profiled=()) -> float:
+    """Seconds the ``task`` of variant ``name`` takes to time once ready (its profile's too, if
+    ``name`` is in ``profiled``)."""
+    est = ESTIMATE_S[quick]
+    return est[(task, VARIANTS[name].compiled)] + (est["profile"] if task == "train" and name in profiled else 0)
 
 
-def _timing_s(quick: bool, tasks) -> float:
+def _timing_s(quick: bool, tasks, profiled=()) -> float:
     """Seconds ``tasks`` ((task, variant) pairs) take to time once their workers are ready."""
-    return sum(_estimate(quick, task, VARIANTS[name].compiled) for task, name in tasks)
+    return sum(_estimate(quick, task, name, profiled) for task, name in tasks)
 
 
 def _worker_env(quick: bool, variant: Variant, device, slots_dir: Path) -> dict:
@@ -873,9 +877,10 @@ def run_report(args, argv) -> int:
         tasks = timing_order(tasks)
         targeted = [task for task in tasks if task in targets.MEASURED_TASKS]
         # Seconds the rows the targets need take to time once ready (the ops' included), and all rows.
-        e2e_targets_s = WRITE_MARGIN_S + _timing_s(quick, targeted)
-        reserve_targets = est["ops"] + e2e_targets_s
-        reserve_all = reserve_targets + _timing_s(quick, [task for task in tasks if task not in targeted])
+        e2e_targets_s = WRITE_MARGIN_S + _timing_s(quick, targeted, args.profile_variants)
+        reserve_targets = (est["ops"] if args.ops else 0) + e2e_targets_s
+        reserve_all = reserve_targets + _timing_s(quick, [task for task in tasks if task not in targeted],
+                                                  args.profile_variants)
 
         # 2. Ops: inputs, parity, saved memory, compiles (nothing timed yet).
         if args.ops:
@@ -908,7 +913,7 @@ def run_report(args, argv) -> int:
             w.drain()
             if w.state != "ready":
                 continue
-            need = _estimate(quick, task, VARIANTS[name].compiled)
+            need = _estimate(quick, task, name, args.profile_variants)
             if clock.left() < need + WRITE_MARGIN_S:
                 w.kill("skipped", f"skipped: {clock.left():.0f} s left of the budget, about {need} s needed")
                 continue

@@ -5,11 +5,20 @@ one GPU command also answers "what should be made faster next" and "is the step 
 (device busy = kernel time / wall time; well under 100 % means the GPU waits for Python).
 On the CPU (a dry run) the top rows are aten ops by self CPU time instead of kernels.
 
+Two more tables say who owns the time. On a GPU: the aten ops (with their input shapes) whose
+own launches take the most device time, and the autograd nodes whose backward does (a kernel
+name such as ``reduce_kernel`` does not say which op launched it). Everywhere: one more step
+under cProfile, its host time by where the Python runs (this package, Triton's launcher, torch)
+and the functions that take the most of it (the first H100 report found the fused eager step
+host-bound: 255 ms a step, 114 ms replayed from a CUDA graph).
+
     python -m benchmarks.step_profile [--fused] [--layout channels_last] [--compile] [--steps 3]
 """
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import re
 import sys
 import time
@@ -56,14 +65,70 @@ def _self_time_us(event, on_gpu: bool) -> float:
     return event.self_device_time_total
 
 
+# Where host time runs (cProfile): the first pattern matched in a function's file wins; "~" is
+# cProfile's file for calls into C (torch ops, which launch kernels, and waits for the GPU).
+HOST_ORIGINS = (
+    ("waiting for the GPU (item, synchronize)", r"^~$", r"'item'|synchronize"),
+    ("C++ calls (torch ops, kernel launches)", r"^~$", r""),
+    ("liquiddiff (Python)", r"/liquiddiff/", r""),
+    ("Triton launcher (Python)", r"/triton/", r""),
+    ("torch (Python: autograd, modules, optimizer)", r"/torch/", r""),
+    ("other Python", r"", r""),
+)
+
+
+def host_origin(filename: str, function: str) -> str:
+    return next(origin for origin, file_pattern, name_pattern in HOST_ORIGINS
+                if re.search(file_pattern, filename) and re.search(name_pattern, function))
+
+
+def host_profile(step: Callable[[], object], steps: int = 1, top: int = 12) -> dict:
+    """Run ``step`` under cProfile: host ms per step by origin (``HOST_ORIGINS``), and the
+    functions with the most time of their own."""
+    profiler = cProfile.Profile()
+    t0 = time.perf_counter()
+    profiler.runcall(lambda: [step() for _ in range(steps)])
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    stats = pstats.Stats(profiler).stats
+    origins: dict[str, float] = {}
+    rows = []
+    for (filename, line, function), (_, calls, own_s, total_s, _) in stats.items():
+        origin = host_origin(filename, function)
+        origins[origin] = origins.get(origin, 0.0) + own_s * 1e3 / steps
+        where = function if filename == "~" else f"{filename.rsplit('/', 2)[-1] if '/' in filename else filename}:{line}({function})"
+        rows.append([where[:110], calls // steps, own_s * 1e3 / steps, total_s * 1e3 / steps])
+    return {
+        "steps": steps,
+        "wall_ms": wall_ms,
+        "origins": sorted(([k, ms] for k, ms in origins.items()), key=lambda r: -r[1]),
+        "top": sorted(rows, key=lambda r: -r[2])[:top],
+    }
+
+
+def _owners(prof, steps: int, top: int) -> dict:
+    """On a GPU: the aten ops (by input shapes) whose own launches take the most device time, and
+    the autograd nodes whose backward (all it calls) does."""
+    from torch.autograd import DeviceType
+
+    node_prefix = "autograd::engine::evaluate_function: "
+    ops = [(f"{e.key} {e.input_shapes}"[:110], e.count // steps, e.self_device_time_total / 1e3 / steps)
+           for e in prof.key_averages(group_by_input_shape=True)
+           if e.device_type == DeviceType.CPU and e.key.startswith("aten::") and e.self_device_time_total > 0]
+    nodes = [(e.key[len(node_prefix):][:110], e.count // steps, e.device_time_total / 1e3 / steps)
+             for e in prof.key_averages() if e.key.startswith(node_prefix) and e.device_time_total > 0]
+    by_time = lambda rows: [list(r) for r in sorted(rows, key=lambda r: -r[2])[:top]]  # noqa: E731
+    return {"ops": by_time(ops), "nodes": by_time(nodes)}
+
+
 def profile_steps(step: Callable[[], object], device, steps: int = 2, top: int = 15) -> dict:
-    """Run ``step`` ``steps`` times under torch.profiler; per-step times in ms and shares."""
+    """Run ``step`` ``steps`` times under torch.profiler, then once under cProfile; per-step times
+    in ms and shares, and who owns them (``_owners``, ``host_profile``)."""
     from torch.profiler import ProfilerActivity, profile
 
     on_gpu = torch.device(device).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     cases.sync(device)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=on_gpu) as prof:
         t0 = time.perf_counter()
         for _ in range(steps):
             step()
@@ -85,6 +150,8 @@ def profile_steps(step: Callable[[], object], device, steps: int = 2, top: int =
         "busy_share": total / wall_ms,
         "kinds": sorted(([k, ms, ms / total] for k, ms in kinds.items()), key=lambda r: -r[1]),
         "top": [[name[:110], ms, ms / total] for name, ms in rows[:top]],
+        **(_owners(prof, steps, top) if on_gpu else {}),
+        "host": host_profile(lambda: (step(), cases.sync(device))),
     }
 
 
@@ -103,6 +170,19 @@ def render(label: str, prof: dict) -> list[str]:
     lines += [f"| {kind} | {ms:.2f} | {100 * share:.1f} % |" for kind, ms, share in prof["kinds"]]
     lines += ["", "| top entries | ms per step | share |", "|---|---|---|"]
     lines += [f"| `{name}` | {ms:.2f} | {100 * share:.1f} % |" for name, ms, share in prof["top"]]
+    for key, head in (("ops", "aten op and input shapes, by its own launches' device time"),
+                      ("nodes", "autograd node, by its backward's device time")):
+        if prof.get(key):
+            lines += ["", f"| {head} | calls per step | ms per step |", "|---|---|---|"]
+            lines += [f"| `{name}` | {calls} | {ms:.2f} |" for name, calls, ms in prof[key]]
+    host = prof.get("host")
+    if host:
+        lines += ["", f"Host time under cProfile ({host['wall_ms']:.1f} ms per step, {host['steps']} step; "
+                      "cProfile's own cost stretches the Python parts):", "",
+                  "| where the host time runs | ms per step |", "|---|---|"]
+        lines += [f"| {origin} | {ms:.2f} |" for origin, ms in host["origins"]]
+        lines += ["", "| function | calls per step | own ms | with callees ms |", "|---|---|---|---|"]
+        lines += [f"| `{name}` | {calls} | {own:.2f} | {total:.2f} |" for name, calls, own, total in host["top"]]
     return lines
 
 
