@@ -89,7 +89,7 @@ stage_1() {
     # The huge tests wait for stage 4: run here, their compiles and 50 GB tensors would share this
     # stage's timeout (a timeout loses the failure list) and the GPU's memory with the other files.
     HUGE=tests/test_large_offsets.py
-    PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfE --tb=short --ignore="$HUGE")
+    PYTEST_ARGS=(-m gpu -q -p no:cacheprovider -o "addopts=" -rfEs --tb=short --ignore="$HUGE")
     if [ "$HAVE_GPU" = 1 ] && "$PY" -c 'import xdist' 2>/dev/null; then
         WORKERS=$(( $(nproc 2>/dev/null || echo 8) / 2 )); [ "$WORKERS" -gt 8 ] && WORKERS=8; [ "$WORKERS" -lt 1 ] && WORKERS=1
         PYTEST_ARGS+=(-n "${GPU_TESTS_WORKERS:-$WORKERS}" --dist loadfile)

@@ -24,11 +24,12 @@ rounded to the conv's dtype, as cuDNN writes them; the gate and relaxation and t
 then run in fp32 (fp64 for fp64), as the CfC kernels' do. Within bf16 rounding of the
 reference, not bitwise (the order of the sums).
 
-Opt-in with the pointwise kernels (``LIQUIDDIFF_KERNELS=auto,pointwise_conv=triton``), not yet
-timed on a GPU. Layout: [B, C, H*W] through strides (``_tensors.flat_pixels``), channels_last
-and NCHW without a copy; out and d x take x's memory format, d f, d g and d h backbone's. A
-program owns [pixels, output channels] tiles of one batch item and computes the three heads over
-all C input channels, in K blocks.
+Opt-in with the pointwise kernels (``LIQUIDDIFF_KERNELS=auto,pointwise_conv=triton``); the first
+GPU report (H100) timed it only inside the model, whose train step took 298 ms with both opt-in
+kernel sets against 255 ms without (tiny preset, 256 px, batch 8, bf16). Layout: [B, C, H*W]
+through strides (``_tensors.flat_pixels``), channels_last and NCHW without a copy; out and d x
+take x's memory format, d f, d g and d h backbone's. A program owns [pixels, output channels]
+tiles of one batch item and computes the three heads over all C input channels, in K blocks.
 """
 import typing
 

@@ -36,8 +36,9 @@ are one contiguous run, so every load is a vector load; NCHW runs through the sa
 else the promoted one), so x and w are rounded to it in registers (no cast copy in memory), the
 products accumulate in fp32 (fp64 for fp64) and the output is stored in that dtype.
 
-Opt-in (runtime.OPT_IN): cuDNN runs these convolutions until the GPU report shows this kernel
-faster (``LIQUIDDIFF_KERNELS=auto,depthwise_conv=triton`` turns it on).
+Opt-in (runtime.OPT_IN): cuDNN runs these convolutions, which the first GPU report (H100) measured
+faster: 3x3 forward+backward 0.58 ms against this kernel's 5.3 ms, 7x7 1.37 against 1.69, at
+[8, 64, 256, 256] bf16 (``LIQUIDDIFF_KERNELS=auto,depthwise_conv=triton`` turns it on).
 """
 import typing
 
