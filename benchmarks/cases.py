@@ -563,6 +563,18 @@ def time_ms(fn: Callable, device, warmup_ms: float = 25, rep_ms: float = 100) ->
     return statistics.median(times) * 1e3
 
 
+def time_graph_ms(fn: Callable, device, rep_ms: float = 10) -> float | None:
+    """Median GPU time of ``fn`` in ms replayed from a CUDA graph of repeated calls
+    (triton.testing.do_bench_cudagraph): its kernels alone, without the host's Python, dispatch
+    and launch costs, which ``time_ms`` includes wherever they outlast the kernels. None off
+    CUDA (no graphs there)."""
+    if torch.device(device).type != "cuda":
+        return None
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=rep_ms, return_mode="median"))
+
+
 def copy_bandwidth_GBps(device, nbytes_total: int | None = None) -> float:
     """One large device-to-device copy, counting bytes read plus bytes written."""
     device = torch.device(device)

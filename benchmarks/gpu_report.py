@@ -106,11 +106,12 @@ SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_c
 # 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
 # do_bench calls; a profiled train step (step_profile) 3 steps more and the trace's processing.
 # The first H100 report (2026-11-27) took 5-11 s a train row, 3-8 s a sampling row, 9 s for the
-# ops, and about 10 s more for each profile (the fused step: 20 s with it). They set the compile
+# ops (before their CUDA-graph timings, about 0.2 s each more), and about 10 s more for each
+# profile (the fused step: 20 s with it). They set the compile
 # deadlines (the budget minus all of them for the other rows; minus the ops' and the targets'
 # rows' for those) and decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
-    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 15, "profile": 10},
+    False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 30, "profile": 10},
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23, "profile": 5},
 }
 WRITE_MARGIN_S = 10
@@ -176,10 +177,15 @@ def _worker_main(args) -> int:
         if capture_peak is not None and "peak_GiB" in result:
             result["peak_GiB"] = max(result["peak_GiB"], capture_peak / 2**30)
             result["transient_GiB"] = result["peak_GiB"] - result["base_GiB"]
-        if task == "train" and args.profile:
+        if args.profile:
             try:  # after the timing, so the profiler's overhead touches no number above
-                result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
-                result["profile"]["timed_ms"] = result["train_ms"]
+                if task == "train":
+                    result["profile"] = step_profile.profile_steps(lambda: trainer.train_step(images), device)
+                    result["profile"]["timed_ms"] = result["train_ms"]
+                else:  # one Euler step a call: the model's forward without grad, and the update
+                    result["profile"] = step_profile.profile_steps(
+                        lambda: trainer.sample(cfg.batch, cfg.image, num_steps=1, use_ema=False), device)
+                    result["profile"]["timed_ms"] = 1e3 * result["sample_s"] / cfg.sample_steps
             except Exception as exc:  # noqa: BLE001 - the timing stands without it
                 result["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
         send(event="result", **result)
@@ -404,7 +410,7 @@ def _estimate(quick: bool, task: str, name: str, profiled=()) -> float:
     """Seconds the ``task`` of variant ``name`` takes to time once ready (its profile's too, if
     ``name`` is in ``profiled``)."""
     est = ESTIMATE_S[quick]
-    return est[(task, VARIANTS[name].compiled)] + (est["profile"] if task == "train" and name in profiled else 0)
+    return est[(task, VARIANTS[name].compiled)] + (est["profile"] if name in profiled else 0)
 
 
 def _timing_s(quick: bool, tasks, profiled=()) -> float:
@@ -509,7 +515,7 @@ def time_ops(entries, device, copy_GBps, quick, notes, clock: Clock, keep_s: flo
         if clock.left() < keep_s + share:
             notes.append(f"{entry['op']} {entry['layout']}: not timed (time budget)")
             continue
-        entry["ms"], entry["floor_ms"], entry["floor_bytes"] = {}, {}, {}
+        entry["ms"], entry["graph_ms"], entry["floor_ms"], entry["floor_bytes"] = {}, {}, {}, {}
         for mode in cases.MODES:
             entry["floor_bytes"][mode] = case.floor_bytes(mode)
             if copy_GBps:
@@ -522,6 +528,14 @@ def time_ops(entries, device, copy_GBps, quick, notes, clock: Clock, keep_s: flo
                     entry["ms"][(impl, mode)] = cases.time_ms(call, device, warmup, rep)
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"{entry['op']} {entry['layout']} {impl} {mode}: timing failed: {exc!r}")
+                    continue
+                try:  # the kernels alone: the H100 report's per-call times carried the host's costs
+                    graph_ms = cases.time_graph_ms(call, device)
+                except Exception as exc:  # noqa: BLE001
+                    notes.append(f"{entry['op']} {entry['layout']} {impl} {mode}: CUDA-graph timing failed: {exc!r}")
+                    continue
+                if graph_ms is not None:
+                    entry["graph_ms"][(impl, mode)] = graph_ms
 
 
 def op_rows(entries) -> list[dict]:
@@ -530,6 +544,7 @@ def op_rows(entries) -> list[dict]:
         ms = entry.get("ms", {})
         for mode in cases.MODES:
             eager, comp, fused = (ms.get((i, mode)) for i in cases.IMPLS)
+            g_eager, g_comp, g_fused = (entry.get("graph_ms", {}).get((i, mode)) for i in cases.IMPLS)
             floor = entry.get("floor_ms", {}).get(mode)
             row = {
                 "op": entry["op"], "title": entry["title"], "layout": entry["layout"], "pass": mode,
@@ -538,6 +553,11 @@ def op_rows(entries) -> list[dict]:
                 "fused_over_floor": _ratio(fused, floor), "compile_over_floor": _ratio(comp, floor),
                 "eager_over_floor": _ratio(eager, floor),
                 "compile_over_fused": _ratio(comp, fused), "eager_over_fused": _ratio(eager, fused),
+                # The same replayed from CUDA graphs: GPU time only.
+                "eager_graph_ms": g_eager, "compile_graph_ms": g_comp, "fused_graph_ms": g_fused,
+                "fused_graph_over_floor": _ratio(g_fused, floor), "compile_graph_over_floor": _ratio(g_comp, floor),
+                "eager_graph_over_floor": _ratio(g_eager, floor),
+                "compile_graph_over_fused": _ratio(g_comp, g_fused), "eager_graph_over_fused": _ratio(g_eager, g_fused),
                 "compile_s": entry.get("compile_s", {}).get(mode),
                 "parity": entry.get("parity"),
             }
@@ -634,6 +654,17 @@ def render_markdown(report: dict) -> str:
         ])
     out.append(_table(["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor",
                        "compile/fused", "eager/fused", "parity vs fp64 (max rel err)"], rows))
+    graph_rows = [r for r in report["ops"] if r.get("fused_graph_ms") is not None]
+    if graph_rows:
+        out += ["", "The same calls replayed from CUDA graphs (`cases.time_graph_ms`): GPU time only, median ms. "
+                    "Above, each call's time also holds whatever of the host's Python, dispatch and launches the "
+                    "kernels do not hide.", ""]
+        out.append(_table(["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor",
+                           "compile/fused", "eager/fused"], [[
+            r["title"], r["layout"], cases.MODE_TITLES[r["pass"]], _fmt(r.get("eager_graph_ms")),
+            _fmt(r.get("compile_graph_ms")), _fmt(r["fused_graph_ms"]), _fmt(r["floor_ms"]),
+            _fmt(r.get("fused_graph_over_floor"), ".2f"), _fmt(r.get("compile_graph_over_fused"), ".2f"),
+            _fmt(r.get("eager_graph_over_fused"), ".2f")] for r in graph_rows]))
     out += ["", "Saved for backward (MB, unique storages seen by the saved-tensor hook; new = not an input) "
             "and retained after a forward with grad (MB, new allocations incl. outputs):", ""]
     rows = []
@@ -661,9 +692,10 @@ def render_markdown(report: dict) -> str:
         rows.append([r["label"], r["layout"], _fmt(r.get("images_per_s"), ".1f"), _fmt(r.get("sample_s"), ".2f"),
                      _fmt(r.get("peak_GiB"), ".2f"), _fmt(r.get("compile_s"), ".0f"), r.get("status", "-")])
     out.append(_table(["variant", "layout", "images/s", "s per batch", "peak GiB", "compile s", "status"], rows))
-    profiled = [r for r in e2e.get("train", []) if r.get("profile") or r.get("profile_error")]
-    if profiled:
-        out += ["", "## Where a train step's time goes (torch.profiler, benchmarks/step_profile.py)", ""]
+    for task, what in (("train", "a train step"), ("sample", "a sampling step (one Euler step: a forward without grad)")):
+        profiled = [r for r in e2e.get(task, []) if r.get("profile") or r.get("profile_error")]
+        if profiled:
+            out += ["", f"## Where {what}'s time goes (torch.profiler, benchmarks/step_profile.py)", ""]
         for r in profiled:
             label = f"{r['label']} {r['layout']}"
             out += (step_profile.render(label, r["profile"]) if r.get("profile")
@@ -679,10 +711,13 @@ def headline(report: dict) -> list[str]:
     for r in report["ops"]:
         if r["layout"] != "channels_last" or r["fused_ms"] is None:
             continue
+        graph = "" if r.get("fused_graph_ms") is None else (
+            f"; CUDA graph: fused {_fmt(r['fused_graph_ms'])} ms = {_fmt(r.get('fused_graph_over_floor'), '.2f')}x floor, "
+            f"torch.compile {_fmt(r.get('compile_graph_ms'))} ms ({_fmt(r.get('compile_graph_over_fused'), '.2f')}x fused)")
         lines.append(
             f"{r['title']} {cases.MODE_TITLES[r['pass']]} (channels_last): fused {_fmt(r['fused_ms'])} ms = "
             f"{_fmt(r['fused_over_floor'], '.2f')}x floor; torch.compile {_fmt(r['compile_ms'])} ms "
-            f"({_fmt(r['compile_over_fused'], '.2f')}x fused); parity {r.get('parity')}"
+            f"({_fmt(r['compile_over_fused'], '.2f')}x fused); parity {r.get('parity')}{graph}"
         )
     train = {r["name"]: r for r in (report.get("e2e") or {}).get("train", [])}
     base = train.get("ref_compile_cl", {})
@@ -708,12 +743,15 @@ def plot_ratios(report: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     colors = {"eager": "#999999", "compile": "#4477aa", "fused": "#ee6677"}
+    # GPU times from CUDA-graph replays where the report has them (what the kernels cost).
+    graph = any(r.get("fused_graph_ms") is not None for r in report["ops"])
+    ratio = "_graph_over_floor" if graph else "_over_floor"
     for ax, mode in zip(axes, cases.MODES):
         rows = [r for r in report["ops"] if r["pass"] == mode]
         xs = range(len(rows))
         width = 0.27
         for k, impl in enumerate(cases.IMPLS):
-            vals = [r.get(f"{impl}_over_floor") or 0.0 for r in rows]
+            vals = [r.get(f"{impl}{ratio}") or 0.0 for r in rows]
             bars = ax.bar([x + (k - 1) * width for x in xs], vals, width, label=cases.IMPL_TITLES[impl], color=colors[impl])
             for b, v in zip(bars, vals):
                 if v:
@@ -727,7 +765,8 @@ def plot_ratios(report: dict, path: Path) -> None:
         ax.set_xticklabels([f"{r['title']}\n{'NCHW' if r['layout'] == 'nchw' else 'channels_last'}" for r in rows],
                            fontsize=7)
         ax.set_yscale("log")
-        ax.set_title(f"{cases.MODE_TITLES[mode]}: time / memory floor (1 = floor, dashed = the issue's target)", fontsize=9)
+        ax.set_title(f"{cases.MODE_TITLES[mode]}: {'CUDA-graph ' if graph else ''}time / memory floor "
+                     "(1 = floor, dashed = the issue's target)", fontsize=9)
         ax.grid(axis="y", alpha=0.3, which="both")
     axes[0].set_ylabel("time / floor (log)")
     axes[0].legend(fontsize=8)
@@ -1068,7 +1107,7 @@ def main(argv=None) -> int:
                    help=f"only these model variants (comma-separated: {', '.join(VARIANTS)})")
     p.add_argument("--profile-variants", dest="profile_variants", type=lambda v: [x for x in v.split(",") if x],
                    default=list(step_profile.PROFILED),
-                   help=f"profile these variants' train step (default: {','.join(step_profile.PROFILED)})")
+                   help=f"profile these variants' train and sampling steps (default: {','.join(step_profile.PROFILED)})")
     p.add_argument("--worker", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--task", choices=("train", "sample"), help=argparse.SUPPRESS)
     p.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)

@@ -1,6 +1,6 @@
-"""Where a train step's time goes: torch.profiler over a few steps, kernels grouped by kind.
+"""Where a train (or sampling) step's time goes: torch.profiler over a few steps, kernels grouped by kind.
 
-The GPU report's train workers for the variants in ``PROFILED`` add this to their result, so the
+The GPU report's train and sampling workers for the variants in ``PROFILED`` add this to their result, so the
 one GPU command also answers "what should be made faster next" and "is the step host-bound"
 (device busy = kernel time / wall time; well under 100 % means the GPU waits for Python).
 On the CPU (a dry run) the top rows are aten ops by self CPU time instead of kernels.

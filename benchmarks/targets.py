@@ -12,6 +12,9 @@ channels_last): the fused train step at least 1.3x faster, fused + ``torch.compi
 the fused model as a user gets it (``FUSED``: the default kernels), for all three of its targets;
 each opt-in kernel set's row is checked too, as information for ``runtime.OPT_IN``.
 
+An op target reads the op's time replayed from a CUDA graph (GPU time: the kernels the issue
+asked for) where the report has it, else the per-call time, which also holds the host's costs;
+its "measured" column says which.
 A number counts only from a row that ran as it should: an op row whose parity passed, a model
 row whose status is "ok" (not "NON-FINITE", "NOT COMPILED", "RECOMPILED", or "LOSS OFF": an
 eager row whose last loss is not the eager reference's); otherwise the verdict is "invalid" and
@@ -94,9 +97,11 @@ def _op_rows(report: dict) -> list[dict]:
         if not found:
             rows.append(_row(t.issue, f"{t.op}: {limit}", "-", None, t.limit, t.at_most))
         for r in found:
-            value = r.get(t.key)
-            rows.append(_row(t.issue, f"{r['title']} ({r['layout']}): {limit}",
-                             "-" if value is None else f"{value:.2f}", value, t.limit, t.at_most, _op_invalid(r)))
+            graph = r.get(t.key.replace("_over_", "_graph_over_"))
+            value = r.get(t.key) if graph is None else graph
+            text = "-" if value is None else f"{value:.2f}" + ("" if graph is None else " (CUDA graph)")
+            rows.append(_row(t.issue, f"{r['title']} ({r['layout']}): {limit}", text, value, t.limit, t.at_most,
+                             _op_invalid(r)))
     return rows
 
 

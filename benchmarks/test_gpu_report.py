@@ -96,7 +96,9 @@ def test_gpu_report_quick_end_to_end(tmp_path):
     assert [r["status"] for r in rows] == ["ok", "ok"], report["notes"]
     assert rows[0]["train_ms"] > 0 and rows[1]["images_per_s"] > 0
     assert rows[0]["profile"]["top"], rows[0].get("profile_error")
+    assert rows[1]["profile"]["top"] and rows[1]["profile"]["timed_ms"] > 0, rows[1].get("profile_error")
     assert "## Where a train step's time goes" in proc.stdout
+    assert "## Where a sampling step (one Euler step: a forward without grad)'s time goes" in proc.stdout
     for name in ("report.md", "ratios.png", "workers.log"):
         assert (tmp_path / name).exists()
     assert "# liquiddiff GPU report" in proc.stdout
@@ -243,6 +245,39 @@ def test_the_floor_time_is_the_floor_bytes_over_the_copy_bandwidth_in_ms(monkeyp
         assert entry["floor_bytes"][mode] == case.floor_bytes(mode)
         assert entry["floor_ms"][mode] == pytest.approx(case.floor_bytes(mode) / 100e9 * 1e3)
     assert entry["ms"] == {("fused", "fwd"): 0.5}
+
+
+def test_cuda_graph_times_get_their_own_ratios_table_and_headline(monkeypatch):
+    """Where a call replays from a CUDA graph, its GPU time is kept beside the per-call time,
+    with ratios of its own, a table of its own and a headline clause; a capture that fails
+    leaves a note and the per-call time."""
+    case = cases.make_op_case("cfc_relax", (1, 3, 2, 2), torch.float32, "cpu", "channels_last")
+    calls = {("fused", "fwd"): lambda: None, ("compile", "fwd"): lambda: None, ("eager", "fwdbwd"): lambda: None}
+    entry = {"op": "cfc_relax", "title": "CfC", "layout": "channels_last", "case": case, "callables": calls}
+    graph = {calls[("fused", "fwd")]: 0.2, calls[("compile", "fwd")]: 0.3}
+
+    def time_graph_ms(fn, device):
+        if fn not in graph:
+            raise RuntimeError("capture failed")
+        return graph[fn]
+
+    monkeypatch.setattr(cases, "time_ms", lambda *args: 0.5)
+    monkeypatch.setattr(cases, "time_graph_ms", time_graph_ms)
+    notes = []
+    gpu_report.time_ops([entry], torch.device("cpu"), 100.0, True, notes, gpu_report.Clock(60), keep_s=0)
+    assert entry["ms"] == {key: 0.5 for key in calls}
+    assert entry["graph_ms"] == {("fused", "fwd"): 0.2, ("compile", "fwd"): 0.3}
+    assert notes == ["cfc_relax channels_last eager fwdbwd: CUDA-graph timing failed: RuntimeError('capture failed')"]
+    fwd = gpu_report.op_rows([entry])[0]
+    floor = entry["floor_ms"]["fwd"]
+    assert (fwd["fused_graph_ms"], fwd["compile_graph_over_fused"]) == (0.2, pytest.approx(1.5))
+    assert fwd["fused_graph_over_floor"] == pytest.approx(0.2 / floor) and fwd["fused_over_floor"] == pytest.approx(0.5 / floor)
+    report = _fake_report()
+    report["ops"] = [dict(fwd, parity="PASS")]
+    md = gpu_report.render_markdown(report)
+    assert f"| CfC | channels_last | fwd | - | 0.300 | 0.200 | {floor:.3f} | {0.2 / floor:.2f} | 1.50 | - |" in md
+    assert gpu_report.headline(report)[0].endswith(
+        f"; CUDA graph: fused 0.200 ms = {0.2 / floor:.2f}x floor, torch.compile 0.300 ms (1.50x fused)")
 
 
 def test_the_tables_put_each_number_under_its_column():

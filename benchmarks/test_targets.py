@@ -125,3 +125,16 @@ def test_a_skipped_row_is_not_measured_and_a_bad_opt_in_row_is_still_shown():
     assert ("sampling: fused images/s / compile(reference) images/s >= 1.5 (opt-in kernels, information)",
             "invalid: fused + Triton pointwise: NON-FINITE") in info
     assert len(info) == 3  # fused_pw_cl's two train checks and its sampling check
+
+
+def test_an_op_target_reads_the_cuda_graph_time_where_the_report_has_it():
+    """The kernels' GPU time decides (the per-call time also holds the host's costs), and the
+    measured column says so; without a graph time, the per-call ratio as before."""
+    report = _report()
+    cfc = next(r for r in report["ops"] if (r["op"], r["pass"]) == ("cfc_relax", "fwdbwd"))
+    cfc.update(fused_graph_over_floor=1.1, compile_graph_over_fused=1.2)
+    rows = _by_target(targets.evaluate(report))
+    floor_row = rows["cfc_relax (nchw): forward+backward time / floor <= 1.25"]
+    assert (floor_row["verdict"], floor_row["measured"], floor_row["value"]) == ("met", "1.10 (CUDA graph)", 1.1)
+    assert rows["cfc_relax (nchw): forward+backward speed-up over compile >= 1.8"]["verdict"] == "missed"
+    assert rows["cfc_relax (nchw): forward time / floor <= 1.25"]["measured"] == "1.10"
