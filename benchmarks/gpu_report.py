@@ -538,29 +538,34 @@ def time_ops(entries, device, copy_GBps, quick, notes, clock: Clock, keep_s: flo
                     entry["graph_ms"][(impl, mode)] = graph_ms
 
 
+# Timings of each op call: per call ("eager_ms", ...) and replayed from CUDA graphs, GPU time
+# only ("eager_graph_ms", ...), each with the same ratios.
+TIMINGS = (("", "ms"), ("_graph", "graph_ms"))
+
+
+def _timing_fields(times: dict, mode: str, floor, suffix: str) -> dict:
+    eager, comp, fused = (times.get((i, mode)) for i in cases.IMPLS)
+    return {
+        f"eager{suffix}_ms": eager, f"compile{suffix}_ms": comp, f"fused{suffix}_ms": fused,
+        f"fused{suffix}_over_floor": _ratio(fused, floor), f"compile{suffix}_over_floor": _ratio(comp, floor),
+        f"eager{suffix}_over_floor": _ratio(eager, floor),
+        f"compile{suffix}_over_fused": _ratio(comp, fused), f"eager{suffix}_over_fused": _ratio(eager, fused),
+    }
+
+
 def op_rows(entries) -> list[dict]:
     rows = []
     for entry in entries:
-        ms = entry.get("ms", {})
         for mode in cases.MODES:
-            eager, comp, fused = (ms.get((i, mode)) for i in cases.IMPLS)
-            g_eager, g_comp, g_fused = (entry.get("graph_ms", {}).get((i, mode)) for i in cases.IMPLS)
             floor = entry.get("floor_ms", {}).get(mode)
             row = {
                 "op": entry["op"], "title": entry["title"], "layout": entry["layout"], "pass": mode,
-                "eager_ms": eager, "compile_ms": comp, "fused_ms": fused, "floor_ms": floor,
-                "floor_bytes": entry.get("floor_bytes", {}).get(mode),
-                "fused_over_floor": _ratio(fused, floor), "compile_over_floor": _ratio(comp, floor),
-                "eager_over_floor": _ratio(eager, floor),
-                "compile_over_fused": _ratio(comp, fused), "eager_over_fused": _ratio(eager, fused),
-                # The same replayed from CUDA graphs: GPU time only.
-                "eager_graph_ms": g_eager, "compile_graph_ms": g_comp, "fused_graph_ms": g_fused,
-                "fused_graph_over_floor": _ratio(g_fused, floor), "compile_graph_over_floor": _ratio(g_comp, floor),
-                "eager_graph_over_floor": _ratio(g_eager, floor),
-                "compile_graph_over_fused": _ratio(g_comp, g_fused), "eager_graph_over_fused": _ratio(g_eager, g_fused),
+                "floor_ms": floor, "floor_bytes": entry.get("floor_bytes", {}).get(mode),
                 "compile_s": entry.get("compile_s", {}).get(mode),
                 "parity": entry.get("parity"),
             }
+            for suffix, key in TIMINGS:
+                row.update(_timing_fields(entry.get(key, {}), mode, floor, suffix))
             errs = entry.get("parity_fused") or {}
             outs = [k for k in errs if not k.startswith("d")]
             picked = {k: v for k, v in errs.items() if (k in outs) == (mode == "fwd")}
@@ -602,6 +607,14 @@ def _fmt(v, spec=".3f", none="-"):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return none
     return format(v, spec)
+
+
+def _op_timing_cells(row: dict, suffix: str) -> list[str]:
+    """An op row's name, times and ratios (``TIMINGS``' ``suffix``) as table cells."""
+    return [row["title"], row["layout"], cases.MODE_TITLES[row["pass"]]] + [
+        _fmt(row.get(f"{impl}{suffix}_ms")) for impl in cases.IMPLS] + [_fmt(row.get("floor_ms"))] + [
+        _fmt(row.get(f"{name}{suffix}_{ratio}"), ".2f")
+        for name, ratio in (("fused", "over_floor"), ("compile", "over_fused"), ("eager", "over_fused"))]
 
 
 def _fmt_mb(v):
@@ -647,24 +660,16 @@ def render_markdown(report: dict) -> str:
                 f" (ref {r['eager_bf16_err']:.1e})" if r.get("eager_bf16_err") is not None else "")
         elif r.get("parity"):
             par = r["parity"]
-        rows.append([
-            r["title"], r["layout"], cases.MODE_TITLES[r["pass"]], _fmt(r["eager_ms"]), _fmt(r["compile_ms"]),
-            _fmt(r["fused_ms"]), _fmt(r["floor_ms"]), _fmt(r["fused_over_floor"], ".2f"),
-            _fmt(r["compile_over_fused"], ".2f"), _fmt(r["eager_over_fused"], ".2f"), par,
-        ])
-    out.append(_table(["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor",
-                       "compile/fused", "eager/fused", "parity vs fp64 (max rel err)"], rows))
+        rows.append(_op_timing_cells(r, "") + [par])
+    times_header = ["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor", "compile/fused",
+                    "eager/fused"]
+    out.append(_table(times_header + ["parity vs fp64 (max rel err)"], rows))
     graph_rows = [r for r in report["ops"] if r.get("fused_graph_ms") is not None]
     if graph_rows:
         out += ["", "The same calls replayed from CUDA graphs (`cases.time_graph_ms`): GPU time only, median ms. "
                     "Above, each call's time also holds whatever of the host's Python, dispatch and launches the "
                     "kernels do not hide.", ""]
-        out.append(_table(["op", "layout", "pass", "eager", "compile", "fused", "floor", "fused/floor",
-                           "compile/fused", "eager/fused"], [[
-            r["title"], r["layout"], cases.MODE_TITLES[r["pass"]], _fmt(r.get("eager_graph_ms")),
-            _fmt(r.get("compile_graph_ms")), _fmt(r["fused_graph_ms"]), _fmt(r["floor_ms"]),
-            _fmt(r.get("fused_graph_over_floor"), ".2f"), _fmt(r.get("compile_graph_over_fused"), ".2f"),
-            _fmt(r.get("eager_graph_over_fused"), ".2f")] for r in graph_rows]))
+        out.append(_table(times_header, [_op_timing_cells(r, "_graph") for r in graph_rows]))
     out += ["", "Saved for backward (MB, unique storages seen by the saved-tensor hook; new = not an input) "
             "and retained after a forward with grad (MB, new allocations incl. outputs):", ""]
     rows = []
