@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import re
 import sys
@@ -95,7 +96,7 @@ def host_profile(step: Callable[[], object], steps: int = 1, top: int = 12) -> d
     for (filename, line, function), (_, calls, own_s, total_s, _) in stats.items():
         origin = host_origin(filename, function)
         origins[origin] = origins.get(origin, 0.0) + own_s * 1e3 / steps
-        where = function if filename == "~" else f"{filename.rsplit('/', 2)[-1] if '/' in filename else filename}:{line}({function})"
+        where = function if filename == "~" else f"{os.path.basename(filename)}:{line}({function})"
         rows.append([where[:110], calls // steps, own_s * 1e3 / steps, total_s * 1e3 / steps])
     return {
         "steps": steps,
