@@ -104,12 +104,12 @@ SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_c
                 "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw")
 # Seconds one timed task takes once its worker is ready (compilation excluded): eager train 2 +
 # 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
-# do_bench calls; a profiled train step (step_profile) 3 steps more and the trace's processing.
-# The first H100 report (2026-11-27) took 5-11 s a train row, 3-8 s a sampling row, 9 s for the
-# ops (before their CUDA-graph timings, about 0.2 s each more), and about 10 s more for each
-# profile (the fused step: 20 s with it). They set the compile
-# deadlines (the budget minus all of them for the other rows; minus the ops' and the targets'
-# rows' for those) and decide, task by task, whether what is left of the budget still fits.
+# do_bench calls; a profiled train or sampling task (step_profile) 3 steps more and the trace's
+# processing. The first H100 report (2026-11-27) took 5-11 s a train row, 3-8 s a sampling row,
+# 9 s for the ops (before their CUDA-graph timings, about 0.2 s each more), and about 10 s more
+# for each profile (the fused step: 20 s with it). They set the compile deadlines (the budget
+# minus all of them for the other rows; minus the ops' and the targets' rows' for those) and
+# decide, task by task, whether what is left of the budget still fits.
 ESTIMATE_S = {
     False: {("train", False): 9, ("train", True): 7, ("sample", False): 7, ("sample", True): 4, "ops": 30, "profile": 10},
     True: {("train", False): 15, ("train", True): 11, ("sample", False): 8, ("sample", True): 8, "ops": 23, "profile": 5},
