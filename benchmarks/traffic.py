@@ -8,6 +8,8 @@ and allocations move nothing; an expanded input counts its storage, not its nume
 bytes an ideal kernel for that op moves: cuDNN's depthwise kernels, for one, move more. Divided
 by the measured copy bandwidth, the total is the time an eager step cannot beat however fast
 each kernel is: the bound for the fused model's train step, and a list of where it goes. A
+convolution with a bias counts the two passes aten makes for the bias on a GPU besides cuDNN's
+launch (a broadcast add forward, a reduction for its gradient: ``_bias_passes``). A
 custom op counts as one launch: the torch reductions of per-program partial sums inside some of
 ours (the CfC, AdaLN and modulated-SiLU backward ops) are not seen.
 
@@ -112,7 +114,10 @@ class _Recorder(TorchDispatchMode):
         namespace = "" if func.namespace == "aten" else f"{func.namespace}::"
         ins = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
-        self.record((self.owner(), namespace + func.overloadpacket.__name__, self.phase), ins, outs)
+        owner, name = self.owner(), namespace + func.overloadpacket.__name__
+        self.record((owner, name, self.phase), ins, outs)
+        for op, reads, writes in _bias_passes(name, args, out):
+            self.record((owner, op, self.phase), reads, writes)
         return out
 
     def record(self, key: tuple[str, str, str], ins: list, outs: list) -> None:
@@ -122,6 +127,20 @@ class _Recorder(TorchDispatchMode):
         if op in _NO_TRAFFIC or op.startswith("prim::") or not (outs or any(t.numel() for t in ins)):
             return
         self.ledger.add(key, sum(_bytes(t) for t in ins), sum(_bytes(t) for t in outs))
+
+
+def _bias_passes(op: str, args: tuple, out) -> list[tuple[str, list, list]]:
+    """The passes aten makes for a convolution's bias on a GPU apart from the convolution's own
+    launch: cuDNN takes no bias, so ``aten.convolution`` adds it in a broadcast add of its own
+    over the output, and ``convolution_backward`` sums ``grad_out`` over N, H and W (a reduction)
+    for its gradient. The first H100 report found both among the fused step's largest kernels
+    (bf16 ``reduce_kernel`` 15.1 ms, non-vectorised bf16 ``add`` 12.4 ms); inductor peels the
+    bias off the same way and fuses both into its neighbours. (name, reads, writes) each."""
+    if op == "convolution" and args[2] is not None:
+        return [("convolution bias add", [out, args[2]], [out])]
+    if op == "convolution_backward" and args[-1][2]:  # output_mask: (input, weight, bias)
+        return [("convolution bias gradient", [args[0]], [out[2]])]
+    return []
 
 
 def _next_sequence_nr(recorder: _Recorder) -> int:
