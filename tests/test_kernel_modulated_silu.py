@@ -235,6 +235,58 @@ def test_gpu_cast_with_pixel_sum_to_bf16(layout):
     parity.assert_close("pixel_sum", pixel_sum, x.sum((2, 3)), 1e-5)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 130, 33, 40)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_sum(layout, shape, dtype):
+    """channel_sum(x, dtype): x summed over the batch and the pixels per channel (a conv's bias
+    gradient), in ``dtype``, from any layout; the output NaN-poisoned."""
+    x = _z(shape, torch.float32, layout)
+    with parity.poisoned_outputs():
+        got = modulated_silu.channel_sum(x, dtype)
+    assert got.dtype == dtype and got.shape == (shape[1],)
+    parity.assert_close("channel_sum", got, x.double().sum((0, 2, 3)).to(dtype), 1e-5)
+
+
+def test_channel_sum_walks_several_tiles(monkeypatch):
+    """Programs that loop over several pixel tiles (a large image) sum them all."""
+    monkeypatch.setattr(modulated_silu, "_BWD_TILE", 64)
+    monkeypatch.setattr(modulated_silu, "_BWD_MIN_PROGRAMS", 1)
+    x = _z((2, 8, 40, 40), torch.float64, "channels_last")
+    parity.assert_close("channel_sum", modulated_silu.channel_sum(x, torch.float64), x.sum((0, 2, 3)), 1e-12)
+
+
+def test_channel_sum_checks_its_input():
+    with pytest.raises(ValueError, match="x: expected a 4-D"):
+        modulated_silu.channel_sum(torch.randn(3, 4, device=DEVICE), torch.float32)
+
+
+def test_opcheck_channel_sum():
+    torch.library.opcheck(torch.ops.liquiddiff.channel_sum.default,
+                          (_z((2, 3, 5, 6), torch.float32, "channels_last"), torch.float64))
+
+
+@pytest.mark.parametrize("setting, calls", [("auto", 1), ("auto,conv_bias_grad=torch", 0)])
+def test_conv_bias_gradient_after_cudnn_is_channel_sum(monkeypatch, setting, calls):
+    """A conv left to aten (conv1x1 here) takes its bias gradient from channel_sum where that op
+    runs Triton, from aten's convolution_backward otherwise: the same gradients either way."""
+    recompute = importlib.import_module("liquiddiff.kernels.recompute")
+    seen = []
+    real = recompute.channel_sum
+    monkeypatch.setattr(recompute, "channel_sum", lambda x, dtype: seen.append(x.shape) or real(x, dtype))
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    ins = {"x": _z((2, 4, 5, 6), torch.float64, "channels_last"),
+           "weight": torch.randn(3, 4, 1, 1, dtype=torch.float64, device=DEVICE),
+           "bias": torch.randn(3, dtype=torch.float64, device=DEVICE)}
+    ref_ins, fused_ins = parity.leaves(ins), parity.leaves(ins)
+    ref = functional.conv1x1(**ref_ins)
+    up = torch.randn_like(ref)
+    want, got = parity.grads_of(ref, ref_ins, up), parity.grads_of(kernels.conv1x1(**fused_ins), fused_ins, up)
+    for name in ins:
+        parity.assert_close(name, got[name], want[name], 1e-12)
+    assert len(seen) == calls
+
+
 def test_silu_convs_backward_runs_it(monkeypatch):
     """The CfC backbone's SiLU (kernels.silu_convs, heads on cuDNN/aten) takes its three heads'
     gradients through silu_backward, once."""

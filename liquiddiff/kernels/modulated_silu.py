@@ -13,7 +13,10 @@ sum(grads), in one pass instead of casts, fp32 adds and SiLU's backward (about 1
 here, for three bf16 gradients). Without SiLU it is a plain sum of gradients
 (:func:`sum_gradients`: the spatial mix's input, whose conv, pixel-sum and residual gradients
 meet in fp32 after cuDNN's input gradient), and with one "gradient" a cast that also sums over
-the pixels (:func:`cast_with_pixel_sum`: the spatial mix's input before cuDNN's conv).
+the pixels (:func:`cast_with_pixel_sum`: the spatial mix's input before cuDNN's conv); with
+neither output, a per-channel sum over the batch and the pixels (:func:`channel_sum`: the bias
+gradient of a convolution left to cuDNN, where aten's bf16 reduction ran at a fraction of the
+bandwidth: 15 ms of the fused H100 step for about 10 GB).
 
 Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
 copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
@@ -40,7 +43,8 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients", "cast_with_pixel_sum"]
+__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients", "cast_with_pixel_sum",
+           "channel_sum"]
 
 # Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
 # tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
@@ -288,6 +292,28 @@ def cast_with_pixel_sum(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
     per-program partials): one pass where a cast and a sum read x twice (the spatial mix's fp32
     input under autocast, before cuDNN's conv: the copy is what its backward keeps)."""
     op = _cast_with_pixel_sum_op if _eager.needs_custom_op(x) else _cast_with_pixel_sum_kernels
+    return op(x, dtype)
+
+
+@_tensors.launches_on_input_device
+def _channel_sum_kernels(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    _, partials = _launch_backward([x], x, None, None, False, True, silu=False)
+    return partials[1].sum((0, 1)).to(dtype)
+
+
+_channel_sum_op = torch.library.custom_op("liquiddiff::channel_sum", mutates_args=())(_channel_sum_kernels)
+
+
+@_channel_sum_op.register_fake
+def _(x, dtype):
+    return x.new_empty(x.shape[1], dtype=dtype)
+
+
+def channel_sum(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x [B, C, H, W] summed over B, H and W, in ``dtype``, from fp32 (fp64) per-program partials:
+    a convolution's bias gradient from its upstream gradient x (any layout), read once."""
+    _tensors.check_activation("x", x)
+    op = _channel_sum_op if _eager.needs_custom_op(x) else _channel_sum_kernels
     return op(x, dtype)
 
 

@@ -50,8 +50,8 @@ from liquiddiff import functional
 
 from . import _tensors, depthwise, pointwise_conv, runtime
 from .merged_depthwise import merged_depthwise_weight
-from .modulated_silu import (backward as modulated_silu_backward, cast_with_pixel_sum, forward as modulated_silu_forward,
-                             silu_backward, sum_gradients)
+from .modulated_silu import (backward as modulated_silu_backward, cast_with_pixel_sum, channel_sum,
+                             forward as modulated_silu_forward, silu_backward, sum_gradients)
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved"]
 
@@ -97,14 +97,19 @@ def _conv_params(weight, bias, dtype, triton: bool):
 
 
 def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs, triton: bool):
-    """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed."""
+    """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed. After
+    cuDNN's, the bias gradient is one Triton pass over grad_out (``modulated_silu.channel_sum``)
+    where that op runs Triton, not aten's reduction."""
     if triton:
         d_a, (d_w,), (d_b,) = depthwise.backward([grad_out], a, [weight], dtype, needs)
         return d_a, d_w, d_b
-    return torch.ops.aten.convolution_backward(
+    need_a, need_w, need_b = needs
+    bias_by_triton = need_b and runtime.use_triton("conv_bias_grad", grad_out.device.type)
+    d_a, d_w, d_b = torch.ops.aten.convolution_backward(
         grad_out.to(dtype), a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
-        False, [0, 0], groups, needs,
+        False, [0, 0], groups, [need_a, need_w, need_b and not bias_by_triton],
     )
+    return d_a, d_w, channel_sum(grad_out, dtype) if bias_by_triton else d_b
 
 
 def _modulate(z, scale, shift):

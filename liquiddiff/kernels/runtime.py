@@ -29,9 +29,10 @@ ENV_VAR = "LIQUIDDIFF_KERNELS"
 # The ops with Triton kernels, as select_backend names them ("depthwise_conv": the depthwise
 # convolutions inside the recompute ops; "modulated_silu": the spatial mix's activation inside
 # silu_conv1x1; "merged_depthwise_weight", "context_shift": the spatial mix's small [C] and
-# [B, C] ops; "pointwise_conv": the SiLU -> 1x1 conv kernels and the CfC heads kernel).
+# [B, C] ops; "pointwise_conv": the SiLU -> 1x1 conv kernels and the CfC heads kernel;
+# "conv_bias_grad": the bias gradient of the convolutions left to cuDNN, a per-channel sum).
 OPS = ("cfc_relax", "adaln_modulate", "depthwise_conv", "modulated_silu", "merged_depthwise_weight", "context_shift",
-       "pointwise_conv")
+       "pointwise_conv", "conv_bias_grad")
 
 
 @dataclass(frozen=True)
