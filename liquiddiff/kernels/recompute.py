@@ -80,11 +80,26 @@ def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activa
 
 def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> torch.Tensor:
     """The reference's convolution in ``dtype``: the Triton depthwise kernel if ``triton`` (it
-    rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``."""
+    rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``: a 1x1
+    conv of a channels_last input as a GEMM (:func:`_pointwise_as_gemm`)."""
     if triton:
         return depthwise.forward(a, [weight], [bias], dtype)[0]
-    return F.conv2d(a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
-                    padding=padding, groups=groups)
+    a, weight, bias = a.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+    if groups == 1 and weight.shape[-2:] == (1, 1) and a.is_contiguous(memory_format=torch.channels_last):
+        return _pointwise_as_gemm(a, weight, bias)
+    return F.conv2d(a, weight, bias, padding=padding, groups=groups)
+
+
+def _pointwise_as_gemm(a, weight, bias) -> torch.Tensor:
+    """The 1x1 conv of a channels_last ``a`` as the GEMM it is, [B*H*W, Ci] x [Ci, Co], the bias
+    added in the GEMM's epilogue (cuBLASLt's, on a GPU): cuDNN takes no bias, and aten adds it
+    after the conv in a pass of its own, a non-vectorised broadcast add in channels_last (12.4
+    ms of the fused H100 step, 1x1 and depthwise convs together). The output is channels_last,
+    as cuDNN's; the backward stays ``convolution_backward`` (the same function)."""
+    B, C, H, W = a.shape
+    rows = a.permute(0, 2, 3, 1).reshape(-1, C)  # a view: channels_last is [B, H, W, C] in memory
+    out = F.linear(rows, weight.reshape(weight.shape[0], C), bias)
+    return out.view(B, H, W, weight.shape[0]).permute(0, 3, 1, 2)
 
 
 def _conv_params(weight, bias, dtype, triton: bool):
