@@ -101,10 +101,11 @@ def _pad_to(weight: torch.Tensor, size: int) -> torch.Tensor:
 
 def merged_depthwise_weight(weights, biases):
     """The one depthwise kernel (and bias) equal to the sum of odd-sized ones: each kernel
-    zero-padded to the largest size, then kernels and biases added."""
+    zero-padded to the largest size, then kernels and biases added (None: no biases)."""
     size = max(w.shape[-1] for w in weights)
     # reduce, not sum(): sum starts from 0, one more (tiny) kernel launch each time.
-    return functools.reduce(torch.add, [_pad_to(w, size) for w in weights]), functools.reduce(torch.add, biases)
+    bias = None if all(b is None for b in biases) else functools.reduce(torch.add, biases)
+    return functools.reduce(torch.add, [_pad_to(w, size) for w in weights]), bias
 
 
 def multiscale_depthwise_conv(x, weights, biases):

@@ -34,6 +34,11 @@ def _ops(fused: bool):
     return kernels if fused else functional
 
 
+def _add_optional(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a + b, where a None is a zero (a conv built without a bias)."""
+    return a if b is None else b if a is None else a + b
+
+
 def _zero_(module: nn.Module) -> nn.Module:
     for p in module.parameters():
         nn.init.zeros_(p)
@@ -165,7 +170,9 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
 
     The three depthwise branches run as one 7x7 conv (functional.multiscale_depthwise_conv);
     each branch keeps its own parameters and gradient. The context, one value per channel, is
-    folded into the modulation's shift. ``return_input=True`` also returns x, for the block's
+    folded into the modulation's shift, and so is the merged conv's bias, added to the
+    context's: a [C] add, where a conv bias costs a pass over the conv's output on a GPU (cuDNN
+    takes none) and a reduction for its gradient. ``return_input=True`` also returns x, for the block's
     residual: fused, the gradient it brings joins the mix's own in one pass
     (functional.spatial_mix_input).
     """
@@ -193,10 +200,12 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
         # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
-        local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [dw_bias])
+        local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [None])
         scale, shift = self.time(temb, projected)
-        # (local + context) * (1 + scale) + shift, with the per-channel context folded into the
-        # shift: the same modulation without a full-size add (forward) or sum (its backward).
+        # (local + dw_bias + context) * (1 + scale) + shift, with the per-channel terms folded
+        # into the shift: the same modulation without a full-size add (forward) or sum (its
+        # backward).
+        context_bias = _add_optional(context_bias, dw_bias)
         shift = ops.context_shift(pixel_sum, context_weight, context_bias, scale, shift, x.shape[2] * x.shape[3])
         out = ops.silu_conv1x1(local, out_weight, out_bias, scale, shift)
         return (out, x) if return_input else out

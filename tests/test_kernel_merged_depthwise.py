@@ -71,10 +71,18 @@ def test_one_branch_is_returned_as_is_and_many_run_the_reference():
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+def test_branches_without_biases_merge_to_no_bias():
+    weights, _ = _branches((3, 5, 7))
+    weight, bias = kernels.merged_depthwise_weight(weights, [None] * 3)
+    assert bias is None and torch.equal(weight, functional.merged_depthwise_weight(weights, [None] * 3)[0])
+
+
 def test_bad_arguments_are_named():
     weights, biases = _branches((3, 5))
     with pytest.raises(ValueError, match="weights, biases"):
         kernels.merged_depthwise_weight(weights, biases[:1])
+    with pytest.raises(TypeError, match=r"biases\[0\]: expected a torch.Tensor"):  # all biases or none
+        kernels.merged_depthwise_weight(weights, [None, biases[1]])
     with pytest.raises(ValueError, match=r"weights\[1\].*k odd"):
         kernels.merged_depthwise_weight([weights[0], torch.randn(5, 1, 4, 4, device=DEVICE)], biases)
     with pytest.raises(ValueError, match=r"weights\[1\]"):

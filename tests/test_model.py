@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from liquiddiff import kernels
+from liquiddiff import functional, kernels
 from liquiddiff.kernels import _tensors
 from liquiddiff.model import PRESETS, LiquidDiffusion, build, liquid_diffusion_tiny
 from tests import strict_interpreter
@@ -615,6 +615,39 @@ def test_spatial_mix_context_is_a_1x1_conv_of_the_pixel_mean(fused):
     with torch.no_grad():
         out = mix(x, torch.randn(2, 8))
     torch.testing.assert_close(out, torch.nn.functional.silu(x.mean(dim=(2, 3), keepdim=True)).expand_as(x))
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_spatial_mix_is_the_seeds_form_with_every_bias(fused):
+    """The spatial mix with random parameters (every bias, the time modulation) against the seed's
+    literal form: out(silu((branch convs summed + context conv of the pixel mean) * (1 + scale) +
+    shift)); the module folds the merged conv's bias into the context's. Values and the
+    gradients of x and of every parameter."""
+    from liquiddiff.modules import MultiScaleSpatialMix
+
+    torch.manual_seed(0)
+    mix = MultiScaleSpatialMix(4, 8).double()
+    with torch.no_grad():
+        for p in mix.parameters():
+            p.normal_(0, 0.5)
+    mix.fused = fused
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64, requires_grad=True)
+    temb = torch.randn(2, 8, dtype=torch.float64)
+
+    def seeds_form():
+        scale, shift = mix.time(temb)
+        local = functional.multiscale_depthwise_conv_branches(
+            x, [c.weight for c in mix.branches], [c.bias for c in mix.branches])
+        context = mix.context(x.mean(dim=(2, 3), keepdim=True))
+        y = (local + context) * (1 + scale[:, :, None, None]) + shift[:, :, None, None]
+        return mix.out(torch.nn.functional.silu(y))
+
+    inputs = [x, *mix.parameters()]
+    out, want = mix(x, temb), seeds_form()
+    up = torch.randn_like(want)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    for got, ref in zip(torch.autograd.grad(out, inputs, up), torch.autograd.grad(want, inputs, up)):
+        torch.testing.assert_close(got, ref, atol=1e-12, rtol=1e-12)
 
 
 def test_upsample_is_nearest_neighbour_then_a_conv():

@@ -257,16 +257,18 @@ def _check(weights, biases) -> None:
             raise ValueError(f"weights[{i}]: expected a depthwise kernel [{channels}, 1, k, k] with k odd, got shape "
                              f"{tuple(w.shape)}")
         _tensors.check_device(f"weights[{i}]", w, device)
-        _tensors.check_vector(f"biases[{i}]", b, (channels,), device)
+        if b is not None or any(other is not None for other in biases):  # all biases or none
+            _tensors.check_vector(f"biases[{i}]", b, (channels,), device)
 
 
 def merged_depthwise_weight(weights, biases):
     """Fused :func:`liquiddiff.functional.merged_depthwise_weight`: the same (weight, bias),
-    bitwise for branches of one dtype, and gradients; one kernel launch each way. One branch:
-    returned as it is."""
+    bitwise for branches of one dtype, and gradients; one kernel launch each way. One branch, or
+    branches without biases (the kernel merges both): the reference's."""
     weights, biases = list(weights), list(biases)
     _check(weights, biases)
-    if len(weights) == 1 or len(weights) > MAX_BRANCHES or not runtime.use_triton(OP_NAME, weights[0].device.type):
+    if (len(weights) == 1 or len(weights) > MAX_BRANCHES or biases[0] is None
+            or not runtime.use_triton(OP_NAME, weights[0].device.type)):
         return functional.merged_depthwise_weight(weights, biases)
     if _eager.needs_custom_op(weights[0]):
         return _forward_op(weights, biases)
