@@ -86,6 +86,10 @@ VARIANTS = {
     "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
     # Whether the eager fused step's launches bound it by the host: the same step replayed.
     "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
+    # The same with aten's reductions for the cuDNN convs' bias gradients (conv_bias_grad=torch),
+    # replayed so that the GPU time shows: what the Triton channel_sum saves, in the same run.
+    "fused_atenbias_graph_cl": Variant("fused + CUDA graph, aten bias gradients", True, "channels_last", False,
+                                       kernels="conv_bias_grad=torch", cuda_graph=True),
     # The opt-in Triton SiLU -> 1x1 conv kernels (runtime.OPT_IN), beside the op row silu_conv1x1.
     "fused_pw_cl": Variant("fused + Triton pointwise", True, "channels_last", False, kernels="pointwise_conv=triton"),
     # Both opt-in kernel sets: what the fused step is with every Triton kernel this package has.
@@ -98,7 +102,7 @@ VARIANTS = {
 # then in this order; when time runs short the last ones are skipped (fused NCHW first: the fused
 # model is meant to run channels_last).
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl",
-               "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw")
+               "fused_atenbias_graph_cl", "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw")
 # (No fused NCHW sampling row: the train row says what NCHW costs the fused model.)
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_pw_cl", "fused_all_cl",
                 "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw")

@@ -368,6 +368,8 @@ def test_fused_channels_last_model_makes_no_nchw_activation():
     class NchwProbe(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
+            if func.is_view:  # writes nothing (the [B, H, W, C] view around a 1x1 conv's GEMM)
+                return out
             for o in out if isinstance(out, (tuple, list)) else (out,):
                 if (isinstance(o, torch.Tensor) and o.dim() == 4 and o.shape[0] == batch and o.shape[1] > 1
                         and o.shape[2] * o.shape[3] > 1 and o.is_contiguous()
