@@ -189,7 +189,7 @@ def test_a_kernel_setting_that_cannot_run_is_refused_before_the_run_folder(tmp_p
 def test_the_model_line_says_when_fused_ops_fall_back_and_warnings_have_one_prefix(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert cli._ops_note(True, torch.device("cpu")) == (
-        "fused model; 5 of its ops on the PyTorch reference here, see the warnings")
+        "fused model; 6 of its ops on the PyTorch reference here, see the warnings")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert cli._ops_note(True, torch.device("cpu")) == "fused kernels"  # the opt-in ones are chosen, not fallbacks
     assert cli._ops_note(False, torch.device("cpu")) == "PyTorch reference ops"
