@@ -61,8 +61,13 @@ class _ParallelCfC(torch.autograd.Function):
         ctx.param_dtypes = [p.dtype for p in weights], [None if b is None else b.dtype for b in biases]
         weights, biases = zip(*(_conv_params(w, b, dtype, use) for w, b, use in zip(weights, biases, triton)))
         with torch.autocast(n.device.type, enabled=False):
-            dw = _conv(n, weights[_DW], biases[_DW], dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
-            z = _conv(dw, weights[_PW], biases[_PW], dtype, 0, 1, False)
+            # On cuDNN the 7x7's bias moves into the 1x1's (its GEMM epilogue, _backbone_bias):
+            # dw is kept without it. The Triton depthwise kernel adds it in registers.
+            ctx.folded = not ctx.dw_triton and biases[_DW] is not None
+            dw_bias = None if ctx.folded else biases[_DW]
+            z_bias = _backbone_bias(weights[_PW], biases[_PW], biases[_DW]) if ctx.folded else biases[_PW]
+            dw = _conv(n, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
+            z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
             silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
             if ctx.pointwise:
@@ -135,11 +140,14 @@ class _ParallelCfC(torch.autograd.Function):
                 del silu_z
                 for i, d_w, d_b in zip(_HEADS, head_ws, head_bs):
                     d_ws[i], d_bs[i] = d_w, d_b
-                d_dw, d_ws[_PW], d_bs[_PW] = _conv_backward(d_z, dw, weights[_PW], bias_shapes[_PW], dtype, 0, 1,
-                                                            [True, need_ws[_PW], need_bs[_PW]], False)
+                d_dw, d_ws[_PW], d_bs[_PW], folded_d_b = _pointwise_backbone_backward(
+                    d_z, dw, weights[_PW], biases[_DW] if ctx.folded else None, dtype,
+                    need_ws[_PW], need_bs[_PW], ctx.folded and need_bs[_DW])
                 del d_z
-                d_n, d_ws[_DW], d_bs[_DW] = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
-                                                               [need_n, need_ws[_DW], need_bs[_DW]], ctx.dw_triton)
+                d_n, d_ws[_DW], d_b = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
+                                                         [need_n, need_ws[_DW], need_bs[_DW] and not ctx.folded],
+                                                         ctx.dw_triton)
+                d_bs[_DW] = folded_d_b if ctx.folded else d_b
         weight_dtypes, bias_dtypes = ctx.param_dtypes
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
@@ -157,6 +165,33 @@ def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dty
         return d_hidden, d_w, d_b
     d_silu, d_w, d_b = _conv_backward(d_out, silu_hidden, weight, bias_shape, dtype, 0, 1, [True, need_w, need_b], False)
     return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b
+
+
+def _backbone_bias(pw_weight, pw_bias, dw_bias):
+    """The 1x1's bias with the 7x7's folded in: pw(dw + b_dw) + b_pw = pw(dw) + (W_pw b_dw + b_pw),
+    one small launch in the convs' dtype (the parameters as the forward cast them). cuDNN takes
+    no bias: the 7x7's would cost a pass over its output and a reduction for its gradient
+    (kernels.recompute._pointwise_as_gemm)."""
+    if pw_bias is None:
+        return pw_weight.flatten(1) @ dw_bias
+    return torch.addmv(pw_bias, pw_weight.flatten(1), dw_bias)
+
+
+def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b, need_dw_b):
+    """(d_dw, d_weight, d_bias, d_dw_bias) of the backbone's 1x1 conv z = pw(dw) + bias, where
+    ``dw_bias`` (not None) is the 7x7's bias folded into the 1x1's (:func:`_backbone_bias`, dw
+    kept without it): the weight gradient against dw + dw_bias is the one against dw plus
+    outer(sum d_z, dw_bias), and the 7x7's bias gradient, the sum of d_dw = W^T d_z over the
+    pixels, is W^T (sum d_z), with no pass of its own. None where not needed."""
+    need_sum = need_b or (dw_bias is not None and (need_w or need_dw_b))
+    d_dw, d_w, d_b = _conv_backward(d_z, dw, weight, [weight.shape[0]], dtype, 0, 1, [True, need_w, need_sum], False)
+    d_dw_bias = None
+    if dw_bias is not None:
+        if need_w:
+            d_w = torch.addr(d_w.flatten(1), d_b, dw_bias).view_as(d_w)
+        if need_dw_b:
+            d_dw_bias = weight.flatten(1).t() @ d_b
+    return d_dw, d_w, d_b if need_b else None, d_dw_bias
 
 
 def _backbone_backward(d_dw, n, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
