@@ -172,8 +172,8 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
     each branch keeps its own parameters and gradient. The context, one value per channel, is
     folded into the modulation's shift, and so is the merged conv's bias, added to the
     context's: a [C] add, where a conv bias costs a pass over the conv's output on a GPU (cuDNN
-    takes none) and a reduction for its gradient. ``return_input=True`` also returns x, for the block's
-    residual: fused, the gradient it brings joins the mix's own in one pass
+    takes none) and a reduction for its gradient. ``return_input=True`` also returns x, for the
+    block's residual: fused, the gradient it brings joins the mix's own in one pass
     (functional.spatial_mix_input).
     """
 
