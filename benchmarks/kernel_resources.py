@@ -167,6 +167,8 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
     per_channel = torch.empty(B, C, device="meta")[:, :, None, None].expand(size)
     out.append(("gradient sum (spatial-mix input, after cuDNN)", "modulated_silu", "_modulated_silu_bwd_kernel",
                 lambda: ms.sum_gradients([x32, g16, per_channel], torch.float32)))
+    out.append(("channel sum (a cuDNN conv's bias gradient)", "modulated_silu", "_modulated_silu_bwd_kernel",
+                lambda: ms.channel_sum(g16, half)))
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
         x, r = _meta(shape, half), _meta(shape, torch.float32)

@@ -105,7 +105,8 @@ def small_op_checks(channels: int, device: torch.device) -> list[tuple[str, str,
 def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
     """The spatial mix's fp32 input in one pass, as the model runs it under autocast (which the
     op cases do not): on the Triton depthwise kernel, conv, copy and pixel sums
-    (``depthwise.input_stage``); before cuDNN, copy and pixel sums (``cast_with_pixel_sum``).
+    (``depthwise.input_stage``); before cuDNN, copy and pixel sums (``cast_with_pixel_sum``);
+    and its sum per channel (``channel_sum``, the kernel of every cuDNN conv's bias gradient).
     At each shape and layout: the copy exactly x.to, the conv and the sum against fp64
     references: (op, what, ok)."""
     on_gpu = device.type == "cuda"
@@ -121,13 +122,16 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
             xd = (x.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else x).to(device)
             local, copy, pixel_sum = depthwise.input_stage(xd, w.to(device, dtype), b.to(device, dtype), dtype)
             cast, cast_sum = modulated_silu.cast_with_pixel_sum(xd, dtype)
+            bias_grad = modulated_silu.channel_sum(xd, torch.float32)
             cases.sync(device)
             what = f"{list(shape)} {layout} fp32 -> {str(dtype)[6:]}"
             out += [("depthwise_conv", f"input stage {what}",
                      torch.equal(copy.cpu(), want_copy) and cases.rel_err(local.cpu(), want_conv) <= TOL["bf16"]
                      and cases.rel_err(pixel_sum.cpu(), want_sum) <= TOL["fp32"]),
                     ("modulated_silu", f"cast with pixel sums {what}",
-                     torch.equal(cast.cpu(), want_copy) and cases.rel_err(cast_sum.cpu(), want_sum) <= TOL["fp32"])]
+                     torch.equal(cast.cpu(), want_copy) and cases.rel_err(cast_sum.cpu(), want_sum) <= TOL["fp32"]),
+                    ("conv_bias_grad", f"channel sum {what}",
+                     cases.rel_err(bias_grad.cpu(), want_sum.sum(0)) <= TOL["fp32"])]
     return out
 
 
