@@ -63,17 +63,18 @@ def test_matches_reference_awkward_shapes_without_residual(conv_kernels, shape):
     parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-12)
 
 
-@pytest.mark.parametrize("frozen", ["params", "n", "small", "backbone_pw", "all_but_backbone_dw_b", "backbone_dw_b"])
+@pytest.mark.parametrize("frozen", ["params", "n", "small", "backbone_pw", "all_but_backbone_dw_b", "backbone_dw_b",
+                                    "all_but_g_dw_b"])
 def test_partial_gradients(conv_kernels, frozen):
     """Only some inputs require grad (frozen weights, a constant input): the others' gradients
-    are still right, and the frozen ones get none. The backbone's cases cover each need of its
-    folded biases (on cuDNN the 7x7's bias is moved into the 1x1's)."""
+    are still right, and the frozen ones get none. The backbone's and g_dw's cases cover the
+    needs of the biases moved on cuDNN (the 7x7's into the 1x1's, the 3x3s' into their SiLU)."""
     raw = _raw()
     keep = {"params": lambda k: not k.endswith(("_w", "_b")), "n": lambda k: k != "n",
             "small": lambda k: k not in ("a", "b", "rho", "t"),
             "backbone_pw": lambda k: not k.startswith("backbone_pw"),
             "all_but_backbone_dw_b": lambda k: k == "backbone_dw_b",
-            "backbone_dw_b": lambda k: k != "backbone_dw_b"}[frozen]
+            "backbone_dw_b": lambda k: k != "backbone_dw_b", "all_but_g_dw_b": lambda k: k == "g_dw_b"}[frozen]
     ins = {k: v.clone().requires_grad_(keep(k)) for k, v in raw.items()}
     ref_ins = {k: v.clone().requires_grad_(keep(k)) for k, v in raw.items()}
     out, ref = _call(kernels.parallel_cfc)(**ins), _call(functional.parallel_cfc)(**ref_ins)

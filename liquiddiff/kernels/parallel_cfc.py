@@ -32,6 +32,7 @@ from liquiddiff import functional
 from . import _tensors, cfc_heads, depthwise, pointwise_conv, runtime
 # By name: the package attribute ``cfc_relax`` is the op, not this module.
 from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
+from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward
 from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
                         _heads_forward, _paired_heads, _triton_depthwise, _triton_pointwise)
 
@@ -70,6 +71,8 @@ class _ParallelCfC(torch.autograd.Function):
             z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
             silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
+            ctx.hidden_zero = _hidden_zero(n, biases, ctx.pointwise, ctx.head_triton)
+            hidden_biases = _hidden_biases(ctx.hidden_zero, biases)
             if ctx.pointwise:
                 # f, g and h never leave the registers of one kernel (cfc_heads.py): here only the
                 # depthwise heads. f (head 0) is a 1x1 conv, never in the Triton pair.
@@ -80,11 +83,14 @@ class _ParallelCfC(torch.autograd.Function):
                                         [(weights[i], biases[i]) for i in (_F, _G_PW, _H_PW)],
                                         n, a, b, rho, t, residual, dtype)
             else:
-                f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), _pick(biases, _HEADS),
+                head_biases = _pick(biases, _HEADS)
+                if hidden_biases is not None:  # added by the heads' SiLU instead
+                    head_biases = [head_biases[0], None, None]
+                f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), head_biases,
                                                        dtype, ctx.head_triton, ctx.paired)
                 del silu_z  # before the g and h heads' temporaries: the forward's transient peak
-                g, h = (_conv(F.silu(hidden), weights[i], biases[i], dtype, 0, 1, False)
-                        for hidden, i in ((g_hidden, _G_PW), (h_hidden, _H_PW)))
+                g, h = (_conv(_head_silu(hidden, hidden_biases, j, dtype), weights[i], biases[i], dtype, 0, 1, False)
+                        for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
@@ -105,6 +111,7 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws, d_bs = [None] * _CONVS, [None] * _CONVS
         bias_shapes = [None if b is None else list(b.shape) for b in biases]
         dtype = ctx.dtype
+        hidden_biases = _hidden_biases(ctx.hidden_zero, biases)
         # Each full-size temporary is dropped after its last use (the ``del``s): this backward
         # runs while nearly every activation of the forward is still alive, so what it holds at
         # once is the train step's peak memory (``python -m benchmarks.peak_memory``).
@@ -119,27 +126,36 @@ class _ParallelCfC(torch.autograd.Function):
                     grad_out, silu_z, g_hidden, h_hidden, [(weights[i], biases[i]) for i in (_F, _G_PW, _H_PW)],
                     n, *small, dtype, cfc_needs)
             else:
-                silu_g, silu_h = F.silu(g_hidden), F.silu(h_hidden)
+                silu_g, silu_h = (_head_silu(hidden, hidden_biases, j, dtype)
+                                  for j, hidden in enumerate((g_hidden, h_hidden)))
                 f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
                 g = _conv(silu_g, weights[_G_PW], biases[_G_PW], dtype, 0, 1, False)
                 h = _conv(silu_h, weights[_H_PW], biases[_H_PW], dtype, 0, 1, False)
                 d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(grad_out, f, g, h, n, *small, cfc_needs)
                 del f, g, h
             if need_heads:
-                d_g, d_ws[_G_PW], d_bs[_G_PW] = _pointwise_head_backward(
-                    d_g, g_hidden, silu_g, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW])
+                hidden_d_bs = [None, None]  # the g/h depthwise biases' gradients, when their SiLU adds them
+                d_g, d_ws[_G_PW], d_bs[_G_PW], hidden_d_bs[0] = _pointwise_head_backward(
+                    d_g, g_hidden, silu_g, weights[_G_PW], bias_shapes[_G_PW], dtype, need_ws[_G_PW], need_bs[_G_PW],
+                    hidden_biases, 0, need_bs[_G_DW])
                 del silu_g
-                d_h, d_ws[_H_PW], d_bs[_H_PW] = _pointwise_head_backward(
-                    d_h, h_hidden, silu_h, weights[_H_PW], bias_shapes[_H_PW], dtype, need_ws[_H_PW], need_bs[_H_PW])
+                d_h, d_ws[_H_PW], d_bs[_H_PW], hidden_d_bs[1] = _pointwise_head_backward(
+                    d_h, h_hidden, silu_h, weights[_H_PW], bias_shapes[_H_PW], dtype, need_ws[_H_PW], need_bs[_H_PW],
+                    hidden_biases, 1, need_bs[_H_DW])
                 del silu_h
+                head_need_bs = _pick(need_bs, _HEADS)
+                if hidden_biases is not None:
+                    head_need_bs[1:] = [False, False]
                 head_grads = [d_f, d_g, d_h]
                 del d_f, d_g, d_h  # the list alone holds them: _heads_backward drops each when used
                 d_z, head_ws, head_bs = _heads_backward(
                     head_grads, z, silu_z, _pick(weights, _HEADS), _pick(bias_shapes, _HEADS), dtype,
-                    ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), _pick(need_bs, _HEADS))
+                    ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), head_need_bs)
                 del silu_z
                 for i, d_w, d_b in zip(_HEADS, head_ws, head_bs):
                     d_ws[i], d_bs[i] = d_w, d_b
+                if hidden_biases is not None:
+                    d_bs[_G_DW], d_bs[_H_DW] = hidden_d_bs
                 d_dw, d_ws[_PW], d_bs[_PW], folded_d_b = _pointwise_backbone_backward(
                     d_z, dw, weights[_PW], biases[_DW] if ctx.folded else None, dtype,
                     need_ws[_PW], need_bs[_PW], ctx.folded and need_bs[_DW])
@@ -155,16 +171,52 @@ class _ParallelCfC(torch.autograd.Function):
         return (d_n, d_residual, *d_small, *d_ws, *d_bs)
 
 
-def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b):
-    """(d_hidden, d_weight, d_bias) of the g or h head's ``conv1x1(silu(hidden))``: cuDNN, then
-    SiLU's backward; or, without ``silu_hidden``, the Triton pointwise kernels (SiLU and its
+def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
+                             hidden_biases, head: int, need_hidden_b: bool):
+    """(d_hidden, d_weight, d_bias, d_hidden_bias) of the g or h head's ``conv1x1(silu(hidden +
+    hidden_bias))``: cuDNN, then SiLU's backward (the Triton modulated SiLU's where it added the
+    depthwise conv's bias, :func:`_hidden_biases`, whose pixel sums give that bias's gradient:
+    no pass of its own); or, without ``silu_hidden``, the Triton pointwise kernels (SiLU and its
     backward in registers)."""
     if silu_hidden is None:
         d_hidden, d_w, d_b, _, _ = pointwise_conv.backward(d_out, hidden, weight, None, None, dtype,
                                                            (True, need_w, need_b, False, False))
-        return d_hidden, d_w, d_b
+        return d_hidden, d_w, d_b, None
     d_silu, d_w, d_b = _conv_backward(d_out, silu_hidden, weight, bias_shape, dtype, 0, 1, [True, need_w, need_b], False)
-    return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b
+    if hidden_biases is None:
+        return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b, None
+    zero, biases = hidden_biases
+    d_hidden, _, d_shift = modulated_silu_backward(d_silu, hidden, zero.expand(hidden.shape[:2]),
+                                                   biases[head].expand(hidden.shape[:2]), (True, False, need_hidden_b))
+    if d_shift is None:
+        return d_hidden, d_w, d_b, None
+    return d_hidden, d_w, d_b, d_shift.sum(0, dtype=torch.promote_types(d_shift.dtype, torch.float32))
+
+
+def _hidden_zero(n, biases, pointwise: bool, head_triton) -> torch.Tensor | None:
+    """A zero (the modulation's scale) when the g and h heads' SiLUs add their depthwise convs'
+    biases (the Triton modulated SiLU with scale 0 and shift = bias, :func:`_head_silu`): on
+    cuDNN, whose bias would cost a pass over each hidden tensor and a reduction for its
+    gradient. None where the depthwise or pointwise Triton kernels run the heads (they handle
+    the bias themselves), or that SiLU has no Triton backend here."""
+    if (pointwise or any(head_triton[1:]) or biases[_G_DW] is None or biases[_H_DW] is None
+            or not runtime.use_triton("modulated_silu", n.device.type)):
+        return None
+    return biases[_G_DW].new_zeros(())
+
+
+def _hidden_biases(zero, biases) -> tuple | None:
+    """(the zero, (g_dw's bias, h_dw's bias)) where the heads' SiLUs add those biases, else None."""
+    return None if zero is None else (zero, (biases[_G_DW], biases[_H_DW]))
+
+
+def _head_silu(hidden, hidden_biases, head: int, dtype):
+    """silu(hidden), or silu(hidden + bias) by one Triton pass where the bias was left out of the
+    head's depthwise conv (:func:`_hidden_biases`)."""
+    if hidden_biases is None:
+        return F.silu(hidden)
+    zero, biases = hidden_biases
+    return modulated_silu_forward(hidden, zero.expand(hidden.shape[:2]), biases[head].expand(hidden.shape[:2]), dtype)
 
 
 def _backbone_bias(pw_weight, pw_bias, dw_bias):
