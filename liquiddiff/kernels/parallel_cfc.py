@@ -19,6 +19,11 @@ about 0.7 GB less traffic per train step (``python -m benchmarks.traffic``).
 When the caller keeps a recipe for n (``recompute_saved``: the block remakes it from its AdaLN),
 backward remakes n once; before, both of n's consumers unpacked (and so remade) it.
 
+Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
+grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
+their SiLU (the Triton modulated SiLU with shift = bias), whose backward's pixel sums give their
+gradients; the 1x1s' are in their GEMMs' epilogue (``recompute._pointwise_as_gemm``).
+
 Layout: any; outputs keep n's memory format. Without the Triton CfC kernel (``cfc_relax`` on its
 torch backend) the reference runs instead, as for the other fused ops.
 """
