@@ -190,9 +190,8 @@ def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dty
     d_silu, d_w, d_b = _conv_backward(d_out, silu_hidden, weight, bias_shape, dtype, 0, 1, [True, need_w, need_b], False)
     if hidden_biases is None:
         return torch.ops.aten.silu_backward(d_silu, hidden), d_w, d_b, None
-    zero, biases = hidden_biases
-    d_hidden, _, d_shift = modulated_silu_backward(d_silu, hidden, zero.expand(hidden.shape[:2]),
-                                                   biases[head].expand(hidden.shape[:2]), (True, False, need_hidden_b))
+    d_hidden, _, d_shift = modulated_silu_backward(d_silu, hidden, *_bias_modulation(hidden, hidden_biases, head),
+                                                   (True, False, need_hidden_b))
     if d_shift is None:
         return d_hidden, d_w, d_b, None
     return d_hidden, d_w, d_b, d_shift.sum(0, dtype=torch.promote_types(d_shift.dtype, torch.float32))
@@ -215,13 +214,19 @@ def _hidden_biases(zero, biases) -> tuple | None:
     return None if zero is None else (zero, (biases[_G_DW], biases[_H_DW]))
 
 
+def _bias_modulation(hidden, hidden_biases, head: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) [B, C] of the modulated SiLU that adds ``head``'s bias: 0 and the bias,
+    expanded over the batch (views, nothing written)."""
+    zero, biases = hidden_biases
+    return zero.expand(hidden.shape[:2]), biases[head].expand(hidden.shape[:2])
+
+
 def _head_silu(hidden, hidden_biases, head: int, dtype):
     """silu(hidden), or silu(hidden + bias) by one Triton pass where the bias was left out of the
     head's depthwise conv (:func:`_hidden_biases`)."""
     if hidden_biases is None:
         return F.silu(hidden)
-    zero, biases = hidden_biases
-    return modulated_silu_forward(hidden, zero.expand(hidden.shape[:2]), biases[head].expand(hidden.shape[:2]), dtype)
+    return modulated_silu_forward(hidden, *_bias_modulation(hidden, hidden_biases, head), dtype)
 
 
 def _backbone_bias(pw_weight, pw_bias, dw_bias):
