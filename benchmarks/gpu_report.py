@@ -274,7 +274,8 @@ def _measure_train(trainer, images, cfg, device) -> dict:
 
 
 def _measure_sample(trainer, cfg, device, variant) -> dict:
-    """Images per second of whole sample() calls (a CUDA graph's capture included)."""
+    """Images per second of whole sample() calls (with ``cuda_graph``, replays of the graph the
+    warm-up call captured and the trainer kept: its capture is in the compile column)."""
     base = _memory_start(device)
     times, images = [], None
     for _ in range(max(1, cfg.sample_runs)):

@@ -252,7 +252,7 @@ def _add_sample(sub) -> None:
     speed = p.add_mutually_exclusive_group()
     speed.add_argument("--cuda-graph", action="store_true",
                        help="capture the model call as a CUDA graph and replay it every step (CUDA only): "
-                            "no per-kernel launch overhead, for three model calls of capture per batch")
+                            "no per-kernel launch overhead, for three model calls of capture (once for batches of one size)")
     speed.add_argument("--compile", action="store_true",
                        help="torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
                             "run faster")

@@ -73,3 +73,24 @@ def cuda_graphed(velocity: Velocity, z: torch.Tensor, warmup: int = 2) -> Veloci
         return static_v.clone()
 
     return replay
+
+
+class KeptGraph:
+    """A CUDA-graphed velocity (:func:`cuda_graphed`) kept between sampler runs: captured at the
+    first call for a ``key`` and replayed by every later call with an equal key, so that a batch
+    after the first costs its replays only (the capture is three model calls). A new key drops
+    the old graph and its memory (about a forward's activations) before capturing its own;
+    :meth:`clear` drops it."""
+
+    def __init__(self):
+        self._entry = None  # (key, replaying velocity)
+
+    def __call__(self, key, velocity: Velocity, z: torch.Tensor) -> Velocity:
+        if self._entry is None or self._entry[0] != key:
+            self._entry = None
+            self._entry = key, cuda_graphed(velocity, z)
+        return self._entry[1]
+
+    def clear(self) -> None:
+        self._entry = None
+

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch.nn.functional as F
 
 from . import checkpoint
 from .model import LiquidDiffusion, LiquidDiffusionConfig
-from .sampling import cuda_graphed, integrate
+from .kernels import runtime
+from .sampling import KeptGraph, integrate
 
 TIME_SAMPLINGS = ("uniform", "logit_normal")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +108,14 @@ def graphed_model_call(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
     freed after capture). The model's forward and backward must not synchronise with the host
     (the fused model's do not). Not yet run on a GPU in this project's CI."""
     return torch.cuda.make_graphed_callables(_ModelCall(model), (x.detach().clone(), t.detach().clone()))
+
+
+def _sampling_graph_key(model: nn.Module, z: torch.Tensor) -> tuple:
+    """What a captured sampling graph depends on: the model, its path and kernels, the input's
+    shape, layout and device, and where its parameters live (``.to()`` or loading with
+    ``assign=True`` moves them; values updated in place, as the EMA's, are read by the replays)."""
+    return (id(model), model.fused, os.environ.get(runtime.ENV_VAR), tuple(z.shape), z.stride(), z.dtype,
+            z.device, tuple(p.data_ptr() for p in model.parameters()))
 
 
 class RectifiedFlowTrainer:
@@ -206,6 +216,7 @@ class RectifiedFlowTrainer:
         # captured at the first step; (input shape, graphed call) once captured.
         self.cuda_graph = cuda_graph
         self._graphed = None
+        self._sampling_graph = KeptGraph()  # sample(cuda_graph=True)'s, kept for the next call like it
 
     @property
     def forward_model(self) -> nn.Module:
@@ -352,7 +363,9 @@ class RectifiedFlowTrainer:
         ``noise`` ([batch_size, C, H, W], on any device: to interpolate between seeds, or to make
         each image's noise its own). ``cuda_graph=True`` (CUDA only) captures the model call once
         and replays it for every step (:func:`liquiddiff.sampling.cuda_graphed`): the host's
-        launch overhead goes, for the price of three model calls of capture per batch."""
+        launch overhead goes, for the price of three model calls of capture. The graph is kept
+        for later calls with the same model, batch shape and kernels (its memory too, about a
+        forward's activations, until :meth:`release_cuda_graphs`)."""
         if int(batch_size) < 1:
             raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
         hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -383,10 +396,18 @@ class RectifiedFlowTrainer:
                 return model(z_t, t).float()
 
         try:
-            out = integrate(cuda_graphed(velocity, z) if cuda_graph else velocity, z, num_steps, sampler, progress)
+            if cuda_graph:
+                velocity = self._sampling_graph(_sampling_graph_key(model, z), velocity, z)
+            out = integrate(velocity, z, num_steps, sampler, progress)
         finally:
             model.train(was_training)
         return out.clamp(-1, 1)
+
+    def release_cuda_graphs(self) -> None:
+        """Drops the CUDA graphs captured for train steps and sampling, and the memory they hold;
+        the next call with ``cuda_graph`` captures again."""
+        self._graphed = None
+        self._sampling_graph.clear()
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

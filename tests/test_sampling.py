@@ -1,5 +1,6 @@
 """The ODE samplers as integrators: where they step, and how fast their error falls."""
 import math
+import weakref
 
 import pytest
 import torch
@@ -52,3 +53,30 @@ def test_heun_corrects_at_the_steps_end_but_the_last_step_stays_euler(sampler, t
     assert asked == pytest.approx([i / 3 for i in times])
     assert len(steps) == 3
     torch.testing.assert_close(out, torch.full((2, 1), -1.0, dtype=torch.float64))
+
+
+def test_a_kept_graph_is_captured_once_per_key(monkeypatch):
+    """KeptGraph captures at the first call for a key, replays the same capture for an equal key,
+    and drops the old capture before taking a new one for another key (or on clear)."""
+    from liquiddiff import sampling
+
+    captures, alive = [], []
+
+    def capture(velocity, z):
+        assert not alive, "the old graph must be dropped before the next capture"
+        captures.append(z.shape)
+        alive.append(True)
+        replay = lambda z_t, t: velocity(z_t, t)  # noqa: E731
+        weakref.finalize(replay, alive.pop)
+        return replay
+
+    monkeypatch.setattr(sampling, "cuda_graphed", capture)
+    kept, velocity, z = sampling.KeptGraph(), (lambda z_t, t: z_t * 2), torch.randn(2, 3)
+    first = kept("a", velocity, z)
+    assert kept("a", velocity, z) is first and len(captures) == 1
+    del first
+    assert torch.equal(kept("b", velocity, z)(z, None), z * 2) and len(captures) == 2
+    kept.clear()
+    assert not alive
+    kept("b", velocity, z)
+    assert len(captures) == 3

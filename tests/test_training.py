@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from liquiddiff import checkpoint, liquid_diffusion_micro, liquid_diffusion_tiny
+from liquiddiff.kernels import runtime
 from liquiddiff.training import EMA, RectifiedFlowTrainer, rectified_flow_pair, sample_times
 
 
@@ -100,6 +101,55 @@ def test_cuda_graph_sampling_matches_eager(fused, sampler):
     runs = [trainer.sample(3, 16, num_steps=4, sampler=sampler, generator=torch.Generator("cuda").manual_seed(5),
                            cuda_graph=graph) for graph in (False, True)]
     torch.testing.assert_close(runs[1], runs[0], atol=2e-3, rtol=0)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampling_keeps_its_graph(monkeypatch):
+    """A second sample() call like the first replays the graph the first captured (the same
+    images for the same noise), another batch size captures its own, and after
+    release_cuda_graphs the next call captures again."""
+    from liquiddiff import sampling
+
+    captures = []
+    real = sampling.cuda_graphed
+    monkeypatch.setattr(sampling, "cuda_graphed", lambda velocity, z: captures.append(z.shape) or real(velocity, z))
+    torch.manual_seed(0)
+    trainer = RectifiedFlowTrainer(liquid_diffusion_micro(channels=(16, 32), fused=True), device="cuda",
+                                   channels_last=True)
+    noise = torch.randn(3, 3, 16, 16)
+    runs = [trainer.sample(3, 16, num_steps=3, noise=noise, cuda_graph=True) for _ in range(2)]
+    assert len(captures) == 1
+    torch.testing.assert_close(runs[1], runs[0], atol=0, rtol=0)
+    trainer.sample(2, 16, num_steps=3, cuda_graph=True)
+    trainer.release_cuda_graphs()
+    trainer.sample(2, 16, num_steps=3, cuda_graph=True)
+    assert len(captures) == 3
+
+
+def test_a_sampling_graph_is_kept_for_the_same_model_path_shape_and_parameters(monkeypatch):
+    """The kept sampling graph's key changes with what a replay would get wrong: another model,
+    path (fused or not), kernel setting, batch shape or layout, or parameters moved to new
+    memory (loaded with assign=True); values updated in place (the EMA's) keep it."""
+    from liquiddiff import training
+
+    trainer = _trainer()
+    model, z = trainer.ema.model, torch.randn(2, 3, 16, 16)
+    key = training._sampling_graph_key(model, z)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    assert training._sampling_graph_key(model, z) == key
+    changed = [training._sampling_graph_key(trainer.model, z),
+               training._sampling_graph_key(model, torch.randn(3, 3, 16, 16)),
+               training._sampling_graph_key(model, z.contiguous(memory_format=torch.channels_last))]
+    with monkeypatch.context() as env:
+        env.setenv(runtime.ENV_VAR, "torch" if os.environ.get(runtime.ENV_VAR) != "torch" else "auto")
+        changed.append(training._sampling_graph_key(model, z))
+    model.set_fused(not model.fused)
+    changed.append(training._sampling_graph_key(model, z))
+    model.set_fused(not model.fused)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    changed.append(training._sampling_graph_key(model, z))
+    assert all(k != key for k in changed)
 
 
 def test_cuda_graph_training_needs_one_cuda_process():
