@@ -279,12 +279,14 @@ class RectifiedFlowTrainer:
             v = self._model_call(x_t, t)
         return F.mse_loss(v.float(), target.float())
 
-    def _zero_grads(self) -> None:
-        """Gradients to None; with CUDA graphs, zeroed in place instead. A graphed backward hands
-        autograd its static gradient buffers, which become the .grad of a parameter that has none:
-        the next replay (the step's next micro-batch) would overwrite that gradient instead of
-        adding to it. Gradients the trainer owns are added into."""
-        if not self.cuda_graph:
+    def _zero_grads(self, batch: int) -> None:
+        """Gradients to None; with CUDA graphs and several micro-batches a step, zeroed in place
+        instead. A graphed backward hands autograd its static gradient buffers, which become the
+        .grad of a parameter that has none, without a copy: with one micro-batch that is what
+        the step wants (no add per parameter, hundreds of small launches), but the step's next
+        micro-batch would overwrite that gradient instead of adding to it. Gradients the
+        trainer owns are added into."""
+        if not self.cuda_graph or (self.micro_batch_size or batch) >= batch:
             self.optimizer.zero_grad(set_to_none=True)
             return
         for p in self.model.parameters():
@@ -332,7 +334,7 @@ class RectifiedFlowTrainer:
         lr = self.current_lr()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        self._zero_grads()
+        self._zero_grads(images.shape[0])
         loss = self._backward(images)
         self.scaler.unscale_(self.optimizer)  # clipping and the reported norm see true gradients
         max_norm = self.grad_clip if self.grad_clip is not None else float("inf")

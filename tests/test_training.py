@@ -688,7 +688,11 @@ def _graph_like_call(model, x, t):
                 buffer.copy_(g)
             return (None, None, *(buffer.detach() for buffer in buffers))
 
-    return lambda x, t: Replay.apply(x, t, *params)
+    def call(x, t):
+        return Replay.apply(x, t, *params)
+
+    call.buffers = buffers
+    return call
 
 
 def test_graphed_micro_batches_add_up_instead_of_overwriting(monkeypatch):
@@ -712,6 +716,30 @@ def test_graphed_micro_batches_add_up_instead_of_overwriting(monkeypatch):
         got = grads(graphed)
         graphed.model.load_state_dict(_trainer().model.state_dict())
     assert (got - whole).norm() <= 1e-5 * whole.norm()
+
+
+def test_a_graphed_step_of_one_micro_batch_keeps_the_replays_gradients(monkeypatch):
+    """With one micro-batch a step, the graphed backward's static gradient buffers become the
+    parameters' .grad as they are (no add or copy per parameter), and every step's gradients
+    are its own batch's, as eager's: the next step's replay refills the same buffers."""
+    from liquiddiff import training
+
+    made = []
+    monkeypatch.setattr(training, "graphed_model_call", lambda *a: made.append(_graph_like_call(*a)) or made[-1])
+
+    def grads(trainer, seed):
+        torch.manual_seed(seed)
+        trainer.train_step(_images(seed=seed))
+        return torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+
+    eager, graphed = _trainer(), _trainer()
+    graphed.cuda_graph = True  # the CPU has no graphs: the stand-in replays
+    for seed in (5, 6):
+        want, got = grads(eager, seed), grads(graphed, seed)
+        assert (got - want).norm() <= 1e-5 * want.norm()
+    assert len(made) == 1
+    for p, buffer in zip(graphed.model.parameters(), made[0].buffers):
+        assert p.grad.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
 
 
 def test_loss_is_the_seeds_mse_on_the_straight_line():
