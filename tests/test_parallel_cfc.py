@@ -156,6 +156,33 @@ def test_torch_compile_fullgraph(conv_kernels):
     parity.check_op(compiled, _call(functional.parallel_cfc), raw, 1e-5)
 
 
+def test_torch_compile_traces_the_backward_in_its_layout():
+    """Dynamo refuses a layout query on a tensor made inside an autograd.Function's backward; it
+    then retraces that backward with every incoming gradient made .contiguous() (an NCHW copy of
+    a channels_last one) and, in a model under autocast, left the backward's autocast(enabled=
+    False) on for the rest of the trace (H100: torch.compile(fused) 170 -> 292 ms a step). The
+    compiled backward of the cuDNN path copies nothing."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    raw = _raw(torch.float32, torch.channels_last, (1, 4, 3, 5))
+    leaves = {k: v.requires_grad_() for k, v in raw.items() if v is not None}
+    out = torch.compile(_call(kernels.parallel_cfc), backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
+        **leaves)
+    out.backward(torch.randn_like(out))
+    forward, backward = graphs
+    copies = [n.name for n in backward.graph.nodes if n.target in (torch.ops.aten.clone.default,
+                                                                   torch.ops.aten.contiguous.default)]
+    assert not copies, copies
+
+
 def test_runs_the_reference_without_the_triton_cfc_kernel():
     raw = _raw()
     with cases.kernels_setting("cfc_relax=torch"):
