@@ -84,3 +84,26 @@ def under_autocast(fn, device: str):
         with torch.autocast(device, dtype=torch.bfloat16):
             return fn(**ins)
     return run
+
+
+def compiled_backward_copies(fn, *args, **kwargs) -> list[str]:
+    """``torch.compile(fn)`` run forward and backward (a random upstream gradient), its graphs
+    recorded by an aot_autograd backend: the names of the backward graph's clone and contiguous
+    nodes. Dynamo inserts them when it meets a layout query on a tensor made inside an
+    autograd.Function's backward: it retraces that backward on .contiguous() copies of the
+    incoming gradients (NCHW copies of channels_last ones)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def record(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=aot_autograd(fw_compiler=record, bw_compiler=record))(*args, **kwargs)
+    out.backward(torch.randn_like(out))
+    assert len(graphs) == 2, f"expected one forward and one backward graph, got {len(graphs)}"
+    copy_ops = (torch.ops.aten.clone.default, torch.ops.aten.contiguous.default)
+    return [n.name for n in graphs[1].graph.nodes if n.target in copy_ops]

@@ -162,24 +162,9 @@ def test_torch_compile_traces_the_backward_in_its_layout():
     a channels_last one) and, in a model under autocast, left the backward's autocast(enabled=
     False) on for the rest of the trace (H100: torch.compile(fused) 170 -> 292 ms a step). The
     compiled backward of the cuDNN path copies nothing."""
-    from functorch.compile import make_boxed_func
-    from torch._dynamo.backends.common import aot_autograd
-
-    graphs = []
-
-    def record(gm, _):
-        graphs.append(gm)
-        return make_boxed_func(gm.forward)
-
-    torch._dynamo.reset()
     raw = _raw(torch.float32, torch.channels_last, (1, 4, 3, 5))
     leaves = {k: v.requires_grad_() for k, v in raw.items() if v is not None}
-    out = torch.compile(_call(kernels.parallel_cfc), backend=aot_autograd(fw_compiler=record, bw_compiler=record))(
-        **leaves)
-    out.backward(torch.randn_like(out))
-    forward, backward = graphs
-    copies = [n.name for n in backward.graph.nodes if n.target in (torch.ops.aten.clone.default,
-                                                                   torch.ops.aten.contiguous.default)]
+    copies = parity.compiled_backward_copies(_call(kernels.parallel_cfc), **leaves)
     assert not copies, copies
 
 
