@@ -620,10 +620,11 @@ def memory_format(layout: str):
 
 
 def build_trainer(cfg: E2EConfig, *, fused: bool, layout: str, device=None, seed: int = 0,
-                  cuda_graph: bool = False, compile: bool = False) -> RectifiedFlowTrainer:
+                  cuda_graph: bool = False, compile: bool | dict = False) -> RectifiedFlowTrainer:
     """A RectifiedFlowTrainer (AdamW, EMA, bf16 autocast on CUDA) over the preset, in ``layout``;
     ``cuda_graph``: its train steps replay the model call from CUDA graphs; ``compile``: the
-    model runs through torch.compile (the trainer's option, as a user turns it on).
+    model runs through torch.compile (the trainer's option, as a user turns it on: True, or a
+    dict of torch.compile's options).
 
     The model is put in its memory format before the trainer is made, so the EMA copy and the
     optimizer see the same layout.

@@ -70,6 +70,12 @@ class Variant:
     kernels: str = ""  # per-op LIQUIDDIFF_KERNELS settings for its worker
     cuda_graph: bool = False  # the model call captured once, replayed each train or sampling step
     checkpointing: bool = False  # LiquidDiffusion.set_gradient_checkpointing (train rows only)
+    compile_mode: str = ""  # torch.compile's mode for a compiled variant ("": its default)
+
+    @property
+    def compile_option(self):
+        """The trainer's ``compile`` argument: False, True, or torch.compile's options."""
+        return {"mode": self.compile_mode} if self.compiled and self.compile_mode else self.compiled
 
 
 # The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
@@ -97,15 +103,25 @@ VARIANTS = {
                             kernels=f"{TRITON_DW},pointwise_conv=triton"),
     # What the memory lever costs in time, and the peak it reaches.
     "fused_ckpt_cl": Variant("fused + gradient checkpointing", True, "channels_last", False, checkpointing=True),
+    # torch.compile with inductor's CUDA graphs (OPT_IN_VARIANTS): the compiled reference without
+    # its host-bound launches, and the fused model's custom ops inside inductor's graphs.
+    "ref_compile_ro_cl": Variant("torch.compile(reference, reduce-overhead)", False, "channels_last", True,
+                                 compile_mode="reduce-overhead"),
+    "fused_compile_ro_cl": Variant("torch.compile(fused, reduce-overhead)", True, "channels_last", True,
+                                   compile_mode="reduce-overhead"),
 }
+# Run only where --variants names them: each compiles for minutes, more than a default report's
+# budget holds beside the rest.
+OPT_IN_VARIANTS = ("ref_compile_ro_cl", "fused_compile_ro_cl")
 # Shown in this order. Timed with the rows the issues' targets need first (targets.MEASURED_TASKS),
 # then in this order; when time runs short the last ones are skipped (fused NCHW first: the fused
 # model is meant to run channels_last).
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl",
-               "fused_atenbias_graph_cl", "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw")
+               "fused_atenbias_graph_cl", "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw",
+               *OPT_IN_VARIANTS)
 # (No fused NCHW sampling row: the train row says what NCHW costs the fused model.)
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_pw_cl", "fused_all_cl",
-                "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw")
+                "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw", *OPT_IN_VARIANTS)
 # Seconds one timed task takes once its worker is ready (compilation excluded): eager train 2 +
 # 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
 # do_bench calls; a profiled train or sampling task (step_profile) 3 steps more and the trace's
@@ -151,7 +167,8 @@ def _worker_main(args) -> int:
         torch.set_num_threads(1)  # several workers share the cores; spinning OpenMP threads would stall
     try:
         trainer = cases.build_trainer(cfg, fused=variant.fused, layout=variant.layout, device=device,
-                                      cuda_graph=variant.cuda_graph and task == "train", compile=variant.compiled)
+                                      cuda_graph=variant.cuda_graph and task == "train",
+                                      compile=variant.compile_option)
         trainer.model.set_gradient_checkpointing(variant.checkpointing)
         images = cases.make_images(cfg, variant.layout, device)
         compile_s = None
@@ -421,6 +438,16 @@ def _estimate(quick: bool, task: str, name: str, profiled=()) -> float:
 def _timing_s(quick: bool, tasks, profiled=()) -> float:
     """Seconds ``tasks`` ((task, variant) pairs) take to time once their workers are ready."""
     return sum(_estimate(quick, task, name, profiled) for task, name in tasks)
+
+
+def model_tasks(compile: bool, variants, cuda: bool) -> list[tuple[str, str]]:
+    """The (task, variant) pairs a report times, in display order: ``variants`` alone where given,
+    else all but OPT_IN_VARIANTS; compiled ones only with ``compile``, CUDA-graph ones only on a
+    GPU."""
+    tasks = [("train", n) for n in TRAIN_ORDER] + [("sample", n) for n in SAMPLE_ORDER]
+    return [(t, n) for t, n in tasks
+            if (n in variants if variants else n not in OPT_IN_VARIANTS)
+            and (compile or not VARIANTS[n].compiled) and (cuda or not VARIANTS[n].cuda_graph)]
 
 
 def _worker_env(quick: bool, variant: Variant, device, slots_dir: Path) -> dict:
@@ -907,16 +934,8 @@ def run_report(args, argv) -> int:
             cases.set_compile_limits()
             _share_compile_threads()
         # 1. Start every model worker: their builds and compiles overlap the op checks below.
-        tasks = []
+        tasks = model_tasks(args.compile, args.variants, device.type == "cuda") if args.e2e else []
         if args.e2e:
-            for name in TRAIN_ORDER:
-                tasks.append(("train", name))
-            for name in SAMPLE_ORDER:
-                tasks.append(("sample", name))
-            tasks = [(t, n) for t, n in tasks if args.compile or not VARIANTS[n].compiled]
-            tasks = [(t, n) for t, n in tasks if device.type == "cuda" or not VARIANTS[n].cuda_graph]
-            if args.variants:
-                tasks = [(t, n) for t, n in tasks if n in args.variants]
             if not args.compile:
                 notes.append("model torch.compile variants not run (--no-compile)")
             for task, name in tasks:
@@ -1114,7 +1133,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-e2e", dest="e2e", action="store_false", default=True, help="skip the model benchmarks")
     p.add_argument("--no-ops", dest="ops", action="store_false", default=True, help="skip the op benchmarks")
     p.add_argument("--variants", type=lambda v: [x for x in v.split(",") if x], default=None,
-                   help=f"only these model variants (comma-separated: {', '.join(VARIANTS)})")
+                   help=f"only these model variants (comma-separated: {', '.join(VARIANTS)}; "
+                        f"{', '.join(OPT_IN_VARIANTS)} run only when named here)")
     p.add_argument("--profile-variants", dest="profile_variants", type=lambda v: [x for x in v.split(",") if x],
                    default=list(step_profile.PROFILED),
                    help=f"profile these variants' train and sampling steps (default: {','.join(step_profile.PROFILED)})")

@@ -386,3 +386,18 @@ def test_report_json_is_strict_json_with_non_finite_numbers_as_text():
 
     assert json.loads(text, parse_constant=refuse) == {"ops": [{"parity_err": "nan", "ms": [1.5, "inf"]}],
                                                        "e2e": {"loss": "-inf"}, "n": 3}
+
+
+def test_opt_in_variants_run_only_when_named():
+    """The reduce-overhead compiles (OPT_IN_VARIANTS) stay out of a default report and run when
+    --variants names them; compiled rows need --compile, CUDA-graph rows a GPU."""
+    default = gpu_report.model_tasks(True, None, True)
+    assert default and not {n for _, n in default} & set(gpu_report.OPT_IN_VARIANTS)
+    named = gpu_report.model_tasks(True, ["fused_compile_ro_cl", "fused_cl"], True)
+    assert named == [("train", "fused_cl"), ("train", "fused_compile_ro_cl"),
+                     ("sample", "fused_cl"), ("sample", "fused_compile_ro_cl")]
+    assert gpu_report.model_tasks(False, ["fused_compile_ro_cl"], True) == []
+    assert not any(gpu_report.VARIANTS[n].cuda_graph for _, n in gpu_report.model_tasks(True, None, False))
+    assert gpu_report.VARIANTS["fused_compile_ro_cl"].compile_option == {"mode": "reduce-overhead"}
+    assert gpu_report.VARIANTS["fused_compile_cl"].compile_option is True
+    assert gpu_report.VARIANTS["fused_cl"].compile_option is False
