@@ -205,7 +205,8 @@ def _worker_main(args) -> int:
                     result["profile"]["timed_ms"] = result["train_ms"]
                 else:  # one Euler step a call: the model's forward without grad, and the update
                     result["profile"] = step_profile.profile_steps(
-                        lambda: trainer.sample(cfg.batch, cfg.image, num_steps=1, use_ema=False), device)
+                        lambda: trainer.sample(cfg.batch, cfg.image, num_steps=1, use_ema=False,
+                                               cuda_graph=variant.cuda_graph), device)
                     result["profile"]["timed_ms"] = 1e3 * result["sample_s"] / cfg.sample_steps
             except Exception as exc:  # noqa: BLE001 - the timing stands without it
                 result["profile_error"] = f"{type(exc).__name__}: {exc}"[:300]
