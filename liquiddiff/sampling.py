@@ -93,4 +93,3 @@ class KeptGraph:
 
     def clear(self) -> None:
         self._entry = None
-
