@@ -78,8 +78,6 @@ class Variant:
         return {"mode": self.compile_mode} if self.compiled and self.compile_mode else self.compiled
 
 
-# The fused model with the opt-in Triton depthwise convs: its row says whether they pay off in
-# the step (runtime.OPT_IN), beside the op rows dwconv7 / dwconv3 / cfc_heads.
 TRITON_DW = "depthwise_conv=triton"
 
 VARIANTS = {
@@ -89,18 +87,23 @@ VARIANTS = {
     "fused_nchw": Variant("fused", True, "nchw", False),
     "fused_cl": Variant("fused", True, "channels_last", False),
     "fused_compile_cl": Variant("torch.compile(fused)", True, "channels_last", True),
-    "fused_dw_cl": Variant("fused + Triton depthwise", True, "channels_last", False, kernels=TRITON_DW),
     # Whether the eager fused step's launches bound it by the host: the same step replayed.
     "fused_graph_cl": Variant("fused + CUDA graph", True, "channels_last", False, cuda_graph=True),
     # The same with aten's reductions for the cuDNN convs' bias gradients (conv_bias_grad=torch),
     # replayed so that the GPU time shows: what the Triton channel_sum saves, in the same run.
     "fused_atenbias_graph_cl": Variant("fused + CUDA graph, aten bias gradients", True, "channels_last", False,
                                        kernels="conv_bias_grad=torch", cuda_graph=True),
+    # The opt-in Triton depthwise convs (runtime.OPT_IN), beside the op rows dwconv7 / dwconv3 /
+    # cfc_heads. The opt-in rows are replayed: eager, the fused step is bound by the host's
+    # launches, which hides what a kernel set does to the GPU time that decides the opt-in.
+    "fused_dw_graph_cl": Variant("fused + CUDA graph + Triton depthwise", True, "channels_last", False,
+                                 kernels=TRITON_DW, cuda_graph=True),
     # The opt-in Triton SiLU -> 1x1 conv kernels (runtime.OPT_IN), beside the op row silu_conv1x1.
-    "fused_pw_cl": Variant("fused + Triton pointwise", True, "channels_last", False, kernels="pointwise_conv=triton"),
+    "fused_pw_graph_cl": Variant("fused + CUDA graph + Triton pointwise", True, "channels_last", False,
+                                 kernels="pointwise_conv=triton", cuda_graph=True),
     # Both opt-in kernel sets: what the fused step is with every Triton kernel this package has.
-    "fused_all_cl": Variant("fused + Triton depthwise + pointwise", True, "channels_last", False,
-                            kernels=f"{TRITON_DW},pointwise_conv=triton"),
+    "fused_all_graph_cl": Variant("fused + CUDA graph + Triton depthwise + pointwise", True, "channels_last", False,
+                                  kernels=f"{TRITON_DW},pointwise_conv=triton", cuda_graph=True),
     # What the memory lever costs in time, and the peak it reaches.
     "fused_ckpt_cl": Variant("fused + gradient checkpointing", True, "channels_last", False, checkpointing=True),
     # torch.compile with inductor's CUDA graphs (OPT_IN_VARIANTS): the compiled reference without
@@ -117,11 +120,12 @@ OPT_IN_VARIANTS = ("ref_compile_ro_cl", "fused_compile_ro_cl")
 # then in this order; when time runs short the last ones are skipped (fused NCHW first: the fused
 # model is meant to run channels_last).
 TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl",
-               "fused_atenbias_graph_cl", "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl", "fused_nchw",
+               "fused_atenbias_graph_cl", "fused_dw_graph_cl", "fused_pw_graph_cl", "fused_all_graph_cl", "fused_ckpt_cl",
+               "fused_nchw",
                *OPT_IN_VARIANTS)
 # (No fused NCHW sampling row: the train row says what NCHW costs the fused model.)
-SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_pw_cl", "fused_all_cl",
-                "fused_dw_cl", "ref_eager_cl", "ref_eager_nchw", *OPT_IN_VARIANTS)
+SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_pw_graph_cl",
+                "fused_all_graph_cl", "fused_dw_graph_cl", "ref_eager_cl", "ref_eager_nchw", *OPT_IN_VARIANTS)
 # Seconds one timed task takes once its worker is ready (compilation excluded): eager train 2 +
 # 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
 # do_bench calls; a profiled train or sampling task (step_profile) 3 steps more and the trace's
@@ -759,7 +763,8 @@ def headline(report: dict) -> list[str]:
         )
     train = {r["name"]: r for r in (report.get("e2e") or {}).get("train", [])}
     base = train.get("ref_compile_cl", {})
-    for name in ("fused_cl", "fused_compile_cl", "fused_dw_cl", "fused_pw_cl", "fused_all_cl", "fused_ckpt_cl"):
+    for name in ("fused_cl", "fused_graph_cl", "fused_compile_cl", "fused_dw_graph_cl", "fused_pw_graph_cl",
+                 "fused_all_graph_cl", "fused_ckpt_cl"):
         r = train.get(name)
         if r and r.get("train_ms") is not None:
             lines.append(

@@ -159,7 +159,7 @@ class _FakeWorker:
 def test_still_compiling_the_other_rows_are_given_up_before_the_targets_rows():
     clock = gpu_report.Clock(60)
     late_target = _FakeWorker("train", "ref_compile_cl", ready_after=0.5)
-    extra = _FakeWorker("train", "fused_dw_cl", ready_after=30)
+    extra = _FakeWorker("train", "fused_dw_graph_cl", ready_after=30)
     ready_extra = _FakeWorker("sample", "ref_eager_cl", ready_after=0)
     workers = {(w.task, w.name): w for w in (late_target, extra, ready_extra)}
     now = time.monotonic()
@@ -193,7 +193,7 @@ def test_a_row_that_compiled_while_timed_or_trained_another_model_is_flagged():
     workers = {
         ("train", "ref_eager_cl"): _FakeWorker("train", "ref_eager_cl", result=dict(done, loss=1.00)),
         ("train", "fused_cl"): _FakeWorker("train", "fused_cl", result=dict(done, loss=1.005)),
-        ("train", "fused_pw_cl"): _FakeWorker("train", "fused_pw_cl", result=dict(done, loss=1.2)),
+        ("train", "fused_pw_graph_cl"): _FakeWorker("train", "fused_pw_graph_cl", result=dict(done, loss=1.2)),
         ("train", "ref_compile_cl"): _FakeWorker("train", "ref_compile_cl", ready_graphs=3,
                                                  result=dict(done, loss=1.5, graphs=5, graph_breaks=0)),
         ("train", "fused_compile_cl"): _FakeWorker("train", "fused_compile_cl", ready_graphs=2,
@@ -208,9 +208,9 @@ def test_a_row_that_compiled_while_timed_or_trained_another_model_is_flagged():
     assert rows["fused_cl"]["loss_vs_reference"] == pytest.approx(0.005)
     assert "loss_vs_reference" not in rows["ref_compile_cl"]  # compiled rows: not compared
     flagged = [n for n in notes if "check it computes the same model" in n]
-    assert len(flagged) == 1 and flagged[0].startswith("train fused_pw_cl: last loss 1.2000")
+    assert len(flagged) == 1 and flagged[0].startswith("train fused_pw_graph_cl: last loss 1.2000")
     # ... and its numbers count for no target; a loss within the tolerance leaves the row as it was.
-    assert rows["fused_pw_cl"]["status"] == "LOSS OFF (+20.0% vs the eager reference)"
+    assert rows["fused_pw_graph_cl"]["status"] == "LOSS OFF (+20.0% vs the eager reference)"
     assert rows["fused_cl"]["status"] == "ok"
     verdicts = [r["verdict"] for r in targets.evaluate({"e2e": {"train": list(rows.values())}})]
     assert any(v.startswith("invalid") and "LOSS OFF" in v for v in verdicts), verdicts

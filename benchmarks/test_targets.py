@@ -15,10 +15,13 @@ def _report():
            _op("adaln", "channels_last", "fwdbwd", 1.4, 2.9)]
     train = [{"name": "ref_compile_cl", "label": "torch.compile(reference)", "train_ms": 80.0, "peak_GiB": 16.0},
              {"name": "fused_cl", "label": "fused", "train_ms": 70.0, "peak_GiB": 9.0},
-             {"name": "fused_pw_cl", "label": "fused + Triton pointwise", "train_ms": 50.0, "peak_GiB": 9.5},
+             {"name": "fused_pw_graph_cl", "label": "fused + CUDA graph + Triton pointwise", "train_ms": 50.0,
+              "peak_GiB": 9.5},
+             {"name": "fused_graph_cl", "label": "fused + CUDA graph", "train_ms": 60.0, "peak_GiB": 9.0},
              {"name": "fused_compile_cl", "label": "torch.compile(fused)", "train_ms": None}]
     sample = [{"name": "ref_compile_cl", "label": "torch.compile(reference)", "images_per_s": 10.0},
-              {"name": "fused_cl", "label": "fused", "images_per_s": 14.0}]
+              {"name": "fused_cl", "label": "fused", "images_per_s": 14.0},
+              {"name": "fused_graph_cl", "label": "fused + CUDA graph", "images_per_s": 16.0}]
     return {"ops": ops, "e2e": {"train": train, "sample": sample}}
 
 
@@ -36,16 +39,22 @@ def test_op_targets_follow_their_limits():
     assert rows["adaln_residual: forward+backward time / floor <= 1.5"]["verdict"] == "not measured"
 
 
-def test_issue_7_reads_the_default_fused_row_and_the_opt_in_rows_as_information():
+def test_issue_7_reads_the_default_fused_rows_eager_and_graphed_and_the_opt_in_rows_as_information():
     rows = [r for r in targets.evaluate(_report()) if r["issue"] == 7]
-    train, compiled, peak, sampling, *opt_in = rows
+    train, compiled, peak, sampling, graph_train, graph_peak, graph_sampling, *opt_in = rows
     assert train["verdict"] == "missed" and train["measured"] == "1.14 (fused)"
     assert compiled["verdict"] == "not measured"
     assert peak["verdict"] == "met" and peak["measured"] == "0.56 (fused)"
     assert sampling["verdict"] == "missed" and sampling["value"] == 1.4
-    # fused_pw_cl has train numbers, no sampling row: its two train checks, marked as information
+    # The same targets for the trainer's cuda_graph=True, each with its own verdict.
+    assert [(r["target"], r["verdict"], r["measured"]) for r in (graph_train, graph_peak, graph_sampling)] == [
+        ("train step: compile(reference) ms / fused ms >= 1.3 (CUDA graph)", "met", "1.33 (fused + CUDA graph)"),
+        ("train step: fused peak / compile(reference) peak <= 0.6 (CUDA graph)", "met", "0.56 (fused + CUDA graph)"),
+        ("sampling: fused images/s / compile(reference) images/s >= 1.5 (CUDA graph)", "met",
+         "1.60 (fused + CUDA graph)")]
+    # fused_pw_graph_cl has train numbers, no sampling row: its two train checks, marked as information
     assert [(r["target"].endswith("(opt-in kernels, information)"), r["verdict"], r["measured"]) for r in opt_in] == [
-        (True, "met", "1.60 (fused + Triton pointwise)"), (True, "met", "0.59 (fused + Triton pointwise)")]
+        (True, "met", "1.60 (fused + CUDA graph + Triton pointwise)"), (True, "met", "0.59 (fused + CUDA graph + Triton pointwise)")]
 
 
 def test_a_number_from_a_row_that_did_not_run_right_is_invalid():
@@ -113,18 +122,19 @@ def test_a_skipped_row_is_not_measured_and_a_bad_opt_in_row_is_still_shown():
     row adds no information row; an opt-in row that has a number from a bad run is listed as
     invalid even when the reference it is compared with has no number."""
     report = _report()
-    report["e2e"]["train"].append({"name": "fused_dw_cl", "label": "fused + Triton depthwise", "status": "skipped"})
+    report["e2e"]["train"].append({"name": "fused_dw_graph_cl", "label": "fused + CUDA graph + Triton depthwise",
+                                   "status": "skipped"})
     ref_sample = report["e2e"]["sample"][0]
     ref_sample.update(status="skipped", images_per_s=None)
-    report["e2e"]["sample"].append({"name": "fused_pw_cl", "label": "fused + Triton pointwise",
+    report["e2e"]["sample"].append({"name": "fused_pw_graph_cl", "label": "fused + CUDA graph + Triton pointwise",
                                     "images_per_s": 20.0, "status": "NON-FINITE"})
     rows = targets.evaluate(report)
     by = _by_target(rows)
     assert by["sampling: fused images/s / compile(reference) images/s >= 1.5"]["verdict"] == "not measured"
     info = [(r["target"], r["verdict"]) for r in rows if r["target"].endswith("information)")]
     assert ("sampling: fused images/s / compile(reference) images/s >= 1.5 (opt-in kernels, information)",
-            "invalid: fused + Triton pointwise: NON-FINITE") in info
-    assert len(info) == 3  # fused_pw_cl's two train checks and its sampling check
+            "invalid: fused + CUDA graph + Triton pointwise: NON-FINITE") in info
+    assert len(info) == 3  # fused_pw_graph_cl's two train checks and its sampling check
 
 
 def test_an_op_target_reads_the_cuda_graph_time_where_the_report_has_it():
