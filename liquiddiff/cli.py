@@ -96,6 +96,27 @@ class _Formatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+# torch.compile's modes; "default" is its default.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _compile_argument(help_text: str) -> dict:
+    """add_argument's keywords for --compile [MODE]: the bare flag is torch.compile's default mode."""
+    return dict(nargs="?", const="default", default=None, choices=COMPILE_MODES, metavar="MODE",
+                help=f"{help_text}. MODE: one of {', '.join(COMPILE_MODES)} (torch.compile's mode; bare --compile: "
+                     "default). reduce-overhead replays inductor's CUDA graphs: on an H100 it sampled the tiny "
+                     "preset fastest of the ways measured (benchmarks/RESULTS.md)")
+
+
+def _compile_note(mode: str | None) -> str:
+    return "torch.compile" if mode in (None, "default") else f"torch.compile ({mode})"
+
+
+def _compile_option(mode: str | None):
+    """The trainer's ``compile`` argument for a --compile choice (None: not given)."""
+    return False if mode is None else True if mode == "default" else {"mode": mode}
+
+
 def _precision_help(training: bool) -> str:
     scaling = "; training scales the loss" if training else ""
     return ("auto: bf16 autocast on a GPU that computes in bf16 (A100, H100, RTX 30xx and newer), fp16 "
@@ -174,10 +195,10 @@ def _add_train(sub) -> None:
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="keep activations in channels_last (NHWC) memory format: faster convolutions on GPUs")
     speed = g.add_mutually_exclusive_group()
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
-                            "the first sample grid compile (minutes on a GPU), later ones run faster (not "
-                            "remembered by --resume)")
+    speed.add_argument("--compile", **_compile_argument(
+                       "torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
+                       "the first sample grid compile (minutes on a GPU), later ones run faster (not "
+                       "remembered by --resume)"))
     speed.add_argument("--cuda-graph", action="store_true",
                        help="replay each step's model forward and backward from CUDA graphs captured at the "
                             "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun; "
@@ -253,9 +274,9 @@ def _add_sample(sub) -> None:
     speed.add_argument("--cuda-graph", action="store_true",
                        help="capture the model call as a CUDA graph and replay it every step (CUDA only): "
                             "no per-kernel launch overhead, for three model calls of capture (once for batches of one size)")
-    speed.add_argument("--compile", action="store_true",
-                       help="torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
-                            "run faster")
+    speed.add_argument("--compile", **_compile_argument(
+                       "torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
+                       "run faster"))
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
     p.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
@@ -620,7 +641,7 @@ def cmd_train(args, explicit: set[str]) -> int:
     trainer = RectifiedFlowTrainer(
         model, lr=args.lr, device=device, ema_decay=args.ema_decay, time_sampling=args.time_sampling,
         warmup_steps=args.warmup_steps, mixed_precision=mixed, distributed=info.enabled,
-        channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=args.compile,
+        channels_last=args.channels_last, cuda_graph=args.cuda_graph, compile=_compile_option(args.compile),
         micro_batch_size=args.micro_batch_size,
     )
     if state is not None:
@@ -654,7 +675,8 @@ def cmd_train(args, explicit: set[str]) -> int:
     _say(f"run folder: {run_dir}" + (f" (resuming from {resume_from} at step {start})" if resume_from else ""))
     _say(f"data: {_describe_data(ds, args)}")
     options = [name for on, name in ((args.channels_last, "channels_last"), (args.gradient_checkpointing,
-               "gradient checkpointing"), (args.compile, "torch.compile"), (args.cuda_graph, "CUDA graphs")) if on]
+               "gradient checkpointing"), (args.compile, _compile_note(args.compile)),
+               (args.cuda_graph, "CUDA graphs")) if on]
     _say(f"model: {args.preset} {list(model.config.channels)} ({n_params / 1e6:.2f} M parameters, "
          f"{_ops_note(args.fused, device)}) on {device}{_autocast_note(trainer)}"
          f"{''.join(f', {o}' for o in options)}; batch {args.batch_size}"
@@ -826,7 +848,8 @@ def cmd_sample(args, explicit: set[str]) -> int:
         raise ValueError(f"checkpoint {path} does not record its image size; pass --image-size")
     _check_image_size(model, image_size, model.config.name)
     # The trainer's EMA copy, which sample() uses, is a copy of these weights.
-    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed, compile=args.compile)
+    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed,
+                                   compile=_compile_option(args.compile))
 
     out = Path(args.out) if args.out else path.parent / "generated.png"
     out = out if out.suffix else out.with_suffix(".png")  # and the --separate folder is its stem

@@ -394,8 +394,11 @@ class RectifiedFlowTrainer:
         z = self._in_layout(noise.to(self.device))
 
         def velocity(z_t, t):
+            # A copy even in fp32: a model compiled with mode="reduce-overhead" hands back its
+            # CUDA graph's output buffer, which its next call overwrites while Heun keeps this
+            # velocity.
             with self._autocast(cache=not cuda_graph):
-                return model(z_t, t).float()
+                return model(z_t, t).to(torch.float32, copy=True)
 
         try:
             if cuda_graph:

@@ -103,6 +103,7 @@ def test_info_names_device_versions_and_backends(capsys):
     (["sample", "--sampler", "rk4"], "invalid choice"),
     (["train", "--compile", "--cuda-graph"], "not allowed with"),
     (["sample", "--cuda-graph", "--compile"], "not allowed with"),
+    (["sample", "--compile", "fast"], "--compile: invalid choice: 'fast'"),
     (["train", "--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
     (["sample", "--device", "meta"], "--device: expected auto, cpu, cuda or cuda:N"),
     (["info", "--device", "gpu0"], "--device: expected auto"),
@@ -417,15 +418,15 @@ def test_compile_flag_compiles_the_trained_model_and_its_ema_copy(tmp_path, caps
     """--compile reaches the trainer, which compiles the model train steps call and the EMA copy
     samples come from (recorded here; compiling for real takes minutes on a CPU)."""
     compiled = []
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append((type(self).__name__, kw)))
     runs = tmp_path / "runs"
     code, _, err = _run(["train", "--runs-dir", runs, *TINY, "--steps", "1", "--compile"], capsys)
     assert code == 0, err
-    assert compiled == ["LiquidDiffusion", "LiquidDiffusion"]
+    assert compiled == [("LiquidDiffusion", {}), ("LiquidDiffusion", {})]  # bare: torch.compile's defaults
     code, _, err = _run(["sample", "--ckpt", runs / "digits", "--n", "2", "--steps", "1", "--compile",
-                         "--out", tmp_path / "grid.png", "--no-progress"], capsys)
+                         "reduce-overhead", "--out", tmp_path / "grid.png", "--no-progress"], capsys)
     assert code == 0, err
-    assert len(compiled) == 4
+    assert compiled[2:] == [("LiquidDiffusion", {"mode": "reduce-overhead"})] * 2
 
 
 @pytest.mark.slow

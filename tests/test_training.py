@@ -83,6 +83,21 @@ def test_sample_shape_and_range(sampler):
     assert out.std() > 0
 
 
+def test_heun_keeps_its_velocity_when_the_model_overwrites_its_last_output():
+    """A model compiled with mode="reduce-overhead" returns its CUDA graph's output buffer, which
+    the next call overwrites: Heun, which holds one velocity while asking for the next, must
+    give the images it gives with a model that returns fresh tensors (here in fp32, where the
+    sampler's cast to fp32 would otherwise return the buffer itself)."""
+    trainer = _trainer()
+    trainer.train_step(_images())
+    expected = trainer.sample(2, 8, num_steps=3, sampler="heun", generator=torch.Generator().manual_seed(1))
+    ema = trainer.ema.model
+    forward, buffer = ema.forward, torch.empty(2, 3, 8, 8)
+    ema.forward = lambda x, t: buffer.copy_(forward(x, t))
+    got = trainer.sample(2, 8, num_steps=3, sampler="heun", generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
 def test_cuda_graph_needs_a_cuda_device():
     with pytest.raises(ValueError, match="cuda_graph: needs a CUDA device"):
         _trainer().sample(2, 8, num_steps=2, cuda_graph=True)
