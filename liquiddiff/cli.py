@@ -711,22 +711,28 @@ def cmd_train(args, explicit: set[str]) -> int:
         try:
             while trainer.step < args.steps and not stop.requested:
                 mid_step = True
-                images = next(loader).to(device, non_blocking=True)
+                batch = next(loader)
+                # Checked on the host: on the GPU the range check would wait for the steps queued
+                # before it, and the steps run without waiting (sync=False: the loss is read
+                # back at log steps only).
+                trainer.check_images(batch)
+                images = batch.to(device, non_blocking=True)
                 if args.flip:
                     from .data import random_hflip
 
                     images = random_hflip(images)
-                m = trainer.train_step(images)
+                m = trainer.train_step(images, sync=False)
                 mid_step = False
                 window_loss, window_n = window_loss + m["loss"], window_n + 1
                 step = trainer.step
                 if step % args.log_every == 0 or step == args.steps:
-                    now = time.perf_counter()
-                    loss = distributed.mean_over_ranks(window_loss / window_n, device)
+                    loss = distributed.mean_over_ranks(float(window_loss) / window_n, device)
+                    now = time.perf_counter()  # after the read above, which waits for the GPU
                     speed = images_per_step * window_n / max(now - window_t, 1e-9)
                     # An fp16 step whose gradients overflowed (and was skipped) has no norm: null,
                     # not the NaN or Infinity that strict JSON readers refuse.
-                    grad_norm = m["grad_norm"] if math.isfinite(m["grad_norm"]) else None
+                    grad_norm = float(m["grad_norm"])
+                    grad_norm = grad_norm if math.isfinite(grad_norm) else None
                     log.write(json.dumps({
                         "step": step, "loss": loss, "grad_norm": grad_norm, "lr": m["lr"],
                         "images_per_s": round(speed, 1), "elapsed_s": round(now - t0, 2),

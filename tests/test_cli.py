@@ -620,13 +620,19 @@ def test_resume_takes_every_option_from_the_checkpoint_and_continues_the_data(tm
 
 def test_logging_intervals_average_the_loss_and_the_last_step_is_logged_and_drawn(tmp_path, capsys, monkeypatch):
     """--log-every 2: each metrics line holds the mean loss of the steps since the last line, and the
-    run's last step is logged and drawn even when it is off the intervals."""
-    step = RectifiedFlowTrainer.train_step
-    monkeypatch.setattr(RectifiedFlowTrainer, "train_step",
-                        lambda self, images: {**step(self, images), "loss": float(self.step)})
+    run's last step is logged and drawn even when it is off the intervals. The steps run without
+    waiting for the GPU (sync=False: their losses are device tensors, read at log steps)."""
+    step, calls = RectifiedFlowTrainer.train_step, []
+
+    def train_step(self, images, **kw):
+        calls.append(kw)
+        return {**step(self, images, **kw), "loss": torch.tensor(float(self.step))}
+
+    monkeypatch.setattr(RectifiedFlowTrainer, "train_step", train_step)
     code, _, err = _run(["train", "--runs-dir", tmp_path, "--name", "r", *TINY, "--steps", "5", "--log-every", "2",
                          "--sample-every", "3"], capsys)
     assert code == 0, err
+    assert calls == [{"sync": False}] * 5
     assert [(m["step"], m["loss"]) for m in _metrics(tmp_path / "r")] == [(2, 1.5), (4, 3.5), (5, 5.0)]
     assert sorted(p.name for p in (tmp_path / "r" / "samples").iterdir()) == ["step_0000003.png", "step_0000005.png"]
 
@@ -673,7 +679,7 @@ def test_resume_drops_the_metrics_a_killed_run_logged_past_its_checkpoint(tmp_pa
 
 
 def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, capsys, monkeypatch):
-    def oom(self, images):
+    def oom(self, images, **kw):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     monkeypatch.setattr(RectifiedFlowTrainer, "train_step", oom)
@@ -685,8 +691,8 @@ def test_out_of_memory_is_one_line_that_says_what_to_change(tmp_path, capsys, mo
 def test_metrics_stay_strict_json_when_an_fp16_step_overflows(tmp_path, capsys, monkeypatch):
     """A skipped fp16 step has an infinite or NaN gradient norm: metrics.jsonl says null."""
     step = RectifiedFlowTrainer.train_step
-    monkeypatch.setattr(RectifiedFlowTrainer, "train_step", lambda self, images: {**step(self, images),
-                                                                                   "grad_norm": float("nan")})
+    monkeypatch.setattr(RectifiedFlowTrainer, "train_step", lambda self, images, **kw: {
+        **step(self, images, **kw), "grad_norm": torch.tensor(float("nan"))})
     assert _run(["train", "--runs-dir", tmp_path, *TINY, "--steps", "2"], capsys)[0] == 0
 
     def refuse(constant):

@@ -73,6 +73,32 @@ def test_ema_warmup_and_average():
     torch.testing.assert_close(ema.model.weight, before + 0.9)
 
 
+def test_a_step_without_sync_reads_nothing_back(monkeypatch):
+    """train_step(sync=False) gives the step's loss and gradient norm as device tensors, the
+    values a synchronised step gives, and calls no .item() of its own (each a wait for the GPU
+    there) but the range check's two, which a batch on the host still gets. (The CPU's AdamW
+    reads its step counts back; CUDA's fused AdamW does not.)"""
+    images = _images()
+    trainer = _trainer()
+    torch.manual_seed(3)
+    expected = trainer.train_step(images)
+    trainer = _trainer()
+    reads, item = [], torch.Tensor.item
+
+    def read(tensor):
+        reads.append(sys._getframe(1).f_code.co_filename)
+        return item(tensor)
+
+    monkeypatch.setattr(torch.Tensor, "item", read)
+    torch.manual_seed(3)
+    got = trainer.train_step(images, sync=False)
+    assert [Path(f).name for f in reads if "liquiddiff" in Path(f).parts] == ["training.py"] * 2  # min, max
+    assert all(isinstance(got[k], torch.Tensor) and got[k].dim() == 0 for k in ("loss", "grad_norm"))
+    assert (float(got["loss"]), float(got["grad_norm"])) == (expected["loss"], expected["grad_norm"])
+    with pytest.raises(ValueError, match=r"images: expected values in \[-1, 1\]"):
+        trainer.train_step(images * 3, sync=False)
+
+
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_sample_shape_and_range(sampler):
     trainer = _trainer()
