@@ -203,16 +203,17 @@ def test_cuda_graph_training_needs_one_cuda_process():
 def test_cuda_graph_train_steps_match_eager(fused, micro):
     """Train steps whose model call replays CUDA graphs follow the eager steps: the same losses
     and weights after a few steps (same kernels; the optimizer, EMA and the loss stay eager), and
-    a batch of another shape runs eager beside them; with micro-batches, two replays a step."""
+    a batch of another shape runs eager beside them; with micro-batches, two replays a step.
+    Graphed, the steps run as the CLI runs them: each queued without waiting (sync=False)."""
     def run(graph):
         torch.manual_seed(0)
         model = liquid_diffusion_micro(channels=(16, 32), fused=fused)
         trainer = RectifiedFlowTrainer(model, device="cuda", channels_last=True, cuda_graph=graph,
                                        micro_batch_size=micro)
         torch.manual_seed(1)
-        losses = [trainer.train_step(_images().cuda())["loss"] for _ in range(3)]
-        losses.append(trainer.train_step(_images()[:2].cuda())["loss"])  # another shape: eager
-        return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+        batches = [_images().cuda() for _ in range(3)] + [_images()[:2].cuda()]  # another shape: eager
+        metrics = [trainer.train_step(images, sync=not graph) for images in batches]
+        return [float(m["loss"]) for m in metrics], torch.cat([p.detach().flatten() for p in model.parameters()])
 
     (eager_losses, eager_weights), (graph_losses, graph_weights) = run(False), run(True)
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-2, atol=1e-4)
