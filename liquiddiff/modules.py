@@ -383,23 +383,44 @@ class DownSample(nn.Module):
         return self.conv(x)
 
 
-class UpSample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs)."""
+def _in_conv_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x as autocast would hand it to a convolution: an fp32 tensor cast to autocast's dtype (the
+    only dtype autocast casts), anything else as it is."""
+    dtype = _autocast_dtype(x.device.type)
+    return x.to(dtype) if dtype is not None and x.dtype == torch.float32 else x
+
+
+class UpSample(FusedSwitch, nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv (no checkerboard artefacts of transposed convs).
+
+    Fused, under autocast, x is cast to the conv's dtype before the nearest copy, where the
+    reference copies the fp32 stream and the conv casts four times as many elements: the same
+    values, 16 bytes moved per input element instead of 44 (the gradient's nearest sum is then
+    rounded to that dtype once, within its rounding of the reference's)."""
 
     def __init__(self, in_ch: int, out_ch: int):
         super().__init__()
         self.conv = nn.Conv2d(in_ch, out_ch, 3, padding=1)
 
     def forward(self, x):
+        if self.fused:
+            x = _in_conv_dtype(x)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class SkipFusion(nn.Module):
-    """Concatenate the encoder skip and fuse back to C channels with a 1x1 conv."""
+class SkipFusion(FusedSwitch, nn.Module):
+    """Concatenate the encoder skip and fuse back to C channels with a 1x1 conv.
+
+    Fused, under autocast, both inputs are cast to the conv's dtype before the concatenation,
+    where the reference concatenates in fp32 (the skip is the fp32 stream) and the conv casts
+    the result: the same values and gradients, 14 bytes moved per pixel and channel instead of
+    26."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.proj = nn.Conv2d(2 * channels, channels, 1)
 
     def forward(self, x, skip):
+        if self.fused:
+            x, skip = _in_conv_dtype(x), _in_conv_dtype(skip)
         return self.proj(torch.cat([x, skip], dim=1))

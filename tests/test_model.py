@@ -678,6 +678,46 @@ def test_upsample_is_nearest_neighbour_then_a_conv():
     torch.testing.assert_close(up(x), x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
 
 
+def _fused_copy(module):
+    fused = copy.deepcopy(module)
+    fused.fused = True
+    return fused
+
+
+def test_fused_upsample_and_skip_fusion_cast_before_copying_under_autocast(monkeypatch):
+    """Fused, under bf16 autocast, UpSample's nearest copy and SkipFusion's concatenation take
+    bf16 (the conv's dtype), not the fp32 stream: the reference's values exactly, SkipFusion's
+    gradients exactly, UpSample's within one bf16 rounding of the nearest sum. Without
+    autocast the fused modules are the reference."""
+    from liquiddiff import modules
+
+    torch.manual_seed(0)
+    up, fusion = modules.UpSample(4, 3), modules.SkipFusion(3)
+    seen = []
+    interpolate, cat = modules.F.interpolate, modules.torch.cat
+    monkeypatch.setattr(modules.F, "interpolate", lambda x, **kw: seen.append(x.dtype) or interpolate(x, **kw))
+    monkeypatch.setattr(modules.torch, "cat", lambda xs, **kw: seen.extend(x.dtype for x in xs) or cat(xs, **kw))
+    x = torch.randn(2, 4, 5, 6, requires_grad=True)
+    skip = torch.randn(2, 3, 10, 12, requires_grad=True)
+
+    def run(up, fusion):
+        out = fusion(up(x), skip)
+        grads = torch.autograd.grad(out, (x, skip), torch.randn(out.shape, generator=torch.Generator().manual_seed(1)))
+        return out, grads
+
+    for autocast in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            seen.clear()
+            want, (want_dx, want_dskip) = run(up, fusion)
+            assert seen == [torch.float32, torch.bfloat16, torch.float32] if autocast else [torch.float32] * 3
+            seen.clear()
+            got, (dx, dskip) = run(_fused_copy(up), _fused_copy(fusion))
+            assert seen == ([torch.bfloat16] * 3 if autocast else [torch.float32] * 3)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        torch.testing.assert_close(dskip, want_dskip, rtol=0, atol=0)
+        torch.testing.assert_close(dx, want_dx, rtol=2**-8 if autocast else 0, atol=1e-6 if autocast else 0)
+
+
 @pytest.mark.parametrize("fused", [False, True])
 def test_block_is_the_seeds_composition_of_its_modules(fused):
     """Seed: x -> AdaLN(t) -> ParallelCfC(t) -> +residual -> MultiScaleSpatialMix(t) -> +residual
