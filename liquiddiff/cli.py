@@ -277,6 +277,9 @@ def _add_sample(sub) -> None:
     speed.add_argument("--compile", **_compile_argument(
                        "torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
                        "run faster"))
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="activations in channels_last (NHWC) memory format, faster convolutions on GPUs "
+                        "(default: as the checkpoint's run trained)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--fused", action="store_true", help="use the fused Triton kernels")
     p.add_argument("--precision", choices=("auto", *AUTOCAST_DTYPES, "fp32"), default="auto",
@@ -853,8 +856,9 @@ def cmd_sample(args, explicit: set[str]) -> int:
     if image_size is None:
         raise ValueError(f"checkpoint {path} does not record its image size; pass --image-size")
     _check_image_size(model, image_size, model.config.name)
+    channels_last = bool(run.get("channels_last")) if args.channels_last is None else args.channels_last
     # The trainer's EMA copy, which sample() uses, is a copy of these weights.
-    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed,
+    trainer = RectifiedFlowTrainer(model, device=device, mixed_precision=mixed, channels_last=channels_last,
                                    compile=_compile_option(args.compile))
 
     out = Path(args.out) if args.out else path.parent / "generated.png"

@@ -429,6 +429,26 @@ def test_compile_flag_compiles_the_trained_model_and_its_ema_copy(tmp_path, caps
     assert compiled[2:] == [("LiquidDiffusion", {"mode": "reduce-overhead"})] * 2
 
 
+def test_sample_takes_the_runs_layout_unless_told(tmp_path, capsys, monkeypatch):
+    """sample runs channels_last when the checkpoint's run trained so (the layout the GPU report
+    measures fastest), NCHW otherwise; --channels-last / --no-channels-last say otherwise."""
+    made = []
+    init = RectifiedFlowTrainer.__init__
+
+    def record(self, model, **kw):
+        made.append(kw.get("channels_last", False))
+        init(self, model, **kw)
+
+    runs = tmp_path / "runs"
+    assert _run(["train", "--runs-dir", runs, *TINY, "--steps", "1", "--channels-last"], capsys)[0] == 0
+    monkeypatch.setattr(RectifiedFlowTrainer, "__init__", record)
+    for flags in ([], ["--no-channels-last"]):
+        code, _, err = _run(["sample", "--ckpt", runs / "digits", "--n", "2", "--steps", "1", *flags,
+                             "--out", tmp_path / "grid.png", "--no-progress"], capsys)
+        assert code == 0, err
+    assert made == [True, False]
+
+
 @pytest.mark.slow
 def test_train_then_sample(tmp_path, capsys):
     runs = tmp_path / "runs"
