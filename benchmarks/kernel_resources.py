@@ -123,11 +123,9 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
     bias = torch.empty(C, device="meta")
     x32, d32 = _meta(size, torch.float32), _meta(size, torch.float32)
     g16, a16 = _meta(size, half), _meta(size, half)
-    out += [  # the CfC backbone's 7x7 (its fp32 input rounded in registers), then its g/h pair
-        ("depthwise 7x7 forward (fp32 in)", "depthwise", "_dwconv_kernel",
+    out += [  # the CfC backbone's 7x7 (its fp32 input cast by the launcher), then its g/h pair
+        ("depthwise 7x7 forward", "depthwise", "_dwconv_kernel",
          lambda: dw.forward(x32, [w7], [bias], half)),
-        ("depthwise 7x7 spatial-mix input stage (+ bf16 copy, pixel sums)", "depthwise", "_dwconv_kernel",
-         lambda: dw.input_stage(x32, w7, bias, half)),
         ("depthwise 7x7 input grad + CfC's dx", "depthwise", "_dwconv_kernel",
          lambda: dw.backward([g16], x32, [w7], half, [True, False, False], addend=d32)),
         ("depthwise 7x7 spatial-mix input grad + residual, pixel-sum grads", "depthwise", "_dwconv_kernel",

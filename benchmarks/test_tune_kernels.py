@@ -13,7 +13,7 @@ def test_quick_sweep_runs_and_restores_the_tiles(capsys):
                   "CfC heads + gate forward", "CfC heads + gate backward"):
         assert title in text
     for module, names in before.items():
-        for name in ("_FWD_ROWS", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST", "_BLOCK_P", "_MAX_WGRAD_BLOCK",
+        for name in ("_FWD_TILE_H", "_WGRAD_ELEMENTS", "_BWD_TILE_CHANNELS_LAST", "_BLOCK_P", "_MAX_WGRAD_BLOCK",
                      "_MAX_BLOCK_N", "_WARPS", "_BWD_BLOCK_P", "_BWD_MAX_TILES", "_BWD_WARPS"):
             if name in names:
                 assert getattr(module, name) == names[name]

@@ -7,9 +7,9 @@ a GPU machine times each candidate setting against the baseline it must beat, in
 
 Sections (each setting is a set of the launcher's module constants, restored afterwards):
 
-- depthwise 7x7 and 3x3 forward, the fp32 input rounded in registers as the model's backbone
-  conv calls it (kernels/depthwise.py: strip rows, strip width, channel block, warps), against
-  cuDNN on the bf16 copy autocast would make (cast included, and without it);
+- depthwise 7x7 and 3x3 forward of the fp32 input, as the model's backbone conv calls it (its
+  launcher casts it; kernels/depthwise.py: tile rows, tile columns, channel block, warps),
+  against cuDNN on the bf16 copy autocast would make (cast included, and without it);
 - depthwise weight gradient (elements per tile, warps, minimum programs) against
   ``aten.convolution_backward`` for the weight alone;
 - the CfC backward in channels_last (kernels/cfc_relax.py: tile elements, elements per thread),
@@ -26,7 +26,7 @@ Sections (each setting is a set of the launcher's module constants, restored aft
 
 The first setting of each grid is the launcher's current one. The winner of each section is what
 the launcher's constants should say; the report (gpu_report.py) then measures the op and the
-model with it. About 110 settings: two or three minutes on an H100/H200, Triton compiles included.
+model with it. About 130 settings: two or three minutes on an H100/H200, Triton compiles included.
 """
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ def depthwise_forward(shape, device, gbps, sweep: Sweep) -> list[str]:
         floor = (x.numel() * (x.element_size() + torch.finfo(conv_dtype).bits // 8)) / (gbps * 1e6) if gbps else None
         rows = [_row("aten (cuDNN) on autocast's cast copy, cast included (baseline)", base, base, floor),
                 _row("aten (cuDNN) on a bf16 input, no cast", cases.time_ms(conv, device), base, floor)]
-        grid = {"_FWD_ROWS": (32,), "_FWD_BLOCK_W": (16, 8, 32), "_MAX_BLOCK_C": (32, 64), "_FWD_WARPS": (8, 4)}
+        grid = {"_FWD_TILE_H": (8, 4, 16), "_FWD_TILE_W": (16, 8), "_MAX_BLOCK_C": (32, 64), "_FWD_WARPS": (8, 4)}
         for setting in sweep.settings(grid):
             with configured(DEPTHWISE, **setting):
                 run = lambda: DEPTHWISE.forward(x, [w], [b], conv_dtype)  # noqa: E731

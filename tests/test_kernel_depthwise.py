@@ -54,11 +54,11 @@ def test_parity_awkward_shapes(triton_dw, shape):
 
 
 @pytest.mark.parametrize("k", [3, 5, 7])
-def test_sliding_window_across_strips(triton_dw, monkeypatch, k):
-    """Small strips (4 rows, 4 columns): every strip starts and ends inside the image, the last
-    ones partly outside, so the window's halo rows and the slot reuse are all exercised."""
-    monkeypatch.setattr(depthwise, "_FWD_ROWS", 4)
-    monkeypatch.setattr(depthwise, "_FWD_BLOCK_W", 4)
+def test_tiles_across_the_image(triton_dw, monkeypatch, k):
+    """Small tiles (4 rows, 4 columns): tiles inside the image, on its edges and partly outside
+    it, so every tap's halo and the masks of the last tiles are exercised."""
+    monkeypatch.setattr(depthwise, "_FWD_TILE_H", 4)
+    monkeypatch.setattr(depthwise, "_FWD_TILE_W", 4)
     check_parity(_inputs((1, 2, 9, 7), k, torch.float64), 1e-12, torch.channels_last)
 
 
@@ -217,28 +217,6 @@ def test_multiscale_spatial_mix(triton_dw):
         parity.assert_close(name, o, r, 1e-12)
     for i, (g, w) in enumerate(zip(got, want)):
         parity.assert_close(f"grad {i}", g, w, 1e-12)
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("shape, k", [((2, 5, 9, 7), 7), ((1, 40, 35, 18), 7), ((3, 3, 4, 33), 3)])
-def test_input_stage(layout, shape, k):
-    """The spatial mix's input stage in one pass (depthwise.input_stage): the conv, x in the
-    conv's dtype (exactly x.to), x's pixel sum, against the reference on that copy and x.sum;
-    outputs NaN-poisoned, so an unwritten copy element fails. fp32 x, fp64 conv: the interpreter
-    knows no bf16 arithmetic, and any dtype pair takes the same code."""
-    ins = _inputs(shape, k, torch.float32, layout)
-    w, b = ins["weight"].double(), ins["bias"].double()
-    with parity.poisoned_outputs():
-        out, copy, pixel_sum = depthwise.input_stage(ins["x"], w, b, torch.float64)
-    assert torch.equal(copy, ins["x"].double()) and copy.is_contiguous(memory_format=layout)
-    parity.assert_close("out", out, functional.depthwise_conv(ins["x"].double(), w, b), 1e-12)
-    parity.assert_close("pixel_sum", pixel_sum, ins["x"].sum((2, 3)), 1e-6)
-
-
-def test_opcheck_input_stage():
-    ins = _inputs((2, 3, 5, 6), 7)
-    torch.library.opcheck(torch.ops.liquiddiff.depthwise_conv_input_stage.default,
-                          (ins["x"], ins["weight"].double(), ins["bias"].double(), torch.float64))
 
 
 def test_gradcheck_fp64(triton_dw):

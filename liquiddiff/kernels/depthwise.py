@@ -14,31 +14,33 @@ both heads' grad_out and writes their sum, to which its epilogue adds the gradie
 from its other consumers (the f head's 1x1 conv) and applies SiLU's backward, so it writes z's
 gradient directly; the weight gradient reads a once for both heads.
 
-The spatial mix's input stage (``input_stage``): the model's fp32 residual stream x, under
-autocast, is convolved in bf16 and kept for backward as a bf16 copy, and summed over its pixels
-(its context). One launch does all three: the centre tap's load of a strip's own pixels also
-writes them, rounded, to the copy and adds them, unrounded, to fp32 per-program partial sums.
-Where a cast (read 4 bytes, write 2) and a sum (read 4) ran besides the conv, the conv reads 4
-bytes where it read 2 and writes the copy's 2: 6 bytes an element less, and two launches.
+Memory moved: the forward reads x and writes out once each from DRAM. A program owns a tile of
+TILE_H rows x TILE_W columns x BLOCK_C channels as row pairs (a thread holds the same pixels of
+two adjacent rows): each of a pair's K + 1 input rows is loaded once per horizontal tap and
+feeds both rows, K*(K + 1) loads for 2*K*K multiply-adds, where a row alone takes a load per
+multiply-add (all but the first L1 or L2 hits; the tile's halo, K - 1 rows and columns, is read
+from DRAM by its neighbours too). The input gradient the same; the weight gradient reads x and
+grad_out once (k*k shifted reads per row, cache hits) and writes [programs, k*k, C] fp32
+partials. The g/h pair's backward, counted in passes over a bf16 activation: 8 (input gradient:
+2 grad_outs, f's gradient, z, d_z; weight gradient: a and 2 grad_outs), against about 35 for the
+heads run one by one (two input and two weight gradients, the fp32 sum of three input
+gradients, a cast, SiLU's backward).
 
-Memory moved: the forward reads x and writes out once each: a program walks down a strip of
-rows, loads each input row k times (its horizontal shifts, cache hits after the first) and adds
-it to the k output rows it feeds (a sliding window; the strip's halo is k - 1 rows and columns).
-The input gradient the same; the weight gradient reads x and grad_out once (k*k shifted reads
-per row, cache hits) and writes [programs, k*k, C] fp32 partials. The g/h pair's backward,
-counted in passes over a bf16 activation: 8 (input gradient: 2 grad_outs, f's gradient, z, d_z;
-weight gradient: a and 2 grad_outs), against about 35 for the heads run one by one (two input
-and two weight gradients, the fp32 sum of three input gradients, a cast, SiLU's backward).
+Layout: in channels_last the channels of a pixel are one contiguous run, so every load is a
+vector load; NCHW runs through the same strides (runs along W), correct but not tuned. The
+weights are read as [k, k, C] in fp32 (``_taps_by_channel``, a copy of C*k*k elements per
+call), so that a tap's channels are one vector load too, with no conversion and no mask.
+Precision: the reference convolves in one dtype (autocast's, else the promoted one): the public
+functions cast an input in another dtype (the model's fp32 stream under autocast) by one pass,
+as autocast does, since a rounding in registers would be one conversion per tap (49 per element
+for a 7x7, on a GPU's slow conversion unit); the products accumulate in fp32 (fp64 for fp64)
+and the output is stored in that dtype.
 
-Layout: a program owns BLOCK_C channels of a strip. In channels_last the channels of a pixel
-are one contiguous run, so every load is a vector load; NCHW runs through the same strides
-(runs along W), correct but not tuned. Precision: the reference convolves in one dtype (autocast's,
-else the promoted one), so x and w are rounded to it in registers (no cast copy in memory), the
-products accumulate in fp32 (fp64 for fp64) and the output is stored in that dtype.
-
-Opt-in (runtime.OPT_IN): cuDNN runs these convolutions, which the first GPU report (H100) measured
-faster: 3x3 forward+backward 0.58 ms against this kernel's 5.3 ms, 7x7 1.37 against 1.69, at
-[8, 64, 256, 256] bf16 (``LIQUIDDIFF_KERNELS=auto,depthwise_conv=triton`` turns it on).
+Opt-in (runtime.OPT_IN): cuDNN runs these convolutions, which the GPU reports (H100) measured
+faster than this file's earlier design (strips with a sliding window of accumulator rows, a
+per-row sum in the weight gradient): 3x3 forward+backward 0.58 ms against 5.3 ms, 7x7 1.37
+against 1.69, at [8, 64, 256, 256] bf16. The tile kernel has not been timed on a GPU yet
+(``LIQUIDDIFF_KERNELS=auto,depthwise_conv=triton`` turns it on).
 """
 import typing
 
@@ -52,21 +54,23 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from . import _eager, _tensors
 
-__all__ = ["forward", "input_stage", "backward", "is_depthwise"]
+__all__ = ["forward", "backward", "is_depthwise"]
 
-# Tile sizes from the compiler alone (no GPU has run these kernels yet): registers per thread
-# and spills of the sm_90 compile of the launches at [8, 64, 256, 256]
-# (``python -m benchmarks.kernel_resources``), the same with the GPU image's Triton 3.6 and this
-# project's 3.9. Forward / input gradient: strips of 32 rows x 16 columns x 32 channels on 8
-# warps, the horizontal taps a runtime loop: 58-64 registers, no spill; the accumulator's slot
-# axis lies within each thread, so completing a row is an in-register sum, but each tap's
-# [slots, channels] weight tile crosses warps through 1 KB of shared memory. (Unrolled taps
-# spilled; an earlier design, one shifted tile load per tap, read the input k*k times from L1
-# instead of k.) The g/h pair's forward and input gradient: 80-90 registers. Weight gradient:
-# a [taps (padded to a power of 2), W run, 32 channels] product of 2048 elements per launch (one
-# pixel per row step for 7x7; the pair halves the W run), 8 warps: 46-48 registers, 61-62 for
-# the pair.
-_FWD_ROWS, _FWD_BLOCK_W = 32, 16
+# Tile sizes from the compiler alone (no GPU has timed the tile kernel yet; the strip design
+# before it measured 0.47 ms for the 7x7 forward at [8, 64, 256, 256], cuDNN 0.32): registers per
+# thread and spills of the sm_90 compile of the launches at that size
+# (``python -m benchmarks.kernel_resources``) with the GPU image's Triton 3.6 and this project's
+# 3.9, and the instructions of the compiled tap loop (cuobjdump -sass). Forward / input
+# gradient: tiles of 16 rows (8 row pairs) x 16 columns x 32 channels on 8 warps, 16 elements of
+# each of the pair's rows a thread, taps in runtime loops (unrolled ones keep too many loads
+# live): 80-102 registers, no spill, no shared memory in the forward; per input row, tap and
+# thread two 16-byte loads of x, four of the two rows' weights and 32 FMAs, 89 instructions in
+# all (a row alone took 75 for 16 FMAs, half of them widening, masking and addressing its
+# loads). The g/h pair (two heads or two inputs): a quarter of the rows, 79-120 registers.
+# Weight gradient: a [taps (padded to a power of 2), W run, 32 channels] product of 2048
+# elements per row step (one pixel for 7x7; the pair halves the W run), 8 warps: 40-48
+# registers, 60-61 for the pair; its sum over the W run after the rows.
+_FWD_TILE_H, _FWD_TILE_W = 16, 16
 _MAX_BLOCK_C = 32
 _FWD_WARPS = 8
 _WGRAD_WARPS = 8
@@ -93,113 +97,145 @@ if triton is not None:
         return _tensors.batch_item(2, batch_start, SPLIT_BATCH), row0, ow, cs, cs < C
 
     @triton.jit
+    def _pixel_tile(batch_start, C, W, TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                    WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr):
+        """This program's tile of TILE_H rows x TILE_W columns, as TILE_H / 2 row pairs: batch
+        item (int64), each pair's first row and its column, flattened; channels and channel
+        mask; WIDE: rows, columns and channels int64 too. Grid: (pixel tiles, channel blocks,
+        batch items from batch_start)."""
+        tiles_w = tl.cdiv(W, TILE_W)
+        pid_p = tl.program_id(0)
+        p = tl.arange(0, TILE_H // 2 * TILE_W)
+        oh = (pid_p // tiles_w) * TILE_H + 2 * (p // TILE_W)
+        ow = (pid_p % tiles_w) * TILE_W + p % TILE_W
+        cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        if WIDE:
+            oh, ow, cs = oh.to(tl.int64), ow.to(tl.int64), cs.to(tl.int64)
+        return _tensors.batch_item(2, batch_start, SPLIT_BATCH), oh, ow, cs, cs < C
+
+    @triton.jit
+    def _input_row(acc_a, acc2_a, acc_b, acc2_b, x_base, x2_base, w_base, w2_base, ih, ow, c_mask, H, W,
+                   sx_h, sx_w, sx2_h, sx2_w, sw_h, sw_w, sw2_h, sw2_w, u_a, u_b,
+                   K: tl.constexpr, FLIP: tl.constexpr, PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr,
+                   FEED_A: tl.constexpr, FEED_B: tl.constexpr, CONV: tl.constexpr, ACC: tl.constexpr):
+        """One input row's K taps: each load of the row shifted by a tap, rounded and widened
+        once, feeds the first rows of the pairs (FEED_A, kernel row u_a) and the second ones
+        (FEED_B, kernel row u_b). PAIR_OUT: a second kernel on the same loads, into acc2;
+        PAIR_IN: a second input x2 with its kernel, summed into acc."""
+        row_ok = (ih >= 0) & (ih < H)
+        for v in range(K):  # a runtime loop: unrolled taps keep too many loads live (spills)
+            iw = ow + (v - K // 2)
+            ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
+            w_col = (K - 1 - v) if FLIP else v
+            xv = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
+            if PAIR_IN:
+                xv2 = tl.load(x2_base + ih[:, None] * sx2_h + iw[:, None] * sx2_w, mask=ok, other=0.0)
+                xv2 = xv2.to(CONV).to(ACC)
+            if FEED_A:
+                acc_a += tl.load(w_base + u_a * sw_h + w_col * sw_w)[None, :] * xv
+                if PAIR_OUT or PAIR_IN:
+                    w2 = tl.load(w2_base + u_a * sw2_h + w_col * sw2_w)[None, :]
+                    if PAIR_IN:
+                        acc_a += w2 * xv2
+                    else:
+                        acc2_a += w2 * xv
+            if FEED_B:
+                acc_b += tl.load(w_base + u_b * sw_h + w_col * sw_w)[None, :] * xv
+                if PAIR_OUT or PAIR_IN:
+                    w2 = tl.load(w2_base + u_b * sw2_h + w_col * sw2_w)[None, :]
+                    if PAIR_IN:
+                        acc_b += w2 * xv2
+                    else:
+                        acc2_b += w2 * xv
+        return acc_a, acc2_a, acc_b, acc2_b
+
+    @triton.jit
+    def _store_rows(acc, acc2, oh, ow, cs, c_mask, pid_b, H, W, bias, bias2, cadd, out_ptr, out2_ptr, add_ptr, z_ptr,
+                    so_b, so_c, so_h, so_w, sa_b, sa_c, sa_h, sa_w, sz_b, sz_c, sz_h, sz_w,
+                    HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr, PAIR_OUT: tl.constexpr, HAS_ADDEND: tl.constexpr,
+                    HAS_CHANNEL_ADDEND: tl.constexpr, SILU_GRAD: tl.constexpr, ACC: tl.constexpr):
+        """The epilogue of one row of each pair (rows oh): + bias, + channel addend (unrounded),
+        + addend, then times SiLU'(z); the second head's output with its bias (PAIR_OUT)."""
+        mask = ((oh < H) & (ow < W))[:, None] & c_mask[None, :]
+        out = acc
+        if HAS_BIAS:
+            out += bias[None, :]
+        if HAS_CHANNEL_ADDEND:
+            out += cadd[None, :]
+        if HAS_ADDEND:
+            out += tl.load(add_ptr + pid_b * sa_b + cs[None, :] * sa_c + oh[:, None] * sa_h + ow[:, None] * sa_w,
+                           mask=mask, other=0.0).to(ACC)
+        if SILU_GRAD:  # d silu(z) / dz = sig(z) * (1 + z * (1 - sig(z)))
+            zv = tl.load(z_ptr + pid_b * sz_b + cs[None, :] * sz_c + oh[:, None] * sz_h + ow[:, None] * sz_w,
+                         mask=mask, other=0.0).to(ACC)
+            sig = 1.0 / (1.0 + tl.exp(-zv))
+            out = out * (sig * (1.0 + zv * (1.0 - sig)))
+        o_off = pid_b * so_b + cs[None, :] * so_c + oh[:, None] * so_h + ow[:, None] * so_w
+        tl.store(out_ptr + o_off, out.to(out_ptr.dtype.element_ty), mask=mask)
+        if PAIR_OUT:
+            out2 = acc2
+            if HAS_BIAS2:
+                out2 += bias2[None, :]
+            tl.store(out2_ptr + o_off, out2.to(out2_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _dwconv_kernel(
         x_ptr, x2_ptr, w_ptr, w2_ptr, bias_ptr, bias2_ptr, out_ptr, out2_ptr, add_ptr, cadd_ptr, z_ptr,
-        copy_ptr, psum_ptr, B, C, H, W,
+        B, C, H, W,
         sx_b, sx_c, sx_h, sx_w, sx2_b, sx2_c, sx2_h, sx2_w, so_b, so_c, so_h, so_w,
-        sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w, scp_b, scp_c, scp_h, scp_w,
+        sa_b, sa_c, sa_h, sa_w, sca_b, sca_c, sz_b, sz_c, sz_h, sz_w,
         sw_c, sw_h, sw_w, sw2_c, sw2_h, sw2_w, s_bias, s_bias2, batch_start,
         K: tl.constexpr, FLIP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS2: tl.constexpr,
         PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr, HAS_ADDEND: tl.constexpr, HAS_CHANNEL_ADDEND: tl.constexpr,
-        SILU_GRAD: tl.constexpr, COPY: tl.constexpr, PIXEL_SUM: tl.constexpr,
-        CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
-        ROWS: tl.constexpr, SLOTS: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+        SILU_GRAD: tl.constexpr, CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
+        TILE_H: tl.constexpr, TILE_W: tl.constexpr, BLOCK_C: tl.constexpr,
     ):
-        # Sliding window down a [ROWS, BLOCK_W] strip: each input row is loaded once per
-        # horizontal tap (K loads, not K*K) and added to the K output rows it feeds, which live
-        # in SLOTS (>= K, a power of 2) accumulator rows: output row o in slot o % SLOTS. When
-        # input row r is in, output row r - P is complete and stored. A slot is cleared when its
-        # row's window opens (input row o - P), not when its last row was stored: the rows between
-        # meet it with weight 0, and 0 * inf or NaN must not reach a row those rows do not feed.
-        # PAIR_OUT: a second kernel (w2, bias2 if HAS_BIAS2) on the same input rows, into out2 (the forward
-        # of two heads). PAIR_IN: a second input x2 with its kernel w2, summed into out (their
-        # input gradient). Epilogue at the store: + addend (+ a per-(b, c) channel addend, unrounded
-        # unlike the bias), then times SiLU'(z). COPY / PIXEL_SUM (the spatial mix's input): the
-        # centre tap's load of the strip's own pixels also writes x rounded to CONV into copy
-        # (what backward keeps) / adds x, unrounded, to this program's per-channel partial sums.
+        # A thread owns the same pixels of two adjacent output rows (a row pair), so each load
+        # of an input row shifted by a tap, [pixels, channels] (in channels_last a vector load
+        # per thread; the tile's halo and the other taps' loads are L1 and L2 hits), is rounded,
+        # widened and masked once for both rows: the K + 1 input rows of a pair are K*(K + 1)
+        # loads for 2*K*K FMAs per element, where a row alone took one load per FMA. The weights
+        # (one vector load per tap: [K, K, C], rounded to CONV and held in ACC) accumulate in
+        # fp32: no shared memory, no barrier, and each output meets exactly its own window, as
+        # in the reference (a NaN or inf meets only the outputs it feeds). x and x2 come in CONV
+        # from the public functions (rounded here otherwise). PAIR_OUT: a second kernel (w2,
+        # bias2 if HAS_BIAS2) on the same loads, into out2 (the forward of two heads). PAIR_IN:
+        # a second input x2 with its kernel w2, summed into out (their input gradient).
+        # Epilogue: + bias (rounded to CONV, as the reference's), + addend (+ a per-(b, c)
+        # channel addend, unrounded), then times SiLU'(z).
         P: tl.constexpr = K // 2
-        pid_b, row0, ow, cs, c_mask = _strip(batch_start, C, W, ROWS, BLOCK_W, BLOCK_C, WIDE, SPLIT_BATCH)
-        slots = tl.arange(0, SLOTS)
+        pid_b, oh, ow, cs, c_mask = _pixel_tile(batch_start, C, W, TILE_H, TILE_W, BLOCK_C, WIDE, SPLIT_BATCH)
         x_base = x_ptr + pid_b * sx_b + cs[None, :] * sx_c
         x2_base = x2_ptr + pid_b * sx2_b + cs[None, :] * sx2_c
-        o_off = pid_b * so_b + cs[None, :] * so_c + ow[:, None] * so_w
-        w_base = w_ptr + cs[None, :] * sw_c
-        w2_base = w2_ptr + cs[None, :] * sw2_c
-        store_cols = (ow < W)[:, None] & c_mask[None, :]
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + cs * s_bias, mask=c_mask, other=0.0).to(CONV).to(ACC)
-        if HAS_BIAS2:
-            bias2 = tl.load(bias2_ptr + cs * s_bias2, mask=c_mask, other=0.0).to(CONV).to(ACC)
-        if HAS_CHANNEL_ADDEND:
-            cadd = tl.load(cadd_ptr + pid_b * sca_b + cs * sca_c, mask=c_mask, other=0.0).to(ACC)
-        acc = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)
-        acc2 = tl.zeros([SLOTS, BLOCK_W, BLOCK_C], dtype=ACC)  # PAIR_OUT only (else folded away)
-        psum = tl.zeros([BLOCK_C], dtype=ACC)  # PIXEL_SUM only
-        for i in range(ROWS + K - 1):
-            r = row0 - P + i  # the input row this step reads
-            # Vectors, not scalars: the interpreter rejects a scalar mask & a tensor mask.
-            row_ok = ((ow * 0 + r) >= 0) & ((ow * 0 + r) < H)
-            # Slot s holds the output row o = s (mod SLOTS) of the window [r - P, r - P + SLOTS);
-            # input row r reaches it through the kernel row u = r + P - o (when 0 <= u < K).
-            u = K - 1 - ((slots - (r - P)) & (SLOTS - 1))
-            u_ok = (u >= 0)[:, None] & c_mask[None, :]
-            opens = (slots == ((r + P) & (SLOTS - 1)))[:, None, None]  # output row r + P's window
-            acc = tl.where(opens, 0.0, acc)
-            if PAIR_OUT:
-                acc2 = tl.where(opens, 0.0, acc2)
-            if FLIP:
-                u = K - 1 - u
-            for v in range(K):  # a runtime loop: unrolled taps keep too many loads live
-                iw = ow + (v - P)
-                ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
-                wv_col = (K - 1 - v) if FLIP else v
-                x_raw = tl.load(x_base + r * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0)
-                xv = x_raw.to(CONV).to(ACC)
-                if COPY or PIXEL_SUM:
-                    if v == P:  # the strip's own pixels of row r, each once
-                        own = ok & ((ow * 0 + r) >= row0)[:, None] & ((ow * 0 + r) < row0 + ROWS)[:, None]
-                        if COPY:
-                            tl.store(copy_ptr + pid_b * scp_b + cs[None, :] * scp_c + r * scp_h + ow[:, None] * scp_w,
-                                     x_raw.to(CONV), mask=own)
-                        if PIXEL_SUM:
-                            psum += tl.sum(tl.where(own, x_raw.to(ACC), 0.0), axis=0)
-                wt = tl.load(w_base + u[:, None] * sw_h + wv_col * sw_w, mask=u_ok, other=0.0)
-                acc += wt.to(CONV).to(ACC)[:, None, :] * xv[None, :, :]
-                if PAIR_OUT or PAIR_IN:
-                    wt2 = tl.load(w2_base + u[:, None] * sw2_h + wv_col * sw2_w, mask=u_ok, other=0.0)
-                    wt2 = wt2.to(CONV).to(ACC)[:, None, :]
-                    if PAIR_IN:
-                        xv2 = tl.load(x2_base + r * sx2_h + iw[:, None] * sx2_w, mask=ok, other=0.0)
-                        acc += wt2 * xv2.to(CONV).to(ACC)[None, :, :]
-                    else:
-                        acc2 += wt2 * xv[None, :, :]
-            o = r - P  # complete now
-            done = (slots == (o & (SLOTS - 1)))[:, None, None]
-            o_vec = ow * 0 + o
-            keep = (o_vec >= row0) & (o_vec < row0 + ROWS) & (o_vec < H)
-            mask = store_cols & keep[:, None]
-            out = tl.sum(tl.where(done, acc, 0.0), axis=0)
-            if HAS_BIAS:
-                out += bias[None, :]
-            if HAS_CHANNEL_ADDEND:
-                out += cadd[None, :]
-            if HAS_ADDEND:
-                out += tl.load(add_ptr + pid_b * sa_b + cs[None, :] * sa_c + o * sa_h + ow[:, None] * sa_w,
-                               mask=mask, other=0.0).to(ACC)
-            if SILU_GRAD:  # d silu(z) / dz = sig(z) * (1 + z * (1 - sig(z)))
-                zv = tl.load(z_ptr + pid_b * sz_b + cs[None, :] * sz_c + o * sz_h + ow[:, None] * sz_w,
-                             mask=mask, other=0.0).to(ACC)
-                sig = 1.0 / (1.0 + tl.exp(-zv))
-                out = out * (sig * (1.0 + zv * (1.0 - sig)))
-            tl.store(out_ptr + o_off + o * so_h, out.to(out_ptr.dtype.element_ty), mask=mask)
-            if PAIR_OUT:
-                out2 = tl.sum(tl.where(done, acc2, 0.0), axis=0)
-                if HAS_BIAS2:
-                    out2 += bias2[None, :]
-                tl.store(out2_ptr + o_off + o * so_h, out2.to(out2_ptr.dtype.element_ty), mask=mask)
-        if PIXEL_SUM:  # partials [programs along the pixels, B, C]
-            tl.store(psum_ptr + (tl.program_id(0) * B + pid_b) * C + cs, psum, mask=c_mask)
-
+        w_base = w_ptr + cs * sw_c
+        w2_base = w2_ptr + cs * sw2_c
+        acc_a = tl.zeros([TILE_H // 2 * TILE_W, BLOCK_C], dtype=ACC)
+        acc_b = tl.zeros([TILE_H // 2 * TILE_W, BLOCK_C], dtype=ACC)
+        acc2_a = tl.zeros([TILE_H // 2 * TILE_W, BLOCK_C], dtype=ACC)  # PAIR_OUT only (else folded away)
+        acc2_b = tl.zeros([TILE_H // 2 * TILE_W, BLOCK_C], dtype=ACC)
+        # Input row oh - P + i feeds the pair's first row through kernel row i (i < K) and its
+        # second through kernel row i - 1 (i >= 1): the first and last input rows feed one row.
+        acc_a, acc2_a, acc_b, acc2_b = _input_row(
+            acc_a, acc2_a, acc_b, acc2_b, x_base, x2_base, w_base, w2_base, oh - P, ow, c_mask, H, W,
+            sx_h, sx_w, sx2_h, sx2_w, sw_h, sw_w, sw2_h, sw2_w, (K - 1) if FLIP else 0, 0,
+            K, FLIP, PAIR_OUT, PAIR_IN, True, False, CONV, ACC)
+        for i in range(1, K):
+            acc_a, acc2_a, acc_b, acc2_b = _input_row(
+                acc_a, acc2_a, acc_b, acc2_b, x_base, x2_base, w_base, w2_base, oh - P + i, ow, c_mask, H, W,
+                sx_h, sx_w, sx2_h, sx2_w, sw_h, sw_w, sw2_h, sw2_w, (K - 1 - i) if FLIP else i,
+                (K - i) if FLIP else (i - 1), K, FLIP, PAIR_OUT, PAIR_IN, True, True, CONV, ACC)
+        acc_a, acc2_a, acc_b, acc2_b = _input_row(
+            acc_a, acc2_a, acc_b, acc2_b, x_base, x2_base, w_base, w2_base, oh - P + K, ow, c_mask, H, W,
+            sx_h, sx_w, sx2_h, sx2_w, sw_h, sw_w, sw2_h, sw2_w, 0, 0 if FLIP else (K - 1),
+            K, FLIP, PAIR_OUT, PAIR_IN, False, True, CONV, ACC)
+        bias = tl.load(bias_ptr + cs * s_bias, mask=c_mask, other=0.0).to(CONV).to(ACC) if HAS_BIAS else 0.0
+        bias2 = tl.load(bias2_ptr + cs * s_bias2, mask=c_mask, other=0.0).to(CONV).to(ACC) if HAS_BIAS2 else 0.0
+        cadd = tl.load(cadd_ptr + pid_b * sca_b + cs * sca_c, mask=c_mask, other=0.0).to(ACC) if HAS_CHANNEL_ADDEND else 0.0
+        for r in tl.static_range(2):
+            _store_rows(acc_b if r else acc_a, acc2_b if r else acc2_a, oh + r, ow, cs, c_mask, pid_b, H, W,
+                        bias, bias2, cadd, out_ptr, out2_ptr, add_ptr, z_ptr, so_b, so_c, so_h, so_w,
+                        sa_b, sa_c, sa_h, sa_w, sz_b, sz_c, sz_h, sz_w, HAS_BIAS, HAS_BIAS2, PAIR_OUT, HAS_ADDEND,
+                        HAS_CHANNEL_ADDEND, SILU_GRAD, ACC)
 
     @triton.jit
     def _dwconv_wgrad_kernel(
@@ -212,9 +248,10 @@ if triton is not None:
         BLOCK_C: tl.constexpr,
     ):
         # Program (row chunk, W run) x channel block x batch item. The k*k taps are the first
-        # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load and one
-        # reduction over the W run, not k*k of each. HEADS == 2: a second head's grad_out (go2)
-        # on the same input, whose x loads both heads share.
+        # axis of one [TAPS, BLOCK_W, BLOCK_C] product, so a row costs one gather load, not k*k;
+        # the products accumulate at that shape and the W run is summed once, after the rows
+        # (a sum per row crossed threads: shuffles and a barrier each row). HEADS == 2: a second
+        # head's grad_out (go2) on the same input, whose x loads both heads share.
         pid_b, row0, ow, cs, c_mask = _strip(batch_start, C, W, ROWS, BLOCK_W, BLOCK_C, WIDE, SPLIT_BATCH)
         taps = tl.arange(0, TAPS)
         du = (taps // K - K // 2)[:, None, None]
@@ -227,10 +264,10 @@ if triton is not None:
         g_base = go_ptr + pid_b * sg_b + cs[None, :] * sg_c + ow[:, None] * sg_w
         g2_base = go2_ptr + pid_b * sg2_b + cs[None, :] * sg2_c + ow[:, None] * sg2_w
         g_mask = (ow < W)[:, None] & c_mask[None, :]
-        acc = tl.zeros([TAPS, BLOCK_C], dtype=ACC)
-        acc2 = tl.zeros([TAPS, BLOCK_C], dtype=ACC)  # HEADS == 2 only (else folded away)
-        acc_bias = tl.zeros([BLOCK_C], dtype=ACC)
-        acc_bias2 = tl.zeros([BLOCK_C], dtype=ACC)
+        acc = tl.zeros([TAPS, BLOCK_W, BLOCK_C], dtype=ACC)
+        acc2 = tl.zeros([TAPS, BLOCK_W, BLOCK_C], dtype=ACC)  # HEADS == 2 only (else folded away)
+        acc_bias = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
+        acc_bias2 = tl.zeros([BLOCK_W, BLOCK_C], dtype=ACC)
         for r in range(ROWS):
             oh = row0 + r
             # A vector, not a scalar: the interpreter rejects a scalar mask & a tensor mask.
@@ -239,25 +276,25 @@ if triton is not None:
             x_ok = col_ok & (ih >= 0) & (ih < H) & row_ok[None, :, None]
             xv = tl.load(x_base + ih * sx_h, mask=x_ok, other=0.0).to(CONV).to(ACC)
             go = tl.load(g_base + oh * sg_h, mask=g_mask & row_ok[:, None], other=0.0).to(CONV).to(ACC)
-            acc += tl.sum(xv * go[None, :, :], axis=1)
+            acc += xv * go[None, :, :]
             if NEED_BIAS:
-                acc_bias += tl.sum(go, axis=0)
+                acc_bias += go
             if HEADS == 2:
                 go2 = tl.load(g2_base + oh * sg2_h, mask=g_mask & row_ok[:, None], other=0.0).to(CONV).to(ACC)
-                acc2 += tl.sum(xv * go2[None, :, :], axis=1)
+                acc2 += xv * go2[None, :, :]
                 if NEED_BIAS:
-                    acc_bias2 += tl.sum(go2, axis=0)
+                    acc_bias2 += go2
         # partials: [programs over pixels, B, heads, TAPS + 1, C]; the last tap row holds dbias.
         part = part_ptr + ((tl.program_id(0) * B + pid_b) * HEADS * (TAPS + 1)) * C
         tap_mask = (taps < K * K)[:, None] & c_mask[None, :]
-        tl.store(part + taps[:, None] * C + cs[None, :], acc, mask=tap_mask)
+        tl.store(part + taps[:, None] * C + cs[None, :], tl.sum(acc, axis=1), mask=tap_mask)
         if NEED_BIAS:
-            tl.store(part + TAPS * C + cs, acc_bias, mask=c_mask)
+            tl.store(part + TAPS * C + cs, tl.sum(acc_bias, axis=0), mask=c_mask)
         if HEADS == 2:
             part2 = part + (TAPS + 1) * C
-            tl.store(part2 + taps[:, None] * C + cs[None, :], acc2, mask=tap_mask)
+            tl.store(part2 + taps[:, None] * C + cs[None, :], tl.sum(acc2, axis=1), mask=tap_mask)
             if NEED_BIAS:
-                tl.store(part2 + TAPS * C + cs, acc_bias2, mask=c_mask)
+                tl.store(part2 + TAPS * C + cs, tl.sum(acc_bias2, axis=0), mask=c_mask)
 
 
 def is_depthwise(x: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -284,46 +321,69 @@ def _channel_block(C: int) -> int:
     return min(_tensors.next_power_of_2(C), _MAX_BLOCK_C)
 
 
+def _taps_by_channel(weight: torch.Tensor, dtype: torch.dtype, block_c: int) -> torch.Tensor:
+    """A [C, 1, k, k] weight as [k, k, C'], C' the channels padded with zeros to a multiple of
+    ``block_c``, rounded to ``dtype`` (as the reference convolves with it) and held in the
+    accumulation dtype (fp32, fp64 for fp64): each tap's channels are one contiguous run of
+    values the kernel multiplies as they are, loaded without a mask, where the [C, 1, k, k]
+    layout in ``dtype`` took a load per channel, or a vector load and a conversion per value,
+    every tap of every program. A copy of about C*k*k elements per call."""
+    C, k = weight.shape[0], weight.shape[-1]
+    taps = weight.reshape(C, k, k).permute(1, 2, 0)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    padded = _tensors.cdiv(C, block_c) * block_c
+    out = weight.new_empty((k, k, padded), dtype=acc) if padded == C else weight.new_zeros((k, k, padded), dtype=acc)
+    out[:, :, :C].copy_(taps if weight.dtype == dtype == acc else taps.to(dtype))
+    return out
+
+
+def _in_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A convolution's input in its dtype, as the reference convolves it: an fp32 input under
+    autocast (the model's residual stream) cast by one pass before the op (seen by
+    torch.compile and the traffic ledger), where rounding it in the kernel's registers would cost
+    a conversion per tap, 49 per element for a 7x7."""
+    return x.to(dtype)
+
+
 def _convolve(xs, weights, biases, dtype, flip: bool, out_dtype=None, addend=None, silu_input=None,
-              channel_addend=None, copy=None, pixel_sums=False):
-    """One launch of the sliding-window kernel. ``xs``: one input, or two (their convolutions
-    summed, ``flip``: the input gradient); ``weights``: one or two (with one input: one output
-    each). Epilogue: + ``channel_addend`` ([B, C]) + ``addend``, then times SiLU'(``silu_input``).
-    ``copy``: a tensor of x's shape that gets x in its dtype (rounded in registers);
-    ``pixel_sums``: the partial sums of x over pixels too. Returns the outputs (then the
-    partials, [programs, B, C] in fp32 or fp64, when asked)."""
+              channel_addend=None):
+    """One launch of the tile kernel. ``xs``: one input, or two (their convolutions
+    summed, ``flip``: the input gradient), in ``dtype``; ``weights``: one or two (with one
+    input: one output each). Epilogue: + ``channel_addend`` ([B, C]) + ``addend``, then times
+    SiLU'(``silu_input``). Returns the outputs."""
     x = xs[0]
     B, C, H, W = x.shape
     k = weights[0].shape[-1]
     pair_in, pair_out = len(xs) == 2, len(xs) == 1 and len(weights) == 2
     outs = [_tensors.empty_activation(x, out_dtype or dtype) for _ in range(2 if pair_out else 1)]
     block_c = _channel_block(C)
-    block_w = min(_tensors.next_power_of_2(W), _FWD_BLOCK_W)
-    rows = min(_tensors.next_power_of_2(H), _FWD_ROWS)
-    strips = _tensors.cdiv(H, rows) * _tensors.cdiv(W, block_w)
+    # Row pairs: at least two rows (the second one masked off in an image of one row). Two
+    # heads or two inputs: half the rows, for twice the accumulators or loads per element.
+    rows = _FWD_TILE_H // 4 if pair_in or pair_out else _FWD_TILE_H
+    tile_h = max(2, min(_tensors.next_power_of_2(H), rows))
+    tile_w = min(_tensors.next_power_of_2(W), _FWD_TILE_W)
+    tiles = _tensors.cdiv(H, tile_h) * _tensors.cdiv(W, tile_w)
     # Unused pointers and strides (an absent second head, addend or silu_input) repeat the first.
+    weights = [_taps_by_channel(w, dtype, block_c) for w in weights]
     x2, w2 = xs[-1], weights[-1]
     bias, bias2 = biases[0], biases[-1] if pair_out else None
     add, z = (addend if addend is not None else x), (silu_input if silu_input is not None else x)
     cadd, cadd_strides = (x, (0, 0)) if channel_addend is None else (channel_addend, channel_addend.stride())
-    part_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    partials = _tensors.empty_buffer((strips, B, C), part_dtype, x.device) if pixel_sums else x
-    copy_to = x if copy is None else copy
     _tensors.launch_over_batch(
-        _dwconv_kernel, (strips, _tensors.cdiv(C, block_c)), B,
+        _dwconv_kernel, (tiles, _tensors.cdiv(C, block_c)), B,
         x, x2, weights[0], w2, w2 if bias is None else bias, w2 if bias2 is None else bias2, outs[0], outs[-1],
-        add, cadd, z, copy_to, partials, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(),
-        *add.stride(), *cadd_strides, *z.stride(), *copy_to.stride(),
-        weights[0].stride(0), weights[0].stride(2), weights[0].stride(3), w2.stride(0), w2.stride(2), w2.stride(3),
+        add, cadd, z, B, C, H, W, *x.stride(), *x2.stride(), *outs[0].stride(),
+        *add.stride(), *cadd_strides, *z.stride(),
+        weights[0].stride(2), weights[0].stride(0), weights[0].stride(1), w2.stride(2), w2.stride(0), w2.stride(1),
         *(0 if b is None else b.stride(0) for b in (bias, bias2)),
         K=k, FLIP=flip, HAS_BIAS=bias is not None, HAS_BIAS2=bias2 is not None, PAIR_OUT=pair_out,
         PAIR_IN=pair_in, HAS_ADDEND=addend is not None, HAS_CHANNEL_ADDEND=channel_addend is not None,
-        SILU_GRAD=silu_input is not None, COPY=copy is not None, PIXEL_SUM=pixel_sums,
-        CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype), WIDE=_tensors.wide_offsets(x, x2, *outs, add, z, copy_to),
-        ROWS=rows, SLOTS=_tensors.next_power_of_2(k), BLOCK_W=block_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
+        SILU_GRAD=silu_input is not None, CONV=_tensors.tl_dtype(dtype), ACC=_acc(dtype),
+        WIDE=_tensors.wide_offsets(x, x2, *outs, add, z),
+        TILE_H=tile_h, TILE_W=tile_w, BLOCK_C=block_c, num_warps=_FWD_WARPS,
         **_tensors.COMPILE_OPTIONS,
     )
-    return outs + [partials] if pixel_sums else outs
+    return outs
 
 
 @_tensors.launches_on_input_device
@@ -347,35 +407,7 @@ def forward(x: torch.Tensor, weights: typing.Sequence[torch.Tensor],
     format. No autograd: the caller's autograd.Function calls :func:`backward` (recompute.py)."""
     _check_heads(weights, biases, "biases")
     op = _forward_op if _eager.needs_custom_op(x) else _forward_kernels
-    return op(x, weights, biases, dtype)
-
-
-@_tensors.launches_on_input_device
-def _input_stage_kernels(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    copy = _tensors.empty_activation(x, dtype)
-    out, partials = _convolve([x], [weight], [bias], dtype, flip=False, out_dtype=dtype, copy=copy, pixel_sums=True)
-    # Fresh tensors (custom-op outputs may not alias): the sum, in x's dtype as x.sum would give.
-    return out, copy, partials.sum(0).to(x.dtype)
-
-
-_input_stage_op = torch.library.custom_op("liquiddiff::depthwise_conv_input_stage", mutates_args=())(
-    _input_stage_kernels)
-
-
-@_input_stage_op.register_fake
-def _(x, weight, bias, dtype):
-    return _tensors.empty_activation(x, dtype), _tensors.empty_activation(x, dtype), x.new_empty(x.shape[:2])
-
-
-def input_stage(x: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(conv(x), x in ``dtype``, x summed over its pixels) in one pass over an fp32 x: the spatial
-    mix's input stage (recompute.py), where x was cast to ``dtype`` (the copy backward keeps)
-    and summed (its context) by two more passes. The sum in x's dtype, from fp32 per-program
-    partials. No autograd: the caller makes the backward."""
-    op = _input_stage_op if _eager.needs_custom_op(x) else _input_stage_kernels
-    return op(x, weight, bias, dtype)
+    return op(_in_dtype(x, dtype), weights, biases, dtype)
 
 
 def _weight_grads(grad_outs, x, k: int, dtype, need_bias: bool):
@@ -461,6 +493,8 @@ def backward(grad_outs: typing.Sequence[torch.Tensor], x: torch.Tensor, weights:
     summed gradient stays fp32)."""
     _check_heads(weights, grad_outs, "grad_outs")
     op = _backward_op if _eager.needs_custom_op(x) else _backward_kernels
+    grad_outs = [_in_dtype(g, dtype) for g in grad_outs]
+    x = _in_dtype(x, dtype) if needs[1] or needs[2] else x  # the weight gradient's input
     d_x, *rest = op(grad_outs, x, weights, dtype, list(needs), silu_input, addend, channel_addend)
     heads = len(weights)
     d_ws, d_bs = rest[:heads], rest[heads:]

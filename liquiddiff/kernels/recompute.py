@@ -17,7 +17,7 @@ backward bodies (``_heads_forward``, ``_heads_backward``) also serve the CfC bra
 ``depthwise_conv`` and ``conv1x1``: under autocast a conv saves the bf16 copy autocast made of
 its input. When that input is an fp32 tensor backward has anyway or can remake, this conv keeps
 the fp32 tensor itself and casts it again in backward: one bf16 activation less per use, for
-one cast (none with the Triton depthwise kernel, which rounds in registers).
+one cast.
 
 ``spatial_mix_input``: the spatial mix's reads of its input x (the merged depthwise conv, the
 pixel sum of its context) and x itself, for the block's residual: one node, so backward sums
@@ -79,8 +79,8 @@ def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activa
 
 
 def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> torch.Tensor:
-    """The reference's convolution in ``dtype``: the Triton depthwise kernel if ``triton`` (it
-    rounds its inputs to ``dtype`` in registers), else aten on copies cast to ``dtype``: a 1x1
+    """The reference's convolution in ``dtype``: the Triton depthwise kernel if ``triton`` (its
+    launcher casts the inputs to ``dtype``), else aten on copies cast to ``dtype``: a 1x1
     conv of a channels_last input as a GEMM (:func:`_pointwise_as_gemm`)."""
     if triton:
         return depthwise.forward(a, [weight], [bias], dtype)[0]
@@ -111,7 +111,7 @@ def _pointwise_as_gemm(a, weight, bias) -> torch.Tensor:
 def _conv_params(weight, bias, dtype, triton: bool):
     """The weight and bias a conv runs with: cast to ``dtype`` once, in the forward, and saved so
     that the backward casts nothing (small tensors, but a launch each); the Triton depthwise
-    kernel takes them as they are (it rounds in registers)."""
+    kernel takes them as they are (its launcher casts them, laid out by tap)."""
     if triton:
         return weight, bias
     return weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -400,9 +400,8 @@ def depthwise_conv(x, weight, bias=None):
 class _SpatialMixInput(torch.autograd.Function):
     """(conv(x), x.sum((2, 3)), x) for a depthwise conv, saving the conv-dtype copy of x (nothing
     else keeps the spatial mix's input: half the bytes of an fp32 x, what the reference keeps).
-    An fp32 x under autocast is copied and summed in one pass: with the convolution on the Triton
-    depthwise kernels (``depthwise.input_stage``), else before cuDNN's
-    (``modulated_silu.cast_with_pixel_sum``).
+    An fp32 x under autocast is copied and summed in one pass (``modulated_silu.cast_with_pixel_sum``)
+    before the convolution, which reads the copy (cuDNN's or the Triton depthwise kernel's).
 
     Backward sums x's three gradients, the conv's input gradient, the broadcast pixel-sum
     gradient and the residual's, into one tensor in x's dtype: in the Triton kernel's epilogue,
@@ -417,19 +416,15 @@ class _SpatialMixInput(torch.autograd.Function):
         ctx.bias_dtype = None if bias is None else bias.dtype
         weight, bias = _conv_params(weight, bias, dtype, ctx.triton)
         # The model's fp32 stream under autocast: the copy backward keeps and the pixel sum (fp32
-        # in any autocast state, as the reference's) in one pass over x, with the conv on the
-        # Triton kernel, before cuDNN's by the Triton cast, where a cast and a sum took two.
-        fp32_stream = x.dtype == torch.float32 and dtype != x.dtype
-        if ctx.triton and fp32_stream:
-            local, x_conv, pixel_sum = depthwise.input_stage(x, weight, bias, dtype)
+        # in any autocast state, as the reference's) in one pass over x, where a cast and a sum
+        # took two.
+        if x.dtype == torch.float32 and dtype != x.dtype and runtime.use_triton("modulated_silu", x.device.type):
+            x_conv, pixel_sum = cast_with_pixel_sum(x, dtype)
         else:
-            if fp32_stream and runtime.use_triton("modulated_silu", x.device.type):
-                x_conv, pixel_sum = cast_with_pixel_sum(x, dtype)
-            else:
-                pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
-                x_conv = x.to(dtype)
-            with torch.autocast(x.device.type, enabled=False):
-                local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
+            pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
+            x_conv = x.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
         ctx.save_for_backward(x_conv, weight)
         ctx.dtype, ctx.x_dtype = dtype, x.dtype
         ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a tensor of zeros
