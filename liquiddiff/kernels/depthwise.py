@@ -114,6 +114,19 @@ if triton is not None:
         return _tensors.batch_item(2, batch_start, SPLIT_BATCH), oh, ow, cs, cs < C
 
     @triton.jit
+    def _tap(acc, acc2, xv, xv2, w_ptrs, w2_ptrs, PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr):
+        """One tap's loads times its weights (one vector load each: [K, K, C], no mask) into one
+        row of the pairs: acc (and acc2, PAIR_OUT's second kernel; PAIR_IN: x2's, into acc)."""
+        acc += tl.load(w_ptrs)[None, :] * xv
+        if PAIR_OUT or PAIR_IN:
+            w2 = tl.load(w2_ptrs)[None, :]
+            if PAIR_IN:
+                acc += w2 * xv2
+            else:
+                acc2 += w2 * xv
+        return acc, acc2
+
+    @triton.jit
     def _input_row(acc_a, acc2_a, acc_b, acc2_b, x_base, x2_base, w_base, w2_base, ih, ow, c_mask, H, W,
                    sx_h, sx_w, sx2_h, sx2_w, sw_h, sw_w, sw2_h, sw2_w, u_a, u_b,
                    K: tl.constexpr, FLIP: tl.constexpr, PAIR_OUT: tl.constexpr, PAIR_IN: tl.constexpr,
@@ -128,25 +141,16 @@ if triton is not None:
             ok = (row_ok & (iw >= 0) & (iw < W))[:, None] & c_mask[None, :]
             w_col = (K - 1 - v) if FLIP else v
             xv = tl.load(x_base + ih[:, None] * sx_h + iw[:, None] * sx_w, mask=ok, other=0.0).to(CONV).to(ACC)
+            xv2 = xv  # PAIR_IN's second input, else unused
             if PAIR_IN:
                 xv2 = tl.load(x2_base + ih[:, None] * sx2_h + iw[:, None] * sx2_w, mask=ok, other=0.0)
                 xv2 = xv2.to(CONV).to(ACC)
             if FEED_A:
-                acc_a += tl.load(w_base + u_a * sw_h + w_col * sw_w)[None, :] * xv
-                if PAIR_OUT or PAIR_IN:
-                    w2 = tl.load(w2_base + u_a * sw2_h + w_col * sw2_w)[None, :]
-                    if PAIR_IN:
-                        acc_a += w2 * xv2
-                    else:
-                        acc2_a += w2 * xv
+                acc_a, acc2_a = _tap(acc_a, acc2_a, xv, xv2, w_base + u_a * sw_h + w_col * sw_w,
+                                     w2_base + u_a * sw2_h + w_col * sw2_w, PAIR_OUT, PAIR_IN)
             if FEED_B:
-                acc_b += tl.load(w_base + u_b * sw_h + w_col * sw_w)[None, :] * xv
-                if PAIR_OUT or PAIR_IN:
-                    w2 = tl.load(w2_base + u_b * sw2_h + w_col * sw2_w)[None, :]
-                    if PAIR_IN:
-                        acc_b += w2 * xv2
-                    else:
-                        acc2_b += w2 * xv
+                acc_b, acc2_b = _tap(acc_b, acc2_b, xv, xv2, w_base + u_b * sw_h + w_col * sw_w,
+                                     w2_base + u_b * sw2_h + w_col * sw2_w, PAIR_OUT, PAIR_IN)
         return acc_a, acc2_a, acc_b, acc2_b
 
     @triton.jit
