@@ -174,7 +174,9 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
         s, stats = _meta(shape, torch.float32), torch.empty(B, shape[2] * shape[3], device="meta")
         out += [
             (f"AdaLN forward C={channels}", "adaln", "_adaln_fwd_kernel",
-             lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r, None)),
+             lambda x=x, r=r, scale=scale: adaln._forward_kernels(x, scale, scale, 1e-6, r, None, None)),
+            (f"AdaLN forward C={channels} + a copy in the conv dtype (norm1)", "adaln", "_adaln_fwd_kernel",
+             lambda r=r, scale=scale: adaln._forward_kernels(r, scale, scale, 1e-6, None, None, half)),
             (f"AdaLN backward C={channels}", "adaln", "_adaln_bwd_kernel",
              lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
                  s, s, s, scale, stats, stats, torch.float32, half, True, True)),

@@ -110,15 +110,17 @@ class AdaLN(FusedSwitch, nn.Module):
         self.eps = eps
         self.time = TimeProjection(temb_dim, channels, 2)
 
-    def forward(self, x, temb, residual=None, out_dtype=None, return_input=False, projected=None):
+    def forward(self, x, temb, residual=None, out_dtype=None, return_input=False, projected=None,
+                copy_dtype=None):
         """``out_dtype`` (the fused block's): ``out`` stored in that dtype, as a cast of it would be.
         ``return_input`` (without residual): also return x, for x's other consumers (fused, the
         backward kernel adds the gradient they give x: kernels.adaln_modulate). ``projected``:
-        the time projection's output, made by the caller (TimeProjection)."""
+        the time projection's output, made by the caller (TimeProjection). ``copy_dtype`` (the
+        fused block's): also return out in that dtype, last, from the same pass."""
         scale, shift = self.time(temb, projected)
-        if self.fused or out_dtype is not None:
+        if self.fused or out_dtype is not None or copy_dtype is not None:
             return kernels.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual, out_dtype=out_dtype,
-                                          return_input=return_input)
+                                          return_input=return_input, copy_dtype=copy_dtype)
         out = functional.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
         return (out, x) if return_input else out
 
@@ -151,14 +153,17 @@ class ParallelCfC(FusedSwitch, nn.Module):
         """(weight, bias) of each convolution, in ``functional.CFC_CONVS`` order."""
         return [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
 
-    def forward(self, n, temb, t, residual, projected=None, convs=None):
+    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None):
         """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block);
-        ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
+        ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast);
+        ``n_conv`` (fused): n in the convolutions' dtype, made by the caller's AdaLN with n."""
         if projected is None:
             e = F.silu(temb)
             projected = self.time_a(e), self.time_b(e)
         if convs is None:
             convs = self.conv_parameters()
+        if n_conv is not None:
+            return kernels.parallel_cfc(n, convs, *projected, self.rho, t, residual=residual, n_conv=n_conv)
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
         return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
@@ -329,9 +334,12 @@ class LiquidDiffusionBlock(nn.Module):
             projected = project_time(temb, [self])[0] if self.cfc.fused else (None,) * 4
         for_norm1, for_cfc, for_mix, for_norm2 = projected
         norm1 = functools.partial(self.norm1, projected=for_norm1)
-        n, residual = norm1(u, temb, return_input=True)
+        conv_dtype = self._cfc_conv_dtype(u)
+        normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
+        n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)
         with self._remade(n, norm1, u, temb):
-            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc)
+            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv)
+        del normed, n_conv  # the conv's copy of n, dead now: not alive through the rest of the block
         mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix)
         norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
         n, u = norm2(mixed, temb, residual=u)
@@ -357,6 +365,11 @@ class LiquidDiffusionBlock(nn.Module):
         if dtype is not None:
             convs = _cast_together([[p] for p in convs], dtype)
         return BlockParameters(*tree_unflatten(convs, spec))
+
+    def _cfc_conv_dtype(self, u):
+        """Fused under autocast, norm1 also writes n in autocast's dtype, which the CfC's 7x7 conv
+        reads where it would cast n (fp32) by a pass of its own: the same values."""
+        return _autocast_dtype(u.device.type) if self.cfc.fused else None
 
     def _ffn_input_dtype(self, u):
         """Fused under autocast, norm2 writes the FFN's input in autocast's dtype, which its first

@@ -286,16 +286,17 @@ def _opcheck_samples():
                                    ("channels_last", True, False)]:
         case = Case((2, 5, 3, 4), x_layout=layout, residual=residual)
         leaves = case.leaves(ARGS if grad else ())
-        samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves.get("residual"), None))
-    samples.append((*samples[0][:5], torch.float64))  # out in another dtype than promotion's
+        samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves.get("residual"), None, None))
+    samples.append((*samples[0][:5], torch.float64, None))  # out in another dtype than promotion's
     # Autocast-style mix: x fp32, scale and shift fp64 (out promoted), residual fp64 (s promoted).
     case = Case((2, 5, 3, 4), x_layout="channels_last", res_dtype=torch.float64, param_dtype=torch.float64)
     leaves = case.leaves(ARGS)
-    samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves["residual"], None))
+    samples.append((leaves["x"], leaves["scale"], leaves["shift"], EPS, leaves["residual"], None, None))
+    samples.append((*samples[1][:6], torch.float32))  # with a copy of out in another dtype
     return samples
 
 
-@pytest.mark.parametrize("index", range(5))
+@pytest.mark.parametrize("index", range(6))
 def test_opcheck_forward(index):
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate.default, _opcheck_samples()[index])
 
@@ -306,9 +307,9 @@ def test_opcheck_forward(index):
     (True, torch.float64, True, False),
 ])
 def test_opcheck_backward(write_ds, ds2, param_grads, grad_s):
-    x, scale, shift, eps, residual, _ = _opcheck_samples()[0]
-    out, s, mean, rstd = torch.ops.liquiddiff.adaln_modulate(
-        x.detach(), scale.detach(), shift.detach(), eps, residual.detach(), None)
+    x, scale, shift, eps, residual, _, _ = _opcheck_samples()[0]
+    out, s, mean, rstd, _ = torch.ops.liquiddiff.adaln_modulate(
+        x.detach(), scale.detach(), shift.detach(), eps, residual.detach(), None, None)
     args = (torch.randn_like(out), torch.randn_like(s) if grad_s else None, s, scale.detach(),
             mean, rstd, x.dtype, ds2, write_ds, param_grads)
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate_backward.default, args)
@@ -511,6 +512,35 @@ def test_out_dtype_is_the_reference_cast(monkeypatch, residual, policy):
 def test_out_dtype_is_checked():
     with pytest.raises(TypeError, match="out_dtype: expected a floating-point torch.dtype"):
         adaln_modulate(**{k: v for k, v in _good().items() if k != "residual"}, out_dtype=torch.int32)
+    with pytest.raises(TypeError, match="copy_dtype: expected a floating-point torch.dtype"):
+        adaln_modulate(**{k: v for k, v in _good().items() if k != "residual"}, copy_dtype="bf16")
+
+
+# ------------------------------------------------------------------------------ copy_dtype
+@pytest.mark.parametrize("mode", ["plain", "residual", "return_input"])
+@pytest.mark.parametrize("policy", ["auto", "torch"])
+def test_copy_dtype_is_out_cast_in_the_same_pass(monkeypatch, mode, policy):
+    """copy_dtype also returns out.to(copy_dtype), exactly, in out's layout (outputs start as NaN:
+    an element the kernel does not write fails), without a gradient of its own; out, s, x's
+    pass-through and every gradient are the reference's, on the kernel and on the fallback."""
+    monkeypatch.setenv(runtime.ENV_VAR, policy)
+    raw = _return_input_raw()
+    if mode == "residual":
+        raw["residual"] = torch.randn_like(raw["x"])
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    with parity.poisoned_outputs():
+        *got, copy = adaln_modulate(**ins, return_input=mode == "return_input", copy_dtype=torch.float32)
+    want = functional.adaln_modulate(**ref_ins)
+    want = list(want) if mode == "residual" else [want, ref_ins["x"]] if mode == "return_input" else [want]
+    assert copy.dtype == torch.float32 and not copy.requires_grad
+    assert torch.equal(copy, got[0].detach().to(torch.float32))
+    assert copy.is_contiguous(memory_format=torch.channels_last)
+    ups = tuple(torch.randn_like(w) for w in want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        parity.assert_close(f"output {i}", g, w, 1e-12)
+    grads, ref_grads = parity.grads_of(tuple(got), ins, ups), parity.grads_of(tuple(want), ref_ins, ups)
+    for name in ins:
+        parity.assert_close(f"d {name}", grads[name], ref_grads[name], 1e-12)
 
 
 # ---------------------------------------------------------------------------- return_input

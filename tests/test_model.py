@@ -1,4 +1,5 @@
 """The U-Net: presets, shapes, input errors, the fused switch and torch.compile."""
+import contextlib
 import copy
 
 import numpy as np
@@ -356,6 +357,46 @@ def test_fused_block_under_autocast_casts_its_parameters_together():
     assert torch.equal(params.ffn[1][1], block.ffn.out.bias.to(torch.bfloat16))
     for name, p in block.named_parameters():
         assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.shape == p.shape, name
+
+
+def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(monkeypatch):
+    """Under autocast norm1 also writes n in bf16 (AdaLN's copy_dtype), which the CfC's 7x7 conv
+    reads: the block's forward casts no fp32 activation to bf16 (the conv cast n by a pass of its
+    own before), and the output and every gradient are those of the block that casts."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if (func is torch.ops.aten._to_copy.default and args[0].dim() == 4 and args[0].dtype == torch.float32
+                    and (kwargs or {}).get("dtype") == torch.bfloat16):
+                casts.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    def run(block, copy: bool, probe):
+        if not copy:  # the block before norm1 wrote the copy: the conv casts n
+            monkeypatch.setattr(block, "_cfc_conv_dtype", lambda u: None)
+        u = raw_u.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16), probe:
+            out = block(u, temb, t)
+        grads = torch.autograd.grad(out, [u, *block.parameters()], up.to(out.dtype))
+        return out, grads
+
+    block = _randomise(LiquidDiffusionBlock(6, 16))
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    raw_u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    temb, t, up = torch.randn(2, 16), torch.rand(2), torch.randn(2, 6, 5, 5)
+    out, grads = run(block, True, Casts())
+    assert casts == []
+    ref, ref_grads = run(copy.deepcopy(block), False, contextlib.nullcontext())
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
 
 
 def test_fused_channels_last_model_makes_no_nchw_activation():

@@ -191,6 +191,13 @@ def test_bad_arguments_are_named(change, message):
         _call(kernels.parallel_cfc)(**raw)
 
 
+def test_n_conv_is_checked():
+    raw = _raw()
+    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
+    with pytest.raises(ValueError, match="n_conv: expected a float tensor of n's shape"):
+        kernels.parallel_cfc(raw["n"], convs, raw["a"], raw["b"], raw["rho"], raw["t"], n_conv=raw["n"][:, :3])
+
+
 def test_convs_are_counted():
     raw = _raw()
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS][:6]

@@ -7,8 +7,9 @@ Computes, per pixel over the channel axis (DESIGN.md section 1):
 and the gradients of x, residual, scale and shift.
 
 Memory moved (N = B*C*H*W elements, P = B*H*W pixels):
-- forward: reads x (and residual), writes out (and s), writes mean and rstd (2P, in the
-  compute dtype); scale and shift are loaded once per program.
+- forward: reads x (and residual), writes out (and s, and out's copy in another dtype:
+  ``copy_dtype``), writes mean and rstd (2P, in the compute dtype); scale and shift are loaded
+  once per program.
 - backward: reads grad_out (and grad_s), s and the statistics, writes ds once (twice when x and
   residual differ in dtype, both in the same pass) and per-program partial sums of d scale and
   d shift (2 * B * C per block of pixels), which one torch sum reduces.
@@ -23,7 +24,8 @@ channels_last.
 
 Public entry: ``adaln_modulate(x, scale, shift, eps=1e-6, residual=None)`` returns ``out``, or
 ``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does. Custom ops:
-``liquiddiff::adaln_modulate`` -> (out, s, mean, rstd) and ``liquiddiff::adaln_modulate_backward``.
+``liquiddiff::adaln_modulate`` -> (out, s, mean, rstd, copy) and
+``liquiddiff::adaln_modulate_backward``.
 """
 from __future__ import annotations
 
@@ -88,15 +90,17 @@ if triton is not None:
 
     @triton.jit
     def _adaln_fwd_kernel(
-        x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, s_ptr, mean_ptr, rstd_ptr,
+        x_ptr, res_ptr, scale_ptr, shift_ptr, out_ptr, s_ptr, mean_ptr, rstd_ptr, copy_ptr,
         C, P, eps,
         sx_b, sx_c, sx_p,
         sr_b, sr_c, sr_p,
         so_b, so_c, so_p,
         ss_b, ss_c, ss_p,
+        scp_b, scp_c, scp_p,
         sscale_b, sscale_c,
         sshift_b, sshift_c, batch_start,
         HAS_RESIDUAL: tl.constexpr,
+        HAS_COPY: tl.constexpr,
         COMPUTE: tl.constexpr,
         SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -125,9 +129,10 @@ if triton is not None:
 
         scale = tl.load(scale_ptr + b * sscale_b + c64 * sscale_c, mask=mask_c[:, None], other=0.0)
         shift = tl.load(shift_ptr + b * sshift_b + c64 * sshift_c, mask=mask_c[:, None], other=0.0)
-        out = x_hat * (1.0 + scale.to(COMPUTE)) + shift.to(COMPUTE)
-        tl.store(out_ptr + b * so_b + c64 * so_c + p64 * so_p,
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = (x_hat * (1.0 + scale.to(COMPUTE)) + shift.to(COMPUTE)).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + b * so_b + c64 * so_c + p64 * so_p, out, mask=mask)
+        if HAS_COPY:  # out.to(copy dtype): the stored value rounded again, as a cast of out would
+            tl.store(copy_ptr + b * scp_b + c64 * scp_c + p64 * scp_p, out.to(copy_ptr.dtype.element_ty), mask=mask)
 
         tl.store(mean_ptr + b * P + p, mean, mask=mask_p)
         tl.store(rstd_ptr + b * P + p, rstd, mask=mask_p)
@@ -190,8 +195,8 @@ def _stats_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if _tensors.compute_dtype(*tensors) == tl.float64 else torch.float32
 
 
-def _forward_buffers(x, scale, shift, residual, out_dtype):
-    """(out, s, mean, rstd) for the forward op; the fake kernel uses the same allocation."""
+def _forward_buffers(x, scale, shift, residual, out_dtype, copy_dtype):
+    """(out, s, mean, rstd, copy) for the forward op; the fake kernel uses the same allocation."""
     batch, _, height, width = x.shape
     s_dtype = _tensors.result_dtype(x, residual)
     out = _tensors.empty_activation(x, out_dtype or _tensors.result_dtype(x, residual, scale, shift))
@@ -202,7 +207,9 @@ def _forward_buffers(x, scale, shift, residual, out_dtype):
     stats_dtype = _stats_dtype(x, residual, scale, shift)
     mean = _tensors.empty_buffer((batch, height * width), stats_dtype, x.device)
     rstd = _tensors.empty_buffer((batch, height * width), stats_dtype, x.device)
-    return out, s, mean, rstd
+    copy = _tensors.empty_buffer((0,), out.dtype, x.device) if copy_dtype is None else _tensors.empty_activation(
+        x, copy_dtype)
+    return out, s, mean, rstd, copy
 
 
 @_tensors.launches_on_input_device
@@ -213,11 +220,13 @@ def _forward_kernels(
     eps: float,
     residual: Optional[torch.Tensor],
     out_dtype: Optional[torch.dtype],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, s, mean, rstd); s is an empty tensor when there is no residual."""
-    out, s, mean, rstd = _forward_buffers(x, scale, shift, residual, out_dtype)
+    copy_dtype: Optional[torch.dtype],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, s, mean, rstd, copy); s is an empty tensor when there is no residual, copy
+    (out in ``copy_dtype``) one without a copy_dtype."""
+    out, s, mean, rstd, copy = _forward_buffers(x, scale, shift, residual, out_dtype, copy_dtype)
     if x.numel() == 0:
-        return out, s, mean, rstd
+        return out, s, mean, rstd, copy
     batch, channels, height, width = x.shape
     pixels = height * width
     x, x_strides = _tensors.flat_pixels(x)
@@ -230,24 +239,26 @@ def _forward_kernels(
     block_c, block_p, num_warps = launch_config(channels, pixels)
     _tensors.launch_over_batch(
         _adaln_fwd_kernel, (_tensors.cdiv(pixels, block_p),), batch,
-        x, res, scale, shift, out, s_arg, mean, rstd,
+        x, res, scale, shift, out, s_arg, mean, rstd, out if copy_dtype is None else copy,
         channels, pixels, eps,
         *x_strides, *res_strides, *out_strides, *s_strides,
+        *(out_strides if copy_dtype is None else _tensors.pixel_strides(copy)),
         *scale.stride(), *shift.stride(),
         HAS_RESIDUAL=residual is not None,
+        HAS_COPY=copy_dtype is not None,
         COMPUTE=_tensors.compute_dtype(x, residual, scale, shift),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
         **_tensors.COMPILE_OPTIONS,
     )
-    return out, s, mean, rstd
+    return out, s, mean, rstd, copy
 
 
 _adaln_forward = torch.library.custom_op("liquiddiff::adaln_modulate", mutates_args=())(_forward_kernels)
 
 
 @_adaln_forward.register_fake
-def _(x, scale, shift, eps, residual, out_dtype):
-    return _forward_buffers(x, scale, shift, residual, out_dtype)
+def _(x, scale, shift, eps, residual, out_dtype, copy_dtype):
+    return _forward_buffers(x, scale, shift, residual, out_dtype, copy_dtype)
 
 
 def _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads):
@@ -333,8 +344,8 @@ def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, par
 
 
 def _setup_context(ctx, inputs, output):
-    x, scale, shift, _eps, residual, _out_dtype = inputs
-    _out, s, mean, rstd = output
+    x, scale, shift, _eps, residual, _out_dtype, _copy_dtype = inputs
+    _out, s, mean, rstd, copy = output
     ctx.save_for_backward(x if residual is None else s, scale, mean, rstd)
     ctx.x_dtype = x.dtype
     ctx.residual_dtype = None if residual is None else residual.dtype
@@ -342,23 +353,26 @@ def _setup_context(ctx, inputs, output):
     ctx.shift_dtype = shift.dtype
     # The statistics are saved state, not results to differentiate; s is a placeholder without
     # residual, and a constant when neither x nor residual requires grad (as in the reference).
-    ctx.mark_non_differentiable(mean, rstd)
+    # The copy (out cast for a convolution that reads it in place of out, ``copy_dtype``) is
+    # out's value: its consumer hands its gradient to out's. (One call: each replaces the last.)
+    constant = [mean, rstd, copy]
     if residual is None or not (ctx.needs_input_grad[0] or ctx.needs_input_grad[4]):
-        ctx.mark_non_differentiable(s)
+        constant.append(s)
+    ctx.mark_non_differentiable(*constant)
     # An output that does not reach the loss then comes to backward as None, not as an
     # activation-sized tensor of zeros.
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backward):
+def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, _grad_copy, launch=_adaln_backward):
     s, scale, mean, rstd = ctx.saved_tensors
-    need_x, need_scale, need_shift, _, need_res, _ = ctx.needs_input_grad
+    need_x, need_scale, need_shift, _, need_res = ctx.needs_input_grad[:5]
     has_residual = ctx.residual_dtype is not None
     if grad_out is None:
         # Only s reached the loss: the norm branch contributes nothing.
         grad_x = None if grad_s is None or not need_x else grad_s.to(ctx.x_dtype)
         grad_res = None if grad_s is None or not need_res else grad_s.to(ctx.residual_dtype)
-        return grad_x, None, None, None, grad_res, None
+        return grad_x, None, None, None, grad_res, None, None
 
     same_dtype = not has_residual or ctx.residual_dtype == ctx.x_dtype
     write_ds = need_x or (need_res and same_dtype)
@@ -370,7 +384,7 @@ def _backward(ctx, grad_out, grad_s, _grad_mean, _grad_rstd, launch=_adaln_backw
     grad_res = (ds if same_dtype else ds2) if need_res else None
     grad_scale, grad_shift = _tensors.unstack_grads(
         dparams, (ctx.scale_dtype if need_scale else None, ctx.shift_dtype if need_shift else None))
-    return grad_x, grad_scale, grad_shift, None, grad_res, None
+    return grad_x, grad_scale, grad_shift, None, grad_res, None, None
 
 
 _adaln_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -381,24 +395,24 @@ _EagerAdaLN = _eager.eager_function(
 
 
 class _AdaLNWithInput(torch.autograd.Function):
-    """(out, x) of the op without residual, as one node: the gradient x receives through the
-    second output (from its other consumers: the block's CfC residual) is the backward kernel's
-    grad_s, added in the pass that writes x's gradient instead of in a pass of autograd's.
-    Launches the kernels directly in eager mode, the custom ops when traced."""
+    """(out, x, copy) of the op without residual, as one node: the gradient x receives through
+    the second output (from its other consumers: the block's CfC residual) is the backward
+    kernel's grad_s, added in the pass that writes x's gradient instead of in a pass of
+    autograd's. Launches the kernels directly in eager mode, the custom ops when traced."""
 
     @staticmethod
-    def forward(ctx, x, scale, shift, eps, residual, out_dtype):
+    def forward(ctx, x, scale, shift, eps, residual, out_dtype, copy_dtype):
         # residual: always None, in the op's argument order so that _backward reads the flags.
         ctx.traced = _eager.needs_custom_op(x)
         launch = _adaln_forward if ctx.traced else _forward_kernels
-        output = launch(x, scale, shift, eps, None, out_dtype)
-        _setup_context(ctx, (x, scale, shift, eps, None, out_dtype), output)
-        return output[0], x
+        output = launch(x, scale, shift, eps, None, out_dtype, copy_dtype)
+        _setup_context(ctx, (x, scale, shift, eps, None, out_dtype, copy_dtype), output)
+        return output[0], x, output[4]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_x):
-        return _backward(ctx, grad_out, grad_x, None, None,
+    def backward(ctx, grad_out, grad_x, _grad_copy):
+        return _backward(ctx, grad_out, grad_x, None, None, None,
                          launch=_adaln_backward if ctx.traced else _backward_kernels)
 
 
@@ -411,7 +425,8 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None, return_input=False):
+def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None, return_input=False,
+                   copy_dtype=None):
     """Fused :func:`liquiddiff.functional.adaln_modulate`: same signature, dtypes and results.
 
     Returns ``out``, or ``(out, s)`` when ``residual`` is given. ``out_dtype`` stores ``out`` in
@@ -419,7 +434,10 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dty
     cast's pass over memory (the fused block's FFN input, which its conv would cast to
     autocast's dtype anyway). ``return_input=True`` (without residual) returns ``(out, x)``: use
     that x for x's other consumers, and the backward kernel adds the gradient they give x in the
-    pass that writes x's gradient.
+    pass that writes x's gradient. ``copy_dtype`` also returns ``out.to(copy_dtype)``, last,
+    written by the same pass (the fused CfC's 7x7 conv input under autocast, where a cast read
+    out again; out itself, detached, when out has that dtype): a copy without a gradient of its
+    own, whose consumer gives its gradient to out.
     """
     _tensors.check_activation("x", x)
     batch, channels = x.shape[:2]
@@ -430,17 +448,25 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dty
     eps = _check_eps(eps)
     if channels > MAX_CHANNELS:
         raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
-    if out_dtype is not None and not (isinstance(out_dtype, torch.dtype) and out_dtype.is_floating_point):
-        raise TypeError(f"out_dtype: expected a floating-point torch.dtype or None, got {out_dtype!r}")
+    for name, dtype in (("out_dtype", out_dtype), ("copy_dtype", copy_dtype)):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{name}: expected a floating-point torch.dtype or None, got {dtype!r}")
     if return_input and residual is not None:
         raise ValueError("return_input: only without residual (with one, the sum s is returned)")
+    wanted_copy = copy_dtype
+    if copy_dtype == (out_dtype or _tensors.result_dtype(x, residual, scale, shift)):
+        copy_dtype = None  # out is its own copy, as out.to(its dtype) is out
     if not runtime.use_triton(OP_NAME, x.device.type):
-        result = functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
-        if out_dtype is not None:
-            result = result.to(out_dtype) if residual is None else (result[0].to(out_dtype), result[1])
-        return (result, x) if return_input else result
-    if return_input:
-        return _AdaLNWithInput.apply(x, scale, shift, eps, None, out_dtype)
-    op = _adaln_forward if _eager.needs_custom_op(x) else _EagerAdaLN.apply
-    out, s, _mean, _rstd = op(x, scale, shift, eps, residual, out_dtype)
-    return out if residual is None else (out, s)
+        out = functional.adaln_modulate(x, scale, shift, eps=eps, residual=residual)
+        out, s = out if residual is not None else (out, None)
+        out = out if out_dtype is None else out.to(out_dtype)
+        copy = None if copy_dtype is None else out.detach().to(copy_dtype)
+    elif return_input:
+        out, x, copy = _AdaLNWithInput.apply(x, scale, shift, eps, None, out_dtype, copy_dtype)
+    else:
+        op = _adaln_forward if _eager.needs_custom_op(x) else _EagerAdaLN.apply
+        out, s, _mean, _rstd, copy = op(x, scale, shift, eps, residual, out_dtype, copy_dtype)
+    result = (out, s) if residual is not None else (out, x) if return_input else (out,)
+    if wanted_copy is not None:
+        result += (out.detach() if copy_dtype is None else copy,)
+    return result if len(result) > 1 else out

@@ -17,7 +17,9 @@ depthwise kernel, else in one add. Per block, at [8, 64, 256, 256] under bf16 au
 about 0.7 GB less traffic per train step (``python -m benchmarks.traffic``).
 
 When the caller keeps a recipe for n (``recompute_saved``: the block remakes it from its AdaLN),
-backward remakes n once; before, both of n's consumers unpacked (and so remade) it.
+backward remakes n once; before, both of n's consumers unpacked (and so remade) it. Under
+autocast the block's AdaLN also hands over n in the convolutions' dtype (``n_conv``, written in
+its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own.
 
 Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
 grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
@@ -54,25 +56,28 @@ def _pick(items, indices):
 
 
 class _ParallelCfC(torch.autograd.Function):
-    """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS."""
+    """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS, then
+    n_conv (n in the convolutions' dtype, or None: :func:`parallel_cfc`)."""
 
     @staticmethod
     def forward(ctx, n, residual, a, b, rho, t, *params):
-        weights, biases = params[:_CONVS], params[_CONVS:]
+        weights, biases, n_conv = params[:_CONVS], params[_CONVS:2 * _CONVS], params[2 * _CONVS]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
+        if n_conv is None or n_conv.dtype != dtype:
+            n_conv = n  # cast by the 7x7's launch
         triton = [_triton_depthwise(n, w, channels // w.shape[1]) for w in weights]  # 1x1: never
         ctx.dw_triton, ctx.head_triton = triton[_DW], _pick(triton, _HEADS)
         ctx.paired = _paired_heads(_pick(weights, _HEADS), ctx.head_triton)
         ctx.param_dtypes = [p.dtype for p in weights], [None if b is None else b.dtype for b in biases]
-        weights, biases = zip(*(_conv_params(w, b, dtype, use) for w, b, use in zip(weights, biases, triton)))
+        weights, biases = zip(*(_conv_params(w, b, dtype) for w, b in zip(weights, biases)))
         with torch.autocast(n.device.type, enabled=False):
             # On cuDNN the 7x7's bias moves into the 1x1's (its GEMM epilogue, _backbone_bias):
             # dw is kept without it. The Triton depthwise kernel adds it in registers.
             ctx.folded = not ctx.dw_triton and biases[_DW] is not None
             dw_bias = None if ctx.folded else biases[_DW]
             z_bias = _backbone_bias(weights[_PW], biases[_PW], biases[_DW]) if ctx.folded else biases[_PW]
-            dw = _conv(n, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
+            dw = _conv(n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
             z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
             silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
@@ -173,7 +178,7 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
-        return (d_n, d_residual, *d_small, *d_ws, *d_bs)
+        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None)  # n_conv: its gradient is n's
 
 
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
@@ -287,10 +292,18 @@ def _check(n, convs, a, b, rho, t, residual) -> None:
     check_gate_parameters(n, a, b, rho, t)
 
 
-def parallel_cfc(n, convs, a, b, rho, t, residual=None):
-    """Fused :func:`liquiddiff.functional.parallel_cfc`: same signature, value and gradients."""
+def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None):
+    """Fused :func:`liquiddiff.functional.parallel_cfc`: same signature, value and gradients.
+
+    ``n_conv``: n already in the convolutions' dtype (``n.to(dtype)``, which the block's AdaLN
+    writes in the pass that writes n: ``copy_dtype``), read by the 7x7 conv where it would cast
+    n by a pass of its own; not saved, and without a gradient of its own (the conv's input
+    gradient is n's). Ignored in another dtype, and by the PyTorch fallback."""
     _check(n, convs, a, b, rho, t, residual)
+    if n_conv is not None and (n_conv.shape != n.shape or n_conv.device != n.device or not n_conv.is_floating_point()):
+        raise ValueError(f"n_conv: expected a float tensor of n's shape {tuple(n.shape)} on {n.device}, got "
+                         f"{n_conv.dtype} {tuple(n_conv.shape)} on {n_conv.device}")
     if not runtime.use_triton("cfc_relax", n.device.type):
         return functional.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
     weights, biases = zip(*convs)
-    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases)
+    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv)

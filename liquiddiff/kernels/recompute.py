@@ -108,12 +108,9 @@ def _pointwise_as_gemm(a, weight, bias) -> torch.Tensor:
     return out.view(B, H, W, weight.shape[0]).permute(0, 3, 1, 2)
 
 
-def _conv_params(weight, bias, dtype, triton: bool):
+def _conv_params(weight, bias, dtype):
     """The weight and bias a conv runs with: cast to ``dtype`` once, in the forward, and saved so
-    that the backward casts nothing (small tensors, but a launch each); the Triton depthwise
-    kernel takes them as they are (its launcher casts them, laid out by tap)."""
-    if triton:
-        return weight, bias
+    that the backward casts nothing (small tensors, but a launch each)."""
     return weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
@@ -180,7 +177,7 @@ class _RecomputedConv(torch.autograd.Function):
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         ctx.weight_dtype = weight.dtype
-        weight, bias = _conv_params(weight, bias, dtype, triton)
+        weight, bias = _conv_params(weight, bias, dtype)
         pointwise = _triton_pointwise(z, weight, groups, activate)
         if residual is not None and not pointwise:
             raise ValueError("residual: only the Triton pointwise kernels add it (silu_conv1x1 adds it otherwise)")
@@ -321,7 +318,7 @@ class _SiluConvs(torch.autograd.Function):
         ctx.paired = _paired_heads(weights, ctx.triton)
         ctx.weight_dtypes = [w.dtype for w in weights]
         ctx.biases = [None if b is None else (list(b.shape), b.dtype) for b in biases]
-        weights, biases = zip(*(_conv_params(w, b, dtype, use) for w, b, use in zip(weights, biases, ctx.triton)))
+        weights, biases = zip(*(_conv_params(w, b, dtype) for w, b in zip(weights, biases)))
         with torch.autocast(z.device.type, enabled=False):
             outs = _heads_forward(F.silu(z).to(dtype), z.shape[1], weights, biases, dtype, ctx.triton, ctx.paired)
         ctx.save_for_backward(z, *weights)
@@ -414,7 +411,7 @@ class _SpatialMixInput(torch.autograd.Function):
         ctx.weight_dtype = weight.dtype
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        weight, bias = _conv_params(weight, bias, dtype, ctx.triton)
+        weight, bias = _conv_params(weight, bias, dtype)
         # The model's fp32 stream under autocast: the copy backward keeps and the pixel sum (fp32
         # in any autocast state, as the reference's) in one pass over x, where a cast and a sum
         # took two.
