@@ -53,8 +53,8 @@ class Backend:
 # a train step of the tiny preset took 260 ms with the depthwise kernels, 298 ms with both sets,
 # against 255 ms without.
 OPT_IN = {
-    "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in, measured slower than cuDNN "
-                      "(benchmarks/RESULTS.md)",
+    "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until a GPU report times its "
+                      "rewrite (the first design measured slower than cuDNN: benchmarks/RESULTS.md)",
     "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in, "
                       "measured slower than cuDNN (benchmarks/RESULTS.md)",
 }
