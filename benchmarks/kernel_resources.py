@@ -7,6 +7,7 @@ block fills an SM is slow whatever its memory access; this catches that before a
     python -m benchmarks.kernel_resources --sm 75    # sm_75: the T4 (fp16 training)
     python -m benchmarks.kernel_resources --wide     # the 64-bit-offset variants (items past 2**30)
     python -m benchmarks.kernel_resources --split-batch  # the variants of a batch launched in parts
+    python -m benchmarks.kernel_resources --loops "depthwise 7x7 forward"  # its loops' instruction counts
 
 Each launcher runs on meta tensors of the model's sizes ([8, C, 256, 256], bf16-autocast dtypes;
 fp16 below sm_80, where Triton's tl.dot has no tensor-core path and the opt-in pointwise kernels spill)
@@ -90,8 +91,8 @@ def _specialise(kernel, args, kwargs):
     return signature, constexprs, attrs, options
 
 
-def resources(kernel, args, kwargs, sm: int = SM) -> dict[str, int]:
-    """{'registers', 'stack', 'shared', 'num_warps'} of the sm_``sm`` cubin of one recorded launch."""
+def _cuobjdump(kernel, args, kwargs, sm: int, flag: str) -> tuple[str, dict]:
+    """(``cuobjdump flag`` of the sm_``sm`` cubin of one recorded launch, its compile options)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -101,11 +102,34 @@ def resources(kernel, args, kwargs, sm: int = SM) -> dict[str, int]:
     with tempfile.NamedTemporaryFile("wb", suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
-        text = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                              check=True).stdout
+        return subprocess.run([CUOBJDUMP, flag, f.name], capture_output=True, text=True, check=True).stdout, options
+
+
+def resources(kernel, args, kwargs, sm: int = SM) -> dict[str, int]:
+    """{'registers', 'stack', 'shared', 'num_warps'} of the sm_``sm`` cubin of one recorded launch."""
+    text, options = _cuobjdump(kernel, args, kwargs, sm, "--dump-resource-usage")
     found = dict(re.findall(r"(REG|STACK|SHARED):(\d+)", text))
     return {"registers": int(found["REG"]), "stack": int(found["STACK"]), "shared": int(found["SHARED"]),
             "num_warps": options.get("num_warps", 4)}
+
+
+_SASS_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loops(sass: str) -> list[dict]:
+    """Every loop of a kernel's SASS (a branch back to a lower address), innermost first: its
+    address range, instructions, and the FFMA (fp32 multiply-adds), LDG (global loads) and BAR
+    (barriers) among them. Per iteration and thread, their ratio is what an issue-bound loop
+    costs per multiply-add."""
+    code = [(int(m[1], 16), m[2], m[3]) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    found = []
+    for address, opcode, operands in code:
+        target = re.match(r"\s*(0x[0-9a-f]+)", operands)
+        if opcode.startswith("BRA") and target and int(target[1], 16) < address:
+            body = [op.split(".")[0] for a, op, _ in code if int(target[1], 16) <= a <= address]
+            found.append({"start": int(target[1], 16), "end": address, "instructions": len(body),
+                          **{op: body.count(op) for op in ("FFMA", "LDG", "BAR")}})
+    return sorted(found, key=lambda loop: loop["instructions"])
 
 
 def _meta(shape, dtype, layout="channels_last"):
@@ -246,6 +270,23 @@ def launch_grids(size: tuple) -> list[tuple[str, tuple]]:
             for _, _, _, grid in record(module, kernel, launch)]
 
 
+def print_loops(label: str, sm: int, variants: str) -> int:
+    chosen = [(module, kernel, launch) for name, module, kernel, launch in launches(torch.bfloat16 if sm >= 80
+                                                                                     else torch.float16)
+              if name == label]
+    if not chosen:
+        print(f"--loops: no launch labelled {label!r} (the first column of the table)", file=sys.stderr)
+        return 2
+    module, kernel, launch = chosen[0]
+    kernel_fn, args, kwargs, _ = record(module, kernel, launch)[-1]
+    sass, _ = _cuobjdump(kernel_fn, args, kwargs, sm, "-sass")
+    print(f"{label}: loops of its sm_{sm} SASS, Triton {triton.__version__}{variants}, innermost first")
+    for loop in loops(sass):
+        print(f"0x{loop['start']:04x}-0x{loop['end']:04x}: {loop['instructions']} instructions, {loop['FFMA']} FFMA, "
+              f"{loop['LDG']} LDG, {loop['BAR']} BAR")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.split("\n")[0])
     p.add_argument("--sm", type=int, default=SM, help="compute capability to compile for, e.g. 90 or 75")
@@ -253,6 +294,9 @@ def main(argv=None) -> int:
                    help="compile the variants with 64-bit offsets inside a batch item (items past 2**30 elements)")
     p.add_argument("--split-batch", action="store_true",
                    help="compile the variants that a batch past 65535 items is launched with, in parts")
+    p.add_argument("--loops", metavar="LABEL",
+                   help="instead: the loops of that launch's SASS (a label of the table, e.g. 'depthwise 7x7 "
+                        "forward'), with their instructions, FMAs, global loads and barriers")
     args = p.parse_args(argv)
     if args.wide:  # what the launchers choose for an item that large, at the model's size
         _tensors.wide_offsets = lambda *tensors: True
@@ -260,6 +304,8 @@ def main(argv=None) -> int:
         _tensors.MAX_GRID_BATCH = SHAPE[0] - 1
     variants = "".join(note for on, note in ((args.wide, ", 64-bit offsets"), (args.split_batch, ", batch in parts"))
                        if on)
+    if args.loops:
+        return print_loops(args.loops, args.sm, variants)
     print(f"sm_{args.sm}, Triton {triton.__version__}, launches at {list(SHAPE)} in "
           f"{'bf16' if args.sm >= 80 else 'fp16'}{variants}: registers per thread, spill stack bytes, shared bytes")
     for label, r in report(args.sm):

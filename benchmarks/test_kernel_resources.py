@@ -16,13 +16,19 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _resources(sm: int, *options: str) -> tuple[str, list[tuple[str, int, int]]]:
-    """(first line, [(label, registers, stack)]) of ``python -m benchmarks.kernel_resources``."""
+def _command(sm: int, *options: str) -> subprocess.CompletedProcess:
+    """``python -m benchmarks.kernel_resources --sm sm *options``, compiling for the GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "benchmarks.kernel_resources", "--sm", str(sm), *options], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0 and ("cuobjdump" in proc.stderr or "No such file" in proc.stderr):
         pytest.skip(f"no sm_{sm} toolchain in this Triton: {proc.stderr[-300:]}")
+    return proc
+
+
+def _resources(sm: int, *options: str) -> tuple[str, list[tuple[str, int, int]]]:
+    """(first line, [(label, registers, stack)]) of ``python -m benchmarks.kernel_resources``."""
+    proc = _command(sm, *options)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = re.findall(r"^(\S.*?)\s+\d+ warps:\s+(\d+) registers, stack (\d+)", proc.stdout, re.M)
     assert len(rows) == 35, proc.stdout  # every launch of kernel_resources.launches()
@@ -48,6 +54,19 @@ def test_default_kernels_compile_for_the_t4_without_spilling():
     for label, registers, stack in rows:
         if not label.startswith(("SiLU -> 1x1", "modulated SiLU -> 1x1", "CfC heads")):
             assert stack == 0, (label, registers, stack)
+
+
+def test_loops_of_the_depthwise_forward_have_no_barrier():
+    """--loops counts a launch's SASS loops: the depthwise 7x7 forward's tap loops multiply-add
+    (a pair's loop 32 FMAs a thread) with no barrier (the strip design before them: 30 a row)."""
+    proc = _command(90, "--loops", "depthwise 7x7 forward")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loops = [tuple(map(int, row)) for row in re.findall(r"(\d+) instructions, (\d+) FFMA, (\d+) LDG, (\d+) BAR",
+                                                         proc.stdout)]
+    assert loops and max(ffma for _, ffma, _, _ in loops) == 32, proc.stdout
+    assert all(bar == 0 for *_, bar in loops), proc.stdout
+    unknown = _command(90, "--loops", "no such launch")
+    assert unknown.returncode == 2 and "no launch labelled 'no such launch'" in unknown.stderr
 
 
 @pytest.mark.parametrize("size", [(2, 64, 2048, 2048), (70000, 64, 8, 8)], ids=["2048 px", "batch of 70000"])

@@ -60,7 +60,7 @@ __all__ = ["forward", "backward", "is_depthwise"]
 # before it measured 0.47 ms for the 7x7 forward at [8, 64, 256, 256], cuDNN 0.32): registers per
 # thread and spills of the sm_90 compile of the launches at that size
 # (``python -m benchmarks.kernel_resources``) with the GPU image's Triton 3.6 and this project's
-# 3.9, and the instructions of the compiled tap loop (cuobjdump -sass). Forward / input
+# 3.9, and the instructions of the compiled tap loop (its ``--loops``). Forward / input
 # gradient: tiles of 16 rows (8 row pairs) x 16 columns x 32 channels on 8 warps, 16 elements of
 # each of the pair's rows a thread, taps in runtime loops (unrolled ones keep too many loads
 # live): 80-102 registers, no spill, no shared memory in the forward; per input row, tap and
