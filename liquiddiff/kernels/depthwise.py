@@ -63,7 +63,7 @@ __all__ = ["forward", "backward", "is_depthwise"]
 # 3.9, and the instructions of the compiled tap loop (its ``--loops``). Forward / input
 # gradient: tiles of 16 rows (8 row pairs) x 16 columns x 32 channels on 8 warps, 16 elements of
 # each of the pair's rows a thread, taps in runtime loops (unrolled ones keep too many loads
-# live): 80-102 registers, no spill, no shared memory in the forward; per input row, tap and
+# live): 80-104 registers, no spill, no shared memory in the forward; per input row, tap and
 # thread two 16-byte loads of x, four of the two rows' weights and 32 FMAs, 89 instructions in
 # all (a row alone took 75 for 16 FMAs, half of them widening, masking and addressing its
 # loads). The g/h pair (two heads or two inputs): a quarter of the rows, 79-120 registers.
