@@ -337,7 +337,7 @@ def _taps_by_channel(weight: torch.Tensor, dtype: torch.dtype, block_c: int) -> 
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     padded = _tensors.cdiv(C, block_c) * block_c
     out = weight.new_empty((k, k, padded), dtype=acc) if padded == C else weight.new_zeros((k, k, padded), dtype=acc)
-    out[:, :, :C].copy_(taps if weight.dtype == dtype == acc else taps.to(dtype))
+    out[:, :, :C].copy_(taps.to(dtype))  # the rounding; no copy when the weight is in dtype already
     return out
 
 
