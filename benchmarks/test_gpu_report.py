@@ -130,6 +130,11 @@ def test_train_warmups_take_one_of_the_slots_and_sampling_none(tmp_path, monkeyp
     waiting.join()
 
 
+def test_every_variant_has_its_place_in_the_tables():
+    assert sorted(gpu_report.ROW_ORDER) == sorted(gpu_report.VARIANTS)
+    assert gpu_report.ROW_ORDER.index("fused_cudnn1x1_graph_cl") == gpu_report.ROW_ORDER.index("fused_graph_cl") + 1
+
+
 def test_the_rows_the_targets_read_are_timed_first():
     tasks = [("train", n) for n in gpu_report.TRAIN_ORDER] + [("sample", n) for n in gpu_report.SAMPLE_ORDER]
     ordered = gpu_report.timing_order(tasks)

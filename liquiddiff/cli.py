@@ -919,8 +919,10 @@ def cmd_info(args, explicit: set[str]) -> int:
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     for op in OPS:
         try:
-            backend = select_backend(op, device)
+            backend, sampling = select_backend(op, device), select_backend(op, device, grad=False)
             print(f"  {op:<24} {backend.name:<7} {backend.reason}")
+            if sampling.name != backend.name:  # runtime.FORWARD_ONLY
+                print(f"  {'':<24} {sampling.name:<7} {sampling.reason}")
         except (RuntimeError, ValueError) as exc:  # LIQUIDDIFF_KERNELS=triton where it cannot run
             print(f"  {op:<24} error   {exc}")
     print("presets    " + ", ".join(f"{name} ({_count_params(name) / 1e6:.1f} M)" for name in PRESETS))

@@ -84,9 +84,15 @@ def test_info_names_device_versions_and_backends(capsys):
     assert torch.__version__ in out and "device" in out and "python" in out
     precision = next(line for line in out.splitlines() if line.startswith("precision"))
     assert precision.endswith("(--precision auto)") and ("fp32" in precision) == (not torch.cuda.is_available())
+    lines = out.splitlines()
     for op in ("cfc_relax", "adaln_modulate"):
-        line = next(line for line in out.splitlines() if op in line)
+        line = next(line for line in lines if op in line)
         assert ("triton" in line or "torch" in line) and len(line.split()) > 3  # backend and a reason
+    # Where the interpreter runs the kernels: the pointwise conv's choice for sampling follows
+    # its line (runtime.FORWARD_ONLY).
+    pointwise = next(i for i, line in enumerate(lines) if "pointwise_conv" in line)
+    assert lines[pointwise].split()[1] == "torch" and lines[pointwise + 1].split()[:1] == ["triton"]
+    assert "without gradient" in lines[pointwise + 1]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -16,10 +16,8 @@ SETTING = "auto,pointwise_conv=triton"
 
 
 @pytest.fixture
-def launches(monkeypatch):
-    """Turns the kernels on; records which of forward and backward ran (proof that they, not
-    cuDNN, did)."""
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+def counted(monkeypatch):
+    """Records which of the kernels' forward and backward ran (proof that they, not cuDNN, did)."""
     calls = []
     for name in ("forward", "backward"):
         def counted(*args, _fn=getattr(pointwise_conv, name), _name=name):
@@ -28,6 +26,13 @@ def launches(monkeypatch):
 
         monkeypatch.setattr(pointwise_conv, name, counted)
     return calls
+
+
+@pytest.fixture
+def launches(monkeypatch, counted):
+    """Turns the kernels on; ``counted``."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    return counted
 
 
 def _inputs(B, K, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, bias=True, modulated=False):
@@ -129,11 +134,32 @@ def test_weight_gradient_walks_pixel_tiles_across_batch_items(launches, monkeypa
     assert launches == ["forward", "backward"], "the Triton kernels did not run"
 
 
-def test_opt_in_until_measured(monkeypatch):
+def test_opt_in_for_calls_with_gradient(monkeypatch):
+    monkeypatch.delenv("LIQUIDDIFF_KERNELS", raising=False)
     assert not kernels.select_backend("pointwise_conv", "cuda").is_triton
     assert "opt-in" in kernels.select_backend("pointwise_conv", "cuda").reason
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
     assert kernels.select_backend("pointwise_conv", DEVICE).is_triton
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_auto_runs_the_forward_kernel_where_no_gradient_is_recorded(counted, monkeypatch, residual):
+    """runtime.FORWARD_ONLY: under auto, a call autograd does not record (no_grad, or no input
+    that requires grad: sampling) runs the Triton forward, the FeedForward's residual added in
+    it; a call it records runs SiLU + cuDNN (the backward's choice). The same values."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
+    ins = _inputs(2, 40, 24, 5, 7, fmt=torch.channels_last, modulated=not residual)
+    if residual:
+        ins["residual"] = torch.randn(2, 24, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    expected = functional.silu_conv1x1(**ins)
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.silu_conv1x1(**ins), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kernels.silu_conv1x1(**ins), expected, rtol=1e-5, atol=1e-5)
+    assert counted == ["forward", "forward"], "a call without gradient did not run the Triton forward"
+    out = kernels.silu_conv1x1(**parity.leaves(ins))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    out.sum().backward()
+    assert counted == ["forward", "forward"], "a call with gradient ran the opt-in kernels"
 
 
 def test_gradcheck_fp64(launches):

@@ -166,6 +166,31 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting, froz
     check_fused_matches_reference(memory_format, frozen)
 
 
+def test_fused_model_without_gradient_runs_the_pointwise_forward_kernels(monkeypatch):
+    """Under auto a forward without grad (a sampling step) runs the spatial mix's and the
+    FeedForward's last convs on the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) and
+    keeps the CfC heads on cuDNN; a forward with grad runs neither. The outputs agree."""
+    from liquiddiff.kernels import cfc_heads, pointwise_conv
+
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
+    calls = []
+    for module in (pointwise_conv, cfc_heads):
+        def counted(*args, _fn=module.forward, _name=module.__name__):
+            calls.append(_name.rsplit(".", 1)[1])
+            return _fn(*args)
+
+        monkeypatch.setattr(module, "forward", counted)
+    model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1), fan_in_scaled=True)
+    model = model.set_fused(True).to(memory_format=torch.channels_last)
+    x, t = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.rand(2)
+    trained = model(x, t)
+    assert calls == []
+    with torch.no_grad():
+        sampled = model(x, t)
+    assert calls == ["pointwise_conv"] * 2 * len(model.blocks())
+    assert rel_err(sampled, trained) < 1e-5
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_fused_model_matches_reference_with_its_batch_launched_in_parts(monkeypatch, memory_format):
     """A batch past the 65535 programs a GPU grid holds along axes 1 and 2 (where every kernel

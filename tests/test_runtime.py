@@ -86,6 +86,26 @@ def test_auto_falls_back_and_warns_once(monkeypatch, fresh_warnings):
             model(x, t)  # the second call stays quiet
 
 
+@pytest.mark.parametrize("setting, capability, expected", [
+    ("auto", (9, 0), "triton"),
+    ("auto,pointwise_conv=torch", (9, 0), "torch"),  # named: PyTorch for every call
+    ("auto", (7, 5), "torch"),  # below MIN_CAPABILITY: no call runs the spilling kernels
+])
+def test_forward_only_ops_run_triton_in_calls_without_gradient_under_auto(monkeypatch, setting, capability, expected):
+    """runtime.FORWARD_ONLY: an opt-in op whose forward measured faster runs Triton under auto
+    where no gradient is recorded (grad=False: sampling), and stays opt-in for training."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setenv(runtime.ENV_VAR, setting)
+    assert set(runtime.FORWARD_ONLY) <= set(runtime.OPT_IN)
+    for op in runtime.FORWARD_ONLY:
+        assert not kernels.select_backend(op, "cuda").is_triton
+        backend = kernels.select_backend(op, "cuda", grad=False)
+        assert backend.name == expected and backend.deliberate == (expected == "torch")
+        if expected == "triton":
+            assert backend.reason == runtime.FORWARD_ONLY[op]
+    assert not kernels.select_backend("depthwise_conv", "cuda", grad=False).is_triton  # opt-in, not in it
+
+
 @pytest.mark.parametrize("capability, setting, expected", [
     ((7, 5), "auto", "torch"),  # a T4: the kernels spill there
     ((8, 0), "auto", "triton"),

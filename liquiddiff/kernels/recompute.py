@@ -70,12 +70,18 @@ def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> boo
     return depthwise.is_depthwise(a, weight, groups) and runtime.use_triton("depthwise_conv", a.device.type)
 
 
-def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activate: bool) -> bool:
+def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activate: bool, grad: bool = True) -> bool:
     """Whether conv1x1(silu(z)) runs on the Triton pointwise kernels (``pointwise_conv.py``: SiLU
     in the conv's prologue, its backward in the input gradient's epilogue): chosen once, in the
-    forward, and kept for the backward."""
+    forward, and kept for the backward. ``grad=False``: for a call that records no gradient
+    (``runtime.FORWARD_ONLY``)."""
     return (activate and groups == 1 and weight.shape[-1] == 1 and weight.shape[-2] == 1
-            and runtime.use_triton(pointwise_conv.OP_NAME, z.device.type))
+            and runtime.use_triton(pointwise_conv.OP_NAME, z.device.type, grad))
+
+
+def _records_grad(*tensors) -> bool:
+    """Whether autograd records a call on these tensors (None allowed): a backward may follow."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _conv(a, weight, bias, dtype, padding: int, groups: int, triton: bool) -> torch.Tensor:
@@ -165,20 +171,20 @@ def _eager_input_grads(d_a, y, z, scale, shift, activate: bool, needs):
 class _RecomputedConv(torch.autograd.Function):
     """conv(act(modulate(z))) (+ residual: given only where the Triton pointwise kernels run,
     which add it in their epilogue), act = SiLU or identity, saving z (and the small parameters)
-    only.
+    only. ``pointwise``: on those kernels, the caller's choice (it knows whether autograd
+    records the call, which the forward does not).
 
     A modulated SiLU (the spatial mix's) runs the Triton kernels of ``modulated_silu.py`` when
     that backend is chosen: one pass writes the conv's input, one pass gives d_z, d_scale and
     d_shift, where aten runs a chain of elementwise ops and reductions."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, scale, shift, residual, activate, padding, groups):
+    def forward(ctx, z, weight, bias, scale, shift, residual, activate, padding, groups, pointwise):
         dtype = _conv_dtype(z, weight, bias)
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         ctx.weight_dtype = weight.dtype
         weight, bias = _conv_params(weight, bias, dtype)
-        pointwise = _triton_pointwise(z, weight, groups, activate)
         if residual is not None and not pointwise:
             raise ValueError("residual: only the Triton pointwise kernels add it (silu_conv1x1 adds it otherwise)")
         with torch.autocast(z.device.type, enabled=False):
@@ -207,7 +213,7 @@ class _RecomputedConv(torch.autograd.Function):
             d_z, d_w, d_b, d_scale, d_shift = pointwise_conv.backward(
                 grad_out, z, weight, scale, shift, dtype, (need_z, need_w, need_b, need_scale, need_shift))
             return (d_z, _cast(d_w, ctx.weight_dtype), _cast(d_b, ctx.bias_dtype), d_scale, d_shift, d_residual,
-                    None, None, None)
+                    None, None, None, None)
         need_y = need_z or need_scale or need_shift
         d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
@@ -222,7 +228,7 @@ class _RecomputedConv(torch.autograd.Function):
                 d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
         d_w = d_w.to(ctx.weight_dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b else None
-        return d_z, d_w, d_b, d_scale, d_shift, d_residual, None, None, None
+        return d_z, d_w, d_b, d_scale, d_shift, d_residual, None, None, None, None
 
 
 def _cast(grad, dtype):
@@ -360,8 +366,9 @@ def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool,
 
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     """:func:`liquiddiff.functional.silu_conv1x1`, keeping only z and the small parameters for
-    backward (the residual's gradient is the upstream one); with the Triton pointwise kernels,
-    the residual is added in the forward kernel's epilogue."""
+    backward (the residual's gradient is the upstream one); with the Triton pointwise kernels
+    (under ``auto``: in calls that record no gradient, ``runtime.FORWARD_ONLY``), the residual is
+    added in the forward kernel's epilogue."""
     _check_conv("z", z, weight, bias, kernel=1, depthwise=False)
     if (scale is None) != (shift is None):
         raise ValueError("scale, shift: give both (the modulation) or neither")
@@ -374,24 +381,25 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
         if tuple(residual.shape) != expected:
             raise ValueError(f"residual: expected the conv's output shape {expected}, got {tuple(residual.shape)}")
         _tensors.check_device("residual", residual, z.device)
-        if not _triton_pointwise(z, weight, 1, True):
-            # cuDNN takes no addend: autograd's add, as the reference's (a checkpointed block's
-            # rerun in backward stops before it: it saves nothing).
-            return residual + _RecomputedConv.apply(z, weight, bias, scale, shift, None, True, 0, 1)
-    return _RecomputedConv.apply(z, weight, bias, scale, shift, residual, True, 0, 1)
+    pointwise = _triton_pointwise(z, weight, 1, True, _records_grad(z, weight, bias, scale, shift, residual))
+    if residual is not None and not pointwise:
+        # cuDNN takes no addend: autograd's add, as the reference's (a checkpointed block's
+        # rerun in backward stops before it: it saves nothing).
+        return residual + _RecomputedConv.apply(z, weight, bias, scale, shift, None, True, 0, 1, False)
+    return _RecomputedConv.apply(z, weight, bias, scale, shift, residual, True, 0, 1, pointwise)
 
 
 def conv1x1(x, weight, bias=None):
     """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): for an
     fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
-    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1)
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False)
 
 
 def depthwise_conv(x, weight, bias=None):
     """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
     k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
-    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, k // 2, x.shape[1])
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, k // 2, x.shape[1], False)
 
 
 class _SpatialMixInput(torch.autograd.Function):

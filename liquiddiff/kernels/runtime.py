@@ -10,8 +10,10 @@ Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs the kernels on the
 
 Per-op settings follow after commas and override it for that op: ``auto,depthwise_conv=triton``.
 An op in ``OPT_IN`` runs its PyTorch path under ``auto`` until its kernel has been measured
-faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``). An op in
-``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU (the current device's
+faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``). An opt-in op
+in ``FORWARD_ONLY`` runs Triton under ``auto`` in calls that record no gradient (sampling,
+inference: ``grad=False``), where its forward kernel measured faster and its slower backward
+never runs. An op in ``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU (the current device's
 compute capability), where its kernels compile but spill; named ``=triton``, it still runs there.
 """
 from __future__ import annotations
@@ -55,8 +57,19 @@ class Backend:
 OPT_IN = {
     "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until a GPU report times its "
                       "rewrite (the first design measured slower than cuDNN: benchmarks/RESULTS.md)",
-    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in, "
-                      "measured slower than cuDNN (benchmarks/RESULTS.md)",
+    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in for "
+                      "calls with gradient, their forward+backward measured slower than cuDNN (benchmarks/RESULTS.md)",
+}
+
+# Opt-in ops whose Triton forward measured faster than PyTorch's path: ``auto`` runs it in calls
+# that record no gradient. The SiLU -> 1x1 conv forward (H100, bf16 [8, 64, 256, 256]
+# channels_last, replayed from a CUDA graph): 0.058 ms, against 0.151 for torch.compile and the
+# fused path's two passes (the Triton modulated SiLU alone 0.047, then cuDNN's GEMM); and the
+# FeedForward's residual add goes into its epilogue. The CfC heads kernel, gated by the same op,
+# keeps the training choice (its forward, 0.42 ms, did not beat torch.compile's 0.36).
+FORWARD_ONLY = {
+    "pointwise_conv": "Triton's SiLU -> 1x1 conv kernel for calls without gradient (sampling): its forward measured "
+                      "faster than SiLU + cuDNN (benchmarks/RESULTS.md)",
 }
 
 # Ops whose kernels spill below a compute capability, so that auto keeps PyTorch's path there.
@@ -142,13 +155,15 @@ def _older_than_needed(op: str, device: torch.device) -> str | None:
 _warned: set[str] = set()
 
 
-def select_backend(op: str, device: torch.device | str) -> Backend:
-    """Which backend runs ``op`` for tensors on ``device``, and why."""
+def select_backend(op: str, device: torch.device | str, grad: bool = True) -> Backend:
+    """Which backend runs ``op`` for tensors on ``device``, and why; ``grad=False``: for a call
+    that records no gradient (``FORWARD_ONLY``)."""
     device = torch.device(device)
     chosen = policy(op)
     if chosen == "torch":
         return Backend("torch", f"{ENV_VAR}=torch (for {op})", deliberate=True)
-    if chosen == "auto" and op in OPT_IN:
+    forward_only = chosen == "auto" and not grad and op in FORWARD_ONLY
+    if chosen == "auto" and op in OPT_IN and not forward_only:
         return Backend("torch", OPT_IN[op], deliberate=True)
     missing = triton_unavailable_reason(device)
     if missing is None:
@@ -156,7 +171,7 @@ def select_backend(op: str, device: torch.device | str) -> Backend:
         if older:
             return Backend("torch", older, deliberate=True)
         where = "interpreter" if device.type == "cpu" else device.type
-        return Backend("triton", f"Triton ({where}), {ENV_VAR}={chosen}")
+        return Backend("triton", FORWARD_ONLY[op] if forward_only else f"Triton ({where}), {ENV_VAR}={chosen}")
     if chosen == "triton":
         raise RuntimeError(f"{op}: {ENV_VAR}=triton, but {missing}")
     return Backend("torch", f"PyTorch reference: {missing}")
@@ -171,24 +186,24 @@ def warn_fallback_once(op: str, backend: Backend) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _selected(op: str, device_type: str, setting: str | None, interpret: str | None) -> Backend:
-    """select_backend, once per op, device type and environment (the arguments after the first
-    two are the environment variables it reads: part of the key, not used otherwise). On CUDA,
-    MIN_CAPABILITY reads the device current at the first call: a process's GPUs are one kind."""
-    return select_backend(op, torch.device(device_type))
+def _selected(op: str, device_type: str, grad: bool, setting: str | None, interpret: str | None) -> Backend:
+    """select_backend, once per op, device type, gradient and environment (the last two
+    arguments are the environment variables it reads: part of the key, not used otherwise). On
+    CUDA, MIN_CAPABILITY reads the device current at the first call: a process's GPUs are one kind."""
+    return select_backend(op, torch.device(device_type), grad)
 
 
-def use_triton(op: str, device_type: str) -> bool:
-    """Whether ``op`` runs Triton for tensors on ``device_type``: cached per environment (the
-    fused model asks on every op call, in its hot path). The environment is read here, outside
-    the constant below, so that dynamo guards on it: a graph compiled under one
-    ``LIQUIDDIFF_KERNELS`` is not reused under another."""
-    return _use_triton(op, device_type, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
+def use_triton(op: str, device_type: str, grad: bool = True) -> bool:
+    """Whether ``op`` runs Triton for tensors on ``device_type`` (``grad=False``: in a call that
+    records no gradient): cached per environment (the fused model asks on every op call, in its
+    hot path). The environment is read here, outside the constant below, so that dynamo guards
+    on it: a graph compiled under one ``LIQUIDDIFF_KERNELS`` is not reused under another."""
+    return _use_triton(op, device_type, grad, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
 
 
 @torch.compiler.assume_constant_result
-def _use_triton(op: str, device_type: str, setting: str | None, interpret: str | None) -> bool:
+def _use_triton(op: str, device_type: str, grad: bool, setting: str | None, interpret: str | None) -> bool:
     """Trace-time constant for ``torch.compile``: the choice never costs a graph break."""
-    backend = _selected(op, device_type, setting, interpret)
+    backend = _selected(op, device_type, grad, setting, interpret)
     warn_fallback_once(op, backend)
     return backend.is_triton
