@@ -146,7 +146,10 @@ def test_runs_the_kernels_unless_told_not_to(monkeypatch):
     recompute = importlib.import_module("liquiddiff.kernels.recompute")
     real = recompute.modulated_silu_forward
     monkeypatch.setattr(recompute, "modulated_silu_forward", lambda *a: calls.append(1) or real(*a))
-    raw = {**_inputs((1, 3, 4, 4)), "weight": torch.randn(2, 3, 1, 1, device=DEVICE)}
+    # Inputs that require grad: a call without one runs the Triton SiLU -> 1x1 conv forward
+    # instead (runtime.FORWARD_ONLY).
+    raw = {k: v.requires_grad_() for k, v in {**_inputs((1, 3, 4, 4)),
+                                               "weight": torch.randn(2, 3, 1, 1, device=DEVICE)}.items()}
     kernels.silu_conv1x1(**raw).sum()
     assert runtime.select_backend("modulated_silu", DEVICE).is_triton and len(calls) == 1
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,modulated_silu=torch")
