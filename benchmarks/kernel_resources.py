@@ -172,6 +172,9 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
         out += [
             (f"CfC forward ({layout})", "cfc_relax", "_cfc_relax_fwd_kernel",
              lambda acts=acts, params=params, r=go: cfc._forward_kernels(*acts, *params, r)),
+            (f"CfC forward + the spatial mix's bf16 copy and pixel sums ({layout})", "cfc_relax",
+             "_cfc_relax_fwd_kernel",
+             lambda acts=acts, params=params, r=go: cfc._forward_with_copy_kernels(*acts, *params, r, half)),
             (f"CfC backward ({layout})", "cfc_relax", "_cfc_relax_bwd_kernel",
              lambda acts=acts, params=params, go=go: cfc._backward_kernels(go, *acts, *params, [True] * 8)),
         ]

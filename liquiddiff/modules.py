@@ -153,17 +153,20 @@ class ParallelCfC(FusedSwitch, nn.Module):
         """(weight, bias) of each convolution, in ``functional.CFC_CONVS`` order."""
         return [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
 
-    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None):
+    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None, copy_dtype=None):
         """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block);
         ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast);
-        ``n_conv`` (fused): n in the convolutions' dtype, made by the caller's AdaLN with n."""
+        ``n_conv`` (fused): n in the convolutions' dtype, made by the caller's AdaLN with n;
+        ``copy_dtype`` (fused): also return the output's copy in that dtype and its pixel sum
+        (``kernels.parallel_cfc``), for the spatial mix."""
         if projected is None:
             e = F.silu(temb)
             projected = self.time_a(e), self.time_b(e)
         if convs is None:
             convs = self.conv_parameters()
-        if n_conv is not None:
-            return kernels.parallel_cfc(n, convs, *projected, self.rho, t, residual=residual, n_conv=n_conv)
+        if n_conv is not None or copy_dtype is not None:
+            return kernels.parallel_cfc(n, convs, *projected, self.rho, t, residual=residual, n_conv=n_conv,
+                                        copy_dtype=copy_dtype)
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
         return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
@@ -197,15 +200,20 @@ class MultiScaleSpatialMix(FusedSwitch, nn.Module):
                                                           [m.bias for m in self.branches])
         return [merged, (self.context.weight, self.context.bias), (self.out.weight, self.out.bias)]
 
-    def forward(self, x, temb, return_input: bool = False, projected=None, convs=None):
-        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast)."""
+    def forward(self, x, temb, return_input: bool = False, projected=None, convs=None, precomputed=None):
+        """``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under
+        autocast); ``precomputed`` (fused): x's copy in the conv dtype and its pixel sum, made
+        with x (``kernels.spatial_mix_input``)."""
         ops = _ops(self.fused)
         (dw_weight, dw_bias), (context_weight, context_bias), (out_weight, out_bias) = (
             self.conv_parameters() if convs is None else convs)
         # The average as sum / count: mean's backward materialises a dense NCHW gradient (an
         # expanded view divided), sum's is the expanded view itself, added to x's channels_last
         # gradient in place of a layout round trip.
-        local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [None])
+        if precomputed is None:
+            local, pixel_sum, x = ops.spatial_mix_input(x, [dw_weight], [None])
+        else:
+            local, pixel_sum, x = kernels.spatial_mix_input(x, [dw_weight], [None], precomputed=precomputed)
         scale, shift = self.time(temb, projected)
         # (local + dw_bias + context) * (1 + scale) + shift, with the per-channel terms folded
         # into the shift: the same modulation without a full-size add (forward) or sum (its
@@ -338,9 +346,12 @@ class LiquidDiffusionBlock(nn.Module):
         normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
         n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)
         with self._remade(n, norm1, u, temb):
-            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv)
+            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv,
+                         copy_dtype=conv_dtype)
         del normed, n_conv  # the conv's copy of n, dead now: not alive through the rest of the block
-        mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix)
+        u, u_copy = (u[0], u[1:]) if conv_dtype is not None else (u, None)
+        mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix, precomputed=u_copy)
+        del u_copy  # saved by the mix where backward needs it, else dead: not alive through the FFN
         norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
         n, u = norm2(mixed, temb, residual=u)
         with self._remade(n, norm2, u, temb):
@@ -368,7 +379,8 @@ class LiquidDiffusionBlock(nn.Module):
 
     def _cfc_conv_dtype(self, u):
         """Fused under autocast, norm1 also writes n in autocast's dtype, which the CfC's 7x7 conv
-        reads where it would cast n (fp32) by a pass of its own: the same values."""
+        reads where it would cast n (fp32) by a pass of its own, and the CfC writes its output in
+        it (with its pixel sum) for the spatial mix's conv: the same values."""
         return _autocast_dtype(u.device.type) if self.cfc.fused else None
 
     def _ffn_input_dtype(self, u):

@@ -264,6 +264,42 @@ def test_parity_shapes_cross_tile_boundaries(backward_loops):
     assert ("several backward chunks", "nchw") in seen
 
 
+@pytest.mark.parametrize("shape,layout,residual", PARITY_CASES)
+@pytest.mark.parametrize("dtype, copy_dtype", [(torch.float32, torch.float16), (torch.float64, torch.float32)])
+def test_forward_with_copy_writes_the_outputs_copy_and_pixel_sum(triton_policy, shape, layout, residual, dtype,
+                                                                copy_dtype):
+    """forward(copy_dtype=): the same out, bit for bit, its copy in copy_dtype as out.to rounds
+    it, and its pixel sum (the spatial mix's inputs) from the kernel's partials, for every
+    tile boundary of the parity cases; outputs NaN-poisoned (every element and sum written)."""
+    inputs = {k: v.detach() for k, v in make_inputs(shape, dtype, layout, residual=residual).items()}
+    args = [inputs.get(name) for name in NAMES]
+    with parity.poisoned_outputs():
+        plain = cfc_module.forward(*args)
+        out, copy, pixel_sum = cfc_module.forward(*args, copy_dtype=copy_dtype)
+    assert torch.equal(out, plain) and out.stride() == plain.stride()
+    assert copy.dtype == copy_dtype and copy.stride() == out.stride()
+    assert torch.equal(copy, out.to(copy_dtype))
+    assert pixel_sum.dtype == out.dtype and pixel_sum.shape == shape[:2]
+    parity.assert_close("pixel sum", pixel_sum, out.sum((2, 3)), TOL[dtype])
+
+
+def test_forward_with_copy_sums_an_inf_into_its_channel_only(triton_policy):
+    """A masked lane of a partial tile must not reach the sum (0 * inf would be NaN): an inf in
+    one pixel makes its channel's pixel sum inf, the others stay finite."""
+    inputs = {k: v.detach() for k, v in make_inputs((2, 24, 9, 9), layout="channels_last").items()}
+    inputs["residual"][1, 5, 8, 8] = float("inf")
+    _, _, pixel_sum = cfc_module.forward(*[inputs.get(name) for name in NAMES], copy_dtype=torch.float16)
+    assert pixel_sum[1, 5] == float("inf")
+    pixel_sum[1, 5] = 0
+    assert pixel_sum.isfinite().all()
+
+
+def test_opcheck_forward_with_copy():
+    inputs = make_inputs((2, 3, 2, 3), layout="channels_last")
+    args = tuple(inputs[name].detach() for name in NAMES)
+    torch.library.opcheck(torch.ops.liquiddiff.cfc_relax_with_copy.default, (*args, torch.float16))
+
+
 def test_tile_heuristic_at_model_size():
     # The configurations measured on an H200 at [8, 64, 256, 256] (see the constants' comment);
     # the channels_last backward's from the compiler's register counts (not yet timed).
@@ -419,6 +455,20 @@ def test_gpu_parity_autocast_dtypes(triton_policy, layout):
                          param_dtype=torch.float32)
     inputs["residual"] = inputs["residual"].detach().float().requires_grad_()
     _check_against_fp64(inputs, torch.float32, 1e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_forward_with_copy_as_the_block_runs_it(triton_policy, layout):
+    """Under autocast's dtypes (bf16 f, g, h; fp32 n, residual): out as without the copy, its bf16
+    copy exact, its pixel sum to fp32 rounding of 4096-pixel sums."""
+    inputs = {k: v.detach() for k, v in make_inputs((8, 64, 64, 64), torch.bfloat16, layout, device="cuda",
+                                                    param_dtype=torch.float32).items()}
+    inputs["x"], inputs["residual"] = inputs["x"].float(), inputs["residual"].float()
+    args = [inputs[name] for name in NAMES]
+    out, copy, pixel_sum = cfc_module.forward(*args, copy_dtype=torch.bfloat16)
+    assert torch.equal(out, cfc_module.forward(*args)) and torch.equal(copy, out.bfloat16())
+    parity.assert_close("pixel sum", pixel_sum, out.double().sum((2, 3)).float(), 1e-5)
 
 
 @pytest.mark.gpu

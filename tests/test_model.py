@@ -386,13 +386,22 @@ def test_fused_block_under_autocast_casts_its_parameters_together():
 
 def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(monkeypatch):
     """Under autocast norm1 also writes n in bf16 (AdaLN's copy_dtype), which the CfC's 7x7 conv
-    reads: the block's forward casts no fp32 activation to bf16 (the conv cast n by a pass of its
-    own before), and the output and every gradient are those of the block that casts."""
+    reads, and the CfC kernel writes its output in bf16 with its pixel sum, which the spatial
+    mix reads: the block's forward casts no fp32 activation to bf16 (the conv cast n by a pass of
+    its own before, and the mix its input with cast_with_pixel_sum), and the output and every
+    gradient are those of the block that casts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    from liquiddiff.kernels import recompute
     from liquiddiff.modules import LiquidDiffusionBlock
 
     casts = []
+
+    def counted_cast(x, dtype, _cast=recompute.cast_with_pixel_sum):
+        casts.append(("cast_with_pixel_sum", tuple(x.shape)))
+        return _cast(x, dtype)
+
+    monkeypatch.setattr(recompute, "cast_with_pixel_sum", counted_cast)
 
     class Casts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -419,6 +428,7 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
     out, grads = run(block, True, Casts())
     assert casts == []
     ref, ref_grads = run(copy.deepcopy(block), False, contextlib.nullcontext())
+    assert casts == [("cast_with_pixel_sum", tuple(raw_u.shape))]  # the mix's, where the CfC wrote no copy
     assert torch.equal(out, ref)
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)

@@ -191,6 +191,36 @@ def test_bad_arguments_are_named(change, message):
         _call(kernels.parallel_cfc)(**raw)
 
 
+def test_copy_dtype_adds_the_outputs_copy_and_pixel_sum(conv_kernels):
+    """copy_dtype: the same output and gradients, the output's copy in that dtype and its pixel
+    sum written by the CfC kernel, neither with a gradient of its own; (out, None, None) where
+    the CfC heads kernel writes the output (pointwise_conv=triton)."""
+    raw = _raw(torch.float32)
+    ins, ref_ins = parity.leaves(raw), parity.leaves(raw)
+    convs = [(ins[f"{name}_w"], ins[f"{name}_b"]) for name in functional.CFC_CONVS]
+    out, copy, pixel_sum = kernels.parallel_cfc(ins["n"], convs, ins["a"], ins["b"], ins["rho"], ins["t"],
+                                                residual=ins["residual"], copy_dtype=torch.float16)
+    ref = _call(kernels.parallel_cfc)(**ref_ins)
+    assert torch.equal(out, ref)
+    if conv_kernels == "pointwise_conv=triton":
+        assert copy is None and pixel_sum is None
+    else:
+        assert torch.equal(copy, out.detach().half()) and not copy.requires_grad
+        parity.assert_close("pixel sum", pixel_sum, out.detach().sum((2, 3)), 1e-6)
+        assert not pixel_sum.requires_grad
+    up = torch.randn_like(ref)
+    got, want = parity.grads_of(out, ins, up), parity.grads_of(ref, ref_ins, up)
+    for name in ins:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_copy_dtype_is_checked():
+    raw = _raw()
+    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
+    with pytest.raises(ValueError, match="copy_dtype: expected a floating torch.dtype"):
+        kernels.parallel_cfc(raw["n"], convs, raw["a"], raw["b"], raw["rho"], raw["t"], copy_dtype=torch.int8)
+
+
 def test_n_conv_is_checked():
     raw = _raw()
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]

@@ -225,6 +225,44 @@ def test_spatial_mix_input_keeps_the_autocast_copy_like_the_reference(monkeypatc
         assert_close(f"grad {i}", g, w, tol)
 
 
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+def test_spatial_mix_input_uses_a_precomputed_copy_and_pixel_sum(monkeypatch, setting):
+    """precomputed=(copy, pixel sum) (the CfC kernel's): no pass over x for them, the copy saved
+    for backward, and the outputs and every gradient those of the call that makes them."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    passes = []
+    real = recompute.cast_with_pixel_sum
+    monkeypatch.setattr(recompute, "cast_with_pixel_sum", lambda *args: passes.append(1) or real(*args))
+    raw = _mix_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        made = real(raw["x"], torch.bfloat16)
+    ins, ref_ins = _mix_leaves(raw), _mix_leaves(raw)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = kernels.spatial_mix_input(**ins, precomputed=made)
+    assert passes == [] and any(t is made[0] for t in saved)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = kernels.spatial_mix_input(**ref_ins)
+    assert passes == [1]
+    ups = tuple(torch.randn_like(r) for r in ref)
+    for o, r in zip(out, ref):
+        assert torch.equal(o, r)
+    for g, w in zip(_mix_grads(out, ins, ups), _mix_grads(ref, ref_ins, ups)):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("precomputed, message", [
+    (lambda x: (x.bfloat16(), None), "precomputed: expected"),
+    (lambda x: (x[:, :3].bfloat16(), x.sum((2, 3))), r"precomputed\[0\]: expected shape"),
+    (lambda x: (x.bfloat16(), x.sum((1, 2))), r"precomputed\[1\]: expected shape"),
+])
+def test_spatial_mix_input_names_a_bad_precomputed_pair(precomputed, message):
+    raw = _mix_inputs()
+    with pytest.raises(ValueError, match=message):
+        kernels.spatial_mix_input(**raw, precomputed=precomputed(raw["x"]))
+
+
 @pytest.mark.parametrize("setting", ["auto", "auto,modulated_silu=torch", "auto,depthwise_conv=triton"])
 @pytest.mark.parametrize("used", [(0,), (0, 2), (1, 2), (2,), (0, 1, 2)])
 def test_spatial_mix_input_sums_the_gradients_of_the_outputs_used(monkeypatch, setting, used):

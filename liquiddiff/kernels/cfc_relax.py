@@ -8,7 +8,9 @@ Computes, per batch item b, channel c and pixel p:
     out   = alpha * x + (1 - alpha) * y (+ residual)
 
 Memory moved per activation element (the [B, C] and [C] parameters are noise): the forward reads
-f, g, h, x (+ residual) and writes out, 5 (6) tensors: 10 (12) bytes in bf16. The backward
+f, g, h, x (+ residual) and writes out, 5 (6) tensors: 10 (12) bytes in bf16; asked for the
+spatial mix's inputs (``forward(copy_dtype=)``), also out's bf16 copy (2 bytes more) and its
+per-channel sums as [B, C] partials per program, where a pass of their own read out back. The backward
 recomputes the gate from the saved inputs, reads grad_out, f, g, h, x and writes df, dg, dh, dx,
 9 tensors: 18 bytes in bf16; d(residual) is grad_out itself. The parameter gradients leave the
 kernel as per-program partial sums over pixels (four [B, C] values per program, fp32 or fp64)
@@ -108,15 +110,17 @@ if triton is not None:
 
     @triton.jit
     def _cfc_relax_fwd_kernel(
-        f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr,
-        C, P,
+        f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr, copy_ptr, part_ptr,
+        B, C, P,
         sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
-        sr_b, sr_c, sr_p, so_b, so_c, so_p,
+        sr_b, sr_c, sr_p, so_b, so_c, so_p, sc_b, sc_c, sc_p,
         sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
-        HAS_RESIDUAL: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, HAS_COPY: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
         SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
+        # HAS_COPY: also out in copy_ptr's dtype (the spatial mix's conv input) and the program's
+        # per-channel sums of out as stored, [programs_p, B, C] partials (its pixel sum).
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
@@ -145,8 +149,14 @@ if triton is not None:
         out = relax(f, g, h, x, av, bv, alpha)
         if HAS_RESIDUAL:
             out += tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
-        o_ptrs = out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p
-        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+        out = out.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p, out, mask=mask)
+        if HAS_COPY:
+            tl.store(copy_ptr + pid_b * sc_b + c_col * sc_c + p_row * sc_p, out.to(copy_ptr.dtype.element_ty),
+                     mask=mask)
+            # Masked lanes hold garbage (an inf residual's 0 * inf): select, don't rely on zeros.
+            pixel_sum = tl.sum(tl.where(mask, out.to(COMPUTE), 0.0), axis=1)
+            tl.store(part_ptr + (pid_p * B + pid_b) * C + cs, pixel_sum.to(part_ptr.dtype.element_ty), mask=c_mask)
 
 
     @triton.jit
@@ -256,12 +266,9 @@ def _allocate_activation_grads(f, g, h, x, needs):
     ]
 
 
-@_tensors.launches_on_input_device
-def _forward_kernels(
-    f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
-    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
-    residual: typing.Optional[torch.Tensor],
-) -> torch.Tensor:
+def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype):
+    """The forward kernel: out, and with ``copy_dtype`` (else None, None) out's copy in it and
+    the [programs_p, B, C] partial pixel sums of out."""
     out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
     B, C, H, W = x.shape
     P = H * W
@@ -270,26 +277,59 @@ def _forward_kernels(
         res, sr = x, (0, 0, 0)
     else:
         res, sr = _tensors.flat_pixels(residual)
-    compute, _ = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
+    compute, part_dtype = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
+    pixel_programs = _tensors.cdiv(P, block_p)
+    copy = partials = None
+    if copy_dtype is not None:
+        copy = _tensors.empty_activation(x, copy_dtype)
+        partials = _tensors.empty_buffer((pixel_programs, B, C), part_dtype, x.device)
     _tensors.launch_over_batch(
-        _cfc_relax_fwd_kernel, (_tensors.cdiv(P, block_p), _tensors.cdiv(C, block_c)), B,
-        f, g, h, x, res, a, b, rho, t, out,
-        C, P,
-        *sf, *sg, *sh, *sx, *sr, *so,
+        _cfc_relax_fwd_kernel, (pixel_programs, _tensors.cdiv(C, block_c)), B,
+        f, g, h, x, res, a, b, rho, t, out, out if copy is None else copy, out if partials is None else partials,
+        B, C, P,
+        *sf, *sg, *sh, *sx, *sr, *so, *(so if copy is None else _tensors.flat_pixels(copy)[1]),
         *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
-        HAS_RESIDUAL=residual is not None, COMPUTE=compute, WIDE=_tensors.wide_offsets(f, g, h, x, res, out),
+        HAS_RESIDUAL=residual is not None, HAS_COPY=copy is not None, COMPUTE=compute,
+        WIDE=_tensors.wide_offsets(f, g, h, x, res, out, copy),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
-    return out
+    return out, copy, partials
+
+
+@_tensors.launches_on_input_device
+def _forward_kernels(
+    f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
+    residual: typing.Optional[torch.Tensor],
+) -> torch.Tensor:
+    return _launch_forward(f, g, h, x, a, b, rho, t, residual, None)[0]
+
+
+@_tensors.launches_on_input_device
+def _forward_with_copy_kernels(
+    f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
+    residual: typing.Optional[torch.Tensor], copy_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, copy, partials = _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype)
+    return out, copy, partials.sum(0).to(out.dtype)
 
 
 _cfc_relax_op = torch.library.custom_op("liquiddiff::cfc_relax", mutates_args=())(_forward_kernels)
+_cfc_relax_with_copy_op = torch.library.custom_op("liquiddiff::cfc_relax_with_copy", mutates_args=())(
+    _forward_with_copy_kernels)
 
 
 @_cfc_relax_op.register_fake
 def _(f, g, h, x, a, b, rho, t, residual):
     return _allocate_out(f, g, h, x, a, b, rho, t, residual)
+
+
+@_cfc_relax_with_copy_op.register_fake
+def _(f, g, h, x, a, b, rho, t, residual, copy_dtype):
+    out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
+    return out, _tensors.empty_activation(x, copy_dtype), out.new_empty(x.shape[:2])
 
 
 @_tensors.launches_on_input_device
@@ -420,11 +460,17 @@ def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
     return _EagerCfcRelax.apply(f, g, h, x, a, b, rho, t, residual)
 
 
-def forward(f, g, h, x, a, b, rho, t, residual=None) -> torch.Tensor:
+def forward(f, g, h, x, a, b, rho, t, residual=None, copy_dtype=None):
     """The forward kernel alone, no autograd node (inside a caller's autograd.Function, which
-    calls :func:`backward`); the custom op when traced. Arguments as checked by :func:`cfc_relax`."""
-    op = _cfc_relax_op if _eager.needs_custom_op(f) else _forward_kernels
-    return op(f, g, h, x, a, b, rho, t, residual)
+    calls :func:`backward`); the custom op when traced. Arguments as checked by :func:`cfc_relax`.
+    ``copy_dtype``: returns (out, out in ``copy_dtype``, out summed over its pixels in out's dtype,
+    from fp32 (fp64) per-program partials), written in the same pass: the spatial mix's inputs,
+    which ``modulated_silu.cast_with_pixel_sum`` would make by reading out back."""
+    if copy_dtype is None:
+        op = _cfc_relax_op if _eager.needs_custom_op(f) else _forward_kernels
+        return op(f, g, h, x, a, b, rho, t, residual)
+    op = _cfc_relax_with_copy_op if _eager.needs_custom_op(f) else _forward_with_copy_kernels
+    return op(f, g, h, x, a, b, rho, t, residual, copy_dtype)
 
 
 def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool]) -> list:

@@ -19,7 +19,9 @@ about 0.7 GB less traffic per train step (``python -m benchmarks.traffic``).
 When the caller keeps a recipe for n (``recompute_saved``: the block remakes it from its AdaLN),
 backward remakes n once; before, both of n's consumers unpacked (and so remade) it. Under
 autocast the block's AdaLN also hands over n in the convolutions' dtype (``n_conv``, written in
-its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own.
+its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own, and the CfC
+kernel writes its output's bf16 copy and pixel sum for the spatial mix (``copy_dtype``), which
+read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``).
 
 Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
 grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
@@ -57,11 +59,13 @@ def _pick(items, indices):
 
 class _ParallelCfC(torch.autograd.Function):
     """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS, then
-    n_conv (n in the convolutions' dtype, or None: :func:`parallel_cfc`)."""
+    n_conv (n in the convolutions' dtype, or None) and copy_dtype (None, or the dtype of the
+    output's copy that comes back with its pixel sum: :func:`parallel_cfc`)."""
 
     @staticmethod
     def forward(ctx, n, residual, a, b, rho, t, *params):
-        weights, biases, n_conv = params[:_CONVS], params[_CONVS:2 * _CONVS], params[2 * _CONVS]
+        weights, biases = params[:_CONVS], params[_CONVS:2 * _CONVS]
+        n_conv, copy_dtype = params[2 * _CONVS:]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
         if n_conv is None or n_conv.dtype != dtype:
@@ -101,15 +105,20 @@ class _ParallelCfC(torch.autograd.Function):
                 del silu_z  # before the g and h heads' temporaries: the forward's transient peak
                 g, h = (_conv(_head_silu(hidden, hidden_biases, j, dtype), weights[i], biases[i], dtype, 0, 1, False)
                         for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
-                out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual)
+                out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
         ctx.dtype = dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
+        if copy_dtype is not None:
+            # Made from the output: gradients reach them through its consumers' (the spatial
+            # mix's input gradient holds its pixel sum's), none of their own here.
+            ctx.mark_non_differentiable(*out[1:])
+            ctx.set_materialize_grads(False)  # no zero tensor for the copy's unused gradient
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # Triton kernels: no graph of the backward
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_copies):  # the copies take no gradient: only out's runs this
         n, dw, z, g_hidden, h_hidden, *rest = ctx.saved_tensors
         small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]
         needs = ctx.needs_input_grad
@@ -178,7 +187,7 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
-        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None)  # n_conv: its gradient is n's
+        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None)  # n_conv (its gradient is n's), copy_dtype
 
 
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
@@ -292,18 +301,29 @@ def _check(n, convs, a, b, rho, t, residual) -> None:
     check_gate_parameters(n, a, b, rho, t)
 
 
-def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None):
+def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=None):
     """Fused :func:`liquiddiff.functional.parallel_cfc`: same signature, value and gradients.
 
     ``n_conv``: n already in the convolutions' dtype (``n.to(dtype)``, which the block's AdaLN
     writes in the pass that writes n: ``copy_dtype``), read by the 7x7 conv where it would cast
     n by a pass of its own; not saved, and without a gradient of its own (the conv's input
-    gradient is n's). Ignored in another dtype, and by the PyTorch fallback."""
+    gradient is n's). Ignored in another dtype, and by the PyTorch fallback.
+
+    ``copy_dtype``: returns ``(out, copy, pixel_sum)``, the copy ``out.to(copy_dtype)`` and
+    ``out.sum((2, 3))`` (from fp32 partials) written by the CfC kernel's pass, where the spatial
+    mix would read out back for them (``spatial_mix_input(precomputed=)``); both without a
+    gradient of their own, and ``(out, None, None)`` where another kernel or the PyTorch
+    fallback makes out (the Triton CfC heads kernel)."""
     _check(n, convs, a, b, rho, t, residual)
     if n_conv is not None and (n_conv.shape != n.shape or n_conv.device != n.device or not n_conv.is_floating_point()):
         raise ValueError(f"n_conv: expected a float tensor of n's shape {tuple(n.shape)} on {n.device}, got "
                          f"{n_conv.dtype} {tuple(n_conv.shape)} on {n_conv.device}")
+    if copy_dtype is not None and not (isinstance(copy_dtype, torch.dtype) and copy_dtype.is_floating_point):
+        raise ValueError(f"copy_dtype: expected a floating torch.dtype or None, got {copy_dtype!r}")
     if not runtime.use_triton("cfc_relax", n.device.type):
-        return functional.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
+        out = functional.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
+        return out if copy_dtype is None else (out, None, None)
     weights, biases = zip(*convs)
-    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv)
+    if copy_dtype is not None and _triton_pointwise(n, weights[_G_PW], 1, True):
+        return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, None), None, None
+    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, copy_dtype)

@@ -410,24 +410,21 @@ class _SpatialMixInput(torch.autograd.Function):
 
     Backward sums x's three gradients, the conv's input gradient, the broadcast pixel-sum
     gradient and the residual's, into one tensor in x's dtype: in the Triton kernel's epilogue,
-    or two passes after cuDNN's, where autograd made a cast and two adds of full size."""
+    or two passes after cuDNN's, where autograd made a cast and two adds of full size.
+
+    ``x_conv``, ``pixel_sum``: both already made (``parallel_cfc(copy_dtype=)``), or None: the
+    same values, the pass skipped; their gradients are x's."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, x_conv, pixel_sum):
         dtype = _conv_dtype(x, weight, bias)
         ctx.triton = _triton_depthwise(x, weight, x.shape[1])
         ctx.weight_dtype = weight.dtype
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         weight, bias = _conv_params(weight, bias, dtype)
-        # The model's fp32 stream under autocast: the copy backward keeps and the pixel sum (fp32
-        # in any autocast state, as the reference's) in one pass over x, where a cast and a sum
-        # took two.
-        if x.dtype == torch.float32 and dtype != x.dtype and runtime.use_triton("modulated_silu", x.device.type):
-            x_conv, pixel_sum = cast_with_pixel_sum(x, dtype)
-        else:
-            pixel_sum = x.sum(dim=(2, 3))  # in the caller's autocast state, as the reference's sum
-            x_conv = x.to(dtype)
+        if x_conv is None or x_conv.dtype != dtype:  # else both made with x (the CfC kernel)
+            x_conv, pixel_sum = _copy_with_pixel_sum(x, dtype)
         with torch.autocast(x.device.type, enabled=False):
             local = _conv(x_conv, weight, bias, dtype, weight.shape[-1] // 2, x.shape[1], ctx.triton)
         ctx.save_for_backward(x_conv, weight)
@@ -439,7 +436,7 @@ class _SpatialMixInput(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, d_local, d_sum, d_residual):
         x_conv, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and ctx.bias_shape is not None
         d_x = d_w = d_b = None
         with torch.autocast(x_conv.device.type, enabled=False):
@@ -457,7 +454,16 @@ class _SpatialMixInput(torch.autograd.Function):
                 d_x = _sum_gradients(d_x, d_sum, d_residual, ctx.x_dtype, x_conv)
         d_w = d_w.to(ctx.weight_dtype) if need_w and d_w is not None else None
         d_b = d_b.to(ctx.bias_dtype) if need_b and d_b is not None else None
-        return d_x, d_w, d_b
+        return d_x, d_w, d_b, None, None
+
+
+def _copy_with_pixel_sum(x, dtype):
+    """(x in ``dtype``, x summed over its pixels): for the model's fp32 stream under autocast one
+    pass over x (the copy backward keeps and the pixel sum, fp32 in any autocast state as the
+    reference's), where a cast and a sum took two."""
+    if x.dtype == torch.float32 and dtype != x.dtype and runtime.use_triton("modulated_silu", x.device.type):
+        return cast_with_pixel_sum(x, dtype)
+    return x.to(dtype), x.sum(dim=(2, 3))  # the sum in the caller's autocast state, as the reference's
 
 
 def _sum_gradients(d_x, d_sum, d_residual, dtype, like):
@@ -477,14 +483,24 @@ def _sum_gradients(d_x, d_sum, d_residual, dtype, like):
     return total.to(dtype)
 
 
-def spatial_mix_input(x, weights, biases):
+def spatial_mix_input(x, weights, biases, precomputed=None):
     """:func:`liquiddiff.functional.spatial_mix_input`: the merged depthwise conv (on the Triton
     kernels when selected) of the conv-dtype copy of x, x's pixel sum and x, as one node whose
-    backward sums x's three gradients in one or two passes."""
+    backward sums x's three gradients in one or two passes.
+
+    ``precomputed``: ``(x.to(dtype), x.sum((2, 3)))`` made with x (``parallel_cfc(copy_dtype=)``;
+    None entries: not made), used where the conv runs in ``dtype``, without gradients of their
+    own (x's gradient holds theirs)."""
     _tensors.check_activation("x", x)
     weight, bias = merged_depthwise_weight(weights, biases)
     _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
-    return _SpatialMixInput.apply(x, weight, bias)
+    x_conv, pixel_sum = (None, None) if precomputed is None else precomputed
+    if (x_conv is None) != (pixel_sum is None):
+        raise ValueError("precomputed: expected (copy, pixel sum), both tensors or both None")
+    if x_conv is not None:
+        _tensors.check_activation("precomputed[0]", x_conv, like=x)
+        _tensors.check_vector("precomputed[1]", pixel_sum, x.shape[:2], x.device)
+    return _SpatialMixInput.apply(x, weight, bias, x_conv, pixel_sum)
 
 
 def silu_convs(z, weights, biases):
