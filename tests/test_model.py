@@ -168,8 +168,9 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting, froz
 
 def test_fused_model_without_gradient_runs_the_pointwise_forward_kernels(monkeypatch):
     """Under auto a forward without grad (a sampling step) runs the spatial mix's and the
-    FeedForward's last convs on the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) and
-    keeps the CfC heads on cuDNN; a forward with grad runs neither. The outputs agree."""
+    FeedForward's last convs and the CfC's g and h 1x1 heads on the Triton SiLU -> 1x1 conv
+    forward (runtime.FORWARD_ONLY), not the CfC heads kernel; a forward with grad runs neither.
+    The outputs agree."""
     from liquiddiff.kernels import cfc_heads, pointwise_conv
 
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
@@ -187,7 +188,7 @@ def test_fused_model_without_gradient_runs_the_pointwise_forward_kernels(monkeyp
     assert calls == []
     with torch.no_grad():
         sampled = model(x, t)
-    assert calls == ["pointwise_conv"] * 2 * len(model.blocks())
+    assert calls == ["pointwise_conv"] * 4 * len(model.blocks())
     assert rel_err(sampled, trained) < 1e-5
 
 

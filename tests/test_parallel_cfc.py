@@ -214,6 +214,30 @@ def test_copy_dtype_adds_the_outputs_copy_and_pixel_sum(conv_kernels):
         assert torch.equal(got[name], want[name]), name
 
 
+@pytest.mark.parametrize("setting, launches", [
+    ("auto", 2),  # runtime.FORWARD_ONLY: the g and h 1x1s on the SiLU -> 1x1 conv forward
+    ("auto,modulated_silu=torch", 2),  # the 3x3 biases in the 3x3s, no modulation
+    ("auto,pointwise_conv=torch", 0),
+])
+def test_without_gradient_the_g_and_h_heads_run_the_pointwise_forward(monkeypatch, setting, launches):
+    """A call autograd does not record (sampling) runs the g and h heads' SiLU -> 1x1 convs on
+    the Triton pointwise forward, their SiLU and 3x3 bias in its prologue (not the CfC heads
+    kernel: its forward did not beat cuDNN's); the reference's values."""
+    from liquiddiff.kernels import pointwise_conv
+
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    calls = []
+    real = pointwise_conv.forward
+    monkeypatch.setattr(pointwise_conv, "forward", lambda *a: calls.append(1) or real(*a))
+    raw = _raw(torch.float64)
+    with parity.poisoned_outputs(), torch.no_grad():
+        out = _call(kernels.parallel_cfc)(**raw)
+    assert len(calls) == launches
+    parity.assert_close("out", out, _call(functional.parallel_cfc)(**raw), 1e-12)
+    _call(kernels.parallel_cfc)(**parity.leaves(raw))  # with gradient: SiLU + cuDNN
+    assert len(calls) == launches
+
+
 def test_copy_dtype_is_checked():
     raw = _raw()
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]

@@ -43,7 +43,7 @@ from . import _tensors, cfc_heads, depthwise, pointwise_conv, runtime
 from .cfc_relax import backward as cfc_relax_backward, check_gate_parameters, forward as cfc_relax_forward
 from .modulated_silu import backward as modulated_silu_backward, forward as modulated_silu_forward
 from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
-                        _heads_forward, _paired_heads, _triton_depthwise, _triton_pointwise)
+                        _heads_forward, _paired_heads, _records_grad, _triton_depthwise, _triton_pointwise)
 
 __all__ = ["parallel_cfc"]
 
@@ -59,13 +59,14 @@ def _pick(items, indices):
 
 class _ParallelCfC(torch.autograd.Function):
     """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS, then
-    n_conv (n in the convolutions' dtype, or None) and copy_dtype (None, or the dtype of the
-    output's copy that comes back with its pixel sum: :func:`parallel_cfc`)."""
+    n_conv (n in the convolutions' dtype, or None), copy_dtype (None, or the dtype of the
+    output's copy that comes back with its pixel sum) and grad (whether autograd records the
+    call: :func:`parallel_cfc`)."""
 
     @staticmethod
     def forward(ctx, n, residual, a, b, rho, t, *params):
         weights, biases = params[:_CONVS], params[_CONVS:2 * _CONVS]
-        n_conv, copy_dtype = params[2 * _CONVS:]
+        n_conv, copy_dtype, grad = params[2 * _CONVS:]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
         if n_conv is None or n_conv.dtype != dtype:
@@ -103,7 +104,10 @@ class _ParallelCfC(torch.autograd.Function):
                 f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), head_biases,
                                                        dtype, ctx.head_triton, ctx.paired)
                 del silu_z  # before the g and h heads' temporaries: the forward's transient peak
-                g, h = (_conv(_head_silu(hidden, hidden_biases, j, dtype), weights[i], biases[i], dtype, 0, 1, False)
+                # Without gradient, the g and h 1x1s on the Triton SiLU -> 1x1 conv forward
+                # (runtime.FORWARD_ONLY), their SiLU (and 3x3 bias) in its prologue.
+                forward_only = not grad and _triton_pointwise(n, weights[_G_PW], 1, True, grad=False)
+                g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, forward_only)
                         for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
@@ -187,7 +191,7 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
-        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None)  # n_conv (its gradient is n's), copy_dtype
+        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None, None)  # n_conv (its gradient is n's), copy_dtype, grad
 
 
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
@@ -241,6 +245,16 @@ def _head_silu(hidden, hidden_biases, head: int, dtype):
     if hidden_biases is None:
         return F.silu(hidden)
     return modulated_silu_forward(hidden, *_bias_modulation(hidden, hidden_biases, head), dtype)
+
+
+def _head_conv(hidden, hidden_biases, head: int, weight, bias, dtype, pointwise: bool):
+    """The g or h head's 1x1 conv of silu(hidden) (its 3x3 bias added first where
+    :func:`_hidden_biases` left it out of the 3x3): on the Triton SiLU -> 1x1 conv forward
+    (``pointwise``), the SiLU and the bias in its prologue; else a SiLU pass, then cuDNN's GEMM."""
+    if pointwise:
+        scale, shift = (None, None) if hidden_biases is None else _bias_modulation(hidden, hidden_biases, head)
+        return pointwise_conv.forward(hidden, weight, bias, scale, shift, dtype)
+    return _conv(_head_silu(hidden, hidden_biases, head, dtype), weight, bias, dtype, 0, 1, False)
 
 
 def _backbone_bias(pw_weight, pw_bias, dw_bias):
@@ -324,6 +338,7 @@ def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=
         out = functional.parallel_cfc(n, convs, a, b, rho, t, residual=residual)
         return out if copy_dtype is None else (out, None, None)
     weights, biases = zip(*convs)
+    grad = _records_grad(n, residual, a, b, rho, t, *weights, *biases)
     if copy_dtype is not None and _triton_pointwise(n, weights[_G_PW], 1, True):
-        return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, None), None, None
-    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, copy_dtype)
+        return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, None, grad), None, None
+    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, copy_dtype, grad)

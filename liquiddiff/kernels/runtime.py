@@ -65,8 +65,10 @@ OPT_IN = {
 # that record no gradient. The SiLU -> 1x1 conv forward (H100, bf16 [8, 64, 256, 256]
 # channels_last, replayed from a CUDA graph): 0.058 ms, against 0.151 for torch.compile and the
 # fused path's two passes (the Triton modulated SiLU alone 0.047, then cuDNN's GEMM); and the
-# FeedForward's residual add goes into its epilogue. The CfC heads kernel, gated by the same op,
-# keeps the training choice (its forward, 0.42 ms, did not beat torch.compile's 0.36).
+# FeedForward's residual add goes into its epilogue. It runs the FeedForward's and the spatial
+# mix's last convs and the CfC's g and h 1x1 heads; the CfC heads kernel (f, g, h and the gate in
+# one), gated by the same op, keeps the training choice (its forward, 0.42 ms, did not beat
+# torch.compile's 0.36).
 FORWARD_ONLY = {
     "pointwise_conv": "Triton's SiLU -> 1x1 conv kernel for calls without gradient (sampling): its forward measured "
                       "faster than SiLU + cuDNN (benchmarks/RESULTS.md)",
