@@ -194,15 +194,16 @@ def _add_train(sub) -> None:
                         "the same weights either way")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=False,
                    help="keep activations in channels_last (NHWC) memory format: faster convolutions on GPUs")
-    speed = g.add_mutually_exclusive_group()
-    speed.add_argument("--compile", **_compile_argument(
-                       "torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
-                       "the first sample grid compile (minutes on a GPU), later ones run faster (not "
-                       "remembered by --resume)"))
-    speed.add_argument("--cuda-graph", action="store_true",
-                       help="replay each step's model forward and backward from CUDA graphs captured at the "
-                            "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun; "
-                            "not remembered by --resume)")
+    g.add_argument("--compile", **_compile_argument(
+                   "torch.compile the model (the fused ops stay opaque custom ops): the first steps and "
+                   "the first sample grid compile (minutes on a GPU), later ones run faster (not "
+                   "remembered by --resume)"))
+    g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step's model forward and backward from CUDA graphs captured at the "
+                        "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun; "
+                        "not with --compile; not remembered by --resume). Default: on for --fused on one CUDA "
+                        "GPU without --compile or --gradient-checkpointing (the eager fused step waits for "
+                        "the host's launches)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and rerun the block there: about half the "
                         "peak memory of a fused step for one more forward pass of the blocks; same values "
@@ -270,13 +271,13 @@ def _add_sample(sub) -> None:
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="size to generate at (default: the size the model was trained at)")
     p.add_argument("--batch-size", type=_positive_int, default=64, help="images generated at once")
-    speed = p.add_mutually_exclusive_group()
-    speed.add_argument("--cuda-graph", action="store_true",
-                       help="capture the model call as a CUDA graph and replay it every step (CUDA only): "
-                            "no per-kernel launch overhead, for three model calls of capture (once for batches of one size)")
-    speed.add_argument("--compile", **_compile_argument(
-                       "torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
-                       "run faster"))
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="capture the model call as a CUDA graph and replay it every step (CUDA only, not with "
+                        "--compile): no per-kernel launch overhead, for three model calls of capture (once for "
+                        "batches of one size). Default: on for a CUDA device without --compile")
+    p.add_argument("--compile", **_compile_argument(
+                   "torch.compile the model: the first batch compiles (minutes on a GPU), the rest "
+                   "run faster"))
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="activations in channels_last (NHWC) memory format, faster convolutions on GPUs "
                         "(default: as the checkpoint's run trained)")
@@ -339,6 +340,8 @@ def _mixed_precision(choice: str) -> bool | str | None:
 
 def _check_runnable(args, device: torch.device) -> None:
     """Options that cannot run on ``device``, refused before a run folder, a model or data."""
+    if args.cuda_graph and args.compile:
+        raise ValueError("--cuda-graph: not with --compile (--compile reduce-overhead replays inductor's CUDA graphs)")
     if args.cuda_graph and device.type != "cuda":
         raise ValueError(f"--cuda-graph: needs a CUDA GPU (device: {device})")
     if args.fused:
@@ -348,6 +351,17 @@ def _check_runnable(args, device: torch.device) -> None:
             kernels.backend_report(device)
         except RuntimeError as exc:
             raise ValueError(str(exc)) from None
+
+
+def _cuda_graph_by_default(args, device: torch.device, training: bool, processes: int = 1) -> bool:
+    """--cuda-graph when not given: on where graphs run and were measured to help. Sampling: a
+    CUDA device without --compile. Training: also one process, the fused model (on an H100 its
+    eager step, bound by the host's launches, took 0.38x the compiled reference's speed, its
+    graphed step 1.31x: benchmarks/RESULTS.md) and no --gradient-checkpointing (not tested with
+    graphs)."""
+    if device.type != "cuda" or args.compile:
+        return False
+    return not training or (processes == 1 and args.fused and not args.gradient_checkpointing)
 
 
 def _ops_note(fused: bool, device: torch.device) -> str:
@@ -614,6 +628,8 @@ def cmd_train(args, explicit: set[str]) -> int:
         state = checkpoint.load(resume_from)
         _apply_saved_run(args, explicit, state.get("run"))
     _check_runnable(args, device)
+    if args.cuda_graph is None:
+        args.cuda_graph = _cuda_graph_by_default(args, device, training=True, processes=info.world_size)
     if args.micro_batch_size is not None and args.micro_batch_size > args.batch_size:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size}: more than the batch (--batch-size "
                          f"{args.batch_size}); leave it out, or give at most {args.batch_size}")
@@ -845,6 +861,8 @@ def cmd_sample(args, explicit: set[str]) -> int:
 
     device = distributed.device_for(distributed.DistInfo(), args.device)
     _check_runnable(args, device)
+    if args.cuda_graph is None:
+        args.cuda_graph = _cuda_graph_by_default(args, device, training=False)
     if args.out and Path(args.out).suffix.lower() not in ("", ".png"):
         raise ValueError(f"--out {args.out}: the grid is written as a PNG; give a .png name (or none: .png is added)")
     mixed = _mixed_precision(args.precision)

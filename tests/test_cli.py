@@ -95,6 +95,30 @@ def test_info_names_device_versions_and_backends(capsys):
     assert "without gradient" in lines[pointwise + 1]
 
 
+@pytest.mark.parametrize("command, options, device, expected", [
+    ("sample", {}, "cuda", True),
+    ("sample", {}, "cpu", False),
+    ("sample", {"compile": "default"}, "cuda", False),
+    ("train", {"fused": True}, "cuda", True),
+    ("train", {"fused": False}, "cuda", False),  # the reference's graphed step: not measured
+    ("train", {"fused": True, "processes": 2}, "cuda", False),  # torchrun: DDP's hooks run on the host
+    ("train", {"fused": True, "gradient_checkpointing": True}, "cuda", False),
+    ("train", {"fused": True, "compile": "reduce-overhead"}, "cuda", False),
+    ("train", {"fused": True}, "cpu", False),
+])
+def test_cuda_graphs_by_default_where_they_run_and_help(command, options, device, expected):
+    """--cuda-graph left out: on for sampling on a CUDA GPU, and for training the fused model on
+    one; --cuda-graph / --no-cuda-graph override it."""
+    args = cli.build_parser().parse_args([command])
+    assert args.cuda_graph is None
+    processes = options.pop("processes", 1)
+    for key, value in options.items():
+        setattr(args, key, value)
+    assert cli._cuda_graph_by_default(args, torch.device(device), command == "train", processes) == expected
+    assert cli.build_parser().parse_args([command, "--no-cuda-graph"]).cuda_graph is False
+    assert cli.build_parser().parse_args([command, "--cuda-graph"]).cuda_graph is True
+
+
 @pytest.mark.parametrize("argv, message", [
     (["train", "--steps", "0"], "positive integer"),
     (["train", "--lr", "-0.001"], "positive number"),
@@ -107,8 +131,6 @@ def test_info_names_device_versions_and_backends(capsys):
     (["train", "--ema-decay", "1"], r"\[0, 1\)"),
     (["sample", "--n", "0"], "positive integer"),
     (["sample", "--sampler", "rk4"], "invalid choice"),
-    (["train", "--compile", "--cuda-graph"], "not allowed with"),
-    (["sample", "--cuda-graph", "--compile"], "not allowed with"),
     (["sample", "--compile", "fast"], "--compile: invalid choice: 'fast'"),
     (["train", "--device", "foo"], "--device: expected auto, cpu, cuda or cuda:N, got 'foo'"),
     (["sample", "--device", "meta"], "--device: expected auto, cpu, cuda or cuda:N"),
@@ -150,6 +172,8 @@ def test_errors_are_one_line_and_exit_2(tmp_path, capsys):
         (["train", "--channels", "8,16,32", *runs], "must be non-empty and of equal length"),
         (["train", "--cuda-graph", "--device", "cpu", *TINY[:4], *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
         (["sample", "--cuda-graph", "--device", "cpu", *runs], "--cuda-graph: needs a CUDA GPU (device: cpu)"),
+        (["train", "--compile", "--cuda-graph", *runs], "--cuda-graph: not with --compile"),
+        (["sample", "--cuda-graph", "--compile", *runs], "--cuda-graph: not with --compile"),
         (["train", "--batch-size", "4", "--micro-batch-size", "8", *runs], "--micro-batch-size 8: more than the batch"),
         (["sample", "--out", tmp_path / "grid.jpg", *runs], "the grid is written as a PNG"),
         (["train", "--resume", *runs], "no run to continue"),
@@ -729,6 +753,27 @@ def test_metrics_stay_strict_json_when_an_fp16_step_overflows(tmp_path, capsys, 
 
 
 @pytest.mark.slow
+@pytest.mark.gpu
+def test_gpu_fused_train_and_sample_replay_cuda_graphs_by_default(tmp_path, capsys):
+    """On one CUDA GPU, `train --fused` and `sample` replay CUDA graphs without being asked (the
+    in-training sample grid runs eager beside them); the same sample with --no-cuda-graph gives
+    the same images to rounding."""
+    runs = tmp_path / "runs"
+    code, out, err = _run(["train", "--runs-dir", runs, *TINY, "--steps", "3", "--fused", "--channels-last",
+                           "--device", "cuda", "--sample-every", "3"], capsys)
+    assert code == 0, err
+    assert "CUDA graphs" in out and all(np.isfinite(m["loss"]) for m in _metrics(runs / "digits"))
+    grids = []
+    for flag in ("--cuda-graph", "--no-cuda-graph"):
+        out_png = tmp_path / f"{flag}.png"
+        code, _, err = _run(["sample", "--ckpt", runs / "digits" / "last.safetensors", "--n", "5", "--steps", "3",
+                             "--batch-size", "4", "--fused", "--device", "cuda", "--seed", "1", "--out", out_png,
+                             "--no-progress", *([] if flag == "--cuda-graph" else [flag])], capsys)
+        assert code == 0, err
+        grids.append(np.asarray(Image.open(out_png), dtype=np.int16))
+    assert np.abs(grids[0] - grids[1]).max() <= 2
+
+
 def test_train_on_a_folder_with_corrupt_images(tmp_path, capsys):
     data = tmp_path / "photos"
     _write_images(data, 6)
