@@ -13,8 +13,9 @@ An op in ``OPT_IN`` runs its PyTorch path under ``auto`` until its kernel has be
 faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``). An opt-in op
 in ``FORWARD_ONLY`` runs Triton under ``auto`` in calls that record no gradient (sampling,
 inference: ``grad=False``), where its forward kernel measured faster and its slower backward
-never runs. An op in ``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU (the current device's
-compute capability), where its kernels compile but spill; named ``=triton``, it still runs there.
+never runs. An op in ``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU
+(the current device's compute capability), where its kernels compile but spill; named
+``=triton``, it still runs there.
 """
 from __future__ import annotations
 
