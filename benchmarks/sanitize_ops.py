@@ -6,7 +6,8 @@
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
 SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair, the CfC branch on the
 pointwise kernels with its heads + gate kernels; first the spatial mix's fp32 input (its bf16
-copy and pixel sums in one Triton pass, its Triton depthwise conv, cast by the launcher), its
+copy and pixel sums in one Triton pass or by the CfC kernel that writes it, its Triton depthwise
+conv, cast by the launcher), its
 merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,
 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
@@ -34,8 +35,9 @@ from benchmarks import cases
 from liquiddiff import functional, kernels
 from liquiddiff.kernels import depthwise, runtime
 
-# The module (the package's attribute of that name is the op).
+# The modules (the package's attributes of those names are the ops).
 modulated_silu = importlib.import_module("liquiddiff.kernels.modulated_silu")
+cfc_relax = importlib.import_module("liquiddiff.kernels.cfc_relax")
 
 SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
 # Looser than the parity tests' (bf16 1e-2, fp32 1e-5): tiny C makes LayerNorm ill-conditioned,
@@ -102,12 +104,32 @@ def small_op_checks(channels: int, device: torch.device) -> list[tuple[str, str,
             ("context_shift", f"C={channels}", all(cases.rel_err(a, b) <= 1e-5 for a, b in shifted))]
 
 
+def _cfc_copy_check(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> tuple[str, str, bool]:
+    """The CfC kernel writing the spatial mix's input ``x``-shaped (its fp32 output, the copy in
+    ``dtype`` and the pixel sums, ``cfc_relax.forward(copy_dtype=)``): the output as without the
+    copy, the copy exactly its cast, the sums against fp64's."""
+    B, C = x.shape[:2]
+    fmt = torch.channels_last if x.stride(1) == 1 and C > 1 else torch.contiguous_format
+    heads = [torch.randn(x.shape, generator=gen).to(x.device, dtype).contiguous(memory_format=fmt) for _ in range(3)]
+    gate = [torch.randn(B, C, generator=gen).to(x.device, dtype) for _ in range(2)]
+    rho, t = torch.randn(C, generator=gen).to(x.device), torch.rand(B, generator=gen).to(x.device)
+    residual = torch.randn(x.shape, generator=gen).to(x.device)
+    args = (*heads, x, *gate, rho, t, residual)
+    out, copy, pixel_sum = cfc_relax.forward(*args, copy_dtype=dtype)
+    plain = cfc_relax.forward(*args)
+    cases.sync(x.device)
+    ok = (torch.equal(out, plain) and torch.equal(copy, out.to(dtype))
+          and cases.rel_err(pixel_sum.cpu(), out.cpu().double().sum((2, 3))) <= TOL["fp32"])
+    return "cfc_relax", f"forward with the spatial mix's copy and pixel sums {list(x.shape)}", ok
+
+
 def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
     """The spatial mix's fp32 input in one pass, as the model runs it under autocast (which the
-    op cases do not): copy and pixel sums (``cast_with_pixel_sum``), then the Triton depthwise
-    conv of the fp32 input (cast by its launcher); and its sum per channel (``channel_sum``, the
-    kernel of every cuDNN conv's bias gradient). At each shape and layout: the copy exactly
-    x.to, the conv and the sum against fp64 references: (op, what, ok)."""
+    op cases do not): copy and pixel sums (``cast_with_pixel_sum``, or the CfC kernel that writes
+    it, ``_cfc_copy_check``), then the Triton depthwise conv of the fp32 input (cast by its
+    launcher); and its sum per channel (``channel_sum``, the kernel of every cuDNN conv's bias
+    gradient). At each shape and layout: the copy exactly x.to, the conv and the sum against
+    fp64 references: (op, what, ok)."""
     on_gpu = device.type == "cuda"
     dtype = cases.default_dtype(device) if on_gpu else torch.float64
     out = []
@@ -129,6 +151,8 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
                      torch.equal(cast.cpu(), want_copy) and cases.rel_err(cast_sum.cpu(), want_sum) <= TOL["fp32"]),
                     ("conv_bias_grad", f"channel sum {what}",
                      cases.rel_err(bias_grad.cpu(), want_sum.sum(0)) <= TOL["fp32"])]
+            op, check, ok = _cfc_copy_check(xd, dtype, gen)
+            out.append((op, f"{check} {layout}", ok))
     return out
 
 
