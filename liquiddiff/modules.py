@@ -345,10 +345,11 @@ class LiquidDiffusionBlock(nn.Module):
         conv_dtype = self._cfc_conv_dtype(u)
         normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
         n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)
-        with self._remade(n, norm1, u, temb):
+        made = n if n_conv is None else (n, n_conv)  # the copy: for the 7x7's weight gradient
+        with self._remade(made, functools.partial(norm1, copy_dtype=conv_dtype), u, temb):
             u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv,
                          copy_dtype=conv_dtype)
-        del normed, n_conv  # the conv's copy of n, dead now: not alive through the rest of the block
+        del normed, n_conv, made  # the conv's copy of n, dead now: not alive through the rest of the block
         u, u_copy = (u[0], u[1:]) if conv_dtype is not None else (u, None)
         mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix, precomputed=u_copy)
         del u_copy  # saved by the mix where backward needs it, else dead: not alive through the FFN
@@ -388,13 +389,14 @@ class LiquidDiffusionBlock(nn.Module):
         conv would cast it to anyway: the same values, without the fp32 tensor and the cast."""
         return _autocast_dtype(u.device.type) if self.ffn.fused else None
 
-    def _remade(self, n, norm, u, temb):
-        """Fused, the CfC and the FFN do not keep their input n = norm(u): backward remakes it
-        with one AdaLN pass from u, which the AdaLN keeps anyway (norm2's u is its residual sum,
-        and norm2(u) without the residual is the same n)."""
+    def _remade(self, made, norm, u, temb):
+        """Fused, the CfC and the FFN do not keep their input n = norm(u) (``made``: n, or n and
+        its copy in the conv dtype, both of norm's outputs): backward remakes it with one AdaLN
+        pass from u, which the AdaLN keeps anyway (norm2's u is its residual sum, and norm2(u)
+        without the residual is the same n)."""
         if not self.cfc.fused:
             return contextlib.nullcontext()
-        return kernels.recompute_saved((n, norm, (u, temb)))
+        return kernels.recompute_saved((made, norm, (u, temb)))
 
 
 class DownSample(nn.Module):

@@ -389,8 +389,10 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
     """Under autocast norm1 also writes n in bf16 (AdaLN's copy_dtype), which the CfC's 7x7 conv
     reads, and the CfC kernel writes its output in bf16 with its pixel sum, which the spatial
     mix reads: the block's forward casts no fp32 activation to bf16 (the conv cast n by a pass of
-    its own before, and the mix its input with cast_with_pixel_sum), and the output and every
-    gradient are those of the block that casts."""
+    its own before, and the mix its input with cast_with_pixel_sum); its backward casts one, the
+    FeedForward's fp32 upstream gradient for cuDNN (n's copy for the 7x7's weight gradient is
+    remade with n by one AdaLN pass, where backward cast n); and the output and every gradient
+    are those of the block that casts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from liquiddiff.kernels import recompute
@@ -411,13 +413,14 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
                 casts.append(tuple(args[0].shape))
             return func(*args, **(kwargs or {}))
 
-    def run(block, copy: bool, probe):
+    def run(block, copy: bool, probe, backward_probe):
         if not copy:  # the block before norm1 wrote the copy: the conv casts n
             monkeypatch.setattr(block, "_cfc_conv_dtype", lambda u: None)
         u = raw_u.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16), probe:
             out = block(u, temb, t)
-        grads = torch.autograd.grad(out, [u, *block.parameters()], up.to(out.dtype))
+        with backward_probe:
+            grads = torch.autograd.grad(out, [u, *block.parameters()], up.to(out.dtype))
         return out, grads
 
     block = _randomise(LiquidDiffusionBlock(6, 16))
@@ -426,9 +429,12 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
             m.fused = True
     raw_u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
     temb, t, up = torch.randn(2, 16), torch.rand(2), torch.randn(2, 6, 5, 5)
-    out, grads = run(block, True, Casts())
+    out, grads = run(block, True, Casts(), contextlib.nullcontext())
     assert casts == []
-    ref, ref_grads = run(copy.deepcopy(block), False, contextlib.nullcontext())
+    run(copy.deepcopy(block), True, contextlib.nullcontext(), Casts())
+    assert casts == [tuple(raw_u.shape)]
+    casts.clear()
+    ref, ref_grads = run(copy.deepcopy(block), False, contextlib.nullcontext(), contextlib.nullcontext())
     assert casts == [("cast_with_pixel_sum", tuple(raw_u.shape))]  # the mix's, where the CfC wrote no copy
     assert torch.equal(out, ref)
     for g, r in zip(grads, ref_grads):

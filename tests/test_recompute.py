@@ -433,6 +433,31 @@ def test_recompute_saved_hands_other_tensors_to_the_enclosing_hooks():
     torch.testing.assert_close(dx, s * (1 - s) * 2 * x.detach() + s * 2)
 
 
+def test_recompute_saved_remakes_a_calls_outputs_by_one_call():
+    """A recipe for several outputs of one call (the block's n and its bf16 copy): backward
+    unpacks both and runs the call once, each time it runs (a second backward: once more); the
+    gradients are those of the tensors kept."""
+    x = torch.randn(4, 3, requires_grad=True)
+    calls = []
+
+    def both(arg):
+        calls.append(1)
+        return arg * 2, arg * 3
+
+    def step(recompute: bool):
+        a, b = both(x.detach())
+        with kernels.recompute_saved(((a, b), both, (x.detach(),))) if recompute else contextlib.nullcontext():
+            out = x * a * b  # saves a * b's operands: a and b, each a recipe
+        calls.clear()
+        grads = [torch.autograd.grad(out.sum(), x, retain_graph=True)[0] for _ in range(2)]
+        return grads, list(calls)
+
+    (kept, kept_calls), (remade, remade_calls) = step(False), step(True)
+    assert kept_calls == [] and remade_calls == [1, 1]
+    for got, want in zip(remade, kept):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("op", ["silu_conv1x1", "spatial_mix_input"])
 def test_double_backward_raises(op):
     raw = _inputs(torch.float32) if op == "silu_conv1x1" else _mix_inputs()

@@ -6,8 +6,9 @@
 Composed of the block's ops (the Triton CfC kernel, the g/h depthwise pair and SiLU backward of
 ``recompute.py``, cuDNN 1x1 convolutions, or with the opt-in pointwise kernels the three heads
 and the CfC gate as one kernel each way, ``cfc_heads.py``, and the g/h heads' SiLU -> 1x1
-backward by ``pointwise_conv.py``), it keeps what they keep: n, the depthwise output, the
-backbone pre-activation z and the g/h hidden tensors (the CfC op's f, g and h are remade in
+backward by ``pointwise_conv.py``), it keeps what they keep: n (and ``n_conv``, its copy in the
+conv dtype, when given), the depthwise output, the backbone pre-activation z and the g/h hidden
+tensors (the CfC op's f, g and h are remade in
 backward, as are the SiLUs), and owns the backward's schedule. As separate autograd nodes the
 same ops remade silu(z) and each head's SiLU twice (once to remake f, g, h for the CfC op, once
 for the conv that consumes them), and autograd summed n's two gradients (from the CfC op, in fp32,
@@ -19,7 +20,8 @@ about 0.7 GB less traffic per train step (``python -m benchmarks.traffic``).
 When the caller keeps a recipe for n (``recompute_saved``: the block remakes it from its AdaLN),
 backward remakes n once; before, both of n's consumers unpacked (and so remade) it. Under
 autocast the block's AdaLN also hands over n in the convolutions' dtype (``n_conv``, written in
-its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own, and the CfC
+its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own (and its
+weight gradient in backward, remade with n by one AdaLN pass), and the CfC
 kernel writes its output's bf16 copy and pixel sum for the spatial mix (``copy_dtype``), which
 read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``).
 
@@ -69,8 +71,8 @@ class _ParallelCfC(torch.autograd.Function):
         n_conv, copy_dtype, grad = params[2 * _CONVS:]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
-        if n_conv is None or n_conv.dtype != dtype:
-            n_conv = n  # cast by the 7x7's launch
+        if n_conv is not None and n_conv.dtype != dtype:
+            n_conv = None  # n, cast by the 7x7's launch
         triton = [_triton_depthwise(n, w, channels // w.shape[1]) for w in weights]  # 1x1: never
         ctx.dw_triton, ctx.head_triton = triton[_DW], _pick(triton, _HEADS)
         ctx.paired = _paired_heads(_pick(weights, _HEADS), ctx.head_triton)
@@ -82,7 +84,8 @@ class _ParallelCfC(torch.autograd.Function):
             ctx.folded = not ctx.dw_triton and biases[_DW] is not None
             dw_bias = None if ctx.folded else biases[_DW]
             z_bias = _backbone_bias(weights[_PW], biases[_PW], biases[_DW]) if ctx.folded else biases[_PW]
-            dw = _conv(n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2, channels, ctx.dw_triton)
+            dw = _conv(n if n_conv is None else n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2,
+                       channels, ctx.dw_triton)
             z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
             silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
@@ -110,7 +113,9 @@ class _ParallelCfC(torch.autograd.Function):
                 g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, forward_only)
                         for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
-        ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases)
+        # n_conv too, for the 7x7's weight gradient: the block remakes it with n, by
+        # one AdaLN pass (recompute_saved), where backward cast n by a pass of its own.
+        ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases, n_conv)
         ctx.dtype = dtype
         ctx.residual_dtype = None if residual is None else residual.dtype
         if copy_dtype is not None:
@@ -123,7 +128,7 @@ class _ParallelCfC(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # Triton kernels: no graph of the backward
     def backward(ctx, grad_out, *_copies):  # the copies take no gradient: only out's runs this
-        n, dw, z, g_hidden, h_hidden, *rest = ctx.saved_tensors
+        n, dw, z, g_hidden, h_hidden, *rest, n_conv = ctx.saved_tensors
         small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]
         needs = ctx.needs_input_grad
         need_n, need_residual = needs[:2]
@@ -183,7 +188,7 @@ class _ParallelCfC(torch.autograd.Function):
                     d_z, dw, weights[_PW], biases[_DW] if ctx.folded else None, dtype,
                     need_ws[_PW], need_bs[_PW], ctx.folded and need_bs[_DW])
                 del d_z
-                d_n, d_ws[_DW], d_b = _backbone_backward(d_dw, n, weights[_DW], bias_shapes[_DW], dtype, d_n,
+                d_n, d_ws[_DW], d_b = _backbone_backward(d_dw, n, n_conv, weights[_DW], bias_shapes[_DW], dtype, d_n,
                                                          [need_n, need_ws[_DW], need_bs[_DW] and not ctx.folded],
                                                          ctx.dw_triton)
                 d_bs[_DW] = folded_d_b if ctx.folded else d_b
@@ -284,14 +289,16 @@ def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b
     return d_dw, d_w, d_b if need_b else None, d_dw_bias
 
 
-def _backbone_backward(d_dw, n, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
+def _backbone_backward(d_dw, n, n_conv, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
     """The 7x7 conv's (d_n, d_weight, d_bias), d_n summed with the CfC op's ``d_n_cfc``: in the
-    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add."""
+    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add. The
+    weight gradient reads ``n_conv`` (n in ``dtype``, or None: n, cast)."""
     k = weight.shape[-1]
+    conv_input = n if n_conv is None else n_conv
     if triton:
-        d_n, (d_w,), (d_b,) = depthwise.backward([d_dw], n, [weight], dtype, needs, addend=d_n_cfc)
+        d_n, (d_w,), (d_b,) = depthwise.backward([d_dw], conv_input, [weight], dtype, needs, addend=d_n_cfc)
         return d_n, d_w, d_b
-    d_n, d_w, d_b = _conv_backward(d_dw, n, weight, bias_shape, dtype, k // 2, n.shape[1], needs, False)
+    d_n, d_w, d_b = _conv_backward(d_dw, conv_input, weight, bias_shape, dtype, k // 2, n.shape[1], needs, False)
     if d_n is not None:
         d_n = d_n_cfc.add_(d_n)  # d_n_cfc: the CfC op's fresh output, n's dtype
     return d_n, d_w, d_b
@@ -320,8 +327,9 @@ def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=
 
     ``n_conv``: n already in the convolutions' dtype (``n.to(dtype)``, which the block's AdaLN
     writes in the pass that writes n: ``copy_dtype``), read by the 7x7 conv where it would cast
-    n by a pass of its own; not saved, and without a gradient of its own (the conv's input
-    gradient is n's). Ignored in another dtype, and by the PyTorch fallback.
+    n by a pass of its own, and saved for its weight gradient (the block remakes it with n in
+    backward, ``recompute_saved``, where backward cast n); without a gradient of its own (the
+    conv's input gradient is n's). Ignored in another dtype, and by the PyTorch fallback.
 
     ``copy_dtype``: returns ``(out, copy, pixel_sum)``, the copy ``out.to(copy_dtype)`` and
     ``out.sum((2, 3))`` (from fp32 partials) written by the CfC kernel's pass, where the spatial

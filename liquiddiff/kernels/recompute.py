@@ -514,15 +514,29 @@ def silu_convs(z, weights, biases):
 
 
 class _Recipe:
-    """A saved tensor's replacement: the call that made it and the autocast state it ran in."""
+    """A saved tensor's replacement: the call that made it and the autocast state it ran in;
+    with ``index``, output ``index`` of a call that makes several saved tensors, whose first
+    unpack leaves the others in ``shared`` for their own (each taken once: a second backward
+    runs the call again)."""
 
-    __slots__ = ("fn", "args", "device_type", "autocast")
+    __slots__ = ("fn", "args", "device_type", "autocast", "index", "shared")
 
-    def __init__(self, fn: Callable, args: tuple, device_type: str):
-        self.fn, self.args, self.device_type = fn, args, device_type
+    def __init__(self, fn: Callable, args: tuple, device_type: str, index: int | None = None,
+                 shared: dict | None = None):
+        self.fn, self.args, self.device_type, self.index, self.shared = fn, args, device_type, index, shared
         self.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
 
     def __call__(self) -> torch.Tensor:
+        if self.index is None:
+            return self._run()
+        made = self.shared.pop(self.index, None)
+        if made is None:
+            outs = self._run()
+            self.shared.update((i, t) for i, t in enumerate(outs) if i != self.index)
+            made = outs[self.index]
+        return made
+
+    def _run(self):
         # Backward may run without the forward's autocast (CUDA's engine thread never has it),
         # and the recomputed tensor must be the forward's, bit for bit.
         enabled, dtype = self.autocast
@@ -568,10 +582,12 @@ class _RecomputeHooks(torch.autograd.graph.saved_tensors_hooks):
         return packed
 
 
-def recompute_saved(*recipes: tuple[torch.Tensor, Callable, tuple]):
+def recompute_saved(*recipes: tuple[torch.Tensor | tuple, Callable, tuple]):
     """Context manager: for each ``(tensor, fn, args)``, where ``tensor`` is ``fn(*args)``,
     autograd saves the call instead of ``tensor`` and reruns it (without grad, in the forward's
-    autocast state) when backward unpacks it. Other saved tensors go to the enclosing hooks.
+    autocast state) when backward unpacks it; ``tensor`` a tuple: the outputs of ``fn(*args)``,
+    one call remaking them all where they are unpacked together. Other saved tensors go to the
+    enclosing hooks.
 
     It frees memory only when ``args`` are tensors backward keeps anyway, and ``fn`` must be
     deterministic. Under ``torch.compile`` it does nothing: the compiler chooses what to save.
@@ -580,4 +596,12 @@ def recompute_saved(*recipes: tuple[torch.Tensor, Callable, tuple]):
         return contextlib.nullcontext()
     # Keyed by id, checked through a weak reference: autograd keeps the pack hook as long as the
     # graph lives, and a strong reference there would keep the very tensors this frees.
-    return _RecomputeHooks({id(t): (weakref.ref(t), _Recipe(fn, args, t.device.type)) for t, fn, args in recipes})
+    table = {}
+    for made, fn, args in recipes:
+        if isinstance(made, torch.Tensor):
+            table[id(made)] = weakref.ref(made), _Recipe(fn, args, made.device.type)
+            continue
+        shared: dict = {}
+        for i, t in enumerate(made):
+            table[id(t)] = weakref.ref(t), _Recipe(fn, args, t.device.type, i, shared)
+    return _RecomputeHooks(table)
