@@ -89,6 +89,11 @@ def conv1x1(x, weight, bias=None):
     return F.conv2d(x, weight, bias)
 
 
+def conv1x1_silu(x, weight, bias=None):
+    """A 1x1 convolution, then SiLU: the CfC backbone's pointwise stage."""
+    return F.silu(conv1x1(x, weight, bias))
+
+
 def depthwise_conv(x, weight, bias=None):
     """Depthwise convolution with an odd square kernel [C, 1, k, k], 'same' padding."""
     return F.conv2d(x, weight, bias, padding=weight.shape[-1] // 2, groups=x.shape[1])
@@ -172,6 +177,18 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     return out if residual is None else residual + out
 
 
+def depthwise_silu_conv1x1(x, dw_weight, dw_bias, weight, bias=None):
+    """The CfC's g or h head: a depthwise conv (odd k x k, zero padding), SiLU, then a 1x1 conv.
+    x: [B, C, H, W]; dw_weight: [C, 1, k, k]; dw_bias: [C] or None; weight: [Co, C, 1, 1]."""
+    return silu_conv1x1(depthwise_conv(x, dw_weight, dw_bias), weight, bias)
+
+
+def feedforward(x, w1, b1, w2, b2, residual=None):
+    """The FeedForward branch: conv1x1 (C -> hidden), SiLU, conv1x1 (-> C) (+ residual, as
+    :func:`silu_conv1x1` adds it). x: [B, C, H, W]; w1: [hidden, C, 1, 1]; w2: [Co, hidden, 1, 1]."""
+    return silu_conv1x1(conv1x1(x, w1, b1), w2, b2, residual=residual)
+
+
 def silu_convs(z, weights, biases):
     """SiLU once, then several 'same'-padded convolutions of the result, each 1x1 or depthwise as
     its weight's shape says (groups = C_in / weight.shape[1]): the CfC backbone feeding f and
@@ -213,6 +230,6 @@ def parallel_cfc(n, convs, a, b, rho, t, residual=None):
     order; a, b: [B, C] (time_a, time_b of SiLU(t_emb)); rho: [C]; t: [B].
     """
     (dw_w, dw_b), (pw_w, pw_b), f_conv, g_dw, g_pw, h_dw, h_pw = convs
-    backbone = F.silu(conv1x1(depthwise_conv(n, dw_w, dw_b), pw_w, pw_b))
+    backbone = conv1x1_silu(depthwise_conv(n, dw_w, dw_b), pw_w, pw_b)
     g_hidden, h_hidden = depthwise_conv(backbone, *g_dw), depthwise_conv(backbone, *h_dw)
     return cfc_heads_relax(backbone, g_hidden, h_hidden, (f_conv, g_pw, h_pw), n, a, b, rho, t, residual=residual)

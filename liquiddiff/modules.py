@@ -240,7 +240,7 @@ class FeedForward(FusedSwitch, nn.Module):
         autocast); ``residual``: added to the output (the block's, in the last conv's op)."""
         ops = _ops(self.fused)
         (inner_weight, inner_bias), (out_weight, out_bias) = self.conv_parameters() if convs is None else convs
-        return ops.silu_conv1x1(ops.conv1x1(x, inner_weight, inner_bias), out_weight, out_bias, residual=residual)
+        return ops.feedforward(x, inner_weight, inner_bias, out_weight, out_bias, residual=residual)
 
 
 class BlockParameters(NamedTuple):

@@ -3,7 +3,12 @@
 functional.silu_conv1x1: value and every gradient (one shared upstream, outputs NaN-poisoned)
 in fp32 and fp64, both layouts, awkward channel counts, with and without bias, modulation and
 residual; under autocast as the block calls it; NaN propagation, the runtime switch, gradcheck,
-opcheck; bf16 on the GPU."""
+opcheck; bf16 on the GPU. Then the forward with a depthwise conv in its prologue
+(``pointwise_conv.depthwise_forward``, the CfC's g and h heads without gradient) against
+functional.depthwise_silu_conv1x1, and with SiLU in its epilogue instead
+(``pointwise_conv.conv1x1_silu_forward``, the CfC backbone's 1x1) against functional.conv1x1_silu;
+and the FeedForward's two convs in one forward (``pointwise_conv.feedforward_forward``, through
+``kernels.feedforward``) against functional.feedforward."""
 import pytest
 import torch
 
@@ -213,3 +218,237 @@ def test_gpu_bf16_at_the_first_level(launches, K, N, modulated):
            for k, v in _inputs(8, K, N, 256, 256, fmt=torch.channels_last, modulated=modulated).items()}
     parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, raw, 2e-2)
     assert launches == ["forward", "backward"]
+
+
+# ------------------------------------------------ the depthwise conv in the forward's prologue
+def _depthwise_inputs(B, K, N, H, W, k=3, dtype=torch.float32, fmt=torch.contiguous_format, dw_bias=True, bias=True):
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    return {"x": randn(B, K, H, W).contiguous(memory_format=fmt), "dw_weight": randn(K, 1, k, k) / k,
+            "dw_bias": randn(K) if dw_bias else None, "weight": randn(N, K, 1, 1) / K ** 0.5,
+            "bias": randn(N) if bias else None}
+
+
+def _depthwise_forward(raw, dtype=None):
+    return pointwise_conv.depthwise_forward(**raw, dtype=dtype or raw["x"].dtype)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, k, dw_bias, bias", [
+    ((2, 40, 24, 5, 7), 3, True, True),    # K over one k-tile, rows and columns under the 3x3's reach twice
+    ((1, 3, 65, 4, 4), 5, False, True),    # K under tl.dot's 16, N over one tile by one, the 5x5 past the image
+    ((3, 33, 17, 9, 11), 3, True, False),  # odd everything, pixels over one tile (_BLOCK_P = 64): taps across tiles
+    ((2, 16, 16, 1, 13), 7, True, True),   # one row: every vertical tap but the middle one masked
+])
+def test_depthwise_prologue_parity(dtype, tol, fmt, shape, k, dw_bias, bias):
+    raw = _depthwise_inputs(*shape, k=k, dtype=dtype, fmt=fmt, dw_bias=dw_bias, bias=bias)
+    with parity.poisoned_outputs():
+        out = _depthwise_forward(raw)
+    parity.assert_close("out", out, functional.depthwise_silu_conv1x1(**raw), tol)
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_depthwise_prologue_in_bf16():
+    """bf16 in and out (under the interpreter computed in fp32, its bf16 conversions its own):
+    a bf16 output, the fused heads' roundings (the 3x3's output rounded before its bias goes in
+    with the SiLU) to bf16 rounding."""
+    raw = {k: v.bfloat16() for k, v in _depthwise_inputs(2, 24, 16, 6, 5, fmt=torch.channels_last).items()}
+    out = _depthwise_forward(raw, torch.bfloat16)
+    f32 = {k: v.float() for k, v in raw.items()}
+    hidden = functional.depthwise_conv(f32["x"], f32["dw_weight"]).bfloat16().float() + f32["dw_bias"][:, None, None]
+    want = functional.conv1x1(torch.nn.functional.silu(hidden).bfloat16().float(), f32["weight"], f32["bias"])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.bfloat16().float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_prologue_nan_reaches_its_window_only(fmt):
+    raw = _depthwise_inputs(2, 20, 9, 6, 7, fmt=fmt)
+    raw["x"][1, 3, 2, 4] = float("nan")
+    out = _depthwise_forward(raw)
+    window = (1, slice(None), slice(1, 4), slice(3, 6))
+    assert torch.isnan(out[window]).all()
+    out[window] = 0
+    assert torch.isfinite(out).all()
+
+
+def test_depthwise_prologue_opcheck():
+    raw = _depthwise_inputs(2, 37, 21, 5, 3, fmt=torch.channels_last)
+    torch.library.opcheck(torch.ops.liquiddiff.depthwise_silu_conv1x1_forward.default,
+                          (*raw.values(), torch.float32))
+    torch.library.opcheck(torch.ops.liquiddiff.depthwise_silu_conv1x1_forward.default,
+                          (raw["x"], raw["dw_weight"], None, raw["weight"], None, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [64, 256])
+def test_gpu_depthwise_prologue_bf16_at_the_cfc_levels(K):
+    """The CfC's g head at its first (64 channels, 256 px) and third level (256, 64 px), batch 8,
+    channels_last, bf16."""
+    size = 256 * 64 // K
+    raw = {k: v.bfloat16() for k, v in _depthwise_inputs(8, K, K, size, size, fmt=torch.channels_last).items()}
+    out = _depthwise_forward(raw)
+    assert parity.rel_err(out, functional.depthwise_silu_conv1x1(**{k: v.double() for k, v in raw.items()})) < 2e-2
+
+
+# ------------------------------------------------------------ SiLU in the forward's epilogue
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, bias", [((2, 40, 24, 5, 7), True), ((1, 3, 65, 4, 4), False),
+                                         ((3, 130, 17, 9, 9), True)])
+def test_silu_epilogue_parity(dtype, tol, fmt, shape, bias):
+    raw = _inputs(*shape, dtype=dtype, fmt=fmt, bias=bias)
+    del raw["scale"], raw["shift"]
+    with parity.poisoned_outputs():
+        out = pointwise_conv.conv1x1_silu_forward(**raw, dtype=dtype)
+    parity.assert_close("out", out, functional.conv1x1_silu(raw["z"], raw["weight"], raw["bias"]), tol)
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_silu_epilogue_in_bf16():
+    """bf16 in and out (under the interpreter computed in fp32, its bf16 conversions its own):
+    a bf16 output, SiLU of the conv's bf16 output (cuDNN's and aten's roundings) to bf16
+    rounding."""
+    raw = {k: v.bfloat16() for k, v in _inputs(2, 24, 16, 6, 5, fmt=torch.channels_last).items() if v is not None}
+    out = pointwise_conv.conv1x1_silu_forward(raw["z"], raw["weight"], raw["bias"], torch.bfloat16)
+    conv = functional.conv1x1(*(raw[k].float() for k in ("z", "weight", "bias"))).bfloat16()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, torch.nn.functional.silu(conv.float()).bfloat16(), rtol=1e-2, atol=1e-2)
+
+
+def test_silu_epilogue_nan_reaches_its_pixel_only():
+    raw = _inputs(2, 20, 9, 4, 4, fmt=torch.channels_last)
+    raw["z"][1, 3, 2, 1] = float("nan")
+    out = pointwise_conv.conv1x1_silu_forward(raw["z"], raw["weight"], raw["bias"], torch.float32)
+    assert torch.isnan(out[1, :, 2, 1]).all()
+    out[1, :, 2, 1] = 0
+    assert torch.isfinite(out).all()
+
+
+def test_silu_epilogue_opcheck():
+    raw = _inputs(2, 37, 21, 5, 3, fmt=torch.channels_last)
+    for bias in (raw["bias"], None):
+        torch.library.opcheck(torch.ops.liquiddiff.conv1x1_silu_forward.default,
+                              (raw["z"], raw["weight"], bias, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [64, 256])
+def test_gpu_silu_epilogue_bf16_at_the_cfc_levels(K):
+    """The CfC backbone's 1x1 at its first (64 channels, 256 px) and third level (256, 64 px),
+    batch 8, channels_last, bf16."""
+    size = 256 * 64 // K
+    raw = {k: v.bfloat16() for k, v in _inputs(8, K, K, size, size, fmt=torch.channels_last).items() if v is not None}
+    out = pointwise_conv.conv1x1_silu_forward(raw["z"], raw["weight"], raw["bias"], torch.bfloat16)
+    assert parity.rel_err(out, functional.conv1x1_silu(*(raw[k].double() for k in ("z", "weight", "bias")))) < 2e-2
+
+
+# ----------------------------------------------------------- the FeedForward's convs in one pass
+def _feedforward_inputs(B, C, hidden, N, H, W, dtype=torch.float32, fmt=torch.contiguous_format, biases=True,
+                        residual=True):
+    def randn(*shape):
+        return torch.randn(*shape, dtype=dtype, device=DEVICE)
+
+    return {"x": randn(B, C, H, W).contiguous(memory_format=fmt), "w1": randn(hidden, C, 1, 1) / C ** 0.5,
+            "b1": randn(hidden) if biases else None, "w2": randn(N, hidden, 1, 1) / hidden ** 0.5,
+            "b2": randn(N) if biases else None,
+            "residual": randn(B, N, H, W).contiguous(memory_format=fmt) if residual else None}
+
+
+def _feedforward_args(raw, dtype):
+    """``feedforward_forward``'s positional arguments."""
+    return (*(raw[k] for k in ("x", "w1", "b1", "w2", "b2")), dtype, raw["residual"])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, biases, residual", [
+    ((2, 24, 48, 24, 5, 7), True, True),    # the model's 2x, C over one k-tile
+    ((1, 3, 20, 5, 4, 4), False, True),     # every count under tl.dot's 16
+    ((3, 40, 200, 24, 9, 9), True, False),  # hidden over three chunks and not a multiple of one, pixels over a tile
+])
+def test_feedforward_parity(monkeypatch, dtype, tol, fmt, shape, biases, residual):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    calls = []
+    real = pointwise_conv.feedforward_forward
+    monkeypatch.setattr(pointwise_conv, "feedforward_forward", lambda *a: calls.append(1) or real(*a))
+    raw = _feedforward_inputs(*shape, dtype=dtype, fmt=fmt, biases=biases, residual=residual)
+    with parity.poisoned_outputs(), torch.no_grad():
+        out = kernels.feedforward(**raw)
+    assert calls, "the Triton FeedForward kernel did not run"
+    parity.assert_close("out", out, functional.feedforward(**raw), tol)
+    assert out.is_contiguous(memory_format=fmt)
+
+
+def test_feedforward_runs_apart_with_gradient_or_under_auto(monkeypatch):
+    """With gradient (training) or under ``auto`` (the kernel is opt-in), the two convs run
+    apart (cuDNN, or the pointwise kernels for the second); the same values."""
+    calls = []
+    real = pointwise_conv.feedforward_forward
+    monkeypatch.setattr(pointwise_conv, "feedforward_forward", lambda *a: calls.append(1) or real(*a))
+    raw = _feedforward_inputs(2, 24, 48, 24, 5, 7, fmt=torch.channels_last)
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.feedforward(**raw), functional.feedforward(**raw), rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    parity.check_op(kernels.feedforward, functional.feedforward, raw, 1e-5)
+    assert not calls
+
+
+def test_feedforward_in_bf16(monkeypatch):
+    """bf16 in, the fp32 residual stream (under the interpreter computed in fp32, its bf16
+    conversions its own): an fp32 output, the path's roundings to bf16 rounding."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    raw = {k: v if k == "residual" else v.bfloat16()
+           for k, v in _feedforward_inputs(2, 24, 48, 24, 6, 5, fmt=torch.channels_last).items()}
+    with torch.no_grad():
+        out = kernels.feedforward(**raw)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, functional.feedforward(**{k: v.float() for k, v in raw.items()}), rtol=3e-2,
+                               atol=3e-2)
+
+
+def test_feedforward_nan_reaches_its_pixel_only():
+    raw = _feedforward_inputs(2, 20, 40, 20, 4, 4, fmt=torch.channels_last)
+    raw["x"][1, 3, 2, 1] = float("nan")
+    out = pointwise_conv.feedforward_forward(*_feedforward_args(raw, torch.float32))
+    assert torch.isnan(out[1, :, 2, 1]).all()
+    out[1, :, 2, 1] = 0
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.update(w1=r["w1"][:, :-1]), r"w1: expected shape \[Co, 8, 1, 1\]"),
+    (lambda r: r.update(w2=r["w2"][:, :-1]), r"w2: expected shape \[Co, 16, 1, 1\]"),
+    (lambda r: r.update(b2=r["b2"][:-1]), "b2"),
+    (lambda r: r.update(residual=r["residual"][:, :-1]), "residual: expected the conv's output shape"),
+])
+def test_feedforward_bad_arguments_are_named(monkeypatch, change, message):
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    raw = _feedforward_inputs(2, 8, 16, 8, 3, 3)
+    change(raw)
+    with pytest.raises(ValueError, match=message), torch.no_grad():
+        kernels.feedforward(**raw)
+
+
+def test_feedforward_opcheck():
+    raw = _feedforward_inputs(2, 37, 60, 21, 5, 3, fmt=torch.channels_last)
+    torch.library.opcheck(torch.ops.liquiddiff.feedforward_forward.default, _feedforward_args(raw, torch.float32))
+    torch.library.opcheck(torch.ops.liquiddiff.feedforward_forward.default,
+                          (raw["x"], raw["w1"], None, raw["w2"], None, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [64, 128, 256])
+def test_gpu_feedforward_bf16_at_each_level(monkeypatch, C):
+    """The FeedForward at each level of the tiny preset (C -> 2C -> C, 256 px at 64 channels),
+    batch 8, channels_last, bf16 with the fp32 residual stream."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", SETTING)
+    size = 256 * 64 // C
+    raw = {k: v if k == "residual" else v.bfloat16()
+           for k, v in _feedforward_inputs(8, C, 2 * C, C, size, size, fmt=torch.channels_last).items()}
+    with torch.no_grad():
+        out = kernels.feedforward(**raw)
+    assert parity.rel_err(out, functional.feedforward(**{k: v.double() for k, v in raw.items()})) < 2e-2

@@ -1,4 +1,5 @@
 """The U-Net: presets, shapes, input errors, the fused switch and torch.compile."""
+import collections
 import contextlib
 import copy
 
@@ -166,29 +167,44 @@ def test_fused_model_matches_reference(monkeypatch, memory_format, setting, froz
     check_fused_matches_reference(memory_format, frozen)
 
 
-def test_fused_model_without_gradient_runs_the_pointwise_forward_kernels(monkeypatch):
-    """Under auto a forward without grad (a sampling step) runs the spatial mix's and the
-    FeedForward's last convs and the CfC's g and h 1x1 heads on the Triton SiLU -> 1x1 conv
-    forward (runtime.FORWARD_ONLY), not the CfC heads kernel; a forward with grad runs neither.
-    The outputs agree."""
+@pytest.mark.parametrize("setting, per_block", [
+    # FORWARD_ONLY: the spatial mix's and the FeedForward's last convs, the CfC's g and h 1x1 heads
+    # on the SiLU -> 1x1 conv forward, the backbone's 1x1 with SiLU in its epilogue
+    ("auto", {"forward": 4, "conv1x1_silu_forward": 1}),
+    # and the g and h heads' 3x3s in that forward's prologue
+    ("auto,depthwise_conv=triton", {"forward": 2, "depthwise_forward": 2, "conv1x1_silu_forward": 1}),
+    # the CfC heads kernel (f, g, h and the gate), the FeedForward in one pass
+    ("auto,pointwise_conv=triton", {"forward": 1, "conv1x1_silu_forward": 1, "feedforward_forward": 1,
+                                    "heads": 1}),
+])
+def test_fused_model_without_gradient_runs_the_pointwise_forward_kernels(monkeypatch, setting, per_block):
+    """A forward without grad (a sampling step) runs the Triton pointwise forwards ``per_block``
+    (the opt-in ones with their setting); under auto a forward with grad runs none of them. The
+    outputs agree."""
     from liquiddiff.kernels import cfc_heads, pointwise_conv
 
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
-    calls = []
-    for module in (pointwise_conv, cfc_heads):
-        def counted(*args, _fn=module.forward, _name=module.__name__):
-            calls.append(_name.rsplit(".", 1)[1])
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    calls = collections.Counter()
+    launchers = [(pointwise_conv, name) for name in ("forward", "depthwise_forward", "conv1x1_silu_forward",
+                                                     "feedforward_forward")] + [(cfc_heads, "forward")]
+    for module, name in launchers:
+        label = "heads" if module is cfc_heads else name
+
+        def counted(*args, _fn=getattr(module, name), _label=label):
+            calls[_label] += 1
             return _fn(*args)
 
-        monkeypatch.setattr(module, "forward", counted)
+        monkeypatch.setattr(module, name, counted)
     model = _randomise(build("micro", channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1), fan_in_scaled=True)
     model = model.set_fused(True).to(memory_format=torch.channels_last)
     x, t = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last), torch.rand(2)
     trained = model(x, t)
-    assert calls == []
+    if setting != "auto,pointwise_conv=triton":  # which trains on those kernels
+        assert not calls
+    calls.clear()
     with torch.no_grad():
         sampled = model(x, t)
-    assert calls == ["pointwise_conv"] * 4 * len(model.blocks())
+    assert calls == {name: n * len(model.blocks()) for name, n in per_block.items()}
     assert rel_err(sampled, trained) < 1e-5
 
 

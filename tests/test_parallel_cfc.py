@@ -215,27 +215,35 @@ def test_copy_dtype_adds_the_outputs_copy_and_pixel_sum(conv_kernels):
 
 
 @pytest.mark.parametrize("setting, launches", [
-    ("auto", 2),  # runtime.FORWARD_ONLY: the g and h 1x1s on the SiLU -> 1x1 conv forward
-    ("auto,modulated_silu=torch", 2),  # the 3x3 biases in the 3x3s, no modulation
-    ("auto,pointwise_conv=torch", 0),
+    ("auto", (2, 0)),  # runtime.FORWARD_ONLY: the g and h 1x1s on the SiLU -> 1x1 conv forward
+    ("auto,modulated_silu=torch", (2, 0)),  # the 3x3 biases in the 3x3s, no modulation
+    ("auto,pointwise_conv=torch", (0, 0)),
+    ("auto,depthwise_conv=triton", (0, 2)),  # the g and h 3x3s in that forward's prologue too
+    ("auto,depthwise_conv=triton,pointwise_conv=torch", (0, 0)),  # the Triton 3x3 pair, then SiLU + cuDNN
 ])
-def test_without_gradient_the_g_and_h_heads_run_the_pointwise_forward(monkeypatch, setting, launches):
-    """A call autograd does not record (sampling) runs the g and h heads' SiLU -> 1x1 convs on
-    the Triton pointwise forward, their SiLU and 3x3 bias in its prologue (not the CfC heads
-    kernel: its forward did not beat cuDNN's); the reference's values."""
+def test_without_gradient_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
+    """A call autograd does not record (sampling) runs the backbone's 1x1 conv with its SiLU in
+    the Triton pointwise forward's epilogue, the g and h heads' SiLU -> 1x1 convs with their SiLU
+    and 3x3 bias in its prologue (not the CfC heads kernel: its forward did not beat cuDNN's),
+    and with the Triton depthwise kernels their 3x3 convs too; the reference's values. A call
+    with gradient runs none of them."""
     from liquiddiff.kernels import pointwise_conv
 
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
-    calls = []
-    real = pointwise_conv.forward
-    monkeypatch.setattr(pointwise_conv, "forward", lambda *a: calls.append(1) or real(*a))
+    names = ("forward", "depthwise_forward", "conv1x1_silu_forward")
+    calls = dict.fromkeys(names, 0)
+    for name in names:
+        real = getattr(pointwise_conv, name)
+        monkeypatch.setattr(pointwise_conv, name, lambda *a, _real=real, _name=name: calls.update(
+            {_name: calls[_name] + 1}) or _real(*a))
     raw = _raw(torch.float64)
     with parity.poisoned_outputs(), torch.no_grad():
         out = _call(kernels.parallel_cfc)(**raw)
-    assert len(calls) == launches
+    expected = dict(zip(names, (*launches, int(launches != (0, 0)))))
+    assert calls == expected
     parity.assert_close("out", out, _call(functional.parallel_cfc)(**raw), 1e-12)
     _call(kernels.parallel_cfc)(**parity.leaves(raw))  # with gradient: SiLU + cuDNN
-    assert len(calls) == launches
+    assert calls == expected
 
 
 def test_copy_dtype_is_checked():

@@ -71,21 +71,25 @@ if triton is not None:
     from .pointwise_conv import silu_conv1x1_tile
 
     @triton.jit
-    def _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr, pid_b, rows, p_mask, ns, n_mask,
-               sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p, swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
+    def _heads(bb_ptr, gh_ptr, hh_ptr, wf_ptr, bf_ptr, wg_ptr, bg_ptr, wh_ptr, bh_ptr,
+                              pid_b, rows, p_mask, ns, n_mask,                sbb_b, sbb_k, sbb_p, sgh_b, sgh_k, sgh_p, shh_b, shh_k, shh_p, swf_n, swf_k, sbf, swg_n, swg_k, sbg, swh_n, swh_k, sbh,
                C: tl.constexpr, HAS_BF: tl.constexpr, HAS_BG: tl.constexpr, HAS_BH: tl.constexpr,
                CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
                BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """(f, g, h) tiles [BLOCK_P, BLOCK_N], each rounded to the conv's dtype as cuDNN writes it
         (no modulation: the scale and shift arguments are never read)."""
-        f = silu_conv1x1_tile(bb_ptr, wf_ptr, bf_ptr, bb_ptr, bb_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              sbb_b, sbb_k, sbb_p, swf_n, swf_k, sbf, 0, 0, 0, 0, C, HAS_BF, False, False,
+        # No depthwise prologue (KSIZE 0): its pointers, strides, height and width are never read.
+        f = silu_conv1x1_tile(bb_ptr, wf_ptr, bf_ptr, bb_ptr, bb_ptr, bb_ptr, bb_ptr, pid_b, rows, p_mask, ns, n_mask,
+                              sbb_b, sbb_k, sbb_p, swf_n, swf_k, sbf, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                              C, HAS_BF, False, False, 0, False,
                               CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
-        g = silu_conv1x1_tile(gh_ptr, wg_ptr, bg_ptr, gh_ptr, gh_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              sgh_b, sgh_k, sgh_p, swg_n, swg_k, sbg, 0, 0, 0, 0, C, HAS_BG, False, True,
+        g = silu_conv1x1_tile(gh_ptr, wg_ptr, bg_ptr, gh_ptr, gh_ptr, gh_ptr, gh_ptr, pid_b, rows, p_mask, ns, n_mask,
+                              sgh_b, sgh_k, sgh_p, swg_n, swg_k, sbg, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                              C, HAS_BG, False, True, 0, False,
                               CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
-        h = silu_conv1x1_tile(hh_ptr, wh_ptr, bh_ptr, hh_ptr, hh_ptr, pid_b, rows, p_mask, ns, n_mask,
-                              shh_b, shh_k, shh_p, swh_n, swh_k, sbh, 0, 0, 0, 0, C, HAS_BH, False, True,
+        h = silu_conv1x1_tile(hh_ptr, wh_ptr, bh_ptr, hh_ptr, hh_ptr, hh_ptr, hh_ptr, pid_b, rows, p_mask, ns, n_mask,
+                              shh_b, shh_k, shh_p, swh_n, swh_k, sbh, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                              C, HAS_BH, False, True, 0, False,
                               CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K).to(CONV).to(COMPUTE)
         return f, g, h
 

@@ -30,6 +30,13 @@ grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, th
 their SiLU (the Triton modulated SiLU with shift = bias), whose backward's pixel sums give their
 gradients; the 1x1s' are in their GEMMs' epilogue (``recompute._pointwise_as_gemm``).
 
+In a call without gradient (sampling) the 1x1 convs but f run the Triton SiLU -> 1x1 conv
+forward (``runtime.FORWARD_ONLY``): the backbone's with its SiLU in the epilogue
+(``pointwise_conv.conv1x1_silu_forward``: its pre-activation z is never written), the g and h
+heads' with their SiLU and 3x3 bias in the prologue; with the Triton depthwise kernels chosen,
+the heads' 3x3 convs too (``pointwise_conv.depthwise_forward``: their outputs are never
+written).
+
 Layout: any; outputs keep n's memory format. Without the Triton CfC kernel (``cfc_relax`` on its
 torch backend) the reference runs instead, as for the other fused ops.
 """
@@ -86,8 +93,16 @@ class _ParallelCfC(torch.autograd.Function):
             z_bias = _backbone_bias(weights[_PW], biases[_PW], biases[_DW]) if ctx.folded else biases[_PW]
             dw = _conv(n if n_conv is None else n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2,
                        channels, ctx.dw_triton)
-            z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
-            silu_z = F.silu(z)
+            # Without gradient, the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) runs
+            # the backbone's 1x1 with its SiLU in the epilogue (z is never written), and the g
+            # and h 1x1s with their SiLU (and 3x3 bias) in the prologue; with the Triton
+            # depthwise kernels chosen, their 3x3s too (never written).
+            forward_only = not grad and _triton_pointwise(n, weights[_PW], 1, True, grad=False)
+            if forward_only:
+                z, silu_z = None, pointwise_conv.conv1x1_silu_forward(dw, weights[_PW], z_bias, dtype)
+            else:
+                z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
+                silu_z = F.silu(z)
             ctx.pointwise = _triton_pointwise(n, weights[_G_PW], 1, True)
             ctx.hidden_zero = _hidden_zero(n, biases, ctx.pointwise, ctx.head_triton)
             hidden_biases = _hidden_biases(ctx.hidden_zero, biases)
@@ -101,17 +116,25 @@ class _ParallelCfC(torch.autograd.Function):
                                         [(weights[i], biases[i]) for i in (_F, _G_PW, _H_PW)],
                                         n, a, b, rho, t, residual, dtype)
             else:
-                head_biases = _pick(biases, _HEADS)
-                if hidden_biases is not None:  # added by the heads' SiLU instead
-                    head_biases = [head_biases[0], None, None]
-                f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), head_biases,
-                                                       dtype, ctx.head_triton, ctx.paired)
-                del silu_z  # before the g and h heads' temporaries: the forward's transient peak
-                # Without gradient, the g and h 1x1s on the Triton SiLU -> 1x1 conv forward
-                # (runtime.FORWARD_ONLY), their SiLU (and 3x3 bias) in its prologue.
-                forward_only = not grad and _triton_pointwise(n, weights[_G_PW], 1, True, grad=False)
-                g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, forward_only)
-                        for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
+                depthwise_heads = all(ctx.head_triton[1:]) and channels <= pointwise_conv.MAX_DEPTHWISE_HEAD_CHANNELS
+                if forward_only and depthwise_heads:
+                    f = _conv(silu_z, weights[_F], biases[_F], dtype, 0, 1, False)
+                    # Two calls, no comprehension: a closure over silu_z would make the ``del``
+                    # below one that dynamo cannot trace.
+                    g = pointwise_conv.depthwise_forward(silu_z, weights[_G_DW], biases[_G_DW], weights[_G_PW],
+                                                         biases[_G_PW], dtype)
+                    h = pointwise_conv.depthwise_forward(silu_z, weights[_H_DW], biases[_H_DW], weights[_H_PW],
+                                                         biases[_H_PW], dtype)
+                    g_hidden = h_hidden = None
+                else:
+                    head_biases = _pick(biases, _HEADS)
+                    if hidden_biases is not None:  # added by the heads' SiLU instead
+                        head_biases = [head_biases[0], None, None]
+                    f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), head_biases,
+                                                           dtype, ctx.head_triton, ctx.paired)
+                    del silu_z  # before the g and h heads' temporaries: the forward's transient peak
+                    g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, forward_only)
+                            for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
         # n_conv too, for the 7x7's weight gradient: the block remakes it with n, by
         # one AdaLN pass (recompute_saved), where backward cast n by a pass of its own.

@@ -34,6 +34,19 @@ constexprs (a few values per model). Tiles chosen without a GPU. Timed on an H10
 [8, 64, 256, 256]): the forward beats SiLU + cuDNN, forward+backward does not, so ``auto`` runs
 the forward in calls that record no gradient (``runtime.FORWARD_ONLY``) and leaves training to
 cuDNN unless ``LIQUIDDIFF_KERNELS=auto,pointwise_conv=triton`` (``runtime.OPT_IN``).
+
+The forward also takes a depthwise conv in its prologue (``depthwise_forward``: the CfC's g and
+h heads, conv1x1(silu(depthwise3x3(x) + b_dw)), in calls without gradient when the Triton
+depthwise kernels are chosen): each k x k tap a load of the input tile shifted by a scalar
+offset, masked at the image's border, so x is read (from L1 after its first tap) and out written,
+where cuDNN's 3x3 wrote its output and the SiLU -> 1x1 kernel read it back: 4 of the 8 bytes an
+element moves in bf16. Its weight goes in as [k, k, K] fp32 vectors (``_depthwise_taps``).
+Compiled for sm_90 (``benchmarks.kernel_resources``): 7.8 instructions per tap FMA (the bf16
+input's conversion, the tap's address and mask included), whose issue time at the model's
+sizes is estimated under cuDNN's 3x3 plus this forward's up to 128 channels and over it at 256
+(``MAX_DEPTHWISE_HEAD_CHANNELS``); not timed on a GPU yet. And the FeedForward's two convs in one
+forward (``feedforward_forward``, opt-in, without gradient): the hidden tensor, written and read
+back between them on the default path, stays in registers a chunk at a time.
 """
 import typing
 
@@ -47,7 +60,7 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from . import _eager, _tensors
 
-__all__ = ["forward", "backward", "OP_NAME"]
+__all__ = ["forward", "depthwise_forward", "conv1x1_silu_forward", "feedforward_forward", "backward", "OP_NAME"]
 
 OP_NAME = "pointwise_conv"
 _BLOCK_P = 64
@@ -59,6 +72,14 @@ _WARPS = 4
 # The backward tiles hold a product tile and two operand tiles of up to 64 x 128: 8 warps keep
 # them under 128 registers a thread (benchmarks.kernel_resources).
 _BWD_WARPS = 8
+# The depthwise prologue's nine taps are loads the compiler keeps in flight together: 16
+# channels a step on 8 warps hold 79-106 registers (64-256 channels), 32 on 4 warps 168-255.
+_DEPTHWISE_BLOCK_K = 16
+_DEPTHWISE_WARPS = 8
+# sm_90 instruction counts (benchmarks.kernel_resources) put the depthwise prologue's issue time
+# under cuDNN's 3x3 and the SiLU -> 1x1 kernel's up to 128 channels, over them at 256 (the
+# output's two channel blocks each compute the taps): the CfC takes it up to this many.
+MAX_DEPTHWISE_HEAD_CHANNELS = 128
 
 
 if triton is not None:
@@ -77,14 +98,54 @@ if triton is not None:
         return y, z, one_plus
 
     @triton.jit
-    def silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
-                          sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
+    def _depthwise_input(x_ptr, dw_ptr, dwb_ptr, pid_b, rows, ks, k_mask, sx_b, sx_k, sx_p,
+                         sdw_k, sdw_y, sdw_x, s_dwb, height, width, KSIZE: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
+                         CONV: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+                         BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The [pixels, channels] tile of depthwise_conv(x) (KSIZE x KSIZE, zero padding, stride
+        1), rounded to CONV as cuDNN writes it, then its bias added in ACC (as the fused model's
+        modulated SiLU adds it, shift = bias). Each tap is a load of the tile shifted by (dy, dx)
+        pixels, a scalar added to one pointer tile, masked by the source pixel's row and column
+        being in the image: x is read from L1/L2, never written. A lane past the image's last
+        pixel reads a pixel inside it (its row is past the last, minus at most KSIZE // 2): the
+        caller selects it away."""
+        R: tl.constexpr = KSIZE // 2
+        pixel = rows.to(tl.int32)  # an image's pixel index: int32 division (H * W < 2**31)
+        hh = pixel // width
+        ww = pixel - hh * width
+        # 32-bit offsets inside the batch item unless WIDE (then ks and rows are int64).
+        at = x_ptr + pid_b * sx_b + ((rows if WIDE else pixel) * sx_p + ks[None, :] * sx_k)
+        acc = tl.zeros([BLOCK_P, BLOCK_K], dtype=ACC)
+        for dy in tl.static_range(KSIZE):
+            h_src = hh + (dy - R)
+            row_ok = (h_src >= 0) & (h_src < height)
+            for dx in tl.static_range(KSIZE):
+                w_src = ww + (dx - R)
+                ok = row_ok & (w_src >= 0) & (w_src < width)
+                tap = (dy - R) * width + (dx - R)
+                if WIDE:
+                    tap = tap.to(tl.int64)
+                x = tl.load(at + tap * sx_p, mask=ok & k_mask[None, :], other=0.0)
+                w = tl.load(dw_ptr + ks * sdw_k + dy * sdw_y + dx * sdw_x, mask=k_mask, other=0.0)
+                acc += x.to(CONV).to(ACC) * w.to(ACC)[None, :]
+        y = acc.to(CONV).to(ACC)
+        if HAS_DW_BIAS:
+            y += tl.load(dwb_ptr + ks * s_dwb, mask=k_mask, other=0.0).to(ACC)[None, :]
+        return y
+
+    @triton.jit
+    def silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, dw_ptr, dwb_ptr, pid_b, rows, p_mask, ns,
+                          n_mask, sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
+                          sdw_k, sdw_y, sdw_x, s_dwb, height, width,
                           K: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr, ACTIVATE: tl.constexpr,
+                          KSIZE: tl.constexpr, HAS_DW_BIAS: tl.constexpr,
                           CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
                           BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The [BLOCK_P, BLOCK_N] tile ``rows`` x ``ns`` of conv1x1(silu(y)) + bias (of conv1x1(y)
-        without ACTIVATE), accumulated in ACC, before its rounding to the conv's dtype. Also the
-        CfC heads' kernel's (cfc_heads.py). WIDE: int64 channel offsets (``ns`` comes so)."""
+        without ACTIVATE), accumulated in ACC, before its rounding to the conv's dtype; with
+        KSIZE > 0, y = depthwise_conv(z) + its bias (``_depthwise_input``: the dw_ and height,
+        width arguments; never modulated), else y is z, modulated when MODULATED. Also the CfC
+        heads' kernel's (cfc_heads.py). WIDE: int64 channel offsets (``ns`` comes so)."""
         acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -92,8 +153,13 @@ if triton is not None:
                 ks = ks.to(tl.int64)
             k_mask = ks < K
             mask = p_mask[:, None] & k_mask[None, :]
-            y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
-                                  ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
+            if KSIZE > 0:
+                y = _depthwise_input(z_ptr, dw_ptr, dwb_ptr, pid_b, rows, ks, k_mask, sz_b, sz_k, sz_p,
+                                     sdw_k, sdw_y, sdw_x, s_dwb, height, width, KSIZE, HAS_DW_BIAS, CONV, ACC, WIDE,
+                                     BLOCK_P, BLOCK_K)
+            else:
+                y, _, _ = _activation(z_ptr, scale_ptr, shift_ptr, pid_b, rows, ks, mask, k_mask, sz_b, sz_k, sz_p,
+                                      ss_b, ss_k, sh_b, sh_k, MODULATED, ACC)
             if ACTIVATE:
                 y = y * tl.sigmoid(y)
             # Masked lanes are selected away: a shift there would give silu(shift) * 0, NaN * 0 = NaN.
@@ -107,10 +173,13 @@ if triton is not None:
 
     @triton.jit
     def _silu_conv1x1_kernel(
-        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, P,
-        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, sr_b, sr_n, sr_p, batch_start,
+        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, dw_ptr, dwb_ptr, res_ptr, out_ptr, P,
+        sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
+        sdw_k, sdw_y, sdw_x, s_dwb, height, width, sr_b, sr_n, sr_p, batch_start,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+        KSIZE: tl.constexpr, HAS_DW_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, SILU_OUT: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr,
+        DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         # int64 batch and pixel offsets: B * K * H * W may pass 2**31 (WIDE: so does one batch
@@ -122,12 +191,59 @@ if triton is not None:
             ns = ns.to(tl.int64)
         p_mask, n_mask = ps < P, ns < N
         rows = ps.to(tl.int64)[:, None]
-        acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, pid_b, rows, p_mask, ns, n_mask,
-                                sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k, K, HAS_BIAS, MODULATED, True,
-                                CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
+        acc = silu_conv1x1_tile(z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, dw_ptr, dwb_ptr, pid_b, rows, p_mask, ns,
+                                n_mask, sz_b, sz_k, sz_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
+                                sdw_k, sdw_y, sdw_x, s_dwb, height, width, K, HAS_BIAS, MODULATED, ACTIVATE,
+                                KSIZE, HAS_DW_BIAS, CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
         mask = p_mask[:, None] & n_mask[None, :]
         out = acc.to(CONV)  # the conv's output, as cuDNN writes it
+        if SILU_OUT:  # then SiLU of it, rounded again, as aten's SiLU of the conv's output
+            out = out.to(ACC)
+            out = (out * tl.sigmoid(out)).to(CONV)
         if HAS_RESIDUAL:  # then the block's add, in ACC (PyTorch's fp32 opmath for low precision)
+            res = tl.load(res_ptr + pid_b * sr_b + rows * sr_p + ns[None, :] * sr_n, mask=mask)
+            out = res.to(ACC) + out.to(ACC)
+        tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _feedforward_kernel(
+        x_ptr, w1_ptr, b1_ptr, w2_ptr, b2_ptr, res_ptr, out_ptr, P,
+        sx_b, sx_k, sx_p, so_b, so_n, so_p, sw1_n, sw1_k, sb1, sw2_n, sw2_k, sb2, sr_b, sr_n, sr_p, batch_start,
+        C: tl.constexpr, HIDDEN: tl.constexpr, N: tl.constexpr, HAS_B1: tl.constexpr, HAS_B2: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        # A program owns BLOCK_P pixels and all N output channels; the hidden channels go by in
+        # chunks of BLOCK_H, each made (x's tile re-read from L1/L2), activated and multiplied
+        # into the output tile while in registers.
+        pid_b = _tensors.batch_item(1, batch_start, SPLIT_BATCH)
+        ps = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        ns = tl.arange(0, BLOCK_N)
+        if WIDE:
+            ns = ns.to(tl.int64)
+        p_mask, n_mask = ps < P, ns < N
+        rows = ps.to(tl.int64)[:, None]
+        acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=ACC)
+        for h0 in range(0, HIDDEN, BLOCK_H):
+            hs = h0 + tl.arange(0, BLOCK_H)
+            h_mask = hs < HIDDEN
+            # No modulation, activation or depthwise prologue: their arguments are never read.
+            hidden = silu_conv1x1_tile(x_ptr, w1_ptr, b1_ptr, x_ptr, x_ptr, x_ptr, x_ptr, pid_b, rows, p_mask, hs,
+                                       h_mask, sx_b, sx_k, sx_p, sw1_n, sw1_k, sb1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1,
+                                       C, HAS_B1, False, False, 0, False,
+                                       CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_H, BLOCK_K)
+            hidden = hidden.to(CONV).to(ACC)  # the inner conv's output, as cuDNN writes it
+            # Masked lanes are selected away (a pixel past the last holds silu(b1)).
+            a = tl.where(p_mask[:, None] & h_mask[None, :], hidden * tl.sigmoid(hidden), 0.0).to(CONV).to(DOT)
+            w = tl.load(w2_ptr + ns[None, :] * sw2_n + hs[:, None] * sw2_k, mask=h_mask[:, None] & n_mask[None, :],
+                        other=0.0).to(CONV).to(DOT)
+            acc += tl.dot(a, w, input_precision="ieee", out_dtype=ACC)
+        if HAS_B2:
+            acc += tl.load(b2_ptr + ns * sb2, mask=n_mask, other=0.0).to(ACC)[None, :]
+        mask = p_mask[:, None] & n_mask[None, :]
+        out = acc.to(CONV)  # the last conv's output, as cuDNN writes it
+        if HAS_RESIDUAL:  # then the block's add, in ACC
             res = tl.load(res_ptr + pid_b * sr_b + rows * sr_p + ns[None, :] * sr_n, mask=mask)
             out = res.to(ACC) + out.to(ACC)
         tl.store(out_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -255,10 +371,23 @@ def _allocate_out(z, weight, residual, dtype):
     return _tensors.empty_activation(z, out_dtype, channels=weight.shape[0])
 
 
-@_tensors.launches_on_input_device
-def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                     scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
-                     dtype: torch.dtype, residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+def _depthwise_taps(dw_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The depthwise weight [K, 1, k, k] as the prologue reads it: [k, k, K], each tap a vector
+    over the channels (16-byte loads, where a [K, 1, k, k] weight is a 2-byte gather per channel),
+    rounded to ``dtype`` (as the conv's operands are) and held in the accumulation dtype (no
+    conversion in the tap loop); one small copy."""
+    rounded = dw_weight if dw_weight.dtype == dtype else dw_weight.to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    k = dw_weight.shape[-1]
+    return torch.empty((k, k, dw_weight.shape[0]), dtype=acc, device=dw_weight.device).copy_(
+        rounded[:, 0].permute(1, 2, 0))
+
+
+def _launch_forward(z, weight, bias, scale, shift, dtype, residual, dw_weight=None, dw_bias=None,
+                    silu_out: bool = False) -> torch.Tensor:
+    """The forward kernel: with ``dw_weight`` ([K, 1, k, k]), conv1x1(silu(depthwise_conv(z) +
+    dw_bias)) (no modulation, no residual); with ``silu_out``, silu(conv1x1(z)) (no modulation,
+    no residual); else conv1x1(silu(z modulated)) + residual."""
     B, K, H, W = z.shape
     N = weight.shape[0]
     out = _allocate_out(z, weight, residual, dtype)
@@ -266,16 +395,37 @@ def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optiona
     (z, out), (sz, so) = _tensors.flat_all(z, out)
     res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
+    options = {"num_warps": _WARPS}
+    if dw_weight is None:
+        dw_args, dw_strides = (z, z), (0, 0, 0, 0)
+    else:
+        taps = _depthwise_taps(dw_weight, dtype)
+        dw_args = taps, taps if dw_bias is None else dw_bias
+        dw_strides = (taps.stride(2), taps.stride(0), taps.stride(1), 0 if dw_bias is None else dw_bias.stride(0))
+        # Unpipelined: the taps' loads hit L1 (a tile's nine shifts share their lines), where the
+        # pipeliner's asynchronous copies bypass it and fetch each shift from L2 into shared memory.
+        options.update(num_stages=1, num_warps=_DEPTHWISE_WARPS)
+        block_k = min(block_k, _DEPTHWISE_BLOCK_K)
     conv, dot, acc = dot_dtypes(dtype, z.device)
     _tensors.launch_over_batch(
         _silu_conv1x1_kernel, (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n)), B,
-        z, weight, weight if bias is None else bias, *params, res, out, H * W,
-        *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides, *sr,
-        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None, HAS_RESIDUAL=residual is not None,
-        CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(z, out, res), BLOCK_P=_BLOCK_P, BLOCK_N=block_n,
-        BLOCK_K=block_k, num_warps=_WARPS, **_tensors.COMPILE_OPTIONS,
+        z, weight, weight if bias is None else bias, *params, *dw_args, res, out, H * W,
+        *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides,
+        *dw_strides, H, W, *sr,
+        K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None,
+        KSIZE=0 if dw_weight is None else dw_weight.shape[-1], HAS_DW_BIAS=dw_bias is not None,
+        ACTIVATE=not silu_out, SILU_OUT=silu_out, HAS_RESIDUAL=residual is not None, CONV=conv, DOT=dot, ACC=acc,
+        WIDE=_tensors.wide_offsets(z, out, res),
+        BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, **options, **_tensors.COMPILE_OPTIONS,
     )
     return out
+
+
+@_tensors.launches_on_input_device
+def _forward_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                     scale: typing.Optional[torch.Tensor], shift: typing.Optional[torch.Tensor],
+                     dtype: torch.dtype, residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+    return _launch_forward(z, weight, bias, scale, shift, dtype, residual)
 
 
 _forward_op = torch.library.custom_op("liquiddiff::silu_conv1x1_forward", mutates_args=())(_forward_kernels)
@@ -296,6 +446,115 @@ def forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.T
     the upstream one, which the backward kernels round to ``dtype`` as they load it."""
     op = _forward_op if _eager.needs_custom_op(z) else _forward_kernels
     return op(z, weight, bias, scale, shift, dtype, residual)
+
+
+@_tensors.launches_on_input_device
+def _depthwise_forward_kernels(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: typing.Optional[torch.Tensor],
+                               weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                               dtype: torch.dtype) -> torch.Tensor:
+    return _launch_forward(x, weight, bias, None, None, dtype, None, dw_weight, dw_bias)
+
+
+_depthwise_forward_op = torch.library.custom_op(
+    "liquiddiff::depthwise_silu_conv1x1_forward", mutates_args=())(_depthwise_forward_kernels)
+
+
+@_depthwise_forward_op.register_fake
+def _(x, dw_weight, dw_bias, weight, bias, dtype):
+    return _allocate_out(x, weight, None, dtype)
+
+
+def depthwise_forward(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: typing.Optional[torch.Tensor],
+                      weight: torch.Tensor, bias: typing.Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """:func:`liquiddiff.functional.depthwise_silu_conv1x1` in ``dtype`` (the CfC's g and h heads
+    without gradient): the depthwise conv ([K, 1, k, k], odd k, zero padding) computed in the
+    1x1 conv's prologue from taps of x read in place, so that its output (cuDNN's, written and
+    read back by the SiLU -> 1x1 kernel) is never written; in x's memory format. No autograd: a
+    forward for calls that record no gradient. The depthwise output is rounded to ``dtype``
+    before its bias is added (the fused model's order: the bias goes in with the SiLU)."""
+    op = _depthwise_forward_op if _eager.needs_custom_op(x) else _depthwise_forward_kernels
+    return op(x, dw_weight, dw_bias, weight, bias, dtype)
+
+
+@_tensors.launches_on_input_device
+def _conv1x1_silu_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                          dtype: torch.dtype) -> torch.Tensor:
+    return _launch_forward(z, weight, bias, None, None, dtype, None, silu_out=True)
+
+
+_conv1x1_silu_op = torch.library.custom_op("liquiddiff::conv1x1_silu_forward", mutates_args=())(_conv1x1_silu_kernels)
+
+
+@_conv1x1_silu_op.register_fake
+def _(z, weight, bias, dtype):
+    return _allocate_out(z, weight, None, dtype)
+
+
+def conv1x1_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                         dtype: torch.dtype) -> torch.Tensor:
+    """:func:`liquiddiff.functional.conv1x1_silu` in ``dtype`` (the CfC backbone's 1x1 conv and
+    its SiLU, without gradient): SiLU in the conv's epilogue, of its output rounded to ``dtype``
+    (as cuDNN writes it and aten's SiLU reads it), where a SiLU pass read the conv's output back;
+    in z's memory format. No autograd: a forward for calls that record no gradient."""
+    op = _conv1x1_silu_op if _eager.needs_custom_op(z) else _conv1x1_silu_kernels
+    return op(z, weight, bias, dtype)
+
+
+# The FeedForward kernel holds all output channels of its pixel tile: up to this many (126-127
+# registers at 64 and 128, benchmarks.kernel_resources; 198 at 256, where the two GEMMs, 2 x 256
+# x 512 multiply-adds a pixel, are compute-bound and cuBLAS's), else the two convs run apart.
+MAX_FEEDFORWARD_CHANNELS = 128
+_FEEDFORWARD_BLOCK_H = 64
+# The output tile, a hidden chunk and x's tile: on 4 warps 127-168 registers at 64 channels
+# (Triton 3.9 to 3.4), on 8 under 128 at 64 and 128 channels.
+_FEEDFORWARD_WARPS = 8
+
+
+@_tensors.launches_on_input_device
+def _feedforward_kernels(x: torch.Tensor, w1: torch.Tensor, b1: typing.Optional[torch.Tensor], w2: torch.Tensor,
+                         b2: typing.Optional[torch.Tensor], dtype: torch.dtype,
+                         residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+    B, C, H, W = x.shape
+    hidden, N = w1.shape[0], w2.shape[0]
+    out = _allocate_out(x, w2, residual, dtype)
+    (x, out), (sx, so) = _tensors.flat_all(x, out)
+    res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
+    block_n = max(16, _tensors.next_power_of_2(N))
+    block_h = max(16, min(_tensors.next_power_of_2(hidden), _FEEDFORWARD_BLOCK_H))
+    block_k = max(16, min(_tensors.next_power_of_2(C), _MAX_BLOCK_K))
+    conv, dot, acc = dot_dtypes(dtype, x.device)
+    _tensors.launch_over_batch(
+        _feedforward_kernel, (_tensors.cdiv(H * W, _BLOCK_P),), B,
+        x, w1, w1 if b1 is None else b1, w2, w2 if b2 is None else b2, res, out, H * W,
+        *sx, *so, w1.stride(0), w1.stride(1), 0 if b1 is None else b1.stride(0),
+        w2.stride(0), w2.stride(1), 0 if b2 is None else b2.stride(0), *sr,
+        C=C, HIDDEN=hidden, N=N, HAS_B1=b1 is not None, HAS_B2=b2 is not None, HAS_RESIDUAL=residual is not None,
+        CONV=conv, DOT=dot, ACC=acc, WIDE=_tensors.wide_offsets(x, out, res), BLOCK_P=_BLOCK_P, BLOCK_H=block_h,
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=_FEEDFORWARD_WARPS,
+        **_tensors.COMPILE_OPTIONS,
+    )
+    return out
+
+
+_feedforward_op = torch.library.custom_op("liquiddiff::feedforward_forward", mutates_args=())(_feedforward_kernels)
+
+
+@_feedforward_op.register_fake
+def _(x, w1, b1, w2, b2, dtype, residual=None):
+    return _allocate_out(x, w2, residual, dtype)
+
+
+def feedforward_forward(x: torch.Tensor, w1: torch.Tensor, b1: typing.Optional[torch.Tensor], w2: torch.Tensor,
+                        b2: typing.Optional[torch.Tensor], dtype: torch.dtype,
+                        residual: typing.Optional[torch.Tensor] = None) -> torch.Tensor:
+    """:func:`liquiddiff.functional.feedforward` in ``dtype`` (the FeedForward without gradient):
+    both 1x1 convs in one pass, the hidden tensor ([B, hidden, H, W], cuDNN's output written and
+    read back by the SiLU -> 1x1 kernel) never written; rounded as that path rounds it (the
+    hidden to ``dtype``, SiLU's output to ``dtype``, the last conv's output to ``dtype`` before
+    the residual's add in the promotion of the two). ``w2``'s output channels at most
+    ``MAX_FEEDFORWARD_CHANNELS``. No autograd: a forward for calls that record no gradient."""
+    op = _feedforward_op if _eager.needs_custom_op(x) else _feedforward_kernels
+    return op(x, w1, b1, w2, b2, dtype, residual)
 
 
 def _input_grads(go, z, weight, scale, shift, dtype, need_z: bool, need_params: bool):

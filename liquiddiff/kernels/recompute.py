@@ -364,6 +364,17 @@ def _check_conv(name: str, z, weight, bias, kernel: int | None, depthwise: bool,
     return k
 
 
+def _check_residual(residual, z_shape, weight, device) -> None:
+    """A residual added to a 1x1 conv's output: that output's shape, on its device."""
+    if residual is None:
+        return
+    _tensors.check_activation("residual", residual)
+    expected = (z_shape[0], weight.shape[0], *z_shape[2:])
+    if tuple(residual.shape) != expected:
+        raise ValueError(f"residual: expected the conv's output shape {expected}, got {tuple(residual.shape)}")
+    _tensors.check_device("residual", residual, device)
+
+
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     """:func:`liquiddiff.functional.silu_conv1x1`, keeping only z and the small parameters for
     backward (the residual's gradient is the upstream one); with the Triton pointwise kernels
@@ -375,12 +386,7 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     if scale is not None:
         _tensors.check_vector("scale", scale, z.shape[:2], z.device)
         _tensors.check_vector("shift", shift, z.shape[:2], z.device)
-    if residual is not None:
-        _tensors.check_activation("residual", residual)
-        expected = (z.shape[0], weight.shape[0], *z.shape[2:])
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual: expected the conv's output shape {expected}, got {tuple(residual.shape)}")
-        _tensors.check_device("residual", residual, z.device)
+    _check_residual(residual, z.shape, weight, z.device)
     pointwise = _triton_pointwise(z, weight, 1, True, _records_grad(z, weight, bias, scale, shift, residual))
     if residual is not None and not pointwise:
         # cuDNN takes no addend: autograd's add, as the reference's (a checkpointed block's
@@ -394,6 +400,27 @@ def conv1x1(x, weight, bias=None):
     fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
     return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False)
+
+
+def feedforward(x, w1, b1, w2, b2, residual=None):
+    """:func:`liquiddiff.functional.feedforward`: :func:`conv1x1`, then :func:`silu_conv1x1`;
+    or, in a call that records no gradient with the Triton pointwise kernels chosen for calls
+    with gradient (``pointwise_conv=triton``, as the CfC heads kernel), one Triton pass that
+    never writes the hidden tensor (``pointwise_conv.feedforward_forward``)."""
+    _tensors.check_activation("x", x)
+    for name, weight, bias, inputs in (("w1", w1, b1, x.shape[1]), ("w2", w2, b2, w1.shape[0])):
+        _tensors.check_floating(name, weight)
+        if weight.dim() != 4 or tuple(weight.shape[1:]) != (inputs, 1, 1):
+            raise ValueError(f"{name}: expected shape [Co, {inputs}, 1, 1], got {tuple(weight.shape)}")
+        _tensors.check_device(name, weight, x.device)
+        if bias is not None:
+            _tensors.check_vector(f"b{name[1]}", bias, (weight.shape[0],), x.device)
+    _check_residual(residual, (x.shape[0], w1.shape[0], *x.shape[2:]), w2, x.device)
+    dtype = _conv_dtype(x, w1, b1)
+    if (not _records_grad(x, w1, b1, w2, b2, residual) and w2.shape[0] <= pointwise_conv.MAX_FEEDFORWARD_CHANNELS
+            and _conv_dtype(x, w2, b2) == dtype and _triton_pointwise(x, w2, 1, True)):
+        return pointwise_conv.feedforward_forward(x, w1, b1, w2, b2, dtype, residual)
+    return silu_conv1x1(conv1x1(x, w1, b1), w2, b2, residual=residual)
 
 
 def depthwise_conv(x, weight, bias=None):

@@ -30,7 +30,8 @@ import torch
 POLICIES = ("auto", "triton", "torch")
 ENV_VAR = "LIQUIDDIFF_KERNELS"
 # The ops with Triton kernels, as select_backend names them ("depthwise_conv": the depthwise
-# convolutions inside the recompute ops; "modulated_silu": the spatial mix's activation inside
+# convolutions inside the recompute ops, and without gradient the CfC g/h heads' 3x3s in the
+# SiLU -> 1x1 conv forward's prologue when that forward runs; "modulated_silu": the spatial mix's activation inside
 # silu_conv1x1; "merged_depthwise_weight", "context_shift": the spatial mix's small [C] and
 # [B, C] ops; "pointwise_conv": the SiLU -> 1x1 conv kernels and the CfC heads kernel;
 # "conv_bias_grad": the bias gradient of the convolutions left to cuDNN, a per-channel sum).
@@ -67,9 +68,11 @@ OPT_IN = {
 # channels_last, replayed from a CUDA graph): 0.058 ms, against 0.151 for torch.compile and the
 # fused path's two passes (the Triton modulated SiLU alone 0.047, then cuDNN's GEMM); and the
 # FeedForward's residual add goes into its epilogue. It runs the FeedForward's and the spatial
-# mix's last convs and the CfC's g and h 1x1 heads; the CfC heads kernel (f, g, h and the gate in
-# one), gated by the same op, keeps the training choice (its forward, 0.42 ms, did not beat
-# torch.compile's 0.36).
+# mix's last convs and the CfC's g and h 1x1 heads, and the CfC backbone's 1x1 with its SiLU in
+# the same kernel's epilogue (not timed yet: the same tiles, the activation after the GEMM); the
+# CfC heads kernel (f, g, h and the gate in one) and the FeedForward's two convs in one kernel,
+# gated by the same op, keep the training choice (the first's forward, 0.42 ms, did not beat
+# torch.compile's 0.36; the second is not timed yet).
 FORWARD_ONLY = {
     "pointwise_conv": "Triton's SiLU -> 1x1 conv kernel for calls without gradient (sampling): its forward measured "
                       "faster than SiLU + cuDNN (benchmarks/RESULTS.md)",
