@@ -30,7 +30,7 @@ def _compile_allowed(op, mode, layout):
 
 def _params():
     for op in cases.OP_NAMES:
-        for mode in cases.MODES:
+        for mode in cases.OPS[op].modes:
             for layout in cases.OPS[op].layouts:
                 for impl in cases.IMPLS:
                     marks = []

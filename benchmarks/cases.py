@@ -21,7 +21,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from liquiddiff import functional, kernels  # noqa: E402
-from liquiddiff.kernels import runtime  # noqa: E402
+from liquiddiff.kernels import pointwise_conv, runtime  # noqa: E402
 from liquiddiff.model import build  # noqa: E402
 from liquiddiff.training import RectifiedFlowTrainer  # noqa: E402
 
@@ -96,6 +96,7 @@ class OpSpec:
     heads: bool = False  # the CfC heads: z and the f (1x1), g, h (3x3 depthwise) weights and biases
     cfc_branch: bool = False  # ParallelCfC's branch: n, a, b, rho, t and the CFC_CONVS weights and biases
     layouts: tuple[str, ...] = LAYOUTS  # the layouts the report times
+    modes: tuple[str, ...] = MODES  # ("fwd",): a forward without autograd, for calls that record no gradient
 
     def make_inputs(self, shape, dtype, device, layout, generator) -> dict[str, torch.Tensor]:
         B, C, _, _ = shape
@@ -116,6 +117,22 @@ class OpSpec:
             out["bias"] = _randn((C,), dtype, device, generator)
             out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
             out["shift"] = _randn((B, C), dtype, device, generator)
+        elif self.reference is functional.depthwise_silu_conv1x1:  # the CfC's g or h head, C -> C
+            out["x"] = _activation(shape, dtype, device, layout, generator)
+            out["dw_weight"] = _randn((C, 1, 3, 3), dtype, device, generator) / 3
+            out["dw_bias"] = _randn((C,), dtype, device, generator)
+            out["weight"] = C ** -0.5 * _randn((C, C, 1, 1), dtype, device, generator)
+            out["bias"] = _randn((C,), dtype, device, generator)
+        elif self.reference is functional.feedforward:  # C -> 2C -> C, the block's residual added
+            out["x"] = _activation(shape, dtype, device, layout, generator)
+            out["w1"] = C ** -0.5 * _randn((2 * C, C, 1, 1), dtype, device, generator)
+            out["b1"] = _randn((2 * C,), dtype, device, generator)
+            out["w2"] = (2 * C) ** -0.5 * _randn((C, 2 * C, 1, 1), dtype, device, generator)
+            out["b2"] = _randn((C,), dtype, device, generator)
+        elif self.reference is functional.conv1x1_silu:  # the CfC backbone's 1x1, C -> C
+            out["x"] = _activation(shape, dtype, device, layout, generator)
+            out["weight"] = C ** -0.5 * _randn((C, C, 1, 1), dtype, device, generator)
+            out["bias"] = _randn((C,), dtype, device, generator)
         elif self.reference is functional.modulated_silu:
             out["z"] = _activation(shape, dtype, device, layout, generator)
             out["scale"] = 0.5 * _randn((B, C), dtype, device, generator)
@@ -175,6 +192,24 @@ def triton_silu_conv1x1(z, weight, bias, scale, shift):
     prologue, its backward in the input gradient's epilogue)."""
     with kernels_setting("pointwise_conv=triton"):
         return kernels.silu_conv1x1(z, weight, bias, scale, shift)
+
+
+def triton_depthwise_head(x, dw_weight, dw_bias, weight, bias):
+    """The CfC's g or h head without gradient on the Triton SiLU -> 1x1 conv forward with its
+    3x3 in the prologue (opt-in, with the Triton depthwise kernels): a forward only."""
+    return pointwise_conv.depthwise_forward(x, dw_weight, dw_bias, weight, bias, x.dtype)
+
+
+def triton_conv1x1_silu(x, weight, bias):
+    """The CfC backbone's 1x1 conv and SiLU without gradient on the Triton forward, SiLU in its
+    epilogue (under ``auto`` in calls without gradient): a forward only."""
+    return pointwise_conv.conv1x1_silu_forward(x, weight, bias, x.dtype)
+
+
+def triton_feedforward(x, w1, b1, w2, b2, residual):
+    """The FeedForward without gradient on its opt-in Triton kernel (both convs in one pass): a
+    forward only."""
+    return pointwise_conv.feedforward_forward(x, w1, b1, w2, b2, x.dtype, residual)
 
 
 def _mix_input(spatial_mix_input):
@@ -288,6 +323,28 @@ OPS: dict[str, OpSpec] = {
         fused=_heads(triton_silu_convs), activations=("z",), outputs=HEAD_NAMES, saved=("z", *_HEAD_PARAMS),
         grad_writes=("z", *_HEAD_PARAMS), heads=True, layouts=("channels_last",),
     ),
+    # The CfC's g or h head in a call without gradient (sampling): the 3x3 computed in the Triton
+    # SiLU -> 1x1 conv forward's prologue (opt-in with the Triton depthwise kernels), against
+    # cuDNN's 3x3, SiLU and 1x1 and their compile. A forward only: the kernel has no backward.
+    "depthwise_head": OpSpec(
+        name="depthwise_head", title="depthwise 3x3->SiLU->1x1 conv", reference=functional.depthwise_silu_conv1x1,
+        fused=triton_depthwise_head, activations=("x",), outputs=("out",), saved=(), grad_writes=(),
+        layouts=("channels_last",), modes=("fwd",),
+    ),
+    # The CfC backbone's 1x1 and SiLU in a call without gradient (sampling): SiLU in the Triton
+    # forward's epilogue, against cuDNN's (or cuBLAS's) conv and aten's SiLU, and their compile.
+    "conv1x1_silu": OpSpec(
+        name="conv1x1_silu", title="1x1 conv->SiLU", reference=functional.conv1x1_silu, fused=triton_conv1x1_silu,
+        activations=("x",), outputs=("out",), saved=(), grad_writes=(), layouts=("channels_last",), modes=("fwd",),
+    ),
+    # The FeedForward in a call without gradient (sampling): both 1x1 convs in one Triton pass
+    # (opt-in with the Triton pointwise kernels), the hidden tensor never written, against
+    # cuDNN's two convs with aten's SiLU and add, and their compile.
+    "feedforward": OpSpec(
+        name="feedforward", title="FeedForward 1x1->SiLU->1x1 + residual", reference=functional.feedforward,
+        fused=triton_feedforward, activations=("x", "residual"), outputs=("out",), saved=(), grad_writes=(),
+        residual=True, layouts=("channels_last",), modes=("fwd",),
+    ),
     # Not in the report's table (the model rows time it): memcheck of the CfC heads + gate
     # forward kernel and of the pointwise backward kernels as the CfC branch runs them.
     "cfc_branch_pointwise": OpSpec(
@@ -309,7 +366,7 @@ OPS: dict[str, OpSpec] = {
     },
 }
 OP_NAMES = ("cfc_relax", "adaln", "adaln_residual", "modulated_silu", "dwconv7", "dwconv3", "cfc_heads",
-            "silu_conv1x1")  # the report's and the suites' ops
+            "silu_conv1x1", "conv1x1_silu", "depthwise_head", "feedforward")  # the report's and the suites' ops
 ALL_OP_NAMES = tuple(OPS)
 
 
@@ -465,19 +522,23 @@ def rel_err(out: torch.Tensor | None, ref: torch.Tensor | None) -> float:
 
 def parity(case: OpCase, fn: Callable | None = None, ref_device=None) -> dict[str, float]:
     """Relative errors of ``fn`` (default: the fused op) against the reference on fp64 upcasts
-    of the same inputs, for every output and every input gradient (same upstream grads)."""
+    of the same inputs, for every output and every input gradient (same upstream grads; an op
+    whose spec has no fwd+bwd mode: its outputs alone, without grad)."""
     fn = fn or case.spec.fused
-    leaves = case.leaves()
+    backward = "fwdbwd" in case.spec.modes  # else a forward without autograd: its outputs alone
+    leaves = case.leaves() if backward else case.inputs
     names = list(leaves)
-    outs = as_tuple(fn(**leaves))
-    grads = torch.autograd.grad(outs, [leaves[n] for n in names], case.upstream, allow_unused=True)
+    with torch.set_grad_enabled(backward):
+        outs = as_tuple(fn(**leaves))
+    grads = (torch.autograd.grad(outs, [leaves[n] for n in names], case.upstream, allow_unused=True)
+             if backward else [])
     ref_device = torch.device(ref_device) if ref_device is not None else case.device
-    ref_leaves = {
-        k: v.detach().to(device=ref_device, dtype=torch.float64).requires_grad_(True) for k, v in case.inputs.items()
-    }
+    ref_leaves = {k: v.detach().to(device=ref_device, dtype=torch.float64).requires_grad_(backward)
+                  for k, v in case.inputs.items()}
     ref_outs = as_tuple(case.spec.reference(**ref_leaves))
     ups = [u.to(device=ref_device, dtype=torch.float64) for u in case.upstream]
-    ref_grads = torch.autograd.grad(ref_outs, [ref_leaves[n] for n in names], ups, allow_unused=True)
+    ref_grads = (torch.autograd.grad(ref_outs, [ref_leaves[n] for n in names], ups, allow_unused=True)
+                 if backward else [])
     errors = {}
     for oname, o, r in zip(case.spec.outputs, outs, ref_outs):
         errors[oname] = rel_err(o, r)

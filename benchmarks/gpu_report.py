@@ -531,7 +531,7 @@ def prepare_ops(args, clock, device, dtype, shape, notes, reserve_s, entries: li
                     entry["fns"]["compile"] = cases.implementation(spec, "compile")
             entry["callables"] = {}
             for impl, fn in list(entry["fns"].items()):
-                for mode in cases.MODES:
+                for mode in spec.modes:
                     try:
                         call = cases.op_callable(case, impl, mode, fn)
                         t0 = time.perf_counter()
@@ -568,7 +568,7 @@ def time_ops(entries, device, copy_GBps, quick, notes, clock: Clock, keep_s: flo
             notes.append(f"{entry['op']} {entry['layout']}: not timed (time budget)")
             continue
         entry["ms"], entry["graph_ms"], entry["floor_ms"], entry["floor_bytes"] = {}, {}, {}, {}
-        for mode in cases.MODES:
+        for mode in case.spec.modes:
             entry["floor_bytes"][mode] = case.floor_bytes(mode)
             if copy_GBps:
                 entry["floor_ms"][mode] = case.floor_bytes(mode) / (copy_GBps * 1e9) * 1e3
@@ -608,7 +608,7 @@ def _timing_fields(times: dict, mode: str, floor, suffix: str) -> dict:
 def op_rows(entries) -> list[dict]:
     rows = []
     for entry in entries:
-        for mode in cases.MODES:
+        for mode in cases.OPS[entry["op"]].modes:
             floor = entry.get("floor_ms", {}).get(mode)
             row = {
                 "op": entry["op"], "title": entry["title"], "layout": entry["layout"], "pass": mode,

@@ -241,6 +241,25 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
          lambda: pw._backward_kernels(g16, hidden, w_ffn, None, None, half, [False, True, True, False, False])),
         ("modulated SiLU -> 1x1 conv input grad", "pointwise_conv", "_silu_conv1x1_input_grad_kernel",
          lambda: pw._backward_kernels(g16, a16, w_mix, mod, mod, half, [True, False, False, True, True])),
+        # without gradient: the CfC backbone's 1x1, SiLU in the epilogue (auto); the g or h
+        # head, its 3x3 in the prologue (opt-in, with the Triton depthwise kernels)
+        ("1x1 conv -> SiLU forward", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._conv1x1_silu_kernels(a16, w_mix, b16, half)),
+        # opt-in, without gradient: the FeedForward's two convs in one pass, at the first and
+        # (the widest it takes) the second level
+        ("FeedForward forward + residual, 64 -> 128 -> 64", "pointwise_conv", "_feedforward_kernel",
+         lambda: pw._feedforward_kernels(a16, torch.empty(2 * C, C, 1, 1, dtype=half, device="meta"),
+                                         torch.empty(2 * C, dtype=half, device="meta"), w_ffn, b16, half, x32)),
+        ("FeedForward forward + residual, 128 -> 256 -> 128", "pointwise_conv", "_feedforward_kernel",
+         lambda: pw._feedforward_kernels(_meta((B, 128, H // 2, W // 2), half),
+                                         torch.empty(256, 128, 1, 1, dtype=half, device="meta"),
+                                         torch.empty(256, dtype=half, device="meta"),
+                                         torch.empty(128, 256, 1, 1, dtype=half, device="meta"),
+                                         torch.empty(128, dtype=half, device="meta"), half,
+                                         _meta((B, 128, H // 2, W // 2), torch.float32))),
+        ("depthwise 3x3 -> SiLU -> 1x1 conv forward", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._depthwise_forward_kernels(a16, torch.empty(C, 1, 3, 3, dtype=half, device="meta"), b16, w_mix,
+                                               b16, half)),
     ]
     heads = _module("cfc_heads")
     gate = [torch.empty(B, C, dtype=half, device="meta")] * 2 + [torch.empty(C, device="meta"),

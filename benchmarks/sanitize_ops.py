@@ -5,7 +5,8 @@
 
 Forward and backward of the fused ops (CfC and AdaLN with and without a residual, the modulated
 SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair, the CfC branch on the
-pointwise kernels with its heads + gate kernels; first the spatial mix's fp32 input (its bf16
+pointwise kernels with its heads + gate kernels; the forward alone of the CfC's g/h head with
+its 3x3 in the 1x1 conv's prologue; first the spatial mix's fp32 input (its bf16
 copy and pixel sums in one Triton pass or by the CfC kernel that writes it, its Triton depthwise
 conv, cast by the launcher), its
 merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,

@@ -41,7 +41,7 @@ PROFILED = ("fused_cl", "fused_graph_cl", "ref_compile_cl")
 # and clip_grad_norm_'s (foreach norms).
 KINDS = (
     ("Triton CfC, AdaLN, modulated SiLU (ours)", r"^_(cfc_|adaln_|modulated_silu_|context_shift_|merge_)"),
-    ("Triton SiLU -> 1x1 conv (ours)", r"^_silu_conv1x1"),
+    ("Triton SiLU -> 1x1 conv (ours)", r"^_(silu_conv1x1|feedforward)"),
     ("depthwise conv", r"c1_k1|depthwise|^_dwconv"),
     ("inductor Triton", r"^triton_"),
     ("GEMM, 1x1 and dense conv", r"gemm|nvjet|xmma|cutlass|cublas|implicit|conv|aten::(add)?mm$"),

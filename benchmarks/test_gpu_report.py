@@ -90,7 +90,7 @@ def test_gpu_report_quick_end_to_end(tmp_path):
     assert proc.returncode in (0, 1), proc.stdout[-3000:] + proc.stderr[-3000:]  # 1: a parity FAIL
     report = json.loads((tmp_path / "report.json").read_text())
     assert {(r["op"], r["layout"], r["pass"]) for r in report["ops"]} == {
-        (o, lay, m) for o in cases.OP_NAMES for lay in cases.OPS[o].layouts for m in cases.MODES}
+        (o, lay, m) for o in cases.OP_NAMES for lay in cases.OPS[o].layouts for m in cases.OPS[o].modes}
     assert all(r["eager_ms"] is not None and r["floor_ms"] > 0 for r in report["ops"])
     rows = report["e2e"]["train"] + report["e2e"]["sample"]
     assert [r["status"] for r in rows] == ["ok", "ok"], report["notes"]
