@@ -93,8 +93,9 @@ VARIANTS = {
     # replayed so that the GPU time shows: what the Triton channel_sum saves, in the same run.
     "fused_atenbias_graph_cl": Variant("fused + CUDA graph, aten bias gradients", True, "channels_last", False,
                                        kernels="conv_bias_grad=torch", cuda_graph=True),
-    # Sampling's default runs the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY): the same
-    # replayed sampling with SiLU + cuDNN instead, what that choice gains or costs, in the same run.
+    # The default runs the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY; in sampling its
+    # variants too): the same replayed step with SiLU + cuDNN instead, what that choice gains or
+    # costs, train and sampling, in the same run.
     "fused_cudnn1x1_graph_cl": Variant("fused + CUDA graph, SiLU + cuDNN 1x1 convs", True, "channels_last", False,
                                        kernels="pointwise_conv=torch", cuda_graph=True),
     # The opt-in Triton depthwise convs (runtime.OPT_IN), beside the op rows dwconv7 / dwconv3 /
@@ -126,20 +127,18 @@ OPT_IN_VARIANTS = ("ref_compile_ro_cl", "fused_compile_ro_cl")
 # The opt-in kernel sets' graph rows come before the rest: they decide runtime.OPT_IN, and no
 # report has timed the pointwise set's graphed train step yet (the aten-bias row, which decided
 # conv_bias_grad, after them).
-TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_dw_graph_cl",
-               "fused_pw_graph_cl", "fused_all_graph_cl", "fused_compile_cl", "fused_atenbias_graph_cl", "fused_ckpt_cl",
-               "fused_nchw",
+TRAIN_ORDER = ("ref_eager_nchw", "ref_eager_cl", "ref_compile_cl", "fused_cl", "fused_graph_cl",
+               "fused_cudnn1x1_graph_cl", "fused_dw_graph_cl", "fused_pw_graph_cl", "fused_all_graph_cl",
+               "fused_compile_cl", "fused_atenbias_graph_cl", "fused_ckpt_cl", "fused_nchw",
                *OPT_IN_VARIANTS)
-# (No fused NCHW sampling row: the train row says what NCHW costs the fused model; no train row
-# for SiLU + cuDNN 1x1: it is the train step's default.) The Triton depthwise row early: the
-# depthwise convs are the largest share of a sampling step left to cuDNN, and that kernel's tile
-# design is untimed.
+# (No fused NCHW sampling row: the train row says what NCHW costs the fused model.) The Triton
+# depthwise row early: the depthwise convs are the largest share of a sampling step left to
+# cuDNN, and that kernel's tile design is untimed.
 SAMPLE_ORDER = ("ref_compile_cl", "fused_cl", "fused_graph_cl", "fused_cudnn1x1_graph_cl", "fused_dw_graph_cl",
                 "fused_pw_graph_cl", "fused_compile_cl", "fused_all_graph_cl", "ref_eager_cl", "ref_eager_nchw",
                 *OPT_IN_VARIANTS)
-# Rows are shown in this order, train and sampling alike; the sampling-only row beside the one it varies.
-ROW_ORDER = tuple(n for name in TRAIN_ORDER
-                  for n in ((name, "fused_cudnn1x1_graph_cl") if name == "fused_graph_cl" else (name,)))
+# Rows are shown in this order, train and sampling alike.
+ROW_ORDER = TRAIN_ORDER
 # Seconds one timed task takes once its worker is ready (compilation excluded): eager train 2 +
 # 10 steps of <= 0.3 s, eager sampling 52 forwards of <= 0.08 s; compiled ones less; the ops 96
 # do_bench calls; a profiled train or sampling task (step_profile) 3 steps more and the trace's

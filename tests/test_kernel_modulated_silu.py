@@ -146,13 +146,13 @@ def test_runs_the_kernels_unless_told_not_to(monkeypatch):
     recompute = importlib.import_module("liquiddiff.kernels.recompute")
     real = recompute.modulated_silu_forward
     monkeypatch.setattr(recompute, "modulated_silu_forward", lambda *a: calls.append(1) or real(*a))
-    # Inputs that require grad: a call without one runs the Triton SiLU -> 1x1 conv forward
-    # instead (runtime.FORWARD_ONLY).
-    raw = {k: v.requires_grad_() for k, v in {**_inputs((1, 3, 4, 4)),
-                                               "weight": torch.randn(2, 3, 1, 1, device=DEVICE)}.items()}
+    # The SiLU -> 1x1 conv forward on cuDNN: under auto the Triton pointwise forward runs the
+    # modulation in its prologue instead (runtime.FORWARD_ONLY).
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=torch")
+    raw = {**_inputs((1, 3, 4, 4)), "weight": torch.randn(2, 3, 1, 1, device=DEVICE)}
     kernels.silu_conv1x1(**raw).sum()
     assert runtime.select_backend("modulated_silu", DEVICE).is_triton and len(calls) == 1
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,modulated_silu=torch")
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=torch,modulated_silu=torch")
     kernels.silu_conv1x1(**raw)
     assert len(calls) == 1
 

@@ -147,24 +147,23 @@ def test_opt_in_for_calls_with_gradient(monkeypatch):
     assert kernels.select_backend("pointwise_conv", DEVICE).is_triton
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
 @pytest.mark.parametrize("residual", [False, True])
-def test_auto_runs_the_forward_kernel_where_no_gradient_is_recorded(counted, monkeypatch, residual):
-    """runtime.FORWARD_ONLY: under auto, a call autograd does not record (no_grad, or no input
-    that requires grad: sampling) runs the Triton forward, the FeedForward's residual added in
-    it; a call it records runs SiLU + cuDNN (the backward's choice). The same values."""
+def test_auto_runs_the_forward_kernel_and_the_default_backward(counted, monkeypatch, dtype, tol, residual):
+    """runtime.FORWARD_ONLY: under auto every call runs the Triton forward (the FeedForward's
+    residual added in it), with or without gradient; a call autograd records runs the default
+    backward (cuDNN and SiLU's, remade from z), not the opt-in Triton one. Values and every
+    gradient (the residual's the upstream one) match the reference."""
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
-    ins = _inputs(2, 40, 24, 5, 7, fmt=torch.channels_last, modulated=not residual)
+    ins = _inputs(2, 40, 24, 5, 7, dtype=dtype, fmt=torch.channels_last, modulated=not residual)
     if residual:
-        ins["residual"] = torch.randn(2, 24, 5, 7, device=DEVICE).contiguous(memory_format=torch.channels_last)
-    expected = functional.silu_conv1x1(**ins)
+        ins["residual"] = torch.randn(2, 24, 5, 7, dtype=dtype, device=DEVICE).contiguous(
+            memory_format=torch.channels_last)
     with torch.no_grad():
-        torch.testing.assert_close(kernels.silu_conv1x1(**ins), expected, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(kernels.silu_conv1x1(**ins), expected, rtol=1e-5, atol=1e-5)
-    assert counted == ["forward", "forward"], "a call without gradient did not run the Triton forward"
-    out = kernels.silu_conv1x1(**parity.leaves(ins))
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-    out.sum().backward()
-    assert counted == ["forward", "forward"], "a call with gradient ran the opt-in kernels"
+        parity.assert_close("out", kernels.silu_conv1x1(**ins), functional.silu_conv1x1(**ins), tol)
+    assert counted == ["forward"], "a call without gradient did not run the Triton forward"
+    parity.check_op(kernels.silu_conv1x1, functional.silu_conv1x1, ins, tol)
+    assert counted == ["forward", "forward"], "a call with gradient did not run the Triton forward, or ran its backward"
 
 
 def test_gradcheck_fp64(launches):

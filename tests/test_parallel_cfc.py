@@ -221,12 +221,13 @@ def test_copy_dtype_adds_the_outputs_copy_and_pixel_sum(conv_kernels):
     ("auto,depthwise_conv=triton", (0, 2)),  # the g and h 3x3s in that forward's prologue too
     ("auto,depthwise_conv=triton,pointwise_conv=torch", (0, 0)),  # the Triton 3x3 pair, then SiLU + cuDNN
 ])
-def test_without_gradient_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
+def test_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
     """A call autograd does not record (sampling) runs the backbone's 1x1 conv with its SiLU in
     the Triton pointwise forward's epilogue, the g and h heads' SiLU -> 1x1 convs with their SiLU
     and 3x3 bias in its prologue (not the CfC heads kernel: its forward did not beat cuDNN's),
-    and with the Triton depthwise kernels their 3x3 convs too; the reference's values. A call
-    with gradient runs none of them."""
+    and with the Triton depthwise kernels their 3x3 convs too; a call with gradient runs the g and
+    h heads' forward alone (the backbone keeps z for backward; the 3x3s feed the saved hidden
+    tensors). Both the reference's values."""
     from liquiddiff.kernels import pointwise_conv
 
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
@@ -237,13 +238,14 @@ def test_without_gradient_the_1x1s_run_the_pointwise_forward(monkeypatch, settin
         monkeypatch.setattr(pointwise_conv, name, lambda *a, _real=real, _name=name: calls.update(
             {_name: calls[_name] + 1}) or _real(*a))
     raw = _raw(torch.float64)
+    on = launches != (0, 0)  # the pointwise forward on
     with parity.poisoned_outputs(), torch.no_grad():
         out = _call(kernels.parallel_cfc)(**raw)
-    expected = dict(zip(names, (*launches, int(launches != (0, 0)))))
-    assert calls == expected
+    assert calls == dict(zip(names, (*launches, int(on))))
     parity.assert_close("out", out, _call(functional.parallel_cfc)(**raw), 1e-12)
-    _call(kernels.parallel_cfc)(**parity.leaves(raw))  # with gradient: SiLU + cuDNN
-    assert calls == expected
+    calls.update(dict.fromkeys(names, 0))
+    parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-12)
+    assert calls == {"forward": 2 * on, "depthwise_forward": 0, "conv1x1_silu_forward": 0}
 
 
 def test_copy_dtype_is_checked():

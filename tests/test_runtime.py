@@ -171,8 +171,10 @@ def test_package_works_without_triton():
         "print(sorted({str(x.message).split(':')[1].strip().split()[0] for x in w}))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-    # One warning per default-on op (the opt-in depthwise conv falls back without one).
-    expected = "['adaln_modulate', 'cfc_relax', 'context_shift', 'merged_depthwise_weight', 'modulated_silu']"
+    # One warning per default-on op, the pointwise conv's forward kernel among them
+    # (runtime.FORWARD_ONLY; the opt-in depthwise conv falls back without one).
+    expected = ("['adaln_modulate', 'cfc_relax', 'context_shift', 'merged_depthwise_weight', 'modulated_silu', "
+                "'pointwise_conv']")
     assert out.stdout.strip() == expected, out.stdout + out.stderr
 
 

@@ -30,12 +30,12 @@ grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, th
 their SiLU (the Triton modulated SiLU with shift = bias), whose backward's pixel sums give their
 gradients; the 1x1s' are in their GEMMs' epilogue (``recompute._pointwise_as_gemm``).
 
-In a call without gradient (sampling) the 1x1 convs but f run the Triton SiLU -> 1x1 conv
-forward (``runtime.FORWARD_ONLY``): the backbone's with its SiLU in the epilogue
-(``pointwise_conv.conv1x1_silu_forward``: its pre-activation z is never written), the g and h
-heads' with their SiLU and 3x3 bias in the prologue; with the Triton depthwise kernels chosen,
-the heads' 3x3 convs too (``pointwise_conv.depthwise_forward``: their outputs are never
-written).
+The g and h heads' 1x1 convs run the Triton SiLU -> 1x1 conv forward (``runtime.FORWARD_ONLY``),
+their SiLU and 3x3 bias in its prologue (backward remakes their SiLU for cuDNN as before). In a
+call without gradient (sampling) the backbone's 1x1 runs it too, with its SiLU in the epilogue
+(``pointwise_conv.conv1x1_silu_forward``: its pre-activation z is never written), and with the
+Triton depthwise kernels chosen the heads' 3x3 convs run in their prologue
+(``pointwise_conv.depthwise_forward``: their outputs are never written).
 
 Layout: any; outputs keep n's memory format. Without the Triton CfC kernel (``cfc_relax`` on its
 torch backend) the reference runs instead, as for the other fused ops.
@@ -93,11 +93,13 @@ class _ParallelCfC(torch.autograd.Function):
             z_bias = _backbone_bias(weights[_PW], biases[_PW], biases[_DW]) if ctx.folded else biases[_PW]
             dw = _conv(n if n_conv is None else n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2,
                        channels, ctx.dw_triton)
-            # Without gradient, the Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) runs
-            # the backbone's 1x1 with its SiLU in the epilogue (z is never written), and the g
-            # and h 1x1s with their SiLU (and 3x3 bias) in the prologue; with the Triton
-            # depthwise kernels chosen, their 3x3s too (never written).
-            forward_only = not grad and _triton_pointwise(n, weights[_PW], 1, True, grad=False)
+            # The Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) runs the g and h 1x1s
+            # with their SiLU (and 3x3 bias) in the prologue; without gradient also the
+            # backbone's 1x1 with its SiLU in the epilogue (z, which backward needs, is never
+            # written) and, with the Triton depthwise kernels chosen, the g and h 3x3s in the
+            # heads' prologue (never written).
+            pointwise_forward = _triton_pointwise(n, weights[_PW], 1, True, grad=False)
+            forward_only = not grad and pointwise_forward
             if forward_only:
                 z, silu_z = None, pointwise_conv.conv1x1_silu_forward(dw, weights[_PW], z_bias, dtype)
             else:
@@ -133,7 +135,7 @@ class _ParallelCfC(torch.autograd.Function):
                     f, g_hidden, h_hidden = _heads_forward(silu_z, channels, _pick(weights, _HEADS), head_biases,
                                                            dtype, ctx.head_triton, ctx.paired)
                     del silu_z  # before the g and h heads' temporaries: the forward's transient peak
-                    g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, forward_only)
+                    g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, pointwise_forward)
                             for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
                 out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
         # n_conv too, for the 7x7's weight gradient: the block remakes it with n, by

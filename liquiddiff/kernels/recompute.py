@@ -73,8 +73,8 @@ def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> boo
 def _triton_pointwise(z: torch.Tensor, weight: torch.Tensor, groups: int, activate: bool, grad: bool = True) -> bool:
     """Whether conv1x1(silu(z)) runs on the Triton pointwise kernels (``pointwise_conv.py``: SiLU
     in the conv's prologue, its backward in the input gradient's epilogue): chosen once, in the
-    forward, and kept for the backward. ``grad=False``: for a call that records no gradient
-    (``runtime.FORWARD_ONLY``)."""
+    forward, and kept for the backward. ``grad=False``: for the forward kernel alone, or a call
+    that records no gradient (``runtime.FORWARD_ONLY``)."""
     return (activate and groups == 1 and weight.shape[-1] == 1 and weight.shape[-2] == 1
             and runtime.use_triton(pointwise_conv.OP_NAME, z.device.type, grad))
 
@@ -129,8 +129,11 @@ def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups:
         return d_a, d_w, d_b
     need_a, need_w, need_b = needs
     bias_by_triton = need_b and runtime.use_triton("conv_bias_grad", grad_out.device.type)
+    # In the conv's dtype, as the reference's conv receives it (an fp32 upstream, the residual
+    # stream's, rounded once): the bias gradient's pass reads the rounded copy too.
+    grad_out = grad_out.to(dtype)
     d_a, d_w, d_b = torch.ops.aten.convolution_backward(
-        grad_out.to(dtype), a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
+        grad_out, a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
         False, [0, 0], groups, [need_a, need_w, need_b and not bias_by_triton],
     )
     return d_a, d_w, channel_sum(grad_out, dtype) if bias_by_triton else d_b
@@ -169,32 +172,35 @@ def _eager_input_grads(d_a, y, z, scale, shift, activate: bool, needs):
 
 
 class _RecomputedConv(torch.autograd.Function):
-    """conv(act(modulate(z))) (+ residual: given only where the Triton pointwise kernels run,
-    which add it in their epilogue), act = SiLU or identity, saving z (and the small parameters)
-    only. ``pointwise``: on those kernels, the caller's choice (it knows whether autograd
-    records the call, which the forward does not).
+    """conv(act(modulate(z))) (+ residual: given only where the Triton pointwise forward runs,
+    which adds it in its epilogue), act = SiLU or identity, saving z (and the small parameters)
+    only. ``pointwise_forward``, ``pointwise_backward``: each pass on the Triton pointwise
+    kernels or on the conv's own path, the caller's choice (``runtime.FORWARD_ONLY``: the forward
+    kernel under ``auto``, the backward opt-in); the default backward remakes act(z) for the
+    weight gradient either way.
 
     A modulated SiLU (the spatial mix's) runs the Triton kernels of ``modulated_silu.py`` when
     that backend is chosen: one pass writes the conv's input, one pass gives d_z, d_scale and
     d_shift, where aten runs a chain of elementwise ops and reductions."""
 
     @staticmethod
-    def forward(ctx, z, weight, bias, scale, shift, residual, activate, padding, groups, pointwise):
+    def forward(ctx, z, weight, bias, scale, shift, residual, activate, padding, groups, pointwise_forward,
+                pointwise_backward):
         dtype = _conv_dtype(z, weight, bias)
         triton = _triton_depthwise(z, weight, groups)
         fused_act = activate and scale is not None and runtime.use_triton("modulated_silu", z.device.type)
         ctx.weight_dtype = weight.dtype
         weight, bias = _conv_params(weight, bias, dtype)
-        if residual is not None and not pointwise:
-            raise ValueError("residual: only the Triton pointwise kernels add it (silu_conv1x1 adds it otherwise)")
+        if residual is not None and not pointwise_forward:
+            raise ValueError("residual: only the Triton pointwise forward adds it (silu_conv1x1 adds it otherwise)")
         with torch.autocast(z.device.type, enabled=False):
-            if pointwise:
+            if pointwise_forward:
                 out = pointwise_conv.forward(z, weight, bias, scale, shift, dtype, residual)
             else:
                 a, _ = _conv_input(z, scale, shift, activate, dtype, fused_act)
                 out = _conv(a, weight, bias, dtype, padding, groups, triton)
         ctx.save_for_backward(z, weight, scale, shift)
-        ctx.conv = (dtype, activate, padding, groups, triton, fused_act, pointwise)
+        ctx.conv = (dtype, activate, padding, groups, triton, fused_act, pointwise_backward)
         ctx.bias_shape = None if bias is None else list(bias.shape)
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -213,7 +219,7 @@ class _RecomputedConv(torch.autograd.Function):
             d_z, d_w, d_b, d_scale, d_shift = pointwise_conv.backward(
                 grad_out, z, weight, scale, shift, dtype, (need_z, need_w, need_b, need_scale, need_shift))
             return (d_z, _cast(d_w, ctx.weight_dtype), _cast(d_b, ctx.bias_dtype), d_scale, d_shift, d_residual,
-                    None, None, None, None)
+                    None, None, None, None, None)
         need_y = need_z or need_scale or need_shift
         d_z = d_scale = d_shift = None
         with torch.autocast(z.device.type, enabled=False):
@@ -228,7 +234,7 @@ class _RecomputedConv(torch.autograd.Function):
                 d_z, d_scale, d_shift = _eager_input_grads(d_a, y, z, scale, shift, activate, needs)
         d_w = d_w.to(ctx.weight_dtype) if need_w else None
         d_b = d_b.to(ctx.bias_dtype) if need_b else None
-        return d_z, d_w, d_b, d_scale, d_shift, d_residual, None, None, None, None
+        return d_z, d_w, d_b, d_scale, d_shift, d_residual, None, None, None, None, None
 
 
 def _cast(grad, dtype):
@@ -377,8 +383,8 @@ def _check_residual(residual, z_shape, weight, device) -> None:
 
 def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
     """:func:`liquiddiff.functional.silu_conv1x1`, keeping only z and the small parameters for
-    backward (the residual's gradient is the upstream one); with the Triton pointwise kernels
-    (under ``auto``: in calls that record no gradient, ``runtime.FORWARD_ONLY``), the residual is
+    backward (the residual's gradient is the upstream one); with the Triton pointwise forward
+    (under ``auto``, ``runtime.FORWARD_ONLY``; its backward kernels are opt-in), the residual is
     added in the forward kernel's epilogue."""
     _check_conv("z", z, weight, bias, kernel=1, depthwise=False)
     if (scale is None) != (shift is None):
@@ -387,19 +393,22 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
         _tensors.check_vector("scale", scale, z.shape[:2], z.device)
         _tensors.check_vector("shift", shift, z.shape[:2], z.device)
     _check_residual(residual, z.shape, weight, z.device)
-    pointwise = _triton_pointwise(z, weight, 1, True, _records_grad(z, weight, bias, scale, shift, residual))
-    if residual is not None and not pointwise:
+    # The forward kernel where it runs (runtime.FORWARD_ONLY: under auto in every call), the
+    # backward kernels only where chosen for calls with gradient (opt-in).
+    forward = _triton_pointwise(z, weight, 1, True, grad=False)
+    backward = _records_grad(z, weight, bias, scale, shift, residual) and _triton_pointwise(z, weight, 1, True)
+    if residual is not None and not forward:
         # cuDNN takes no addend: autograd's add, as the reference's (a checkpointed block's
         # rerun in backward stops before it: it saves nothing).
-        return residual + _RecomputedConv.apply(z, weight, bias, scale, shift, None, True, 0, 1, False)
-    return _RecomputedConv.apply(z, weight, bias, scale, shift, residual, True, 0, 1, pointwise)
+        return residual + _RecomputedConv.apply(z, weight, bias, scale, shift, None, True, 0, 1, False, backward)
+    return _RecomputedConv.apply(z, weight, bias, scale, shift, residual, True, 0, 1, forward, backward)
 
 
 def conv1x1(x, weight, bias=None):
     """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): for an
     fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
-    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False)
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False, False)
 
 
 def feedforward(x, w1, b1, w2, b2, residual=None):
@@ -426,7 +435,7 @@ def feedforward(x, w1, b1, w2, b2, residual=None):
 def depthwise_conv(x, weight, bias=None):
     """:func:`liquiddiff.functional.depthwise_conv`, keeping ``x`` itself (not autocast's copy)."""
     k = _check_conv("x", x, weight, bias, kernel=None, depthwise=True)
-    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, k // 2, x.shape[1], False)
+    return _RecomputedConv.apply(x, weight, bias, None, None, None, False, k // 2, x.shape[1], False, False)
 
 
 class _SpatialMixInput(torch.autograd.Function):

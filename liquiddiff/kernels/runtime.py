@@ -11,9 +11,10 @@ Triton interpreter is on (``TRITON_INTERPRET=1``, how CI runs the kernels on the
 Per-op settings follow after commas and override it for that op: ``auto,depthwise_conv=triton``.
 An op in ``OPT_IN`` runs its PyTorch path under ``auto`` until its kernel has been measured
 faster; it runs Triton when named ``=triton`` (or ``LIQUIDDIFF_KERNELS=triton``). An opt-in op
-in ``FORWARD_ONLY`` runs Triton under ``auto`` in calls that record no gradient (sampling,
-inference: ``grad=False``), where its forward kernel measured faster and its slower backward
-never runs. An op in ``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU
+in ``FORWARD_ONLY`` runs its forward kernel under ``auto`` (``grad=False``: the choice for a
+forward kernel, and for a call that records no gradient, sampling or inference), which measured
+faster, and its PyTorch backward in a call that records one (``grad=True``), whose kernel did
+not measure faster. An op in ``MIN_CAPABILITY`` runs its PyTorch path under ``auto`` on an older GPU
 (the current device's compute capability), where its kernels compile but spill; named
 ``=triton``, it still runs there.
 """
@@ -59,12 +60,13 @@ class Backend:
 OPT_IN = {
     "depthwise_conv": "PyTorch (cuDNN on a GPU): the Triton depthwise conv is opt-in until a GPU report times its "
                       "rewrite (the first design measured slower than cuDNN: benchmarks/RESULTS.md)",
-    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU): the Triton SiLU -> 1x1 conv kernels are opt-in for "
-                      "calls with gradient, their forward+backward measured slower than cuDNN (benchmarks/RESULTS.md)",
+    "pointwise_conv": "PyTorch (SiLU, then cuDNN on a GPU) for the backward: the Triton SiLU -> 1x1 conv backward "
+                      "kernels are opt-in, their forward+backward measured slower than cuDNN's (benchmarks/RESULTS.md)",
 }
 
-# Opt-in ops whose Triton forward measured faster than PyTorch's path: ``auto`` runs it in calls
-# that record no gradient. The SiLU -> 1x1 conv forward (H100, bf16 [8, 64, 256, 256]
+# Opt-in ops whose Triton forward measured faster than PyTorch's path: ``auto`` runs it, and
+# the backward on PyTorch's path where autograd records the call (its remakes of the activation
+# are the same either way). The SiLU -> 1x1 conv forward (H100, bf16 [8, 64, 256, 256]
 # channels_last, replayed from a CUDA graph): 0.058 ms, against 0.151 for torch.compile and the
 # fused path's two passes (the Triton modulated SiLU alone 0.047, then cuDNN's GEMM); and the
 # FeedForward's residual add goes into its epilogue. It runs the FeedForward's and the spatial
@@ -74,8 +76,8 @@ OPT_IN = {
 # gated by the same op, keep the training choice (the first's forward, 0.42 ms, did not beat
 # torch.compile's 0.36; the second is not timed yet).
 FORWARD_ONLY = {
-    "pointwise_conv": "Triton's SiLU -> 1x1 conv kernel for calls without gradient (sampling): its forward measured "
-                      "faster than SiLU + cuDNN (benchmarks/RESULTS.md)",
+    "pointwise_conv": "Triton's SiLU -> 1x1 conv forward kernel (and, without gradient, its variants): it measured "
+                      "faster than SiLU + cuDNN's forward (benchmarks/RESULTS.md)",
 }
 
 # Ops whose kernels spill below a compute capability, so that auto keeps PyTorch's path there.
@@ -162,8 +164,8 @@ _warned: set[str] = set()
 
 
 def select_backend(op: str, device: torch.device | str, grad: bool = True) -> Backend:
-    """Which backend runs ``op`` for tensors on ``device``, and why; ``grad=False``: for a call
-    that records no gradient (``FORWARD_ONLY``)."""
+    """Which backend runs ``op`` for tensors on ``device``, and why; ``grad=False``: for its
+    forward kernel alone, or a call that records no gradient (``FORWARD_ONLY``)."""
     device = torch.device(device)
     chosen = policy(op)
     if chosen == "torch":
@@ -200,8 +202,8 @@ def _selected(op: str, device_type: str, grad: bool, setting: str | None, interp
 
 
 def use_triton(op: str, device_type: str, grad: bool = True) -> bool:
-    """Whether ``op`` runs Triton for tensors on ``device_type`` (``grad=False``: in a call that
-    records no gradient): cached per environment (the fused model asks on every op call, in its
+    """Whether ``op`` runs Triton for tensors on ``device_type`` (``grad=False``: its forward
+    kernel alone, or a call that records no gradient): cached per environment (the fused model asks on every op call, in its
     hot path). The environment is read here, outside the constant below, so that dynamo guards
     on it: a graph compiled under one ``LIQUIDDIFF_KERNELS`` is not reused under another."""
     return _use_triton(op, device_type, grad, os.environ.get(ENV_VAR), os.environ.get("TRITON_INTERPRET"))
