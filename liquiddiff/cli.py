@@ -937,10 +937,10 @@ def cmd_info(args, explicit: set[str]) -> int:
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}")
     for op in OPS:
         try:
-            backend, sampling = select_backend(op, device), select_backend(op, device, grad=False)
+            backend, forward = select_backend(op, device), select_backend(op, device, grad=False)
             print(f"  {op:<24} {backend.name:<7} {backend.reason}")
-            if sampling.name != backend.name:  # runtime.FORWARD_ONLY
-                print(f"  {'':<24} {sampling.name:<7} {sampling.reason}")
+            if forward.name != backend.name:  # runtime.FORWARD_ONLY: its forward kernel's choice
+                print(f"  {'':<24} {forward.name:<7} {forward.reason}")
         except (RuntimeError, ValueError) as exc:  # LIQUIDDIFF_KERNELS=triton where it cannot run
             print(f"  {op:<24} error   {exc}")
     print("presets    " + ", ".join(f"{name} ({_count_params(name) / 1e6:.1f} M)" for name in PRESETS))
