@@ -200,10 +200,10 @@ def _add_train(sub) -> None:
                    "remembered by --resume)"))
     g.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step's model forward and backward from CUDA graphs captured at the "
-                        "first step: no per-kernel launch overhead (CUDA, one process: not under torchrun; "
-                        "not with --compile; not remembered by --resume). Default: on for --fused on one CUDA "
-                        "GPU without --compile or --gradient-checkpointing (the eager fused step waits for "
-                        "the host's launches)")
+                        "first step: no per-kernel launch overhead (CUDA; under torchrun the gradients are "
+                        "averaged by one all-reduce after the backward, without DDP; not with --compile; not "
+                        "remembered by --resume). Default: on for --fused on one CUDA GPU without --compile or "
+                        "--gradient-checkpointing (the eager fused step waits for the host's launches)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="keep only each block's input for backward and rerun the block there: about half the "
                         "peak memory of a fused step for one more forward pass of the blocks; same values "
@@ -355,10 +355,10 @@ def _check_runnable(args, device: torch.device) -> None:
 
 def _cuda_graph_by_default(args, device: torch.device, training: bool, processes: int = 1) -> bool:
     """--cuda-graph when not given: on where graphs run and were measured to help. Sampling: a
-    CUDA device without --compile. Training: also one process, the fused model (on an H100 its
-    eager step, bound by the host's launches, took 0.38x the compiled reference's speed, its
-    graphed step 1.31x: benchmarks/RESULTS.md) and no --gradient-checkpointing (not tested with
-    graphs)."""
+    CUDA device without --compile. Training: also one process (graphs under torchrun have not
+    run on GPUs yet: --cuda-graph asks for them), the fused model (on an H100 its eager step,
+    bound by the host's launches, took 0.38x the compiled reference's speed, its graphed step
+    1.31x: benchmarks/RESULTS.md) and no --gradient-checkpointing (not tested with graphs)."""
     if device.type != "cuda" or args.compile:
         return False
     return not training or (processes == 1 and args.fused and not args.gradient_checkpointing)

@@ -6,6 +6,7 @@ plain ``liquiddiff train`` has none of these and runs as a world of one, with no
 """
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 from dataclasses import dataclass
@@ -107,3 +108,54 @@ def broadcast_object(obj):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _flat_views(flat: torch.Tensor, tensors: list) -> list:
+    """Views of consecutive runs of ``flat`` shaped like ``tensors``, with their strides where
+    those are a dense layout (NCHW or channels_last: the copies in and out are then plain
+    element-for-element copies), else contiguous."""
+    views, offset = [], 0
+    for t in tensors:
+        run = flat[offset:offset + t.numel()]
+        dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+        views.append(run.as_strided(t.shape, t.stride()) if dense else run.view(t.shape))
+        offset += t.numel()
+    return views
+
+
+def _coalesced(tensors, collective) -> None:
+    """``collective(flat)`` (in place) over the tensors as if over each one: the tensors copied
+    into one flat buffer a (dtype, device), one collective call on it, copied back. Hundreds of
+    small parameters make one message, not hundreds."""
+    groups = collections.defaultdict(list)
+    for t in tensors:
+        groups[(t.dtype, t.device)].append(t)
+    for (dtype, device), group in groups.items():
+        flat = torch.empty(sum(t.numel() for t in group), dtype=dtype, device=device)
+        views = _flat_views(flat, group)
+        torch._foreach_copy_(views, group)
+        collective(flat)
+        torch._foreach_copy_(group, views)
+
+
+@torch.no_grad()
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of ``tensors`` (parameters, buffers) on every rank, in place: what
+    DistributedDataParallel does when it wraps a model, for a trainer that runs without it."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        _coalesced([t.detach() for t in tensors], lambda flat: dist.broadcast(flat, src=0))
+
+
+@torch.no_grad()
+def average_gradients(parameters) -> None:
+    """Each parameter's ``.grad`` replaced, in place, by its mean over the ranks: one all-reduce
+    a dtype after the whole backward, where DistributedDataParallel's hooks reduce buckets during
+    it. For a train step replayed from CUDA graphs, whose backward runs no host code a
+    parameter. Parameters without a gradient are left out (the same ones on every rank: the
+    ranks run the same model)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.get_world_size()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if world > 1 and grads:
+        _coalesced(grads, lambda flat: (dist.all_reduce(flat), flat.div_(world)))

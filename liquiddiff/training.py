@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import checkpoint
+from .distributed import average_gradients, broadcast_from_rank0
 from .model import LiquidDiffusion, LiquidDiffusionConfig
 from .kernels import runtime
 from .sampling import KeptGraph, integrate
@@ -110,6 +111,12 @@ def graphed_model_call(model: nn.Module, x: torch.Tensor, t: torch.Tensor):
     return torch.cuda.make_graphed_callables(_ModelCall(model), (x.detach().clone(), t.detach().clone()))
 
 
+def check_graph_device(device: torch.device) -> None:
+    """CUDA graphs capture CUDA work: ``cuda_graph=True`` needs a CUDA device."""
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {device}")
+
+
 def _sampling_graph_key(model: nn.Module, z: torch.Tensor) -> tuple:
     """What a captured sampling graph depends on: the model, its path and kernels, the input's
     shape, layout and device, and where its parameters live (``.to()`` or loading with
@@ -125,9 +132,10 @@ class RectifiedFlowTrainer:
     "step"}``; ``sample(batch_size, image_size, num_steps)`` returns images in [-1, 1].
     ``distributed=True`` (under torchrun, once the process group is up) averages gradients
     across ranks with DistributedDataParallel; each rank passes its own batch.
-    ``cuda_graph=True`` (CUDA, one process) replays each train step's model forward and backward
-    from CUDA graphs captured at the first step (:func:`graphed_model_call`): the host no longer
-    launches the model's kernels one by one. Batches of another shape run eager.
+    ``cuda_graph=True`` (CUDA) replays each train step's model forward and backward from CUDA
+    graphs captured at the first step (:func:`graphed_model_call`): the host no longer launches
+    the model's kernels one by one. Batches of another shape run eager. With ``distributed=True``
+    the gradients are then averaged by one all-reduce after the backward, without DDP.
     ``mixed_precision`` (:func:`autocast_dtype`): None autocasts on CUDA, to bf16 on GPUs that
     compute in it and to fp16 with loss scaling on older ones (a T4); "bf16", "fp16", False.
     ``micro_batch_size=n`` accumulates each step's gradient over micro-batches of n images: the
@@ -174,10 +182,8 @@ class RectifiedFlowTrainer:
         if cuda_graph and self.compiled:
             raise ValueError("compile: not with cuda_graph=True (torch.compile(mode='reduce-overhead') "
                              "captures CUDA graphs of its own)")
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
-        if cuda_graph and distributed:
-            raise ValueError("cuda_graph: not with distributed=True (DDP's gradient hooks run on the host)")
+        if cuda_graph:
+            check_graph_device(self.device)
         # channels_last=True runs every conv in NHWC (cuDNN's fast depthwise path), and the fused
         # kernels read that layout directly: weights are converted once here, batches once per
         # step. False converts to NCHW; None (default) keeps the layouts the caller gave.
@@ -185,10 +191,21 @@ class RectifiedFlowTrainer:
         self.model = model.to(self.device)
         if self.memory_format is not None:
             self.model = self.model.to(memory_format=self.memory_format)
-        # Under torchrun, the forward/backward pass goes through DistributedDataParallel, which
-        # averages gradients across ranks during backward (and broadcasts rank 0's weights now);
+        # Under torchrun, rank 0's weights are copied to every rank now and gradients averaged
+        # across ranks each step. Eager, the forward/backward pass goes through
+        # DistributedDataParallel, whose hooks all-reduce buckets of gradients during backward;
         # self.model stays the plain module, so EMA, state_dict and sample never see the wrapper.
-        self._ddp = self._wrap_ddp(self.model) if distributed else None
+        # With cuda_graph=True a replayed backward runs no host code until it ends (DDP's hooks
+        # could only fire then): the trainer averages the gradients itself, one all-reduce after
+        # the backward (average_gradients), and no DDP wrapper is made.
+        self._ddp = None
+        self._average_gradients = distributed and cuda_graph
+        if distributed:
+            self._check_process_group()
+            if cuda_graph:
+                broadcast_from_rank0([*self.model.parameters(), *self.model.buffers()])
+            else:
+                self._ddp = self._wrap_ddp(self.model)
         self.base_lr = lr
         self.time_sampling = time_sampling
         self.grad_clip = grad_clip
@@ -223,12 +240,16 @@ class RectifiedFlowTrainer:
         """What train steps call: the DDP wrapper under torchrun, else the model itself."""
         return self._ddp if self._ddp is not None else self.model
 
-    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+    @staticmethod
+    def _check_process_group() -> None:
         import torch.distributed as dist
-        from torch.nn.parallel import DistributedDataParallel
 
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("distributed=True needs an initialised process group (run under torchrun)")
+
+    def _wrap_ddp(self, model: nn.Module) -> nn.Module:
+        from torch.nn.parallel import DistributedDataParallel
+
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
 
@@ -303,8 +324,8 @@ class RectifiedFlowTrainer:
 
         Each micro-batch's loss is weighted by its share of the batch, so the gradients add up to
         the whole batch's. Noise and times are drawn for the whole batch first: the split changes
-        no random draw. Under DDP, gradients are averaged across ranks once, in the last
-        micro-batch's backward (no_sync before it).
+        no random draw. Under torchrun, gradients are averaged across ranks once: by DDP in the
+        last micro-batch's backward (no_sync before it), or with CUDA graphs after the last one.
         """
         noise, t = self._draw(images)
         batch = images.shape[0]
@@ -317,6 +338,8 @@ class RectifiedFlowTrainer:
                 loss = self._velocity_loss(images[part], noise[part], t[part]) * (images[part].shape[0] / batch)
                 self.scaler.scale(loss).backward()
             total = loss.detach() if total is None else total + loss.detach()
+        if self._average_gradients:
+            average_gradients(self.model.parameters())
         return total
 
     def _model_call(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -394,8 +417,8 @@ class RectifiedFlowTrainer:
         if noise is not None and (tuple(noise.shape) != shape or not noise.is_floating_point()):
             raise ValueError(f"noise: expected a float tensor of shape {list(shape)}, got {noise.dtype} "
                              f"{list(noise.shape)}")
-        if cuda_graph and self.device.type != "cuda":
-            raise ValueError(f"cuda_graph: needs a CUDA device, the trainer runs on {self.device}")
+        if cuda_graph:
+            check_graph_device(self.device)
         if cuda_graph and self.compiled:
             raise ValueError("cuda_graph: not with a trainer made with compile=True "
                              "(torch.compile(mode='reduce-overhead') captures CUDA graphs of its own)")

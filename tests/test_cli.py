@@ -101,7 +101,7 @@ def test_info_names_device_versions_and_backends(capsys):
     ("sample", {"compile": "default"}, "cuda", False),
     ("train", {"fused": True}, "cuda", True),
     ("train", {"fused": False}, "cuda", False),  # the reference's graphed step: not measured
-    ("train", {"fused": True, "processes": 2}, "cuda", False),  # torchrun: DDP's hooks run on the host
+    ("train", {"fused": True, "processes": 2}, "cuda", False),  # torchrun: graphs not run on GPUs yet
     ("train", {"fused": True, "gradient_checkpointing": True}, "cuda", False),
     ("train", {"fused": True, "compile": "reduce-overhead"}, "cuda", False),
     ("train", {"fused": True}, "cpu", False),

@@ -17,6 +17,8 @@ from liquiddiff import checkpoint, liquid_diffusion_micro, liquid_diffusion_tiny
 from liquiddiff.kernels import runtime
 from liquiddiff.training import EMA, RectifiedFlowTrainer, rectified_flow_pair, sample_times
 
+from graph_stand_in import graph_like_call
+
 
 def _trainer(**kw):
     torch.manual_seed(0)
@@ -619,16 +621,155 @@ def test_ddp_with_compile_trains_as_eager_ddp(tmp_path):
     bias just before a GroupNorm: torch 2.8's compiled rounding moved one by 1e-3 that way.)"""
     script = tmp_path / "ddp_compile.py"
     script.write_text(_DDP_COMPILE_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(tmp_path / "result")], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    _torchrun(script, tmp_path / "result")
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         assert result["graphs"] > 0  # dynamo compiled, not fell back to eager
         assert result["compiled"] == pytest.approx(result["eager"], rel=1e-5)
         assert result["grad_diff"] < 1e-5 and result["rank_diff"] == 0.0
+
+
+# Run by torchrun: the gradient all-reduce and weight broadcast of CUDA-graph training under
+# torchrun, then the trainer itself with graphs stood in for, against DDP, over gloo.
+_GRAPHED_DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import torch.distributed as dist
+    from graph_stand_in import graph_like_call
+    from liquiddiff import RectifiedFlowTrainer, distributed, liquid_diffusion_micro, training
+
+    info = distributed.from_env()
+    distributed.init(info, torch.device("cpu"))
+    world, result = dist.get_world_size(), {}
+
+    def tensors(rank):  # each rank's own values; channels_last, transposed, fp64 and a 0-dim one
+        g = torch.Generator().manual_seed(10 + rank)
+        return [torch.randn(2, 3, 4, 5, generator=g).contiguous(memory_format=torch.channels_last),
+                torch.randn(7, generator=g), torch.randn(4, 3, generator=g).t(),
+                torch.randn(4, 4, generator=g, dtype=torch.float64), torch.randn((), generator=g)]
+
+    params = [torch.nn.Parameter(torch.zeros_like(t)) for t in tensors(0)] + [torch.nn.Parameter(torch.zeros(3))]
+    for p, g in zip(params, tensors(info.rank)):
+        p.grad = g  # the last parameter keeps no gradient
+    strides = [p.grad.stride() for p in params[:-1]]
+    distributed.average_gradients(params)
+    want = [torch.stack(column).mean(0) for column in zip(*(tensors(r) for r in range(world)))]
+    result["average_error"] = max((p.grad - w).abs().max().item() for p, w in zip(params, want))
+    result["strides_kept"] = [p.grad.stride() for p in params[:-1]] == strides
+    result["no_grad_kept"] = params[-1].grad is None
+    mine = tensors(info.rank)
+    distributed.broadcast_from_rank0(mine)
+    result["broadcast_error"] = max((a - b).abs().max().item() for a, b in zip(mine, tensors(0)))
+
+    def run(graph, micro=None):
+        torch.manual_seed(0)
+        model = liquid_diffusion_micro(channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1)
+        with torch.no_grad():  # rank 1 starts elsewhere: the trainer must copy rank 0's weights
+            for p in model.parameters():
+                p.add_(info.rank)
+        trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cpu", distributed=True, cuda_graph=graph,
+                                       micro_batch_size=micro)
+        torch.manual_seed(1 + info.rank)  # each rank its own batches
+        losses, first_grads = [], None
+        for _ in range(3):
+            losses.append(trainer.train_step(torch.rand(2, 3, 8, 8) * 2 - 1)["loss"])
+            if first_grads is None:  # the averaged gradient of the first step, before AdamW
+                first_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        other = torch.empty_like(params)
+        dist.broadcast(other.copy_(params), src=0)
+        return {"losses": losses, "grads": first_grads, "rank_diff": (params - other).abs().max().item(),
+                "ddp": trainer._ddp is not None}
+
+    ddp = run(False)
+    training.check_graph_device = lambda device: None  # the CPU has no graphs: the stand-in replays
+    training.graphed_model_call = graph_like_call
+    for name, micro in (("graphed", None), ("graphed_micro", 1)):
+        got = run(True, micro)
+        result[name] = {"losses": got["losses"], "ddp": got["ddp"], "rank_diff": got["rank_diff"],
+                        "grad_diff": ((got["grads"] - ddp["grads"]).norm() / ddp["grads"].norm()).item()}
+    result["ddp_losses"] = ddp["losses"]
+    with open(sys.argv[1] + f".{info.rank}", "w") as f:
+        json.dump(result, f)
+    distributed.cleanup()
+""")
+
+
+def _torchrun(script: Path, out: Path) -> None:
+    """``script`` run by torchrun, two ranks on the CPU, with this checkout and tests/ importable."""
+    here = Path(__file__).resolve()
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_graphed_training_under_torchrun_averages_as_ddp(tmp_path):
+    """cuda_graph=True under torchrun: no DDP wrapper (a replayed backward runs no host code until
+    it ends); rank 0's weights copied to every rank at the start, and after each backward every
+    gradient replaced by its mean over the ranks, in place, in its own layout (the graph's static
+    buffers, which the next replay refills), by one all-reduce a dtype. Each rank's losses and
+    first averaged gradient are eager DDP's, whole batch or micro-batches, and the ranks stay in
+    step. Over gloo, with the CPU stand-in for the graphs."""
+    script = tmp_path / "graphed_ddp.py"
+    script.write_text(_GRAPHED_DDP_SCRIPT)
+    _torchrun(script, tmp_path / "result")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        assert result["average_error"] < 1e-6 and result["broadcast_error"] == 0.0
+        assert result["strides_kept"] and result["no_grad_kept"]
+        for name in ("graphed", "graphed_micro"):
+            got = result[name]
+            assert not got["ddp"]
+            assert got["losses"] == pytest.approx(result["ddp_losses"], rel=1e-5)
+            assert got["grad_diff"] < 1e-5 and got["rank_diff"] == 0.0
+
+
+# Run by torchrun on one GPU: two ranks share it over gloo (NCCL wants a GPU a rank), and train
+# the fused model with DDP, then with CUDA graphs and the trainer's own all-reduce.
+_GPU_GRAPHED_DDP_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    import torch.distributed as dist
+    from liquiddiff import RectifiedFlowTrainer, liquid_diffusion_micro
+
+    dist.init_process_group("gloo")
+    torch.cuda.set_device(0)
+    rank = dist.get_rank()
+
+    def run(graph):
+        torch.manual_seed(0)
+        model = liquid_diffusion_micro(channels=(16, 32), fused=True)
+        trainer = RectifiedFlowTrainer(model, device="cuda", channels_last=True, distributed=True, cuda_graph=graph)
+        torch.manual_seed(1 + rank)  # each rank its own batches
+        batches = [(torch.rand(4, 3, 16, 16) * 2 - 1).cuda() for _ in range(3)]
+        losses = [float(trainer.train_step(images, sync=not graph)["loss"]) for images in batches]
+        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        other = params.clone()
+        dist.broadcast(other, src=0)
+        return {"losses": losses, "params": params.tolist(), "rank_diff": (params - other).abs().max().item()}
+
+    result = {"ddp": run(False), "graphed": run(True)}
+    with open(sys.argv[1] + f".{rank}", "w") as f:
+        json.dump(result, f)
+    dist.destroy_process_group()
+""")
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_gpu_graphed_training_under_torchrun_follows_ddp(tmp_path):
+    """CUDA-graph training under torchrun on a real GPU (two ranks on one, over gloo): captured
+    graphs, the all-reduce after each replayed backward; each rank's losses and weights after a
+    few steps are eager DDP's (same kernels), and the ranks stay in step."""
+    script = tmp_path / "gpu_graphed_ddp.py"
+    script.write_text(_GPU_GRAPHED_DDP_SCRIPT)
+    _torchrun(script, tmp_path / "result")
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"result.{rank}").read_text())
+        ddp, graphed = result["ddp"], result["graphed"]
+        torch.testing.assert_close(torch.tensor(graphed["losses"]), torch.tensor(ddp["losses"]), rtol=1e-2, atol=1e-4)
+        torch.testing.assert_close(torch.tensor(graphed["params"]), torch.tensor(ddp["params"]), rtol=1e-2, atol=1e-4)
+        assert ddp["rank_diff"] == 0.0 and graphed["rank_diff"] == 0.0
 
 
 @pytest.mark.parametrize("micro", [1, 3])
@@ -708,42 +849,13 @@ def test_gpu_fp16_training_with_loss_scaling(graph):
     assert trainer.scaler.is_enabled() and trainer.scaler.get_scale() >= 1
 
 
-def _graph_like_call(model, x, t):
-    """Stands in for ``torch.cuda.make_graphed_callables`` on the CPU, as far as gradients go:
-    its backward writes the parameters' gradients into static buffers and returns them (a
-    replay overwrites them), as a captured backward graph does."""
-    params = list(model.parameters())
-    buffers = [torch.zeros_like(p) for p in params]
-
-    class Replay(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, t, *weights):
-            ctx.inputs = x.detach(), t.detach()
-            with torch.no_grad():
-                return model(x, t)
-
-        @staticmethod
-        def backward(ctx, grad):
-            with torch.enable_grad():
-                grads = torch.autograd.grad(model(*ctx.inputs), params, grad)
-            for buffer, g in zip(buffers, grads):
-                buffer.copy_(g)
-            return (None, None, *(buffer.detach() for buffer in buffers))
-
-    def call(x, t):
-        return Replay.apply(x, t, *params)
-
-    call.buffers = buffers
-    return call
-
-
 def test_graphed_micro_batches_add_up_instead_of_overwriting(monkeypatch):
     """With CUDA graphs, the backward's static gradient buffers must not become the parameters'
     .grad: the next micro-batch's replay would overwrite the first one's gradient. Two
     micro-batches of the captured shape give the whole batch's gradient, as eager does."""
     from liquiddiff import training
 
-    monkeypatch.setattr(training, "graphed_model_call", _graph_like_call)
+    monkeypatch.setattr(training, "graphed_model_call", graph_like_call)
     images = _images()
 
     def grads(trainer):
@@ -767,7 +879,7 @@ def test_a_graphed_step_of_one_micro_batch_keeps_the_replays_gradients(monkeypat
     from liquiddiff import training
 
     made = []
-    monkeypatch.setattr(training, "graphed_model_call", lambda *a: made.append(_graph_like_call(*a)) or made[-1])
+    monkeypatch.setattr(training, "graphed_model_call", lambda *a: made.append(graph_like_call(*a)) or made[-1])
 
     def grads(trainer, seed):
         torch.manual_seed(seed)
