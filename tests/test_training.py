@@ -222,6 +222,49 @@ def test_cuda_graph_train_steps_match_eager(fused, micro):
     torch.testing.assert_close(graph_weights, eager_weights, rtol=1e-2, atol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("micro", [1, 2])
+def test_gpu_graphed_model_call_in_a_loop_of_ones_own(micro):
+    """The README's loop of one's own around graphed_model_call (autocast without its weight
+    cache, AdamW): the losses and weights of the same loop eager, one call a step, or two
+    micro-batches a step added up in zeroed gradients, as the README says."""
+    from liquiddiff.training import graphed_model_call
+
+    def amp():
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+
+    def run(graph):
+        torch.manual_seed(0)
+        model = liquid_diffusion_micro(channels=(16, 32), fused=True).cuda().to(memory_format=torch.channels_last)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        torch.manual_seed(1)
+        steps = [[(_images(2, seed=s).cuda().contiguous(memory_format=torch.channels_last), torch.rand(2, device="cuda"),
+                   torch.randn(2, 3, 16, 16, device="cuda")) for s in range(micro)] for _ in range(3)]
+        call = model
+        if graph:
+            with amp():
+                call = graphed_model_call(model, *steps[0][0][:2])
+        losses = []
+        for batches in steps:
+            if micro == 1:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                for p in model.parameters():
+                    p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+            for x_t, t, target in batches:
+                with amp():
+                    v = call(x_t, t)
+                loss = torch.nn.functional.mse_loss(v.float(), target)
+                loss.backward()
+                losses.append(loss.item())
+            optimizer.step()
+        return losses, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    (eager_losses, eager_weights), (graph_losses, graph_weights) = run(False), run(True)
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(graph_weights, eager_weights, rtol=1e-2, atol=1e-4)
+
+
 def test_euler_sampler_integrates_a_known_field():
     """v = z - x_data is the exact rectified-flow field of a point mass: Euler lands on it."""
     from liquiddiff.sampling import integrate
