@@ -17,7 +17,7 @@ from liquiddiff import checkpoint, liquid_diffusion_micro, liquid_diffusion_tiny
 from liquiddiff.kernels import runtime
 from liquiddiff.training import EMA, RectifiedFlowTrainer, rectified_flow_pair, sample_times
 
-from graph_stand_in import graph_like_call
+from training_helpers import graph_like_call
 
 
 def _trainer(**kw):
@@ -625,6 +625,7 @@ _DDP_COMPILE_SCRIPT = textwrap.dedent("""
     import torch.distributed as dist
     from torch._dynamo.utils import counters
     from liquiddiff import RectifiedFlowTrainer, distributed, liquid_diffusion_micro
+    from training_helpers import three_steps
 
     info = distributed.from_env()
     distributed.init(info, torch.device("cpu"))
@@ -633,13 +634,7 @@ _DDP_COMPILE_SCRIPT = textwrap.dedent("""
         torch.manual_seed(0)
         model = liquid_diffusion_micro(channels=(8, 12), blocks=(1, 1), bottleneck_blocks=1, fused=True)
         trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cpu", distributed=True, compile=compile)
-        torch.manual_seed(1 + info.rank)  # each rank its own batches
-        losses, first_grads = [], None
-        for _ in range(3):
-            losses.append(trainer.train_step(torch.rand(2, 3, 8, 8) * 2 - 1)["loss"])
-            if first_grads is None:  # the averaged gradient of the first step, before AdamW
-                first_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
-        return losses, first_grads, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        return three_steps(trainer, info.rank)
 
     eager_losses, eager_grads, _ = run(False)
     losses, grads, params = run({"backend": "aot_eager"})
@@ -677,8 +672,8 @@ def test_ddp_with_compile_trains_as_eager_ddp(tmp_path):
 _GRAPHED_DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import torch.distributed as dist
-    from graph_stand_in import graph_like_call
     from liquiddiff import RectifiedFlowTrainer, distributed, liquid_diffusion_micro, training
+    from training_helpers import graph_like_call, three_steps
 
     info = distributed.from_env()
     distributed.init(info, torch.device("cpu"))
@@ -711,13 +706,7 @@ _GRAPHED_DDP_SCRIPT = textwrap.dedent("""
                 p.add_(info.rank)
         trainer = RectifiedFlowTrainer(model, lr=3e-3, device="cpu", distributed=True, cuda_graph=graph,
                                        micro_batch_size=micro)
-        torch.manual_seed(1 + info.rank)  # each rank its own batches
-        losses, first_grads = [], None
-        for _ in range(3):
-            losses.append(trainer.train_step(torch.rand(2, 3, 8, 8) * 2 - 1)["loss"])
-            if first_grads is None:  # the averaged gradient of the first step, before AdamW
-                first_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
-        params = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
+        losses, first_grads, params = three_steps(trainer, info.rank)
         other = torch.empty_like(params)
         dist.broadcast(other.copy_(params), src=0)
         return {"losses": losses, "grads": first_grads, "rank_diff": (params - other).abs().max().item(),
@@ -738,7 +727,8 @@ _GRAPHED_DDP_SCRIPT = textwrap.dedent("""
 
 
 def _torchrun(script: Path, out: Path) -> None:
-    """``script`` run by torchrun, two ranks on the CPU, with this checkout and tests/ importable."""
+    """``script`` run by torchrun as two ranks, with this checkout and tests/ importable; it is given
+    ``out``, the stem of the files its ranks write."""
     here = Path(__file__).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent), os.environ.get("PYTHONPATH", "")])}
@@ -774,6 +764,7 @@ _GPU_GRAPHED_DDP_SCRIPT = textwrap.dedent("""
     import json, sys, torch
     import torch.distributed as dist
     from liquiddiff import RectifiedFlowTrainer, liquid_diffusion_micro
+    from training_helpers import three_steps
 
     dist.init_process_group("gloo")
     torch.cuda.set_device(0)
@@ -783,10 +774,7 @@ _GPU_GRAPHED_DDP_SCRIPT = textwrap.dedent("""
         torch.manual_seed(0)
         model = liquid_diffusion_micro(channels=(16, 32), fused=True)
         trainer = RectifiedFlowTrainer(model, device="cuda", channels_last=True, distributed=True, cuda_graph=graph)
-        torch.manual_seed(1 + rank)  # each rank its own batches
-        batches = [(torch.rand(4, 3, 16, 16) * 2 - 1).cuda() for _ in range(3)]
-        losses = [float(trainer.train_step(images, sync=not graph)["loss"]) for images in batches]
-        params = torch.cat([p.detach().flatten() for p in model.parameters()])
+        losses, _, params = three_steps(trainer, rank, batch=4, size=16)
         other = params.clone()
         dist.broadcast(other, src=0)
         return {"losses": losses, "params": params.tolist(), "rank_diff": (params - other).abs().max().item()}

@@ -1,4 +1,4 @@
-"""A stand-in for CUDA-graph training on the CPU (imported by tests and by their torchrun scripts)."""
+"""Training test helpers, imported by tests and by the torchrun scripts they run."""
 import torch
 
 
@@ -29,3 +29,15 @@ def graph_like_call(model, x, t):
 
     call.buffers = buffers
     return call
+
+
+def three_steps(trainer, rank: int, batch: int = 2, size: int = 8):
+    """Three train steps on batches of the rank's own: the losses, the first step's (averaged)
+    gradient before AdamW moved anything, and the weights after."""
+    torch.manual_seed(1 + rank)
+    losses, first_grads = [], None
+    for _ in range(3):
+        losses.append(float(trainer.train_step(torch.rand(batch, 3, size, size) * 2 - 1)["loss"]))
+        if first_grads is None:
+            first_grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters()])
+    return losses, first_grads, torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
