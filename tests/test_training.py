@@ -195,7 +195,7 @@ def test_a_sampling_graph_is_kept_for_the_same_model_path_shape_and_parameters(m
     assert all(k != key for k in changed)
 
 
-def test_cuda_graph_training_needs_one_cuda_process():
+def test_cuda_graph_training_needs_a_cuda_device():
     with pytest.raises(ValueError, match="cuda_graph: needs a CUDA device"):
         RectifiedFlowTrainer(liquid_diffusion_micro(channels=(16, 32)), device="cpu", cuda_graph=True)
 
