@@ -726,14 +726,14 @@ _GRAPHED_DDP_SCRIPT = textwrap.dedent("""
 """)
 
 
-def _torchrun(script: Path, out: Path) -> None:
+def _torchrun(script: Path, out: Path, timeout: float = 600) -> None:
     """``script`` run by torchrun as two ranks, with this checkout and tests/ importable; it is given
     ``out``, the stem of the files its ranks write."""
     here = Path(__file__).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here.parent), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=600)
+                           str(script), str(out)], env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
 
@@ -794,7 +794,7 @@ def test_gpu_graphed_training_under_torchrun_follows_ddp(tmp_path):
     few steps are eager DDP's (same kernels), and the ranks stay in step."""
     script = tmp_path / "gpu_graphed_ddp.py"
     script.write_text(_GPU_GRAPHED_DDP_SCRIPT)
-    _torchrun(script, tmp_path / "result")
+    _torchrun(script, tmp_path / "result", timeout=180)  # a hang fails here, within gpu_check's stage
     for rank in (0, 1):
         result = json.loads((tmp_path / f"result.{rank}").read_text())
         ddp, graphed = result["ddp"], result["graphed"]
