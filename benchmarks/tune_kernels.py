@@ -125,7 +125,7 @@ def depthwise_weight_grad(shape, device, gbps, sweep: Sweep) -> list[str]:
         base = cases.time_ms(aten, device)
         floor = 2 * x.numel() * x.element_size() / (gbps * 1e6) if gbps else None
         rows = [_row("aten (cuDNN) weight + bias grad (baseline)", base, base, floor)]
-        grid = {"_WGRAD_ELEMENTS": (2048, 1024, 4096), "_WGRAD_WARPS": (8, 4), "_WGRAD_MIN_PROGRAMS": (1024, 4096)}
+        grid = {"_WGRAD_ELEMENTS": (2048, 4096, 8192), "_WGRAD_WARPS": (8, 4), "_WGRAD_MIN_PROGRAMS": (1024, 4096)}
         for setting in sweep.settings(grid):
             with configured(DEPTHWISE, **setting):
                 run = lambda: DEPTHWISE.backward([go], x, [w], conv_dtype, [False, True, True])  # noqa: E731
