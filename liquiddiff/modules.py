@@ -321,8 +321,9 @@ class LiquidDiffusionBlock(nn.Module):
     """AdaLN -> ParallelCfC (+res) -> MultiScaleSpatialMix (+res) -> AdaLN -> FeedForward (+res).
 
     The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
-    fused kernels the add and the norm are one pass over memory. Fused, the inputs of the CfC
-    and the FFN are not kept for backward but remade by their AdaLN (``_remade``).
+    fused kernels the add and the norm are one pass over memory. Fused, the CfC's input is not
+    kept for backward but remade by its AdaLN (``_remade``); the FFN keeps its input and remakes
+    its hidden tensor, twice as wide (``kernels.feedforward``).
     """
 
     def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
@@ -355,8 +356,7 @@ class LiquidDiffusionBlock(nn.Module):
         del u_copy  # saved by the mix where backward needs it, else dead: not alive through the FFN
         norm2 = functools.partial(self.norm2, out_dtype=self._ffn_input_dtype(u), projected=for_norm2)
         n, u = norm2(mixed, temb, residual=u)
-        with self._remade(n, norm2, u, temb):
-            return self.ffn(n, convs=params.ffn, residual=u)
+        return self.ffn(n, convs=params.ffn, residual=u)
 
     def time_linears(self) -> tuple:
         """The Linears that project SiLU(temb), in :func:`project_time`'s order."""
@@ -390,10 +390,9 @@ class LiquidDiffusionBlock(nn.Module):
         return _autocast_dtype(u.device.type) if self.ffn.fused else None
 
     def _remade(self, made, norm, u, temb):
-        """Fused, the CfC and the FFN do not keep their input n = norm(u) (``made``: n, or n and
-        its copy in the conv dtype, both of norm's outputs): backward remakes it with one AdaLN
-        pass from u, which the AdaLN keeps anyway (norm2's u is its residual sum, and norm2(u)
-        without the residual is the same n)."""
+        """Fused, the CfC does not keep its input n = norm(u) (``made``: n, or n and its copy in
+        the conv dtype, both of norm's outputs): backward remakes it with one AdaLN pass from u,
+        the block's input, which the AdaLN keeps anyway."""
         if not self.cfc.fused:
             return contextlib.nullcontext()
         return kernels.recompute_saved((made, norm, (u, temb)))

@@ -176,6 +176,37 @@ def test_conv1x1_keeps_its_fp32_input_under_autocast():
         kernels.conv1x1(raw["x"], torch.randn(5, 6, 3, 3))
 
 
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float32])
+def test_feedforward_keeps_its_input_and_remakes_the_hidden_tensor(x_dtype):
+    """Under autocast, as the fused block calls it (its AdaLN writes x in bf16; fp32 outside a
+    block): the FFN keeps x alone, not its hidden tensor (twice as wide), which backward remakes
+    from x with the same conv: the output and every gradient are bit for bit those of the two
+    convs keeping it."""
+    raw = {"x": torch.randn(2, 6, 5, 7).to(x_dtype, memory_format=torch.channels_last),
+           "w1": torch.randn(12, 6, 1, 1), "b1": torch.randn(12), "w2": torch.randn(6, 12, 1, 1),
+           "b2": torch.randn(6), "residual": torch.randn(2, 6, 5, 7).to(memory_format=torch.channels_last)}
+    up = torch.randn(2, 6, 5, 7)
+
+    def hidden_kept(x, w1, b1, w2, b2, residual):
+        return kernels.silu_conv1x1(kernels.conv1x1(x, w1, b1), w2, b2, residual=residual)
+
+    def run(op):
+        ins, saved = leaves(raw), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = op(**ins)
+        activations = [t for t in saved if t.dim() == 4 and t.shape[0] == 2]
+        return ins, out, grads_of(out, ins, up.to(out.dtype)), activations
+
+    ins, out, grads, saved = run(kernels.feedforward)
+    _, ref, ref_grads, ref_saved = run(hidden_kept)
+    assert [t.shape[1] for t in ref_saved] == [6, 12]
+    assert len(saved) == 1 and saved[0] is ins["x"]
+    assert torch.equal(out, ref)
+    for name in raw:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
 def _mix_inputs(dtype=torch.float32):
     return {"x": torch.randn(2, 6, 9, 8, dtype=dtype).to(memory_format=torch.channels_last),
             "weights": [torch.randn(6, 1, k, k, dtype=dtype) for k in (3, 5, 7)],

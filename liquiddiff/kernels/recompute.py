@@ -25,8 +25,9 @@ x's three gradients in one pass (the Triton kernel's epilogue) or two (after cuD
 the conv-dtype copy of x (what the reference keeps).
 
 ``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
-made it, and reruns that call when backward needs the tensor. The block uses it for the
-normalised inputs of the CfC and the FFN, each one AdaLN pass from a tensor its AdaLN keeps.
+made it, and reruns that call when backward needs the tensor. The block uses it for the CfC's
+normalised input (one AdaLN pass from the block's input, which its AdaLN keeps), ``feedforward``
+for its hidden tensor (one GEMM from its input, which its first conv keeps).
 
 The convolutions run on cuDNN / the CPU backend (``aten.convolution`` and its backward), except
 the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py``, opt-in:
@@ -405,8 +406,9 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
 
 
 def conv1x1(x, weight, bias=None):
-    """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): for an
-    fp32 input that backward can remake (the FFN's, from its AdaLN: ``recompute_saved``)."""
+    """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): the
+    FFN's, from which backward also remakes its hidden tensor (:func:`feedforward`), so an fp32
+    x is kept once, not with a bf16 copy beside it."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
     return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False, False)
 
@@ -429,7 +431,12 @@ def feedforward(x, w1, b1, w2, b2, residual=None):
     if (not _records_grad(x, w1, b1, w2, b2, residual) and w2.shape[0] <= pointwise_conv.MAX_FEEDFORWARD_CHANNELS
             and _conv_dtype(x, w2, b2) == dtype and _triton_pointwise(x, w2, 1, True)):
         return pointwise_conv.feedforward_forward(x, w1, b1, w2, b2, dtype, residual)
-    return silu_conv1x1(conv1x1(x, w1, b1), w2, b2, residual=residual)
+    hidden = conv1x1(x, w1, b1)
+    # Backward remakes the hidden tensor (twice x's width) from x, which conv1x1 keeps for its
+    # weight gradient: one GEMM in backward, where the block would otherwise remake x by an
+    # AdaLN pass of the same traffic.
+    with recompute_saved((hidden, conv1x1, (x, w1, b1))):
+        return silu_conv1x1(hidden, w2, b2, residual=residual)
 
 
 def depthwise_conv(x, weight, bias=None):
