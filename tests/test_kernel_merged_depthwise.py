@@ -101,6 +101,29 @@ def test_runs_the_kernel_unless_told_not_to(monkeypatch):
     assert "Merge" not in type(kernels.merged_depthwise_weight(weights, biases)[0].grad_fn).__name__
 
 
+def test_parameters_skip_the_dispatcher_and_fake_ones_take_it(monkeypatch):
+    """The model merges its Parameters: eager, they take the autograd.Function, as plain tensors
+    do (through the custom op's dispatch the call took twice the host time); a Parameter made
+    under FakeTensorMode is a fake tensor, and a real one under it (a model built outside, as the
+    memory benchmarks run it) is faked by the mode: both need the custom op's fake kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    dispatched = []
+    real = merged_depthwise._forward_op
+    monkeypatch.setattr(merged_depthwise, "_forward_op", lambda *a: dispatched.append(1) or real(*a))
+    weights, biases = _branches((3, 5, 7))
+    params = [torch.nn.Parameter(t) for t in weights + biases]
+    out = kernels.merged_depthwise_weight(params[:3], params[3:])
+    assert dispatched == [] and "Merge" in type(out[0].grad_fn).__name__
+    assert torch.equal(out[0], functional.merged_depthwise_weight(weights, biases)[0])
+    with FakeTensorMode():
+        fake = [torch.nn.Parameter(torch.randn(5, 1, k, k, device=DEVICE)) for k in (3, 5, 7)]
+        fake_out = kernels.merged_depthwise_weight(fake, [torch.nn.Parameter(torch.randn(5, device=DEVICE))] * 3)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        faked_out = kernels.merged_depthwise_weight(params[:3], params[3:])
+    assert dispatched == [1, 1] and fake_out[0].shape == faked_out[0].shape == (5, 1, 7, 7)
+
+
 def test_gradcheck_fp64():
     weights, biases = _branches((3, 5, 7), channels=3, dtype=torch.float64)
     ins = _leaves(weights + biases)

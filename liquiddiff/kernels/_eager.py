@@ -11,6 +11,7 @@ custom op (:func:`needs_custom_op`).
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 
 def eager_function(name: str, forward, setup_context, backward) -> type[torch.autograd.Function]:
@@ -36,5 +37,11 @@ def eager_function(name: str, forward, setup_context, backward) -> type[torch.au
 
 def needs_custom_op(t: torch.Tensor) -> bool:
     """Traced calls (torch.compile, export, FakeTensorMode, functionalization) need the custom
-    op: its fake kernel and its opaque graph node. A plain eager tensor does not."""
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+    op: its fake kernel and its opaque graph node. A plain eager tensor does not, nor does a
+    Parameter outside any dispatch mode (the merged depthwise kernel's branch weights, which took
+    the dispatcher at twice the host time); a Parameter of fake data is a FakeTensor, and a real
+    one under FakeTensorMode (a model built outside it) must reach the fake kernel too."""
+    if torch.compiler.is_compiling():
+        return True
+    kind = type(t)
+    return kind is not torch.Tensor and (kind is not torch.nn.Parameter or is_in_torch_dispatch_mode())
