@@ -124,6 +124,11 @@ class AdaLN(FusedSwitch, nn.Module):
         out = functional.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
         return (out, x) if return_input else out
 
+    def normalize(self, x, temb, out_dtype=None, projected=None):
+        """Fused, without gradient: ``(out, kernels.Normalization)``, out stored in ``out_dtype``
+        and the statistics that remake it exactly from x (``kernels.normalize``)."""
+        return kernels.normalize(x, *self.time(temb, projected), eps=self.eps, out_dtype=out_dtype)
+
 
 class ParallelCfC(FusedSwitch, nn.Module):
     """CfC closed form for 2-D features (the seed's Eq. 10) with liquid relaxation.
@@ -153,12 +158,15 @@ class ParallelCfC(FusedSwitch, nn.Module):
         """(weight, bias) of each convolution, in ``functional.CFC_CONVS`` order."""
         return [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
 
-    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None, copy_dtype=None):
+    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None, copy_dtype=None,
+                normalization=None):
         """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block);
         ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast);
         ``n_conv`` (fused): n in the convolutions' dtype, made by the caller's AdaLN with n;
         ``copy_dtype`` (fused): also return the output's copy in that dtype and its pixel sum
-        (``kernels.parallel_cfc``), for the spatial mix."""
+        (``kernels.parallel_cfc``), for the spatial mix; ``normalization`` (fused, without
+        gradient): n is AdaLN(residual) with these statistics, remade by the CfC kernel, and the
+        n given may be rounded to the convolutions' dtype (``kernels.parallel_cfc``)."""
         if projected is None:
             e = F.silu(temb)
             projected = self.time_a(e), self.time_b(e)
@@ -166,7 +174,7 @@ class ParallelCfC(FusedSwitch, nn.Module):
             convs = self.conv_parameters()
         if n_conv is not None or copy_dtype is not None:
             return kernels.parallel_cfc(n, convs, *projected, self.rho, t, residual=residual, n_conv=n_conv,
-                                        copy_dtype=copy_dtype)
+                                        copy_dtype=copy_dtype, normalization=normalization)
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
         return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
@@ -323,7 +331,9 @@ class LiquidDiffusionBlock(nn.Module):
     The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
     fused kernels the add and the norm are one pass over memory. Fused, the CfC's input is not
     kept for backward but remade by its AdaLN (``_remade``); the FFN keeps its input and remakes
-    its hidden tensor, twice as wide (``kernels.feedforward``).
+    its hidden tensor, twice as wide (``kernels.feedforward``). Fused without gradient under
+    autocast, norm1 writes n in the convs' dtype alone and the CfC kernel remakes n in fp32 from
+    u (``kernels.normalize``).
     """
 
     def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
@@ -344,13 +354,21 @@ class LiquidDiffusionBlock(nn.Module):
         for_norm1, for_cfc, for_mix, for_norm2 = projected
         norm1 = functools.partial(self.norm1, projected=for_norm1)
         conv_dtype = self._cfc_conv_dtype(u)
-        normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
-        n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)
-        made = n if n_conv is None else (n, n_conv)  # the copy: for the 7x7's weight gradient
-        with self._remade(made, functools.partial(norm1, copy_dtype=conv_dtype), u, temb):
-            u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv,
-                         copy_dtype=conv_dtype)
-        del normed, n_conv, made  # the conv's copy of n, dead now: not alive through the rest of the block
+        if conv_dtype is not None and kernels.cfc_remakes_input(u, params.cfc):
+            # Without gradient (sampling): norm1 writes n in the convs' dtype alone, and the CfC
+            # kernel remakes n in fp32 from u and norm1's statistics.
+            n, normalization = self.norm1.normalize(u, temb, out_dtype=conv_dtype, projected=for_norm1)
+            u = self.cfc(n, temb, t, residual=u, projected=for_cfc, convs=params.cfc, copy_dtype=conv_dtype,
+                         normalization=normalization)
+            del n, normalization
+        else:
+            normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
+            n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)
+            made = n if n_conv is None else (n, n_conv)  # the copy: for the 7x7's weight gradient
+            with self._remade(made, functools.partial(norm1, copy_dtype=conv_dtype), u, temb):
+                u = self.cfc(n, temb, t, residual=residual, projected=for_cfc, convs=params.cfc, n_conv=n_conv,
+                             copy_dtype=conv_dtype)
+            del normed, n_conv, made  # the conv's copy of n, dead now: not alive through the rest of the block
         u, u_copy = (u[0], u[1:]) if conv_dtype is not None else (u, None)
         mixed, u = self.mix(u, temb, return_input=True, projected=for_mix, convs=params.mix, precomputed=u_copy)
         del u_copy  # saved by the mix where backward needs it, else dead: not alive through the FFN

@@ -543,6 +543,34 @@ def test_copy_dtype_is_out_cast_in_the_same_pass(monkeypatch, mode, policy):
         parity.assert_close(f"d {name}", grads[name], ref_grads[name], 1e-12)
 
 
+# ------------------------------------------------------------------------------- normalize
+@pytest.mark.parametrize("out_dtype", [None, torch.float16])
+def test_normalize_returns_out_and_the_statistics_that_remake_it(out_dtype):
+    """normalize: out as adaln_modulate stores it (bit for bit, NaN-poisoned outputs), with the
+    [B, H*W] mean and rstd of x's pixels and the scale and shift it was given (whether they
+    remake out is proven where they do: the CfC kernel's tests)."""
+    raw = _return_input_raw(torch.float32)
+    with torch.no_grad(), parity.poisoned_outputs():
+        out, normalization = adaln_kernel.normalize(**raw, out_dtype=out_dtype)
+        want = adaln_modulate(**raw, out_dtype=out_dtype)
+    assert torch.equal(out, want) and out.dtype == want.dtype and out.stride() == want.stride()
+    b, c, h, w = raw["x"].shape
+    assert normalization.mean.shape == normalization.rstd.shape == (b, h * w)
+    assert normalization.scale is raw["scale"] and normalization.shift is raw["shift"]
+    spread = raw["x"] - normalization.mean.view(b, 1, h, w)
+    parity.assert_close("mean", normalization.mean, raw["x"].mean(1).flatten(1), 1e-6)
+    parity.assert_close("rstd", normalization.rstd, spread.square().mean(1).add(EPS).rsqrt().flatten(1), 1e-6)
+
+
+def test_normalize_refuses_a_gradient_and_the_fallback(monkeypatch):
+    raw = _return_input_raw(torch.float32)
+    with pytest.raises(ValueError, match="normalize: only without gradient"):
+        adaln_kernel.normalize(raw["x"], raw["scale"].requires_grad_(), raw["shift"])
+    monkeypatch.setenv(runtime.ENV_VAR, "torch")
+    with torch.no_grad(), pytest.raises(ValueError, match="normalize: needs the Triton AdaLN kernel"):
+        adaln_kernel.normalize(**raw)
+
+
 # ---------------------------------------------------------------------------- return_input
 def _return_input_raw(dtype=torch.float64):
     return {"x": torch.randn(2, 5, 4, 3, dtype=dtype, device=DEVICE).to(memory_format=torch.channels_last),

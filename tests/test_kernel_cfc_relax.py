@@ -294,6 +294,48 @@ def test_forward_with_copy_sums_an_inf_into_its_channel_only(triton_policy):
     assert pixel_sum.isfinite().all()
 
 
+def _normalized(inputs, dtype):
+    """(x = AdaLN(residual) as the AdaLN kernel stores it, its Normalization) for fresh scale
+    and shift: the fused block's n and what remakes it."""
+    B, C = inputs["residual"].shape[:2]
+    scale, shift = (torch.randn(B, C, dtype=dtype, device=DEVICE) for _ in range(2))
+    return kernels.normalize(inputs["residual"], scale, shift)
+
+
+@pytest.mark.parametrize("shape,layout", [(shape, layout) for shape, layout, residual in PARITY_CASES if residual])
+@pytest.mark.parametrize("dtype, copy_dtype", [(torch.float32, torch.float16), (torch.float64, torch.float32)])
+def test_forward_normalized_remakes_x_from_the_residual(triton_policy, shape, layout, dtype, copy_dtype):
+    """forward(normalization=): x is not read (NaN here) but remade from the residual with the
+    AdaLN statistics: out, its copy and pixel sum those of the call that reads x as the AdaLN
+    kernel wrote it (bit for bit in the interpreter; a GPU compile may contract the remake's
+    last multiply-add into an FMA where the AdaLN kernel did not), and out the reference's."""
+    inputs = {k: v.detach() for k, v in make_inputs(shape, dtype, layout).items()}
+    x, normalization = _normalized(inputs, dtype)
+    inputs["x"] = x
+    args = [inputs[name] for name in NAMES]
+    unread = torch.full_like(x, float("nan"))
+    with parity.poisoned_outputs():
+        expected = cfc_module.forward(*args, copy_dtype=copy_dtype)
+        got = cfc_module.forward(*args[:3], unread, *args[4:], copy_dtype=copy_dtype, normalization=normalization)
+    for name, value, want in zip(("out", "copy", "pixel sum"), got, expected):
+        assert value.dtype == want.dtype and value.stride() == want.stride(), name
+        if DEVICE == "cpu":
+            assert torch.equal(value, want), name
+        else:
+            parity.assert_close(name, value, want, TOL[dtype])
+    reference = functional.cfc_relax(*args[:3], functional.adaln_modulate(inputs["residual"], *normalization[2:]),
+                                     *args[4:])
+    parity.assert_close("out", got[0], reference, TOL[dtype])
+
+
+def test_opcheck_forward_normalized():
+    inputs = {k: v.detach() for k, v in make_inputs((2, 3, 2, 3), layout="channels_last").items()}
+    _, normalization = _normalized(inputs, torch.float32)
+    args = [inputs[name] for name in ("f", "g", "h", "a", "b", "rho", "t", "residual")]
+    torch.library.opcheck(torch.ops.liquiddiff.cfc_relax_normalized.default,
+                          (*args, *normalization, torch.float16))
+
+
 def test_opcheck_forward_with_copy():
     inputs = make_inputs((2, 3, 2, 3), layout="channels_last")
     args = tuple(inputs[name].detach() for name in NAMES)

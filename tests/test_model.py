@@ -458,6 +458,67 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
         assert torch.equal(g, r)
 
 
+def test_fused_block_without_gradient_writes_n_once_in_the_convs_dtype(monkeypatch):
+    """Sampling (no gradient, autocast): norm1 writes n in bf16 alone (kernels.normalize), for the
+    CfC's convs, and the CfC kernel remakes n in fp32 from u and norm1's statistics, where norm1
+    also wrote n in fp32 for the CfC kernel to read: the same output, bit for bit. With gradient
+    the block keeps the old path (the statistics take no gradient)."""
+    from liquiddiff.kernels import adaln
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    norms = []  # (out dtype, copy dtype) of norm1's kernel call (norm2's goes through _EagerAdaLN)
+    real = adaln._forward_kernels
+    monkeypatch.setattr(adaln, "_forward_kernels", lambda *args: norms.append(
+        (args[5], args[6])) or real(*args))
+    block = _randomise(LiquidDiffusionBlock(6, 16))
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    temb, t = torch.randn(2, 16), torch.rand(2)
+
+    def run(grad: bool):
+        norms.clear()
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            return block(u, temb, t).detach(), list(norms)
+
+    out, sampling_norms = run(False)
+    assert sampling_norms == [(torch.bfloat16, None)]  # n in bf16 alone
+    trained, train_norms = run(True)
+    assert train_norms == [(None, torch.bfloat16)]  # n in fp32, and its bf16 copy
+    monkeypatch.setattr(kernels, "cfc_remakes_input", lambda *args: False)
+    old, old_norms = run(False)
+    assert old_norms == train_norms
+    assert torch.equal(out, old) and torch.equal(out, trained)
+
+
+def test_compiled_fused_block_without_gradient_remakes_n_in_one_graph():
+    """torch.compile(fullgraph=True) traces the sampling path (kernels.normalize and the
+    liquiddiff::cfc_relax_normalized op, their fake kernels): the eager block's output."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from liquiddiff.modules import LiquidDiffusionBlock
+
+    block = _randomise(LiquidDiffusionBlock(6, 16)).to(memory_format=torch.channels_last)
+    for m in block.modules():
+        if hasattr(m, "fused"):
+            m.fused = True
+    u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    temb, t = torch.randn(2, 16), torch.rand(2)
+    ops = []
+
+    def record(gm, example_inputs):
+        ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return make_boxed_func(gm.forward)
+
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = block(u, temb, t)
+        compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=record))(u, temb, t)
+    assert "liquiddiff.cfc_relax_normalized.default" in ops
+    assert torch.equal(compiled, eager)
+
+
 def test_fused_channels_last_model_makes_no_nchw_activation():
     """channels_last end to end: no forward or backward op of the fused model writes a dense NCHW
     activation (a layout round trip); views and [.., B, C] scratch buffers are not activations."""

@@ -248,6 +248,60 @@ def test_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
     assert calls == {"forward": 2 * on, "depthwise_forward": 0, "conv1x1_silu_forward": 0}
 
 
+def _normalized_n(raw):
+    """(n = AdaLN(residual) as the AdaLN kernel writes it, its kernels.Normalization)."""
+    B, C = raw["n"].shape[:2]
+    return kernels.normalize(raw["residual"], torch.randn(B, C, dtype=raw["n"].dtype),
+                             torch.randn(B, C, dtype=raw["n"].dtype))
+
+
+@pytest.mark.parametrize("conv_kernels", ["cudnn", "depthwise_conv=triton"], indirect=True)
+def test_normalization_remakes_n_in_the_cfc_kernel(conv_kernels):
+    """Without gradient under autocast, normalization lets n be n in the convs' dtype alone (as
+    the block's norm1 writes it) while the CfC kernel remakes n in fp32 from the residual: the
+    outputs of the call given n and its copy for the convs (``n_conv``), bit for bit."""
+    raw = {k: v.float() for k, v in _raw().items()}
+    n, normalization = _normalized_n(raw)
+    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
+    small = [raw[k] for k in ("a", "b", "rho", "t")]
+    copy_dtype = torch.bfloat16
+    with torch.no_grad(), parity.poisoned_outputs(), torch.autocast("cpu", dtype=copy_dtype):
+        assert kernels.cfc_remakes_input(n, convs)
+        want = kernels.parallel_cfc(n, convs, *small, residual=raw["residual"], n_conv=n.to(copy_dtype),
+                                    copy_dtype=copy_dtype)
+        got = kernels.parallel_cfc(n.to(copy_dtype), convs, *small, residual=raw["residual"], copy_dtype=copy_dtype,
+                                   normalization=normalization)
+    for name, value, expected in zip(("out", "copy", "pixel sum"), got, want):
+        assert torch.equal(value, expected), name
+
+
+def test_normalization_is_checked(monkeypatch):
+    raw = {k: v.float() for k, v in _raw().items()}
+    n, normalization = _normalized_n(raw)
+    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
+    small = [raw[k] for k in ("a", "b", "rho", "t")]
+
+    def call(normalization=normalization, residual=raw["residual"], copy_dtype=torch.float16):
+        return kernels.parallel_cfc(n, convs, *small, residual=residual, copy_dtype=copy_dtype,
+                                    normalization=normalization)
+
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="normalization: needs the residual"):
+            call(residual=None)
+        with pytest.raises(ValueError, match="normalization: needs the residual .* and copy_dtype"):
+            call(copy_dtype=None)
+        with pytest.raises(ValueError, match=r"normalization.mean: expected shape \(2, 35\)"):
+            call(normalization=normalization._replace(mean=normalization.mean[:, :3]))
+        with pytest.raises(ValueError, match="normalization: expected \\(mean, rstd, scale, shift\\)"):
+            call(normalization=normalization[:3])
+        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=triton")  # the CfC heads kernel reads n
+        with pytest.raises(ValueError, match="normalization: only without gradient"):
+            call()
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
+    with pytest.raises(ValueError, match="normalization: only without gradient"):
+        call()
+
+
 def test_copy_dtype_is_checked():
     raw = _raw()
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]

@@ -23,7 +23,9 @@ kernel gets contiguous (vectorised) loads along pixels for NCHW and along channe
 channels_last.
 
 Public entry: ``adaln_modulate(x, scale, shift, eps=1e-6, residual=None)`` returns ``out``, or
-``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does. Custom ops:
+``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does; without
+gradient, ``normalize`` also returns the statistics that remake out from x in another kernel
+that loads x anyway (the CfC kernel, where n = AdaLN(u) and u is its residual). Custom ops:
 ``liquiddiff::adaln_modulate`` -> (out, s, mean, rstd, copy) and
 ``liquiddiff::adaln_modulate_backward``.
 """
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -45,7 +47,7 @@ try:
 except Exception:  # Triton missing: runtime.use_triton is False, no launcher is reached
     triton = None
 
-__all__ = ["adaln_modulate", "launch_config"]
+__all__ = ["adaln_modulate", "normalize", "Normalization", "launch_config"]
 
 OP_NAME = "adaln_modulate"
 
@@ -425,6 +427,49 @@ def _check_eps(eps) -> float:
     return eps
 
 
+def _check(x, scale, shift, eps, residual, out_dtype, copy_dtype) -> float:
+    """Argument checks before any work, each naming the argument; returns eps as a float."""
+    _tensors.check_activation("x", x)
+    batch, channels = x.shape[:2]
+    _tensors.check_vector("scale", scale, (batch, channels), x.device)
+    _tensors.check_vector("shift", shift, (batch, channels), x.device)
+    if residual is not None:
+        _tensors.check_activation("residual", residual, like=x)
+    eps = _check_eps(eps)
+    if channels > MAX_CHANNELS:
+        raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
+    for name, dtype in (("out_dtype", out_dtype), ("copy_dtype", copy_dtype)):
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"{name}: expected a floating-point torch.dtype or None, got {dtype!r}")
+    return eps
+
+
+class Normalization(NamedTuple):
+    """out = AdaLN(x) as the numbers that make it from x: x's per-pixel mean and rstd ([B, H*W],
+    fp32 or fp64) and the [B, C] scale and shift. A kernel that loads x anyway remakes out in
+    registers from them (``cfc_relax.forward(normalization=)``) where it would read out."""
+
+    mean: torch.Tensor
+    rstd: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+def normalize(x, scale, shift, eps: float = 1e-6, *, out_dtype=None) -> tuple[torch.Tensor, Normalization]:
+    """``(out, Normalization)``: out = AdaLN(x) (:func:`adaln_modulate`, stored in ``out_dtype``
+    when given) and what remakes out exactly from x. Without gradient only (the statistics take
+    none) and on the Triton kernel: the fused block's sampling forward, where norm1 writes n in
+    the convolutions' dtype alone and the CfC kernel remakes n in fp32 from u."""
+    eps = _check(x, scale, shift, eps, None, out_dtype, None)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
+        raise ValueError("normalize: only without gradient (the statistics take none); use adaln_modulate")
+    if not runtime.use_triton(OP_NAME, x.device.type):
+        raise ValueError(f"normalize: needs the Triton AdaLN kernel, which does not run here ({x.device.type})")
+    op = _adaln_forward if _eager.needs_custom_op(x) else _forward_kernels
+    out, _s, mean, rstd, _copy = op(x, scale, shift, eps, None, out_dtype, None)
+    return out, Normalization(mean, rstd, scale, shift)
+
+
 def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None, return_input=False,
                    copy_dtype=None):
     """Fused :func:`liquiddiff.functional.adaln_modulate`: same signature, dtypes and results.
@@ -439,18 +484,7 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dty
     out again; out itself, detached, when out has that dtype): a copy without a gradient of its
     own, whose consumer gives its gradient to out.
     """
-    _tensors.check_activation("x", x)
-    batch, channels = x.shape[:2]
-    _tensors.check_vector("scale", scale, (batch, channels), x.device)
-    _tensors.check_vector("shift", shift, (batch, channels), x.device)
-    if residual is not None:
-        _tensors.check_activation("residual", residual, like=x)
-    eps = _check_eps(eps)
-    if channels > MAX_CHANNELS:
-        raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
-    for name, dtype in (("out_dtype", out_dtype), ("copy_dtype", copy_dtype)):
-        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{name}: expected a floating-point torch.dtype or None, got {dtype!r}")
+    eps = _check(x, scale, shift, eps, residual, out_dtype, copy_dtype)
     if return_input and residual is not None:
         raise ValueError("return_input: only without residual (with one, the sum s is returned)")
     wanted_copy = copy_dtype

@@ -10,7 +10,9 @@ Computes, per batch item b, channel c and pixel p:
 Memory moved per activation element (the [B, C] and [C] parameters are noise): the forward reads
 f, g, h, x (+ residual) and writes out, 5 (6) tensors: 10 (12) bytes in bf16; asked for the
 spatial mix's inputs (``forward(copy_dtype=)``), also out's bf16 copy (2 bytes more) and its
-per-channel sums as [B, C] partials per program, where a pass of their own read out back. The backward
+per-channel sums as [B, C] partials per program, where a pass of their own read out back. Without
+gradient, x may be remade from the residual whose AdaLN it is (``forward(normalization=)``: its
+[B, H*W] mean and rstd and [B, C] scale and shift), and is not read: 4 bytes less in fp32. The backward
 recomputes the gate from the saved inputs, reads grad_out, f, g, h, x and writes df, dg, dh, dx,
 9 tensors: 18 bytes in bf16; d(residual) is grad_out itself. The parameter gradients leave the
 kernel as per-program partial sums over pixels (four [B, C] values per program, fp32 or fp64)
@@ -111,16 +113,21 @@ if triton is not None:
     @triton.jit
     def _cfc_relax_fwd_kernel(
         f_ptr, g_ptr, h_ptr, x_ptr, res_ptr, a_ptr, b_ptr, rho_ptr, t_ptr, out_ptr, copy_ptr, part_ptr,
+        mean_ptr, rstd_ptr, nscale_ptr, nshift_ptr,
         B, C, P,
         sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p, sx_b, sx_c, sx_p,
         sr_b, sr_c, sr_p, so_b, so_c, so_p, sc_b, sc_c, sc_p,
-        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
-        HAS_RESIDUAL: tl.constexpr, HAS_COPY: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
-        SPLIT_BATCH: tl.constexpr,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, sns_b, sns_c, snh_b, snh_c, batch_start,
+        HAS_RESIDUAL: tl.constexpr, HAS_COPY: tl.constexpr, X_NORMALIZED: tl.constexpr, X_DTYPE: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         # HAS_COPY: also out in copy_ptr's dtype (the spatial mix's conv input) and the program's
         # per-channel sums of out as stored, [programs_p, B, C] partials (its pixel sum).
+        # X_NORMALIZED: x is not loaded but remade from the residual, whose AdaLN it is (the
+        # block's n = AdaLN(u), u the residual): x = (res - mean) * rstd * (1 + scale) + shift
+        # with AdaLN's [B, P] statistics and [B, C] modulation, rounded to X_DTYPE as the AdaLN
+        # kernel stores it (adaln.normalize).
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         # int64 batch offset: B * C * H * W may pass 2**31 while one batch item does not (WIDE:
@@ -144,11 +151,24 @@ if triton is not None:
         f = tl.load(f_ptr + pid_b * sf_b + c_col * sf_c + p_row * sf_p, mask=mask).to(COMPUTE)
         g = tl.load(g_ptr + pid_b * sg_b + c_col * sg_c + p_row * sg_p, mask=mask).to(COMPUTE)
         h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
-        x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
+        if X_NORMALIZED:  # with a residual: x is its AdaLN
+            res = tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
+            p_mask = ps < P
+            mean = tl.load(mean_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
+            rstd = tl.load(rstd_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
+            scale = tl.load(nscale_ptr + pid_b * sns_b + cs * sns_c, mask=c_mask).to(COMPUTE)[:, None]
+            shift = tl.load(nshift_ptr + pid_b * snh_b + cs * snh_c, mask=c_mask).to(COMPUTE)[:, None]
+            # The AdaLN kernel's own sequence of operations: the same x, bit for bit, in the
+            # interpreter (a GPU compile may contract the last two into an FMA in one kernel only).
+            x = ((res - mean) * rstd * (1.0 + scale) + shift).to(X_DTYPE).to(COMPUTE)
+        else:
+            x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
 
         out = relax(f, g, h, x, av, bv, alpha)
         if HAS_RESIDUAL:
-            out += tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
+            if not X_NORMALIZED:  # loaded here, not before: one tile fewer live through relax
+                res = tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
+            out += res
         out = out.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + pid_b * so_b + c_col * so_c + p_row * so_p, out, mask=mask)
         if HAS_COPY:
@@ -254,8 +274,16 @@ def _bwd_tiles(C: int, P: int, B: int, block_c: int, block_p: int) -> int:
     return _tensors.tiles_per_program(C, P, B, block_c, block_p, _BWD_MAX_TILES, _BWD_MIN_PROGRAMS)
 
 
-def _allocate_out(f, g, h, x, a, b, rho, t, residual):
-    return _tensors.empty_activation(x, _tensors.result_dtype(f, g, h, x, a, b, rho, t, residual))
+def _allocate_out(f, g, h, x, a, b, rho, t, residual, *normalization):
+    """out, in x's layout; with ``normalization`` (x is the residual, whose AdaLN x is) in the
+    dtype x = AdaLN(residual) would promote to."""
+    return _tensors.empty_activation(x, _tensors.result_dtype(f, g, h, x, a, b, rho, t, residual, *normalization[2:]))
+
+
+def normalized_dtype(residual, normalization) -> torch.dtype:
+    """The dtype of x = AdaLN(residual) with ``normalization``'s scale and shift, as the AdaLN
+    kernel stores it (``adaln.adaln_modulate``'s out)."""
+    return _tensors.result_dtype(residual, *normalization[2:])
 
 
 def _allocate_activation_grads(f, g, h, x, needs):
@@ -266,10 +294,14 @@ def _allocate_activation_grads(f, g, h, x, needs):
     ]
 
 
-def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype):
+def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype, normalization=None):
     """The forward kernel: out, and with ``copy_dtype`` (else None, None) out's copy in it and
-    the [programs_p, B, C] partial pixel sums of out."""
-    out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
+    the [programs_p, B, C] partial pixel sums of out. With ``normalization`` (mean, rstd, scale,
+    shift: ``adaln.Normalization``) x is None, remade from the residual in the kernel."""
+    x_dtype = None
+    if normalization is not None:
+        x, x_dtype = residual, normalized_dtype(residual, normalization)
+    out = _allocate_out(f, g, h, x, a, b, rho, t, residual, *normalization or ())
     B, C, H, W = x.shape
     P = H * W
     (f, g, h, x, _), (sf, sg, sh, sx, so) = _tensors.flat_all(f, g, h, x, out)
@@ -277,7 +309,8 @@ def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype):
         res, sr = x, (0, 0, 0)
     else:
         res, sr = _tensors.flat_pixels(residual)
-    compute, part_dtype = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual)
+    compute, part_dtype = _tensors.compute_dtypes(f, g, h, x, a, b, rho, t, residual, *normalization or ())
+    mean, rstd, n_scale, n_shift = normalization or (a,) * 4  # never read without X_NORMALIZED
     block_c, block_p, num_warps = _tile(C, P, sx, backward=False)
     pixel_programs = _tensors.cdiv(P, block_p)
     copy = partials = None
@@ -287,10 +320,12 @@ def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype):
     _tensors.launch_over_batch(
         _cfc_relax_fwd_kernel, (pixel_programs, _tensors.cdiv(C, block_c)), B,
         f, g, h, x, res, a, b, rho, t, out, out if copy is None else copy, out if partials is None else partials,
+        mean, rstd, n_scale, n_shift,
         B, C, P,
         *sf, *sg, *sh, *sx, *sr, *so, *(so if copy is None else _tensors.flat_pixels(copy)[1]),
-        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
-        HAS_RESIDUAL=residual is not None, HAS_COPY=copy is not None, COMPUTE=compute,
+        *a.stride(), *b.stride(), rho.stride(0), t.stride(0), *n_scale.stride(), *n_shift.stride(),
+        HAS_RESIDUAL=residual is not None, HAS_COPY=copy is not None, X_NORMALIZED=normalization is not None,
+        X_DTYPE=_tensors.tl_dtype(x_dtype or x.dtype), COMPUTE=compute,
         WIDE=_tensors.wide_offsets(f, g, h, x, res, out, copy),
         BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
@@ -316,9 +351,22 @@ def _forward_with_copy_kernels(
     return out, copy, partials.sum(0).to(out.dtype)
 
 
+@_tensors.launches_on_input_device
+def _forward_normalized_kernels(
+    f: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor, residual: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, copy_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    out, copy, partials = _launch_forward(f, g, h, None, a, b, rho, t, residual, copy_dtype,
+                                          (mean, rstd, scale, shift))
+    return out, copy, partials.sum(0).to(out.dtype)
+
+
 _cfc_relax_op = torch.library.custom_op("liquiddiff::cfc_relax", mutates_args=())(_forward_kernels)
 _cfc_relax_with_copy_op = torch.library.custom_op("liquiddiff::cfc_relax_with_copy", mutates_args=())(
     _forward_with_copy_kernels)
+_cfc_relax_normalized_op = torch.library.custom_op("liquiddiff::cfc_relax_normalized", mutates_args=())(
+    _forward_normalized_kernels)
 
 
 @_cfc_relax_op.register_fake
@@ -330,6 +378,12 @@ def _(f, g, h, x, a, b, rho, t, residual):
 def _(f, g, h, x, a, b, rho, t, residual, copy_dtype):
     out = _allocate_out(f, g, h, x, a, b, rho, t, residual)
     return out, _tensors.empty_activation(x, copy_dtype), out.new_empty(x.shape[:2])
+
+
+@_cfc_relax_normalized_op.register_fake
+def _(f, g, h, a, b, rho, t, residual, mean, rstd, scale, shift, copy_dtype):
+    out = _allocate_out(f, g, h, residual, a, b, rho, t, residual, mean, rstd, scale, shift)
+    return out, _tensors.empty_activation(residual, copy_dtype), out.new_empty(residual.shape[:2])
 
 
 @_tensors.launches_on_input_device
@@ -460,12 +514,20 @@ def cfc_relax(f, g, h, x, a, b, rho, t, residual=None):
     return _EagerCfcRelax.apply(f, g, h, x, a, b, rho, t, residual)
 
 
-def forward(f, g, h, x, a, b, rho, t, residual=None, copy_dtype=None):
+def forward(f, g, h, x, a, b, rho, t, residual=None, copy_dtype=None, normalization=None):
     """The forward kernel alone, no autograd node (inside a caller's autograd.Function, which
     calls :func:`backward`); the custom op when traced. Arguments as checked by :func:`cfc_relax`.
     ``copy_dtype``: returns (out, out in ``copy_dtype``, out summed over its pixels in out's dtype,
     from fp32 (fp64) per-program partials), written in the same pass: the spatial mix's inputs,
-    which ``modulated_silu.cast_with_pixel_sum`` would make by reading out back."""
+    which ``modulated_silu.cast_with_pixel_sum`` would make by reading out back.
+
+    ``normalization`` (with ``copy_dtype`` and ``residual``; a call without gradient, since the
+    statistics take none): x is AdaLN(residual) as ``adaln.normalize`` returned it with these
+    statistics; the kernel remakes x from the residual it loads anyway, and ``x`` (x rounded to
+    the convolutions' dtype, say) is not read: a sampling step writes and reads no fp32 x."""
+    if normalization is not None:
+        op = _cfc_relax_normalized_op if _eager.needs_custom_op(f) else _forward_normalized_kernels
+        return op(f, g, h, a, b, rho, t, residual, *normalization, copy_dtype)
     if copy_dtype is None:
         op = _cfc_relax_op if _eager.needs_custom_op(f) else _forward_kernels
         return op(f, g, h, x, a, b, rho, t, residual)

@@ -23,7 +23,9 @@ autocast the block's AdaLN also hands over n in the convolutions' dtype (``n_con
 its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own (and its
 weight gradient in backward, remade with n by one AdaLN pass), and the CfC
 kernel writes its output's bf16 copy and pixel sum for the spatial mix (``copy_dtype``), which
-read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``).
+read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``). Without
+gradient n may come as its bf16 copy alone with its AdaLN statistics (``normalization``): the
+CfC kernel remakes n in fp32 from the residual u, whose AdaLN n is.
 
 Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
 grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
@@ -54,7 +56,7 @@ from .modulated_silu import backward as modulated_silu_backward, forward as modu
 from .recompute import (_check_conv, _conv, _conv_backward, _conv_dtype, _conv_params, _heads_backward,
                         _heads_forward, _paired_heads, _records_grad, _triton_depthwise, _triton_pointwise)
 
-__all__ = ["parallel_cfc"]
+__all__ = ["parallel_cfc", "remakes_input"]
 
 _CONVS = len(functional.CFC_CONVS)
 _DW, _PW, _F, _G_DW, _G_PW, _H_DW, _H_PW = range(_CONVS)
@@ -69,13 +71,14 @@ def _pick(items, indices):
 class _ParallelCfC(torch.autograd.Function):
     """Inputs: n, residual, a, b, rho, t, then the weights and the biases of CFC_CONVS, then
     n_conv (n in the convolutions' dtype, or None), copy_dtype (None, or the dtype of the
-    output's copy that comes back with its pixel sum) and grad (whether autograd records the
-    call: :func:`parallel_cfc`)."""
+    output's copy that comes back with its pixel sum), grad (whether autograd records the
+    call) and normalization (None, or n's exact values as AdaLN statistics of the residual):
+    :func:`parallel_cfc`."""
 
     @staticmethod
     def forward(ctx, n, residual, a, b, rho, t, *params):
         weights, biases = params[:_CONVS], params[_CONVS:2 * _CONVS]
-        n_conv, copy_dtype, grad = params[2 * _CONVS:]
+        n_conv, copy_dtype, grad, normalization = params[2 * _CONVS:]
         channels = n.shape[1]
         dtype = _conv_dtype(n, weights[_DW], biases[_DW])
         if n_conv is not None and n_conv.dtype != dtype:
@@ -137,7 +140,7 @@ class _ParallelCfC(torch.autograd.Function):
                     del silu_z  # before the g and h heads' temporaries: the forward's transient peak
                     g, h = (_head_conv(hidden, hidden_biases, j, weights[i], biases[i], dtype, pointwise_forward)
                             for j, (hidden, i) in enumerate(((g_hidden, _G_PW), (h_hidden, _H_PW))))
-                out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype)
+                out = cfc_relax_forward(f, g, h, n, a, b, rho, t, residual, copy_dtype, normalization)
         # n_conv too, for the 7x7's weight gradient: the block remakes it with n, by
         # one AdaLN pass (recompute_saved), where backward cast n by a pass of its own.
         ctx.save_for_backward(n, dw, z, g_hidden, h_hidden, a, b, rho, t, *weights, *biases, n_conv)
@@ -221,7 +224,8 @@ class _ParallelCfC(torch.autograd.Function):
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
         d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
         d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
-        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None, None)  # n_conv (its gradient is n's), copy_dtype, grad
+        # n_conv (its gradient is n's), copy_dtype, grad, normalization (never with a gradient)
+        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None, None, None)
 
 
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
@@ -347,7 +351,32 @@ def _check(n, convs, a, b, rho, t, residual) -> None:
     check_gate_parameters(n, a, b, rho, t)
 
 
-def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=None):
+def remakes_input(n, convs) -> bool:
+    """Whether :func:`parallel_cfc` takes ``normalization`` for a call on ``n`` with ``convs``:
+    without gradient, on the Triton CfC and AdaLN kernels, and with the CfC op's own kernel (the
+    opt-in CfC heads kernel reads n)."""
+    return (not torch.is_grad_enabled() and runtime.use_triton("cfc_relax", n.device.type)
+            and runtime.use_triton("adaln_modulate", n.device.type)
+            and not _triton_pointwise(n, convs[_G_PW][0], 1, True))
+
+
+def _check_normalization(normalization, n, convs, residual, copy_dtype) -> None:
+    """``normalization``: n's exact values as the AdaLN statistics of ``residual``
+    (``adaln.Normalization``), for a call that :func:`remakes_input` allows."""
+    if len(normalization) != 4:
+        raise ValueError(f"normalization: expected (mean, rstd, scale, shift), got {len(normalization)} items")
+    if residual is None or copy_dtype is None:
+        raise ValueError("normalization: needs the residual (n is its AdaLN) and copy_dtype")
+    batch, channels, height, width = n.shape
+    for name, tensor, shape in zip(("mean", "rstd", "scale", "shift"), normalization,
+                                   [(batch, height * width)] * 2 + [(batch, channels)] * 2):
+        _tensors.check_vector(f"normalization.{name}", tensor, shape, n.device)
+    if not remakes_input(n, convs):
+        raise ValueError("normalization: only without gradient, on the Triton CfC and AdaLN kernels and not the "
+                         "CfC heads kernel (parallel_cfc.remakes_input)")
+
+
+def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=None, normalization=None):
     """Fused :func:`liquiddiff.functional.parallel_cfc`: same signature, value and gradients.
 
     ``n_conv``: n already in the convolutions' dtype (``n.to(dtype)``, which the block's AdaLN
@@ -360,8 +389,16 @@ def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=
     ``out.sum((2, 3))`` (from fp32 partials) written by the CfC kernel's pass, where the spatial
     mix would read out back for them (``spatial_mix_input(precomputed=)``); both without a
     gradient of their own, and ``(out, None, None)`` where another kernel or the PyTorch
-    fallback makes out (the Triton CfC heads kernel)."""
+    fallback makes out (the Triton CfC heads kernel).
+
+    ``normalization`` (``adaln.Normalization``, from ``adaln.normalize``; with ``residual`` and
+    ``copy_dtype``, where :func:`remakes_input` allows): n is AdaLN(residual) with these
+    statistics, which the CfC kernel remakes from the residual it loads anyway, so that ``n``
+    itself may be n rounded to the convolutions' dtype (they read nothing else): the sampling
+    forward writes and reads no fp32 n."""
     _check(n, convs, a, b, rho, t, residual)
+    if normalization is not None:
+        _check_normalization(normalization, n, convs, residual, copy_dtype)
     if n_conv is not None and (n_conv.shape != n.shape or n_conv.device != n.device or not n_conv.is_floating_point()):
         raise ValueError(f"n_conv: expected a float tensor of n's shape {tuple(n.shape)} on {n.device}, got "
                          f"{n_conv.dtype} {tuple(n_conv.shape)} on {n_conv.device}")
@@ -373,5 +410,5 @@ def parallel_cfc(n, convs, a, b, rho, t, residual=None, n_conv=None, copy_dtype=
     weights, biases = zip(*convs)
     grad = _records_grad(n, residual, a, b, rho, t, *weights, *biases)
     if copy_dtype is not None and _triton_pointwise(n, weights[_G_PW], 1, True):
-        return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, None, grad), None, None
-    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, copy_dtype, grad)
+        return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, None, grad, None), None, None
+    return _ParallelCfC.apply(n, residual, a, b, rho, t, *weights, *biases, n_conv, copy_dtype, grad, normalization)
