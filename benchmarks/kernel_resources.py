@@ -175,12 +175,15 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
             (f"CfC forward + the spatial mix's bf16 copy and pixel sums ({layout})", "cfc_relax",
              "_cfc_relax_fwd_kernel",
              lambda acts=acts, params=params, r=go: cfc._forward_with_copy_kernels(*acts, *params, r, half)),
-            (f"CfC forward, n remade from u, + the bf16 copy and pixel sums (sampling, {layout})", "cfc_relax",
+            (f"CfC forward, n remade from u, + the bf16 copy and pixel sums ({layout})", "cfc_relax",
              "_cfc_relax_fwd_kernel",
              lambda acts=acts, params=params, r=go: cfc._forward_normalized_kernels(
                  *acts[:3], *params, r, *[torch.empty(B, H * W, device="meta")] * 2, *params[:2], half)),
             (f"CfC backward ({layout})", "cfc_relax", "_cfc_relax_bwd_kernel",
              lambda acts=acts, params=params, go=go: cfc._backward_kernels(go, *acts, *params, [True] * 8)),
+            (f"CfC backward, n remade from u ({layout})", "cfc_relax", "_cfc_relax_bwd_kernel",
+             lambda acts=acts, params=params, go=go: cfc._backward_normalized_kernels(
+                 go, *acts[:3], *params, go, *[torch.empty(B, H * W, device="meta")] * 2, *params[:2], [True] * 8)),
         ]
     ms = _module("modulated_silu")
     for layout in ("channels_last", "nchw"):

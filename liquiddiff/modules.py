@@ -124,11 +124,6 @@ class AdaLN(FusedSwitch, nn.Module):
         out = functional.adaln_modulate(x, scale, shift, eps=self.eps, residual=residual)
         return (out, x) if return_input else out
 
-    def normalize(self, x, temb, out_dtype=None, projected=None):
-        """Fused, without gradient: ``(out, kernels.Normalization)``, out stored in ``out_dtype``
-        and the statistics that remake it exactly from x (``kernels.normalize``)."""
-        return kernels.normalize(x, *self.time(temb, projected), eps=self.eps, out_dtype=out_dtype)
-
 
 class ParallelCfC(FusedSwitch, nn.Module):
     """CfC closed form for 2-D features (the seed's Eq. 10) with liquid relaxation.
@@ -158,23 +153,27 @@ class ParallelCfC(FusedSwitch, nn.Module):
         """(weight, bias) of each convolution, in ``functional.CFC_CONVS`` order."""
         return [(getattr(self, name).weight, getattr(self, name).bias) for name in functional.CFC_CONVS]
 
-    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None, copy_dtype=None,
-                normalization=None):
+    def forward(self, n, temb, t, residual, projected=None, convs=None, n_conv=None, copy_dtype=None, norm=None):
         """``projected``: (time_a, time_b) of SiLU(temb), made by the caller (the fused block);
         ``convs``: :meth:`conv_parameters` as the caller cast them (the fused block, under autocast);
         ``n_conv`` (fused): n in the convolutions' dtype, made by the caller's AdaLN with n;
         ``copy_dtype`` (fused): also return the output's copy in that dtype and its pixel sum
-        (``kernels.parallel_cfc``), for the spatial mix; ``normalization`` (fused, without
-        gradient): n is AdaLN(residual) with these statistics, remade by the CfC kernel, and the
-        n given may be rounded to the convolutions' dtype (``kernels.parallel_cfc``)."""
+        (``kernels.parallel_cfc``), for the spatial mix; ``norm`` (fused, with ``copy_dtype``,
+        where ``kernels.normalized_parallel_cfc_runs``): (scale, shift, eps) of the AdaLN before
+        the branch, whose input ``n`` then is (the residual too): both in one node
+        (``kernels.normalized_parallel_cfc``)."""
         if projected is None:
             e = F.silu(temb)
             projected = self.time_a(e), self.time_b(e)
         if convs is None:
             convs = self.conv_parameters()
+        if norm is not None:
+            if residual is not n:
+                raise ValueError("residual: with norm, the branch's residual is the AdaLN's input n itself")
+            return kernels.normalized_parallel_cfc(n, *norm, convs, *projected, self.rho, t, copy_dtype)
         if n_conv is not None or copy_dtype is not None:
             return kernels.parallel_cfc(n, convs, *projected, self.rho, t, residual=residual, n_conv=n_conv,
-                                        copy_dtype=copy_dtype, normalization=normalization)
+                                        copy_dtype=copy_dtype)
         # Fused, one autograd node (kernels/parallel_cfc.py) keeps n, the depthwise outputs and the
         # backbone pre-activation, and remakes f, g, h and every SiLU once in backward.
         return _ops(self.fused).parallel_cfc(n, convs, *projected, self.rho, t, residual=residual)
@@ -331,9 +330,9 @@ class LiquidDiffusionBlock(nn.Module):
     The spatial mix's residual add happens inside the second AdaLN (``residual=``), so with the
     fused kernels the add and the norm are one pass over memory. Fused, the CfC's input is not
     kept for backward but remade by its AdaLN (``_remade``); the FFN keeps its input and remakes
-    its hidden tensor, twice as wide (``kernels.feedforward``). Fused without gradient under
-    autocast, norm1 writes n in the convs' dtype alone and the CfC kernel remakes n in fp32 from
-    u (``kernels.normalize``).
+    its hidden tensor, twice as wide (``kernels.feedforward``). Fused under autocast, norm1 and
+    the CfC run as one node that writes n in the convs' dtype alone and remakes it in fp32 from u
+    in the CfC kernels (``kernels.normalized_parallel_cfc``), where the kernels allow.
     """
 
     def __init__(self, channels: int, temb_dim: int, ffn_mult: int = 2):
@@ -354,13 +353,11 @@ class LiquidDiffusionBlock(nn.Module):
         for_norm1, for_cfc, for_mix, for_norm2 = projected
         norm1 = functools.partial(self.norm1, projected=for_norm1)
         conv_dtype = self._cfc_conv_dtype(u)
-        if conv_dtype is not None and kernels.cfc_remakes_input(u, params.cfc):
-            # Without gradient (sampling): norm1 writes n in the convs' dtype alone, and the CfC
-            # kernel remakes n in fp32 from u and norm1's statistics.
-            n, normalization = self.norm1.normalize(u, temb, out_dtype=conv_dtype, projected=for_norm1)
-            u = self.cfc(n, temb, t, residual=u, projected=for_cfc, convs=params.cfc, copy_dtype=conv_dtype,
-                         normalization=normalization)
-            del n, normalization
+        norm = None if conv_dtype is None else (*self.norm1.time(temb, for_norm1), self.norm1.eps)
+        if norm is not None and kernels.normalized_parallel_cfc_runs(u, *norm[:2], params.cfc):
+            # norm1 and the CfC as one node: n written once, in the convs' dtype; the CfC
+            # kernels remake n in fp32 from u and norm1's statistics.
+            u = self.cfc(u, temb, t, residual=u, projected=for_cfc, convs=params.cfc, copy_dtype=conv_dtype, norm=norm)
         else:
             normed = norm1(u, temb, return_input=True, copy_dtype=conv_dtype)
             n, residual, n_conv = normed if conv_dtype is not None else (*normed, None)

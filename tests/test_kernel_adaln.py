@@ -545,30 +545,43 @@ def test_copy_dtype_is_out_cast_in_the_same_pass(monkeypatch, mode, policy):
 
 # ------------------------------------------------------------------------------- normalize
 @pytest.mark.parametrize("out_dtype", [None, torch.float16])
-def test_normalize_returns_out_and_the_statistics_that_remake_it(out_dtype):
+def test_normalize_returns_out_and_its_statistics(out_dtype):
     """normalize: out as adaln_modulate stores it (bit for bit, NaN-poisoned outputs), with the
-    [B, H*W] mean and rstd of x's pixels and the scale and shift it was given (whether they
-    remake out is proven where they do: the CfC kernel's tests)."""
+    [B, H*W] mean and rstd of x's pixels (whether they remake out is proven where they do: the
+    CfC kernel's tests)."""
     raw = _return_input_raw(torch.float32)
-    with torch.no_grad(), parity.poisoned_outputs():
-        out, normalization = adaln_kernel.normalize(**raw, out_dtype=out_dtype)
+    with parity.poisoned_outputs():
+        out, mean, rstd = adaln_kernel.normalize(**raw, eps=EPS, out_dtype=out_dtype)
         want = adaln_modulate(**raw, out_dtype=out_dtype)
-    assert torch.equal(out, want) and out.dtype == want.dtype and out.stride() == want.stride()
+    assert torch.equal(out, want.detach()) and out.dtype == want.dtype and out.stride() == want.stride()
     b, c, h, w = raw["x"].shape
-    assert normalization.mean.shape == normalization.rstd.shape == (b, h * w)
-    assert normalization.scale is raw["scale"] and normalization.shift is raw["shift"]
-    spread = raw["x"] - normalization.mean.view(b, 1, h, w)
-    parity.assert_close("mean", normalization.mean, raw["x"].mean(1).flatten(1), 1e-6)
-    parity.assert_close("rstd", normalization.rstd, spread.square().mean(1).add(EPS).rsqrt().flatten(1), 1e-6)
+    spread = raw["x"] - mean.view(b, 1, h, w)
+    parity.assert_close("mean", mean, raw["x"].mean(1).flatten(1), 1e-6)
+    parity.assert_close("rstd", rstd, spread.square().mean(1).add(EPS).rsqrt().flatten(1), 1e-6)
 
 
-def test_normalize_refuses_a_gradient_and_the_fallback(monkeypatch):
-    raw = _return_input_raw(torch.float32)
-    with pytest.raises(ValueError, match="normalize: only without gradient"):
-        adaln_kernel.normalize(raw["x"], raw["scale"].requires_grad_(), raw["shift"])
-    monkeypatch.setenv(runtime.ENV_VAR, "torch")
-    with torch.no_grad(), pytest.raises(ValueError, match="normalize: needs the Triton AdaLN kernel"):
-        adaln_kernel.normalize(**raw)
+@pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
+@pytest.mark.parametrize("with_grad_x", [True, False])
+def test_normalize_backward_is_the_references(needs, with_grad_x):
+    """normalize_backward(grad_out, grad_x, ...): the gradients of x, scale and shift that the
+    reference gives for out's upstream gradient grad_out, x's own gradient grad_x added (x's other
+    consumers: the CfC residual); None where not needed."""
+    raw = _return_input_raw()
+    _, mean, rstd = adaln_kernel.normalize(**raw, eps=EPS)
+    grad_out = torch.randn_like(raw["x"])
+    grad_x = torch.randn_like(raw["x"]) if with_grad_x else None
+    with parity.poisoned_outputs():
+        got = adaln_kernel.normalize_backward(grad_out, grad_x, raw["x"], mean, rstd, raw["scale"], raw["shift"].dtype,
+                                              needs)
+    ins = parity.leaves(raw)
+    out = functional.adaln_modulate(**ins, eps=EPS)
+    outputs, ups = (out, ins["x"]) if with_grad_x else (out,), (grad_out, grad_x) if with_grad_x else (grad_out,)
+    want = torch.autograd.grad(outputs, [ins["x"], ins["scale"], ins["shift"]], ups)
+    for name, g, w, need in zip(("x", "scale", "shift"), got, want, needs):
+        if need:
+            parity.assert_close(f"d {name}", g, w, 1e-12)
+        else:
+            assert g is None, name
 
 
 # ---------------------------------------------------------------------------- return_input

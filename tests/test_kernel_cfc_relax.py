@@ -15,6 +15,7 @@ from liquiddiff import functional, kernels
 import parity
 
 cfc_module = importlib.import_module("liquiddiff.kernels.cfc_relax")
+adaln = importlib.import_module("liquiddiff.kernels.adaln")
 
 NAMES = ("f", "g", "h", "x", "a", "b", "rho", "t", "residual")
 ACTIVATIONS = ("f", "g", "h", "x", "residual")
@@ -295,11 +296,12 @@ def test_forward_with_copy_sums_an_inf_into_its_channel_only(triton_policy):
 
 
 def _normalized(inputs, dtype):
-    """(x = AdaLN(residual) as the AdaLN kernel stores it, its Normalization) for fresh scale
-    and shift: the fused block's n and what remakes it."""
+    """(x = AdaLN(residual) as the AdaLN kernel stores it, (mean, rstd, scale, shift)) for fresh
+    scale and shift: the fused block's n and what remakes it."""
     B, C = inputs["residual"].shape[:2]
     scale, shift = (torch.randn(B, C, dtype=dtype, device=DEVICE) for _ in range(2))
-    return kernels.normalize(inputs["residual"], scale, shift)
+    x, mean, rstd = adaln.normalize(inputs["residual"], scale, shift, 1e-6)
+    return x, (mean, rstd, scale, shift)
 
 
 @pytest.mark.parametrize("shape,layout", [(shape, layout) for shape, layout, residual in PARITY_CASES if residual])
@@ -328,12 +330,44 @@ def test_forward_normalized_remakes_x_from_the_residual(triton_policy, shape, la
     parity.assert_close("out", got[0], reference, TOL[dtype])
 
 
+@pytest.mark.parametrize("shape,layout", [(shape, layout) for shape, layout, residual in PARITY_CASES if residual])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_normalized_remakes_x_from_the_residual(triton_policy, shape, layout, dtype):
+    """backward(normalization=): x is not read (NaN here) but remade from the residual: every
+    gradient that of the call that reads x as the AdaLN kernel wrote it (bit for bit in the
+    interpreter), for every tile boundary of the parity cases, outputs NaN-poisoned."""
+    inputs = {k: v.detach() for k, v in make_inputs(shape, dtype, layout).items()}
+    x, normalization = _normalized(inputs, dtype)
+    args = [inputs[name] for name in NAMES[:-1]]
+    args[3] = x
+    grad_out = torch.randn_like(x)
+    with parity.poisoned_outputs():
+        expected = cfc_module.backward(grad_out, *args, [True] * 8)
+        got = cfc_module.backward(grad_out, *args[:3], torch.full_like(x, float("nan")), *args[4:], [True] * 8,
+                                  normalization=(inputs["residual"], *normalization))
+    for name, value, want in zip(("df", "dg", "dh", "dx", "da", "db", "drho", "dt"), got, expected):
+        assert value.dtype == want.dtype and value.shape == want.shape, name
+        if DEVICE == "cpu":
+            assert torch.equal(value, want), name
+        else:
+            parity.assert_close(name, value, want, TOL[dtype])
+
+
 def test_opcheck_forward_normalized():
     inputs = {k: v.detach() for k, v in make_inputs((2, 3, 2, 3), layout="channels_last").items()}
     _, normalization = _normalized(inputs, torch.float32)
     args = [inputs[name] for name in ("f", "g", "h", "a", "b", "rho", "t", "residual")]
     torch.library.opcheck(torch.ops.liquiddiff.cfc_relax_normalized.default,
                           (*args, *normalization, torch.float16))
+
+
+@pytest.mark.parametrize("needs", [[True] * 8, [True, True, True, False, False, False, True, False]])
+def test_opcheck_backward_normalized(needs):
+    inputs = {k: v.detach() for k, v in make_inputs((2, 3, 2, 3), layout="channels_last").items()}
+    _, normalization = _normalized(inputs, torch.float32)
+    args = [inputs[name] for name in ("f", "g", "h", "a", "b", "rho", "t", "residual")]
+    torch.library.opcheck(torch.ops.liquiddiff.cfc_relax_normalized_backward.default,
+                          (torch.randn_like(inputs["f"]), *args, *normalization, needs))
 
 
 def test_opcheck_forward_with_copy():

@@ -458,65 +458,95 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
         assert torch.equal(g, r)
 
 
-def test_fused_block_without_gradient_writes_n_once_in_the_convs_dtype(monkeypatch):
-    """Sampling (no gradient, autocast): norm1 writes n in bf16 alone (kernels.normalize), for the
-    CfC's convs, and the CfC kernel remakes n in fp32 from u and norm1's statistics, where norm1
-    also wrote n in fp32 for the CfC kernel to read: the same output, bit for bit. With gradient
-    the block keeps the old path (the statistics take no gradient)."""
-    from liquiddiff.kernels import adaln
+def _fused_block(seed: int = 0):
     from liquiddiff.modules import LiquidDiffusionBlock
 
-    norms = []  # (out dtype, copy dtype) of norm1's kernel call (norm2's goes through _EagerAdaLN)
-    real = adaln._forward_kernels
-    monkeypatch.setattr(adaln, "_forward_kernels", lambda *args: norms.append(
-        (args[5], args[6])) or real(*args))
-    block = _randomise(LiquidDiffusionBlock(6, 16))
+    block = _randomise(LiquidDiffusionBlock(6, 16), seed).to(memory_format=torch.channels_last)
     for m in block.modules():
         if hasattr(m, "fused"):
             m.fused = True
-    u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
-    temb, t = torch.randn(2, 16), torch.rand(2)
+    return block
+
+
+@pytest.mark.parametrize("u_dtype", [torch.float32, torch.bfloat16])  # bf16: a stage's first block, after a conv
+@pytest.mark.parametrize("setting", ["auto", "auto,depthwise_conv=triton"])
+def test_fused_block_writes_n_once_in_the_convs_dtype(monkeypatch, u_dtype, setting):
+    """Under autocast norm1 and the CfC run as one node (kernels.normalized_parallel_cfc): norm1
+    writes n in bf16 alone (and backward remakes that alone, for the 7x7's weight gradient); the
+    CfC kernels remake n in fp32 from u. Before, norm1 also wrote n in fp32 for the CfC kernel
+    to read (and remade both in backward). The same output and gradients of u and of every
+    parameter, bit for bit, with and without gradient."""
+    from liquiddiff.kernels import adaln
+
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    norms = []  # (out dtype, copy dtype) of norm1's kernel calls (norm2's go through _EagerAdaLN)
+    real = adaln._forward_kernels
+    monkeypatch.setattr(adaln, "_forward_kernels", lambda *args: norms.append((args[5], args[6])) or real(*args))
+    block = _fused_block()
+    raw_u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last, dtype=u_dtype)
+    temb, t, up = torch.randn(2, 16), torch.rand(2), torch.randn(2, 6, 5, 5)
 
     def run(grad: bool):
         norms.clear()
+        u = raw_u.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
-            return block(u, temb, t).detach(), list(norms)
+            out = block(u, temb, t)
+        grads = torch.autograd.grad(out, [u, *block.parameters()], up.to(out.dtype)) if grad else ()
+        return out.detach(), grads, list(norms)
 
-    out, sampling_norms = run(False)
-    assert sampling_norms == [(torch.bfloat16, None)]  # n in bf16 alone
-    trained, train_norms = run(True)
-    assert train_norms == [(None, torch.bfloat16)]  # n in fp32, and its bf16 copy
-    monkeypatch.setattr(kernels, "cfc_remakes_input", lambda *args: False)
-    old, old_norms = run(False)
-    assert old_norms == train_norms
-    assert torch.equal(out, old) and torch.equal(out, trained)
+    n_alone = (torch.bfloat16, None)
+    out, _, sampling_norms = run(False)
+    assert sampling_norms == [n_alone]
+    trained, grads, train_norms = run(True)
+    assert train_norms == [n_alone, n_alone]  # forward, and the remade copy in backward
+    monkeypatch.setattr(kernels, "normalized_parallel_cfc_runs", lambda *args: False)
+    old_sampled = run(False)[0]
+    old, old_grads, old_norms = run(True)
+    # fp32 u: n in fp32 and its bf16 copy; bf16 u: n is bf16, its own copy (the forward's call:
+    # the backward's remake of both goes through _EagerAdaLN)
+    assert old_norms == [(None, torch.bfloat16 if u_dtype == torch.float32 else None)]
+    # (Without gradient the forward-only kernels may round differently from the training path.)
+    assert torch.equal(out, old_sampled) and torch.equal(trained, old)
+    for name, g, r in zip(["u", *dict(block.named_parameters())], grads, old_grads):
+        assert torch.equal(g, r), name
 
 
-def test_compiled_fused_block_without_gradient_remakes_n_in_one_graph():
-    """torch.compile(fullgraph=True) traces the sampling path (kernels.normalize and the
-    liquiddiff::cfc_relax_normalized op, their fake kernels): the eager block's output."""
+def test_parallel_cfc_module_with_norm_takes_its_input_as_the_residual():
+    block = _fused_block()
+    u, temb, t = torch.randn(2, 6, 5, 5), torch.randn(2, 16), torch.rand(2)
+    norm = (*block.norm1.time(temb), block.norm1.eps)
+    with pytest.raises(ValueError, match="residual: with norm, the branch's residual is the AdaLN's input n itself"):
+        block.cfc(u, temb, t, residual=u.clone(), copy_dtype=torch.float32, norm=norm)
+
+
+def test_compiled_fused_block_runs_norm1_and_the_cfc_as_one_node():
+    """torch.compile(fullgraph=True) traces kernels.normalized_parallel_cfc (its custom ops and
+    fake kernels), forward and backward: the eager block's output and gradients."""
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
-    from liquiddiff.modules import LiquidDiffusionBlock
-
-    block = _randomise(LiquidDiffusionBlock(6, 16)).to(memory_format=torch.channels_last)
-    for m in block.modules():
-        if hasattr(m, "fused"):
-            m.fused = True
-    u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
-    temb, t = torch.randn(2, 16), torch.rand(2)
+    block = _fused_block()
+    raw_u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
+    temb, t, up = torch.randn(2, 16), torch.rand(2), torch.randn(2, 6, 5, 5)
     ops = []
 
     def record(gm, example_inputs):
         ops.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
         return make_boxed_func(gm.forward)
 
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        eager = block(u, temb, t)
-        compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=record))(u, temb, t)
+    compiled = torch.compile(block, fullgraph=True, backend=aot_autograd(fw_compiler=record, bw_compiler=record))
+    results = []
+    for call in (block, compiled):
+        u = raw_u.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = call(u, temb, t)
+        results.append((out, torch.autograd.grad(out, [u, *block.parameters()], up)))
     assert "liquiddiff.cfc_relax_normalized.default" in ops
-    assert torch.equal(compiled, eager)
+    assert "liquiddiff.cfc_relax_normalized_backward.default" in ops
+    (eager, eager_grads), (got, got_grads) = results
+    parity.assert_close("out", got, eager, 1e-6)
+    for name, g, r in zip(["u", *dict(block.named_parameters())], got_grads, eager_grads):
+        parity.assert_close(f"d {name}", g, r, 1e-5)
 
 
 def test_fused_channels_last_model_makes_no_nchw_activation():

@@ -248,57 +248,85 @@ def test_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
     assert calls == {"forward": 2 * on, "depthwise_forward": 0, "conv1x1_silu_forward": 0}
 
 
-def _normalized_n(raw):
-    """(n = AdaLN(residual) as the AdaLN kernel writes it, its kernels.Normalization)."""
-    B, C = raw["n"].shape[:2]
-    return kernels.normalize(raw["residual"], torch.randn(B, C, dtype=raw["n"].dtype),
-                             torch.randn(B, C, dtype=raw["n"].dtype))
+def _normalized_raw(dtype=torch.float64, shape=(2, 6, 5, 7)):
+    """Inputs by name for normalized_parallel_cfc: u, scale, shift, then _raw's without n and residual."""
+    raw = _raw(dtype, torch.channels_last, shape)
+    del raw["n"]
+    B, C = shape[:2]
+    return {"u": raw.pop("residual"), "scale": torch.randn(B, C, dtype=dtype), "shift": torch.randn(B, C, dtype=dtype),
+            **raw}
+
+
+def _normalized_call(op, copy_dtype=torch.float32):
+    """normalized_parallel_cfc's output, or the composed reference's, from inputs by name."""
+    def call(u, scale, shift, a, b, rho, t, **params):
+        convs = [(params[f"{name}_w"], params.get(f"{name}_b")) for name in functional.CFC_CONVS]
+        if op is None:  # the reference: AdaLN, then the branch with u as its residual
+            n = functional.adaln_modulate(u, scale, shift, eps=1e-6)
+            return functional.parallel_cfc(n, convs, a, b, rho, t, residual=u)
+        return op(u, scale, shift, 1e-6, convs, a, b, rho, t, copy_dtype)[0]
+    return call
 
 
 @pytest.mark.parametrize("conv_kernels", ["cudnn", "depthwise_conv=triton"], indirect=True)
-def test_normalization_remakes_n_in_the_cfc_kernel(conv_kernels):
-    """Without gradient under autocast, normalization lets n be n in the convs' dtype alone (as
-    the block's norm1 writes it) while the CfC kernel remakes n in fp32 from the residual: the
-    outputs of the call given n and its copy for the convs (``n_conv``), bit for bit."""
-    raw = {k: v.float() for k, v in _raw().items()}
-    n, normalization = _normalized_n(raw)
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_normalized_matches_adaln_then_the_branch(conv_kernels, dtype, tol):
+    """normalized_parallel_cfc against functional.adaln_modulate then functional.parallel_cfc
+    with u as the residual: the value and the gradient of u, scale, shift, a, b, rho, t and every
+    conv parameter, for one shared upstream gradient, outputs NaN-poisoned."""
+    out = parity.check_op(_normalized_call(kernels.normalized_parallel_cfc), _normalized_call(None),
+                          _normalized_raw(dtype), tol)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("frozen", [("u",), ("scale", "shift"), ("u", "scale", "shift")])
+def test_normalized_partial_gradients(frozen):
+    """u or the modulation constant: the other inputs' gradients are still the reference's and
+    the constant ones get none (n's gradient is still needed for the weights upstream of it)."""
+    raw = _normalized_raw()
+    ins = {k: v.clone().requires_grad_(k not in frozen) for k, v in raw.items()}
+    ref_ins = {k: v.clone().requires_grad_(k not in frozen) for k, v in raw.items()}
+    out, ref = _normalized_call(kernels.normalized_parallel_cfc)(**ins), _normalized_call(None)(**ref_ins)
+    up = torch.randn_like(ref)
+    trainable = [k for k in ins if k not in frozen]
+    got = torch.autograd.grad(out, [ins[k] for k in trainable], up)
+    want = torch.autograd.grad(ref, [ref_ins[k] for k in trainable], up)
+    for name, g, w in zip(trainable, got, want):
+        parity.assert_close(name, g, w, 1e-12)
+    assert all(ins[k].grad is None for k in frozen)
+
+
+def test_normalized_gradcheck():
+    raw = _normalized_raw(shape=(1, 2, 4, 3))
+    names = list(raw)
+    call = _normalized_call(kernels.normalized_parallel_cfc, copy_dtype=torch.float64)
+    leaves = [raw[k].clone().requires_grad_() for k in names]
+    assert torch.autograd.gradcheck(lambda *xs: call(**dict(zip(names, xs))), leaves)
+
+
+def test_normalized_arguments_are_checked(monkeypatch):
+    raw = _normalized_raw(torch.float32)
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
     small = [raw[k] for k in ("a", "b", "rho", "t")]
-    copy_dtype = torch.bfloat16
-    with torch.no_grad(), parity.poisoned_outputs(), torch.autocast("cpu", dtype=copy_dtype):
-        assert kernels.cfc_remakes_input(n, convs)
-        want = kernels.parallel_cfc(n, convs, *small, residual=raw["residual"], n_conv=n.to(copy_dtype),
-                                    copy_dtype=copy_dtype)
-        got = kernels.parallel_cfc(n.to(copy_dtype), convs, *small, residual=raw["residual"], copy_dtype=copy_dtype,
-                                   normalization=normalization)
-    for name, value, expected in zip(("out", "copy", "pixel sum"), got, want):
-        assert torch.equal(value, expected), name
 
+    def call(scale=raw["scale"], eps=1e-6, copy_dtype=torch.float16):
+        return kernels.normalized_parallel_cfc(raw["u"], scale, raw["shift"], eps, convs, *small, copy_dtype)
 
-def test_normalization_is_checked(monkeypatch):
-    raw = {k: v.float() for k, v in _raw().items()}
-    n, normalization = _normalized_n(raw)
-    convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
-    small = [raw[k] for k in ("a", "b", "rho", "t")]
-
-    def call(normalization=normalization, residual=raw["residual"], copy_dtype=torch.float16):
-        return kernels.parallel_cfc(n, convs, *small, residual=residual, copy_dtype=copy_dtype,
-                                    normalization=normalization)
-
-    with torch.no_grad():
-        with pytest.raises(ValueError, match="normalization: needs the residual"):
-            call(residual=None)
-        with pytest.raises(ValueError, match="normalization: needs the residual .* and copy_dtype"):
-            call(copy_dtype=None)
-        with pytest.raises(ValueError, match=r"normalization.mean: expected shape \(2, 35\)"):
-            call(normalization=normalization._replace(mean=normalization.mean[:, :3]))
-        with pytest.raises(ValueError, match="normalization: expected \\(mean, rstd, scale, shift\\)"):
-            call(normalization=normalization[:3])
-        monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=triton")  # the CfC heads kernel reads n
-        with pytest.raises(ValueError, match="normalization: only without gradient"):
-            call()
-    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto")
-    with pytest.raises(ValueError, match="normalization: only without gradient"):
+    with pytest.raises(ValueError, match=r"scale: expected shape \(2, 6\)"):
+        call(scale=raw["scale"][:, :3])
+    with pytest.raises(ValueError, match="eps: expected a positive finite float"):
+        call(eps=-1.0)
+    with pytest.raises(ValueError, match="copy_dtype: expected a floating torch.dtype"):
+        call(copy_dtype=None)
+    runs = kernels.normalized_parallel_cfc_runs
+    assert runs(raw["u"], raw["scale"], raw["shift"], convs)
+    # n in bf16, the convs in fp32: n's one fp32 copy would not be rounded to bf16 as n is
+    assert not runs(raw["u"].bfloat16(), raw["scale"].bfloat16(), raw["shift"].bfloat16(), convs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the convs in bf16 too
+        assert runs(raw["u"].bfloat16(), raw["scale"].bfloat16(), raw["shift"].bfloat16(), convs)
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", "auto,pointwise_conv=triton")  # the CfC heads kernel reads n
+    assert not runs(raw["u"], raw["scale"], raw["shift"], convs)
+    with pytest.raises(ValueError, match="u: normalized_parallel_cfc needs the Triton CfC and AdaLN kernels"):
         call()
 
 

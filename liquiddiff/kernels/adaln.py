@@ -23,9 +23,10 @@ kernel gets contiguous (vectorised) loads along pixels for NCHW and along channe
 channels_last.
 
 Public entry: ``adaln_modulate(x, scale, shift, eps=1e-6, residual=None)`` returns ``out``, or
-``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does; without
-gradient, ``normalize`` also returns the statistics that remake out from x in another kernel
-that loads x anyway (the CfC kernel, where n = AdaLN(u) and u is its residual). Custom ops:
+``(out, s)`` with a residual, as :func:`liquiddiff.functional.adaln_modulate` does.
+``normalize`` and ``normalize_backward``: the same kernels without an autograd node of their
+own, the statistics returned, for a caller whose kernel remakes out from x (the fused block's
+CfC, where n = AdaLN(u) and u is the CfC's residual: ``parallel_cfc.normalized_parallel_cfc``). Custom ops:
 ``liquiddiff::adaln_modulate`` -> (out, s, mean, rstd, copy) and
 ``liquiddiff::adaln_modulate_backward``.
 """
@@ -33,7 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 
@@ -47,7 +48,7 @@ try:
 except Exception:  # Triton missing: runtime.use_triton is False, no launcher is reached
     triton = None
 
-__all__ = ["adaln_modulate", "normalize", "Normalization", "launch_config"]
+__all__ = ["adaln_modulate", "check_arguments", "normalize", "normalize_backward", "launch_config"]
 
 OP_NAME = "adaln_modulate"
 
@@ -427,7 +428,7 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def _check(x, scale, shift, eps, residual, out_dtype, copy_dtype) -> float:
+def check_arguments(x, scale, shift, eps, residual=None, out_dtype=None, copy_dtype=None) -> float:
     """Argument checks before any work, each naming the argument; returns eps as a float."""
     _tensors.check_activation("x", x)
     batch, channels = x.shape[:2]
@@ -444,30 +445,27 @@ def _check(x, scale, shift, eps, residual, out_dtype, copy_dtype) -> float:
     return eps
 
 
-class Normalization(NamedTuple):
-    """out = AdaLN(x) as the numbers that make it from x: x's per-pixel mean and rstd ([B, H*W],
-    fp32 or fp64) and the [B, C] scale and shift. A kernel that loads x anyway remakes out in
-    registers from them (``cfc_relax.forward(normalization=)``) where it would read out."""
-
-    mean: torch.Tensor
-    rstd: torch.Tensor
-    scale: torch.Tensor
-    shift: torch.Tensor
-
-
-def normalize(x, scale, shift, eps: float = 1e-6, *, out_dtype=None) -> tuple[torch.Tensor, Normalization]:
-    """``(out, Normalization)``: out = AdaLN(x) (:func:`adaln_modulate`, stored in ``out_dtype``
-    when given) and what remakes out exactly from x. Without gradient only (the statistics take
-    none) and on the Triton kernel: the fused block's sampling forward, where norm1 writes n in
-    the convolutions' dtype alone and the CfC kernel remakes n in fp32 from u."""
-    eps = _check(x, scale, shift, eps, None, out_dtype, None)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, shift)):
-        raise ValueError("normalize: only without gradient (the statistics take none); use adaln_modulate")
-    if not runtime.use_triton(OP_NAME, x.device.type):
-        raise ValueError(f"normalize: needs the Triton AdaLN kernel, which does not run here ({x.device.type})")
+def normalize(x, scale, shift, eps: float, out_dtype=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(out, mean, rstd)``: out = AdaLN(x) stored in ``out_dtype`` (when given), and x's
+    per-pixel statistics ([B, H*W], fp32 or fp64), with which a kernel that loads x anyway remakes
+    out exactly (``cfc_relax.forward(normalization=)``). No autograd node: for a caller's
+    autograd.Function, with :func:`normalize_backward` (``parallel_cfc.normalized_parallel_cfc``);
+    arguments as :func:`check_arguments` checks them; the Triton kernel only."""
     op = _adaln_forward if _eager.needs_custom_op(x) else _forward_kernels
     out, _s, mean, rstd, _copy = op(x, scale, shift, eps, None, out_dtype, None)
-    return out, Normalization(mean, rstd, scale, shift)
+    return out, mean, rstd
+
+
+def normalize_backward(grad_out, grad_x, x, mean, rstd, scale, shift_dtype: torch.dtype, needs) -> tuple:
+    """(d x, d scale, d shift) of :func:`normalize`'s out for the upstream ``grad_out``, plus
+    ``grad_x`` (or None), the gradient x receives from its other consumers, added in the same
+    pass; None where ``needs`` (three flags) says so."""
+    need_x, need_scale, need_shift = needs
+    launch = _adaln_backward if _eager.needs_custom_op(x) else _backward_kernels
+    ds, _, dparams = launch(grad_out, grad_x, x, scale, mean, rstd, x.dtype, None, need_x, need_scale or need_shift)
+    d_scale, d_shift = _tensors.unstack_grads(dparams, (scale.dtype if need_scale else None,
+                                                        shift_dtype if need_shift else None))
+    return ds if need_x else None, d_scale, d_shift
 
 
 def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dtype=None, return_input=False,
@@ -484,7 +482,7 @@ def adaln_modulate(x, scale, shift, eps: float = 1e-6, residual=None, *, out_dty
     out again; out itself, detached, when out has that dtype): a copy without a gradient of its
     own, whose consumer gives its gradient to out.
     """
-    eps = _check(x, scale, shift, eps, residual, out_dtype, copy_dtype)
+    eps = check_arguments(x, scale, shift, eps, residual, out_dtype, copy_dtype)
     if return_input and residual is not None:
         raise ValueError("return_input: only without residual (with one, the sum s is returned)")
     wanted_copy = copy_dtype

@@ -103,6 +103,19 @@ if triton is not None:
 
 
     @triton.jit
+    def normalized(res, mean_ptr, rstd_ptr, pid_b, P, ps, n_scale, n_shift, X_DTYPE: tl.constexpr,
+                   COMPUTE: tl.constexpr):
+        """x = AdaLN(res) from the AdaLN kernel's [B, P] statistics and (1 + scale, shift) [C, 1]:
+        its own sequence of operations, rounded to X_DTYPE as it stores x, so the same x bit for
+        bit in the interpreter (a GPU compile may contract a multiply-add into an FMA in one
+        kernel only)."""
+        p_mask = ps < P
+        mean = tl.load(mean_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
+        rstd = tl.load(rstd_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
+        return ((res - mean) * rstd * n_scale + n_shift).to(X_DTYPE).to(COMPUTE)
+
+
+    @triton.jit
     def relax(f, g, h, x, av, bv, alpha):
         """The gate and the relaxation, elementwise, before the residual."""
         gate = tl.sigmoid(av * f - bv)
@@ -153,14 +166,9 @@ if triton is not None:
         h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
         if X_NORMALIZED:  # with a residual: x is its AdaLN
             res = tl.load(res_ptr + pid_b * sr_b + c_col * sr_c + p_row * sr_p, mask=mask).to(COMPUTE)
-            p_mask = ps < P
-            mean = tl.load(mean_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
-            rstd = tl.load(rstd_ptr + pid_b * P + ps, mask=p_mask).to(COMPUTE)[None, :]
-            scale = tl.load(nscale_ptr + pid_b * sns_b + cs * sns_c, mask=c_mask).to(COMPUTE)[:, None]
-            shift = tl.load(nshift_ptr + pid_b * snh_b + cs * snh_c, mask=c_mask).to(COMPUTE)[:, None]
-            # The AdaLN kernel's own sequence of operations: the same x, bit for bit, in the
-            # interpreter (a GPU compile may contract the last two into an FMA in one kernel only).
-            x = ((res - mean) * rstd * (1.0 + scale) + shift).to(X_DTYPE).to(COMPUTE)
+            n_scale = 1.0 + tl.load(nscale_ptr + pid_b * sns_b + cs * sns_c, mask=c_mask).to(COMPUTE)[:, None]
+            n_shift = tl.load(nshift_ptr + pid_b * snh_b + cs * snh_c, mask=c_mask).to(COMPUTE)[:, None]
+            x = normalized(res, mean_ptr, rstd_ptr, pid_b, P, ps, n_scale, n_shift, X_DTYPE, COMPUTE)
         else:
             x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
 
@@ -182,17 +190,18 @@ if triton is not None:
     @triton.jit
     def _cfc_relax_bwd_kernel(
         go_ptr, f_ptr, g_ptr, h_ptr, x_ptr, a_ptr, b_ptr, rho_ptr, t_ptr,
-        df_ptr, dg_ptr, dh_ptr, dx_ptr, part_ptr,
+        df_ptr, dg_ptr, dh_ptr, dx_ptr, part_ptr, mean_ptr, rstd_ptr, nscale_ptr, nshift_ptr,
         B, C, P,
         sgo_b, sgo_c, sgo_p, sf_b, sf_c, sf_p, sg_b, sg_c, sg_p, sh_b, sh_c, sh_p,
         sx_b, sx_c, sx_p, sdf_b, sdf_c, sdf_p, sdg_b, sdg_c, sdg_p, sdh_b, sdh_c, sdh_p,
         sdx_b, sdx_c, sdx_p,
-        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, batch_start,
+        sa_b, sa_c, sb_b, sb_c, s_rho, s_t, sns_b, sns_c, snh_b, snh_c, batch_start,
         NEED_DF: tl.constexpr, NEED_DG: tl.constexpr, NEED_DH: tl.constexpr,
-        NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
-        SPLIT_BATCH: tl.constexpr,
+        NEED_DX: tl.constexpr, NEED_PARAMS: tl.constexpr, X_NORMALIZED: tl.constexpr, X_DTYPE: tl.constexpr,
+        COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
+        # X_NORMALIZED: x_ptr is the residual whose AdaLN x is, remade as the forward remakes it.
         pid_p = tl.program_id(0)
         pid_c = tl.program_id(1)
         pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
@@ -206,6 +215,9 @@ if triton is not None:
         bv = tl.load(b_ptr + pid_b * sb_b + cs * sb_c, mask=c_mask).to(COMPUTE)[:, None]
         rho = tl.load(rho_ptr + cs * s_rho, mask=c_mask).to(COMPUTE)
         tv = tl.load(t_ptr + pid_b * s_t).to(COMPUTE)
+        if X_NORMALIZED and NEED_PARAMS:
+            n_scale = 1.0 + tl.load(nscale_ptr + pid_b * sns_b + cs * sns_c, mask=c_mask).to(COMPUTE)[:, None]
+            n_shift = tl.load(nshift_ptr + pid_b * snh_b + cs * snh_c, mask=c_mask).to(COMPUTE)[:, None]
         softplus = _softplus(rho)
         alpha_c = tl.exp(-softplus * tl.abs(tv))
         alpha = alpha_c[:, None]
@@ -230,6 +242,8 @@ if triton is not None:
                 h = tl.load(h_ptr + pid_b * sh_b + c_col * sh_c + p_row * sh_p, mask=mask).to(COMPUTE)
             if NEED_PARAMS:
                 x = tl.load(x_ptr + pid_b * sx_b + c_col * sx_c + p_row * sx_p, mask=mask).to(COMPUTE)
+                if X_NORMALIZED:
+                    x = normalized(x, mean_ptr, rstd_ptr, pid_b, P, ps, n_scale, n_shift, X_DTYPE, COMPUTE)
             gate = tl.sigmoid(av * f - bv)
             dy = (1.0 - alpha) * go
             if NEED_DF or NEED_PARAMS:
@@ -286,11 +300,13 @@ def normalized_dtype(residual, normalization) -> torch.dtype:
     return _tensors.result_dtype(residual, *normalization[2:])
 
 
-def _allocate_activation_grads(f, g, h, x, needs):
-    """df, dg, dh, dx, each in its input's dtype and memory format; empty where not needed."""
+def _allocate_activation_grads(f, g, h, x, needs, x_dtype=None):
+    """df, dg, dh, dx, each in its input's dtype (dx: ``x_dtype`` when given) and memory format;
+    empty where not needed."""
+    dtypes = (f.dtype, g.dtype, h.dtype, x_dtype or x.dtype)
     return [
-        _tensors.empty_activation(tensor, tensor.dtype) if need else tensor.new_empty(0)
-        for tensor, need in zip((f, g, h, x), needs)
+        _tensors.empty_activation(tensor, dtype) if need else tensor.new_empty(0)
+        for tensor, dtype, need in zip((f, g, h, x), dtypes, needs)
     ]
 
 
@@ -386,16 +402,17 @@ def _(f, g, h, a, b, rho, t, residual, mean, rstd, scale, shift, copy_dtype):
     return out, _tensors.empty_activation(residual, copy_dtype), out.new_empty(residual.shape[:2])
 
 
-@_tensors.launches_on_input_device
-def _backward_kernels(
-    grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
-    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
-    needs: typing.Sequence[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _launch_backward(grad_out, f, g, h, x, a, b, rho, t, needs, normalization=None):
     """(df, dg, dh, dx, d(a, b), drho, dt): d(a, b) is da and db stacked [2, B, C], one
     reduction and one cast (``_tensors.stacked_dtype``); ``needs`` (8 flags, for df .. dt)
-    skips work, and a skipped gradient comes back as an empty tensor."""
-    df, dg, dh, dx = _allocate_activation_grads(f, g, h, x, needs)
+    skips work, and a skipped gradient comes back as an empty tensor. With ``normalization``
+    (residual, mean, rstd, scale, shift) x is None, remade from the residual as the forward
+    remakes it, and dx is in its dtype."""
+    x_dtype = None
+    if normalization is not None:
+        x, normalization = normalization[0], normalization[1:]
+        x_dtype = normalized_dtype(x, normalization)
+    df, dg, dh, dx = _allocate_activation_grads(f, g, h, x, needs, x_dtype)
     need_params = any(needs[4:])
     B, C, H, W = x.shape
     P = H * W
@@ -405,23 +422,45 @@ def _backward_kernels(
     for grad, tensor, need in zip((df, dg, dh, dx), (f, g, h, x), needs):
         d_args.append(grad if need else tensor)
         d_strides.extend(_tensors.flat_pixels(grad)[1] if need else (0, 0, 0))
-    compute, part_dtype = _tensors.compute_dtypes(go, f, g, h, x, a, b, rho, t)
+    compute, part_dtype = _tensors.compute_dtypes(go, f, g, h, x, a, b, rho, t, *normalization or ())
     block_c, block_p, num_warps = _tile(C, P, sx, backward=True)
     tiles = _bwd_tiles(C, P, B, block_c, block_p)
     pixel_programs = _tensors.cdiv(P, block_p * tiles)
     partials = _tensors.empty_buffer((4, pixel_programs, B, C), part_dtype, x.device) if need_params else x
+    mean, rstd, n_scale, n_shift = normalization or (a,) * 4  # never read without X_NORMALIZED
     _tensors.launch_over_batch(
         _cfc_relax_bwd_kernel, (pixel_programs, _tensors.cdiv(C, block_c)), B,
-        go, f, g, h, x, a, b, rho, t, *d_args, partials,
+        go, f, g, h, x, a, b, rho, t, *d_args, partials, mean, rstd, n_scale, n_shift,
         B, C, P,
         *sgo, *sf, *sg, *sh, *sx, *d_strides,
-        *a.stride(), *b.stride(), rho.stride(0), t.stride(0),
+        *a.stride(), *b.stride(), rho.stride(0), t.stride(0), *n_scale.stride(), *n_shift.stride(),
         NEED_DF=needs[0], NEED_DG=needs[1], NEED_DH=needs[2], NEED_DX=needs[3],
-        NEED_PARAMS=need_params, COMPUTE=compute, WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
+        NEED_PARAMS=need_params, X_NORMALIZED=normalization is not None,
+        X_DTYPE=_tensors.tl_dtype(x_dtype or x.dtype), COMPUTE=compute,
+        WIDE=_tensors.wide_offsets(go, f, g, h, x, *d_args),
         BLOCK_C=block_c, BLOCK_P=block_p, TILES=tiles, num_warps=num_warps,
         **_tensors.COMPILE_OPTIONS,
     )
     return (df, dg, dh, dx, *reduce_parameter_partials(partials, a, b, rho, t, needs))
+
+
+@_tensors.launches_on_input_device
+def _backward_kernels(
+    grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor, x: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor,
+    needs: typing.Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, f, g, h, x, a, b, rho, t, needs)
+
+
+@_tensors.launches_on_input_device
+def _backward_normalized_kernels(
+    grad_out: torch.Tensor, f: torch.Tensor, g: torch.Tensor, h: torch.Tensor,
+    a: torch.Tensor, b: torch.Tensor, rho: torch.Tensor, t: torch.Tensor, residual: torch.Tensor,
+    mean: torch.Tensor, rstd: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    needs: typing.Sequence[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _launch_backward(grad_out, f, g, h, None, a, b, rho, t, needs, (residual, mean, rstd, scale, shift))
 
 
 def reduce_parameter_partials(partials, a, b, rho, t, needs: typing.Sequence[bool]) -> tuple:
@@ -450,6 +489,8 @@ def unpack_grads(grads, a, b, needs: typing.Sequence[bool]) -> list:
 _cfc_relax_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_backward", mutates_args=())(
     _backward_kernels
 )
+_cfc_relax_normalized_backward_op = torch.library.custom_op("liquiddiff::cfc_relax_normalized_backward",
+                                                            mutates_args=())(_backward_normalized_kernels)
 
 
 @_cfc_relax_backward_op.register_fake
@@ -457,6 +498,14 @@ def _(grad_out, f, g, h, x, a, b, rho, t, needs):
     # Parameter grads are fresh contiguous reductions in the real op.
     part_dtype = _tensors.compute_dtypes(grad_out, f, g, h, x, a, b, rho, t)[1]
     return (*_allocate_activation_grads(f, g, h, x, needs), *fake_parameter_grads(a, b, rho, t, needs, part_dtype))
+
+
+@_cfc_relax_normalized_backward_op.register_fake
+def _(grad_out, f, g, h, a, b, rho, t, residual, mean, rstd, scale, shift, needs):
+    part_dtype = _tensors.compute_dtypes(grad_out, f, g, h, residual, a, b, rho, t, mean, rstd, scale, shift)[1]
+    x_dtype = normalized_dtype(residual, (mean, rstd, scale, shift))
+    return (*_allocate_activation_grads(f, g, h, residual, needs, x_dtype),
+            *fake_parameter_grads(a, b, rho, t, needs, part_dtype))
 
 
 def fake_parameter_grads(a, b, rho, t, needs: typing.Sequence[bool], part_dtype: torch.dtype) -> tuple:
@@ -535,8 +584,13 @@ def forward(f, g, h, x, a, b, rho, t, residual=None, copy_dtype=None, normalizat
     return op(f, g, h, x, a, b, rho, t, residual, copy_dtype)
 
 
-def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool]) -> list:
+def backward(grad_out, f, g, h, x, a, b, rho, t, needs: typing.Sequence[bool], normalization=None) -> list:
     """(df, dg, dh, dx, da, db, drho, dt) of :func:`forward` (without residual: its gradient is
-    grad_out); None where ``needs`` (8 flags) says so."""
+    grad_out); None where ``needs`` (8 flags) says so. ``normalization`` (residual, mean, rstd,
+    scale, shift): x remade as :func:`forward` remakes it from the residual (``x`` not read), dx
+    in x's exact dtype."""
+    if normalization is not None:
+        op = _cfc_relax_normalized_backward_op if _eager.needs_custom_op(f) else _backward_normalized_kernels
+        return unpack_grads(op(grad_out, f, g, h, a, b, rho, t, *normalization, list(needs)), a, b, needs)
     op = _cfc_relax_backward_op if _eager.needs_custom_op(f) else _backward_kernels
     return unpack_grads(op(grad_out, f, g, h, x, a, b, rho, t, list(needs)), a, b, needs)
