@@ -10,9 +10,10 @@ Computes, per batch item b, channel c and pixel p:
 Memory moved per activation element (the [B, C] and [C] parameters are noise): the forward reads
 f, g, h, x (+ residual) and writes out, 5 (6) tensors: 10 (12) bytes in bf16; asked for the
 spatial mix's inputs (``forward(copy_dtype=)``), also out's bf16 copy (2 bytes more) and its
-per-channel sums as [B, C] partials per program, where a pass of their own read out back. Without
-gradient, x may be remade from the residual whose AdaLN it is (``forward(normalization=)``: its
-[B, H*W] mean and rstd and [B, C] scale and shift), and is not read: 4 bytes less in fp32. The backward
+per-channel sums as [B, C] partials per program, where a pass of their own read out back. x may
+be remade from the residual whose AdaLN it is (``normalization=``: its [B, H*W] mean and rstd and
+[B, C] scale and shift) and not read: the forward reads 4 bytes less in fp32 (it loads the
+residual anyway), the backward reads the residual in x's place. The backward
 recomputes the gate from the saved inputs, reads grad_out, f, g, h, x and writes df, dg, dh, dx,
 9 tensors: 18 bytes in bf16; d(residual) is grad_out itself. The parameter gradients leave the
 kernel as per-program partial sums over pixels (four [B, C] values per program, fp32 or fp64)
@@ -313,7 +314,7 @@ def _allocate_activation_grads(f, g, h, x, needs, x_dtype=None):
 def _launch_forward(f, g, h, x, a, b, rho, t, residual, copy_dtype, normalization=None):
     """The forward kernel: out, and with ``copy_dtype`` (else None, None) out's copy in it and
     the [programs_p, B, C] partial pixel sums of out. With ``normalization`` (mean, rstd, scale,
-    shift: ``adaln.Normalization``) x is None, remade from the residual in the kernel."""
+    shift, from ``adaln.normalize``) x is None, remade from the residual in the kernel."""
     x_dtype = None
     if normalization is not None:
         x, x_dtype = residual, normalized_dtype(residual, normalization)
@@ -570,10 +571,10 @@ def forward(f, g, h, x, a, b, rho, t, residual=None, copy_dtype=None, normalizat
     from fp32 (fp64) per-program partials), written in the same pass: the spatial mix's inputs,
     which ``modulated_silu.cast_with_pixel_sum`` would make by reading out back.
 
-    ``normalization`` (with ``copy_dtype`` and ``residual``; a call without gradient, since the
-    statistics take none): x is AdaLN(residual) as ``adaln.normalize`` returned it with these
-    statistics; the kernel remakes x from the residual it loads anyway, and ``x`` (x rounded to
-    the convolutions' dtype, say) is not read: a sampling step writes and reads no fp32 x."""
+    ``normalization`` (mean, rstd, scale, shift; with ``copy_dtype`` and ``residual``): x is
+    AdaLN(residual) with these statistics (``adaln.normalize``); the kernel remakes x from the
+    residual it loads anyway, and ``x`` is not read (the fused block has only n's copy in the
+    convolutions' dtype: ``parallel_cfc.normalized_parallel_cfc``)."""
     if normalization is not None:
         op = _cfc_relax_normalized_op if _eager.needs_custom_op(f) else _forward_normalized_kernels
         return op(f, g, h, a, b, rho, t, residual, *normalization, copy_dtype)

@@ -23,9 +23,11 @@ autocast the block's AdaLN also hands over n in the convolutions' dtype (``n_con
 its pass), which the 7x7 reads where it would cast n (fp32) by a pass of its own (and its
 weight gradient in backward, remade with n by one AdaLN pass), and the CfC
 kernel writes its output's bf16 copy and pixel sum for the spatial mix (``copy_dtype``), which
-read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``). Without
-gradient n may come as its bf16 copy alone with its AdaLN statistics (``normalization``): the
-CfC kernel remakes n in fp32 from the residual u, whose AdaLN n is.
+read the output back in a pass of their own (``modulated_silu.cast_with_pixel_sum``).
+``normalized_parallel_cfc`` takes the AdaLN before the branch into the node (n = AdaLN(u), u the
+residual): n is written once, in the convolutions' dtype, and the CfC kernels remake its exact
+values from u and the AdaLN's statistics, forward and backward; backward remakes the copy alone
+(for the 7x7's weight gradient) and ends with the AdaLN's backward.
 
 Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
 grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
