@@ -214,6 +214,9 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
             (f"AdaLN backward C={channels}", "adaln", "_adaln_bwd_kernel",
              lambda s=s, scale=scale, stats=stats: adaln._backward_kernels(
                  s, s, s, scale, stats, stats, torch.float32, half, True, True)),
+            (f"AdaLN backward C={channels}, n's two gradients (norm1 in the CfC node)", "adaln", "_adaln_bwd_kernel",
+             lambda s=s, x=x, scale=scale, stats=stats: adaln._backward_kernels(
+                 s, s, s, scale, stats, stats, torch.float32, None, True, True, x)),
         ]
     merge = _module("merged_depthwise")
     branches = [torch.empty(256, 1, k, k, device="meta") for k in (3, 5, 7)]

@@ -301,17 +301,20 @@ def test_opcheck_forward(index):
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate.default, _opcheck_samples()[index])
 
 
-@pytest.mark.parametrize("write_ds,ds2,param_grads,grad_s", [
-    (True, None, True, True),
-    (False, torch.float64, False, True),
-    (True, torch.float64, True, False),
+@pytest.mark.parametrize("write_ds,ds2,param_grads,grad_s,grad_out2", [
+    (True, None, True, True, False),
+    (False, torch.float64, False, True, False),
+    (True, torch.float64, True, False, False),
+    (True, None, True, True, True),
 ])
-def test_opcheck_backward(write_ds, ds2, param_grads, grad_s):
+def test_opcheck_backward(write_ds, ds2, param_grads, grad_s, grad_out2):
     x, scale, shift, eps, residual, _, _ = _opcheck_samples()[0]
     out, s, mean, rstd, _ = torch.ops.liquiddiff.adaln_modulate(
         x.detach(), scale.detach(), shift.detach(), eps, residual.detach(), None, None)
     args = (torch.randn_like(out), torch.randn_like(s) if grad_s else None, s, scale.detach(),
             mean, rstd, x.dtype, ds2, write_ds, param_grads)
+    if grad_out2:
+        args += (torch.randn_like(out).float(),)
     torch.library.opcheck(torch.ops.liquiddiff.adaln_modulate_backward.default, args)
 
 
@@ -562,19 +565,22 @@ def test_normalize_returns_out_and_its_statistics(out_dtype):
 
 @pytest.mark.parametrize("needs", [(True, True, True), (True, False, False), (False, True, True), (False, False, True)])
 @pytest.mark.parametrize("with_grad_x", [True, False])
-def test_normalize_backward_is_the_references(needs, with_grad_x):
-    """normalize_backward(grad_out, grad_x, ...): the gradients of x, scale and shift that the
-    reference gives for out's upstream gradient grad_out, x's own gradient grad_x added (x's other
-    consumers: the CfC residual); None where not needed."""
+@pytest.mark.parametrize("upstreams", [1, 2])
+def test_normalize_backward_is_the_references(needs, with_grad_x, upstreams):
+    """normalize_backward(grad_outs, grad_x, ...): the gradients of x, scale and shift that the
+    reference gives for out's upstream gradient, the sum of grad_outs (two consumers of out:
+    summed by the kernel as it loads them, the second in another dtype here), x's own gradient
+    grad_x added (x's other consumers: the CfC residual); None where not needed."""
     raw = _return_input_raw()
     _, mean, rstd = adaln_kernel.normalize(**raw, eps=EPS)
-    grad_out = torch.randn_like(raw["x"])
+    grad_outs = [torch.randn_like(raw["x"]), torch.randn_like(raw["x"]).float()][:upstreams]
     grad_x = torch.randn_like(raw["x"]) if with_grad_x else None
     with parity.poisoned_outputs():
-        got = adaln_kernel.normalize_backward(grad_out, grad_x, raw["x"], mean, rstd, raw["scale"], raw["shift"].dtype,
+        got = adaln_kernel.normalize_backward(grad_outs, grad_x, raw["x"], mean, rstd, raw["scale"], raw["shift"].dtype,
                                               needs)
     ins = parity.leaves(raw)
     out = functional.adaln_modulate(**ins, eps=EPS)
+    grad_out = sum(g.to(out.dtype) for g in grad_outs)
     outputs, ups = (out, ins["x"]) if with_grad_x else (out,), (grad_out, grad_x) if with_grad_x else (grad_out,)
     want = torch.autograd.grad(outputs, [ins["x"], ins["scale"], ins["shift"]], ups)
     for name, g, w, need in zip(("x", "scale", "shift"), got, want, needs):

@@ -10,9 +10,10 @@ Memory moved (N = B*C*H*W elements, P = B*H*W pixels):
 - forward: reads x (and residual), writes out (and s, and out's copy in another dtype:
   ``copy_dtype``), writes mean and rstd (2P, in the compute dtype); scale and shift are loaded
   once per program.
-- backward: reads grad_out (and grad_s), s and the statistics, writes ds once (twice when x and
-  residual differ in dtype, both in the same pass) and per-program partial sums of d scale and
-  d shift (2 * B * C per block of pixels), which one torch sum reduces.
+- backward: reads grad_out (and a second one, two consumers' gradients, and grad_s), s and the
+  statistics, writes ds once (twice when x and residual differ in dtype, both in the same pass)
+  and per-program partial sums of d scale and d shift (2 * B * C per block of pixels), which one
+  torch sum reduces.
 Saved for backward: s (x itself when there is no residual), scale, mean, rstd; not out.
 
 Layout: x, residual, out, s and the gradients are viewed as [B, C, H*W] with their own strides
@@ -142,16 +143,18 @@ if triton is not None:
 
     @triton.jit
     def _adaln_bwd_kernel(
-        g_ptr, gs_ptr, s_ptr, scale_ptr, mean_ptr, rstd_ptr,
+        g_ptr, g2_ptr, gs_ptr, s_ptr, scale_ptr, mean_ptr, rstd_ptr,
         ds_ptr, ds2_ptr, dparam_part_ptr,
         B, C, P,
         sg_b, sg_c, sg_p,
+        sg2_b, sg2_c, sg2_p,
         sgs_b, sgs_c, sgs_p,
         ss_b, ss_c, ss_p,
         sd_b, sd_c, sd_p,
         sd2_b, sd2_c, sd2_p,
         sscale_b, sscale_c, batch_start,
         HAS_GRAD_S: tl.constexpr,
+        HAS_GRAD_OUT2: tl.constexpr,
         WRITE_DS: tl.constexpr,
         WRITE_DS2: tl.constexpr,
         PARAM_GRADS: tl.constexpr,
@@ -165,6 +168,8 @@ if triton is not None:
         # Masked lanes load g = 0, so padded channels and pixels add nothing to the channel
         # sums below or to the pixel partial sums.
         g = tl.load(g_ptr + b * sg_b + c64 * sg_c + p64 * sg_p, mask=mask, other=0.0).to(COMPUTE)
+        if HAS_GRAD_OUT2:  # out's second upstream gradient, summed here rather than by a pass of its own
+            g += tl.load(g2_ptr + b * sg2_b + c64 * sg2_c + p64 * sg2_p, mask=mask, other=0.0).to(COMPUTE)
         s = tl.load(s_ptr + b * ss_b + c64 * ss_c + p64 * ss_p, mask=mask, other=0.0).to(COMPUTE)
         mean = tl.load(mean_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
         rstd = tl.load(rstd_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
@@ -290,8 +295,10 @@ def _backward_kernels(
     ds2_dtype: Optional[torch.dtype],
     write_ds: bool,
     param_grads: bool,
+    grad_out2: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of (out, s) -> (ds, ds2, d params).
+    """Gradients of (out, s) -> (ds, ds2, d params); out's upstream gradient is grad_out (+
+    grad_out2, when given: two consumers' gradients, summed in registers).
 
     ds: d s in ``ds_dtype`` (written when ``write_ds``); ds2: the same values in ``ds2_dtype``
     (when given: residual and x differ in dtype); d params: d scale and d shift stacked
@@ -308,6 +315,7 @@ def _backward_kernels(
         dparam_part = dparams
     if s.numel() > 0:
         grad_out, g_strides = _tensors.flat_pixels(grad_out)
+        g2, g2_strides = (grad_out, g_strides) if grad_out2 is None else _tensors.flat_pixels(grad_out2)
         s, s_strides = _tensors.flat_pixels(s)
         if grad_s is None:
             gs, gs_strides = grad_out, g_strides
@@ -317,16 +325,17 @@ def _backward_kernels(
         ds2_strides = g_strides if ds2_dtype is None else _tensors.pixel_strides(ds2)
         _tensors.launch_over_batch(
             _adaln_bwd_kernel, (n_blocks,), batch,
-            grad_out, gs, s, scale, mean, rstd,
+            grad_out, g2, gs, s, scale, mean, rstd,
             ds, ds2, dparam_part,
             batch, channels, pixels,
-            *g_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
+            *g_strides, *g2_strides, *gs_strides, *s_strides, *ds_strides, *ds2_strides,
             *scale.stride(),
             HAS_GRAD_S=grad_s is not None,
+            HAS_GRAD_OUT2=grad_out2 is not None,
             WRITE_DS=write_ds,
             WRITE_DS2=ds2_dtype is not None,
             PARAM_GRADS=param_grads,
-            COMPUTE=_tensors.compute_dtype(grad_out, grad_s, s, scale, mean),
+            COMPUTE=_tensors.compute_dtype(grad_out, grad_out2, grad_s, s, scale, mean),
             BLOCK_C=block_c, BLOCK_P=block_p, num_warps=num_warps,
             **_tensors.COMPILE_OPTIONS,
         )
@@ -342,7 +351,7 @@ _adaln_backward = torch.library.custom_op("liquiddiff::adaln_modulate_backward",
 
 
 @_adaln_backward.register_fake
-def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, param_grads):
+def _(grad_out, grad_s, s, scale, mean, rstd, ds_dtype, ds2_dtype, write_ds, param_grads, grad_out2=None):
     return _backward_buffers(s, scale, mean, ds_dtype, ds2_dtype, write_ds, param_grads)
 
 
@@ -456,13 +465,15 @@ def normalize(x, scale, shift, eps: float, out_dtype=None) -> tuple[torch.Tensor
     return out, mean, rstd
 
 
-def normalize_backward(grad_out, grad_x, x, mean, rstd, scale, shift_dtype: torch.dtype, needs) -> tuple:
-    """(d x, d scale, d shift) of :func:`normalize`'s out for the upstream ``grad_out``, plus
-    ``grad_x`` (or None), the gradient x receives from its other consumers, added in the same
-    pass; None where ``needs`` (three flags) says so."""
+def normalize_backward(grad_outs, grad_x, x, mean, rstd, scale, shift_dtype: torch.dtype, needs) -> tuple:
+    """(d x, d scale, d shift) of :func:`normalize`'s out for the upstream gradient, the sum of
+    ``grad_outs`` (one or two: two consumers' gradients, summed in registers), plus ``grad_x`` (or
+    None), the gradient x receives from its other consumers, added in the same pass; None where
+    ``needs`` (three flags) says so."""
     need_x, need_scale, need_shift = needs
     launch = _adaln_backward if _eager.needs_custom_op(x) else _backward_kernels
-    ds, _, dparams = launch(grad_out, grad_x, x, scale, mean, rstd, x.dtype, None, need_x, need_scale or need_shift)
+    ds, _, dparams = launch(grad_outs[0], grad_x, x, scale, mean, rstd, x.dtype, None, need_x, need_scale or need_shift,
+                            *grad_outs[1:])
     d_scale, d_shift = _tensors.unstack_grads(dparams, (scale.dtype if need_scale else None,
                                                         shift_dtype if need_shift else None))
     return ds if need_x else None, d_scale, d_shift

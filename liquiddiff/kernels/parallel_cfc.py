@@ -93,9 +93,9 @@ class _ParallelCfC(torch.autograd.Function):
         if grad_out is None:  # not materialised (copy_dtype): out did not reach the loss
             return (None,) * len(needs)
         n, n_conv, *saved = ctx.saved_tensors
-        d_n, d_residual, d_small, d_ws, d_bs = _backward(ctx, grad_out, n, n_conv, saved, needs)
+        d_ns, d_residual, d_small, d_ws, d_bs = _backward(ctx, grad_out, n, n_conv, saved, needs)
         # n_conv (its gradient is n's), copy_dtype, grad
-        return (d_n, d_residual, *d_small, *d_ws, *d_bs, None, None, None)
+        return (d_ns[0], d_residual, *d_small, *d_ws, *d_bs, None, None, None)
 
 
 class _NormalizedParallelCfC(torch.autograd.Function):
@@ -128,12 +128,12 @@ class _NormalizedParallelCfC(torch.autograd.Function):
         needs = ctx.needs_input_grad[4:8 + 2 * _CONVS]
         need_n = need_u or need_scale or need_shift
         n = adaln.normalize(u, scale, shift, ctx.eps, out_dtype=ctx.n_dtype)[0]  # the forward's, remade
-        d_n, d_residual, d_small, d_ws, d_bs = _backward(ctx, grad_out, n, None, saved, (need_n, need_u, *needs),
-                                                         (u, mean, rstd, scale, shift))
+        d_ns, d_residual, d_small, d_ws, d_bs = _backward(ctx, grad_out, n, None, saved, (need_n, need_u, *needs),
+                                                          (u, mean, rstd, scale, shift))
         del n
         d_u = d_scale = d_shift = None
-        if need_n:
-            d_u, d_scale, d_shift = adaln.normalize_backward(d_n, d_residual, u, mean, rstd, scale, ctx.shift_dtype,
+        if need_n:  # n's gradients (the CfC op's and the 7x7's, or their sum) summed by the AdaLN kernel
+            d_u, d_scale, d_shift = adaln.normalize_backward(d_ns, d_residual, u, mean, rstd, scale, ctx.shift_dtype,
                                                              (need_u, need_scale, need_shift))
         return (d_u, d_scale, d_shift, None, *d_small, *d_ws, *d_bs, None, None)  # eps, copy_dtype, grad
 
@@ -216,11 +216,14 @@ def _forward(ctx, n, residual, small, weights, biases, n_conv, copy_dtype, grad,
 
 
 def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
-    """(d_n, d_residual, d_small, d_ws, d_bs) of :func:`_forward` for ``needs`` in
+    """(d_ns, d_residual, d_small, d_ws, d_bs) of :func:`_forward` for ``needs`` in
     :class:`_ParallelCfC`'s input order, from ``saved`` (its second result); ``n`` and
-    ``n_conv`` as the forward had them (or remade). ``normalization`` (residual, mean, rstd,
-    scale, shift): n's exact values, remade from the residual by the CfC backward kernel; d_n
-    is then in their dtype (fp32 under autocast), not n's."""
+    ``n_conv`` as the forward had them (or remade). d_ns: n's gradient as a list of one tensor.
+    ``normalization`` (residual, mean, rstd, scale, shift): n's exact values, remade from the
+    residual by the CfC backward kernel; d_n is then in their dtype (fp32 under autocast), not
+    n's, and where the 7x7's input gradient comes in a narrower dtype (cuDNN's, under autocast)
+    d_ns holds the two apart, for the AdaLN backward kernel that follows to add them as it loads
+    them (their sum in d_n's dtype, as an add would make it)."""
     dw, z, g_hidden, h_hidden, *rest = saved
     small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]
     need_n, need_residual = needs[:2]
@@ -254,6 +257,7 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
             d_f, d_g, d_h, d_n, *d_small = cfc_relax_backward(grad_out, f, g, h, n, *small, cfc_needs,
                                                                    normalization)
             del f, g, h
+        d_ns = [d_n]
         if need_heads:
             hidden_d_bs = [None, None]  # the g/h depthwise biases' gradients, when their SiLU adds them
             d_g, d_ws[_G_PW], d_bs[_G_PW], hidden_d_bs[0] = _pointwise_head_backward(
@@ -281,15 +285,15 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
                 d_z, dw, weights[_PW], biases[_DW] if ctx.folded else None, dtype,
                 need_ws[_PW], need_bs[_PW], ctx.folded and need_bs[_DW])
             del d_z
-            d_n, d_ws[_DW], d_b = _backbone_backward(d_dw, n, n_conv, weights[_DW], bias_shapes[_DW], dtype, d_n,
-                                                     [need_n, need_ws[_DW], need_bs[_DW] and not ctx.folded],
-                                                     ctx.dw_triton)
+            d_ns, d_ws[_DW], d_b = _backbone_backward(d_dw, n, n_conv, weights[_DW], bias_shapes[_DW], dtype, d_n,
+                                                      [need_n, need_ws[_DW], need_bs[_DW] and not ctx.folded],
+                                                      ctx.dw_triton, normalization is not None)
             d_bs[_DW] = folded_d_b if ctx.folded else d_b
     weight_dtypes, bias_dtypes = ctx.param_dtypes
     d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
     d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
     d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
-    return d_n, d_residual, d_small, d_ws, d_bs
+    return d_ns, d_residual, d_small, d_ws, d_bs
 
 
 def _pointwise_head_backward(d_out, hidden, silu_hidden, weight, bias_shape, dtype, need_w, need_b,
@@ -382,19 +386,23 @@ def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b
     return d_dw, d_w, d_b if need_b else None, d_dw_bias
 
 
-def _backbone_backward(d_dw, n, n_conv, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool):
-    """The 7x7 conv's (d_n, d_weight, d_bias), d_n summed with the CfC op's ``d_n_cfc``: in the
-    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add. The
-    weight gradient reads ``n_conv`` (n in ``dtype``, or None: n, cast)."""
+def _backbone_backward(d_dw, n, n_conv, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool, apart: bool):
+    """The 7x7 conv's ([d_n], d_weight, d_bias), d_n summed with the CfC op's ``d_n_cfc``: in the
+    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add, or,
+    ``apart``, where d_n_cfc is wider than the conv's d_n (then the sum of the two as the add
+    would make it), [d_n_cfc, the conv's d_n] for the caller's next kernel to add. The weight
+    gradient reads ``n_conv`` (n in ``dtype``, or None: n, cast)."""
     k = weight.shape[-1]
     conv_input = n if n_conv is None else n_conv
     if triton:
         d_n, (d_w,), (d_b,) = depthwise.backward([d_dw], conv_input, [weight], dtype, needs, addend=d_n_cfc)
-        return d_n, d_w, d_b
+        return [d_n], d_w, d_b
     d_n, d_w, d_b = _conv_backward(d_dw, conv_input, weight, bias_shape, dtype, k // 2, n.shape[1], needs, False)
-    if d_n is not None:
-        d_n = d_n_cfc.add_(d_n)  # d_n_cfc: the CfC op's fresh output, n's dtype
-    return d_n, d_w, d_b
+    if d_n is None:
+        return [d_n_cfc], d_w, d_b
+    if apart and torch.promote_types(d_n_cfc.dtype, d_n.dtype) == d_n_cfc.dtype != d_n.dtype:
+        return [d_n_cfc, d_n], d_w, d_b
+    return [d_n_cfc.add_(d_n)], d_w, d_b  # d_n_cfc: the CfC op's fresh output, n's dtype
 
 
 def _check(n, convs, a, b, rho, t, residual) -> None:
