@@ -8,7 +8,8 @@ SiLU, the Triton depthwise convs 7x7 and 3x3, the CfC heads' g/h pair, the CfC b
 pointwise kernels with its heads + gate kernels; the forward alone of the CfC's g/h head with
 its 3x3 in the 1x1 conv's prologue; first the spatial mix's fp32 input (its bf16
 copy and pixel sums in one Triton pass or by the CfC kernel that writes it, its Triton depthwise
-conv, cast by the launcher), its
+conv, cast by the launcher; the CfC kernels remaking their x from it as AdaLN's output, the
+AdaLN backward with two upstream gradients), its
 merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,
 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
@@ -39,6 +40,7 @@ from liquiddiff.kernels import depthwise, runtime
 # The modules (the package's attributes of those names are the ops).
 modulated_silu = importlib.import_module("liquiddiff.kernels.modulated_silu")
 cfc_relax = importlib.import_module("liquiddiff.kernels.cfc_relax")
+adaln = importlib.import_module("liquiddiff.kernels.adaln")
 
 SHAPES = ((2, 130, 33, 40), (2, 65, 9, 13), (1, 3, 5, 7))
 # Looser than the parity tests' (bf16 1e-2, fp32 1e-5): tiny C makes LayerNorm ill-conditioned,
@@ -124,6 +126,39 @@ def _cfc_copy_check(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -
     return "cfc_relax", f"forward with the spatial mix's copy and pixel sums {list(x.shape)}", ok
 
 
+def _normalized_cfc_checks(u: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> list[tuple[str, str, bool]]:
+    """The fused block's norm1 + CfC node on the fp32 residual ``u``: the CfC kernels remaking
+    x = AdaLN(u) from AdaLN's statistics (``normalization=``; x itself NaN, never read) against
+    the same kernels reading x as the AdaLN kernel wrote it, forward (with the copy in ``dtype``)
+    and backward; then the AdaLN backward adding a second upstream gradient (in ``dtype``) as it
+    loads the first, against the sum made first."""
+    B, C = u.shape[:2]
+    fmt = torch.channels_last if u.stride(1) == 1 and C > 1 else torch.contiguous_format
+    heads = [torch.randn(u.shape, generator=gen).to(u.device, dtype).contiguous(memory_format=fmt) for _ in range(3)]
+    gate = [torch.randn(B, C, generator=gen).to(u.device, dtype) for _ in range(2)]
+    rho, t = torch.randn(C, generator=gen).to(u.device), torch.rand(B, generator=gen).to(u.device)
+    scale, shift = (torch.randn(B, C, generator=gen).to(u.device, dtype) for _ in range(2))
+    x, mean, rstd = adaln.normalize(u, scale, shift, 1e-6)
+    unread = torch.full_like(x, float("nan"))
+    normalization = (mean, rstd, scale, shift)
+    grad_out = torch.randn(u.shape, generator=gen).to(u.device).contiguous(memory_format=fmt)
+    forward = [cfc_relax.forward(*heads, x_in, *gate, rho, t, u, copy_dtype=dtype, normalization=norm)
+               for x_in, norm in ((x, None), (unread, normalization))]
+    backward = [cfc_relax.backward(grad_out, *heads, x_in, *gate, rho, t, [True] * 8, normalization=norm)
+                for x_in, norm in ((x, None), (unread, (u, *normalization)))]
+    second = grad_out.to(dtype)
+    summed = [adaln.normalize_backward(grads, None, u, mean, rstd, scale, shift.dtype, (True, True, True))
+              for grads in ([grad_out, second], [grad_out + second.float()])]
+    cases.sync(u.device)
+
+    def close(pairs):
+        return all(a is b or cases.rel_err(a.cpu(), b.cpu()) <= TOL["fp32"] for a, b in pairs)
+
+    return [("cfc_relax", f"forward, x remade from the residual {list(u.shape)}", close(zip(*forward))),
+            ("cfc_relax", f"backward, x remade from the residual {list(u.shape)}", close(zip(*backward))),
+            ("adaln_modulate", f"backward, two upstream gradients {list(u.shape)}", close(zip(*summed)))]
+
+
 def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
     """The spatial mix's fp32 input in one pass, as the model runs it under autocast (which the
     op cases do not): copy and pixel sums (``cast_with_pixel_sum``, or the CfC kernel that writes
@@ -154,6 +189,7 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
                      cases.rel_err(bias_grad.cpu(), want_sum.sum(0)) <= TOL["fp32"])]
             op, check, ok = _cfc_copy_check(xd, dtype, gen)
             out.append((op, f"{check} {layout}", ok))
+            out += [(op, f"{check} {layout}", ok) for op, check, ok in _normalized_cfc_checks(xd, dtype, gen)]
     return out
 
 
