@@ -309,8 +309,11 @@ def test_normalized_arguments_are_checked(monkeypatch):
     convs = [(raw[f"{name}_w"], raw[f"{name}_b"]) for name in functional.CFC_CONVS]
     small = [raw[k] for k in ("a", "b", "rho", "t")]
 
-    def call(scale=raw["scale"], eps=1e-6, copy_dtype=torch.float16):
-        return kernels.normalized_parallel_cfc(raw["u"], scale, raw["shift"], eps, convs, *small, copy_dtype)
+    def call(scale=raw["scale"], eps=1e-6, copy_dtype=torch.float16, u=raw["u"]):
+        return kernels.normalized_parallel_cfc(u, scale, raw["shift"], eps, convs, *small, copy_dtype)
+
+    with pytest.raises(ValueError, match="u: expected a 4-D"):
+        call(u=raw["u"][0])
 
     with pytest.raises(ValueError, match=r"scale: expected shape \(2, 6\)"):
         call(scale=raw["scale"][:, :3])

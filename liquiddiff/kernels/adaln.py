@@ -437,9 +437,10 @@ def _check_eps(eps) -> float:
     return eps
 
 
-def check_arguments(x, scale, shift, eps, residual=None, out_dtype=None, copy_dtype=None) -> float:
-    """Argument checks before any work, each naming the argument; returns eps as a float."""
-    _tensors.check_activation("x", x)
+def check_arguments(x, scale, shift, eps, residual=None, out_dtype=None, copy_dtype=None, name="x") -> float:
+    """Argument checks before any work, each naming the argument (x as ``name``); returns eps as
+    a float."""
+    _tensors.check_activation(name, x)
     batch, channels = x.shape[:2]
     _tensors.check_vector("scale", scale, (batch, channels), x.device)
     _tensors.check_vector("shift", shift, (batch, channels), x.device)
@@ -447,10 +448,10 @@ def check_arguments(x, scale, shift, eps, residual=None, out_dtype=None, copy_dt
         _tensors.check_activation("residual", residual, like=x)
     eps = _check_eps(eps)
     if channels > MAX_CHANNELS:
-        raise ValueError(f"x: at most {MAX_CHANNELS} channels are supported, got {channels}")
-    for name, dtype in (("out_dtype", out_dtype), ("copy_dtype", copy_dtype)):
+        raise ValueError(f"{name}: at most {MAX_CHANNELS} channels are supported, got {channels}")
+    for arg, dtype in (("out_dtype", out_dtype), ("copy_dtype", copy_dtype)):
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-            raise TypeError(f"{name}: expected a floating-point torch.dtype or None, got {dtype!r}")
+            raise TypeError(f"{arg}: expected a floating-point torch.dtype or None, got {dtype!r}")
     return eps
 
 

@@ -478,7 +478,7 @@ def normalized_parallel_cfc(u, scale, shift, eps, convs, a, b, rho, t, copy_dtyp
     only the convolutions' copy (for the 7x7's weight gradient) and runs AdaLN's backward on n's
     gradient with u's residual gradient added in that pass. Returns ``(out, copy, pixel_sum)``
     as :func:`parallel_cfc` with ``copy_dtype`` does."""
-    eps = adaln.check_arguments(u, scale, shift, eps, copy_dtype=copy_dtype)
+    eps = adaln.check_arguments(u, scale, shift, eps, copy_dtype=copy_dtype, name="u")
     _check(u, convs, a, b, rho, t, None)
     if copy_dtype is None:
         raise ValueError("copy_dtype: expected a floating torch.dtype (the spatial mix's input dtype), got None")
