@@ -107,15 +107,21 @@ def small_op_checks(channels: int, device: torch.device) -> list[tuple[str, str,
             ("context_shift", f"C={channels}", all(cases.rel_err(a, b) <= 1e-5 for a, b in shifted))]
 
 
-def _cfc_copy_check(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> tuple[str, str, bool]:
-    """The CfC kernel writing the spatial mix's input ``x``-shaped (its fp32 output, the copy in
-    ``dtype`` and the pixel sums, ``cfc_relax.forward(copy_dtype=)``): the output as without the
-    copy, the copy exactly its cast, the sums against fp64's."""
+def _cfc_operands(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> tuple:
+    """Random (f, g, h), (a, b), rho and t for a CfC kernel call on ``x``-shaped activations: the
+    heads and the gate parameters in ``dtype``, the heads in x's layout."""
     B, C = x.shape[:2]
     fmt = torch.channels_last if x.stride(1) == 1 and C > 1 else torch.contiguous_format
     heads = [torch.randn(x.shape, generator=gen).to(x.device, dtype).contiguous(memory_format=fmt) for _ in range(3)]
     gate = [torch.randn(B, C, generator=gen).to(x.device, dtype) for _ in range(2)]
-    rho, t = torch.randn(C, generator=gen).to(x.device), torch.rand(B, generator=gen).to(x.device)
+    return heads, gate, torch.randn(C, generator=gen).to(x.device), torch.rand(B, generator=gen).to(x.device)
+
+
+def _cfc_copy_check(x: torch.Tensor, dtype: torch.dtype, gen: torch.Generator) -> tuple[str, str, bool]:
+    """The CfC kernel writing the spatial mix's input ``x``-shaped (its fp32 output, the copy in
+    ``dtype`` and the pixel sums, ``cfc_relax.forward(copy_dtype=)``): the output as without the
+    copy, the copy exactly its cast, the sums against fp64's."""
+    heads, gate, rho, t = _cfc_operands(x, dtype, gen)
     residual = torch.randn(x.shape, generator=gen).to(x.device)
     args = (*heads, x, *gate, rho, t, residual)
     out, copy, pixel_sum = cfc_relax.forward(*args, copy_dtype=dtype)
@@ -133,15 +139,12 @@ def _normalized_cfc_checks(u: torch.Tensor, dtype: torch.dtype, gen: torch.Gener
     and backward; then the AdaLN backward adding a second upstream gradient (in ``dtype``) as it
     loads the first, against the sum made first."""
     B, C = u.shape[:2]
-    fmt = torch.channels_last if u.stride(1) == 1 and C > 1 else torch.contiguous_format
-    heads = [torch.randn(u.shape, generator=gen).to(u.device, dtype).contiguous(memory_format=fmt) for _ in range(3)]
-    gate = [torch.randn(B, C, generator=gen).to(u.device, dtype) for _ in range(2)]
-    rho, t = torch.randn(C, generator=gen).to(u.device), torch.rand(B, generator=gen).to(u.device)
+    heads, gate, rho, t = _cfc_operands(u, dtype, gen)
     scale, shift = (torch.randn(B, C, generator=gen).to(u.device, dtype) for _ in range(2))
     x, mean, rstd = adaln.normalize(u, scale, shift, 1e-6)
     unread = torch.full_like(x, float("nan"))
     normalization = (mean, rstd, scale, shift)
-    grad_out = torch.randn(u.shape, generator=gen).to(u.device).contiguous(memory_format=fmt)
+    grad_out = torch.empty_like(u).copy_(torch.randn(u.shape, generator=gen))  # in u's layout
     forward = [cfc_relax.forward(*heads, x_in, *gate, rho, t, u, copy_dtype=dtype, normalization=norm)
                for x_in, norm in ((x, None), (unread, normalization))]
     backward = [cfc_relax.backward(grad_out, *heads, x_in, *gate, rho, t, [True] * 8, normalization=norm)
