@@ -201,6 +201,10 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
                 lambda: ms.sum_gradients([x32, g16, per_channel], torch.float32)))
     out.append(("channel sum (a cuDNN conv's bias gradient)", "modulated_silu", "_modulated_silu_bwd_kernel",
                 lambda: ms.channel_sum(g16, half)))
+    out.append(("SiLU backward + the bias gradient of its input's conv", "modulated_silu", "_modulated_silu_bwd_kernel",
+                lambda: ms.silu_backward_bias_grad([g16], g16)))
+    out.append(("cast + channel sum (a cuDNN conv's fp32 upstream, its bias gradient)", "modulated_silu",
+                "_modulated_silu_bwd_kernel", lambda: ms.cast_with_channel_sum(x32, half)))
     for channels in (64, 256):
         shape = (B, channels, H // (channels // 64), W // (channels // 64))
         x, r = _meta(shape, half), _meta(shape, torch.float32)

@@ -167,10 +167,12 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
     op cases do not): copy and pixel sums (``cast_with_pixel_sum``, or the CfC kernel that writes
     it, ``_cfc_copy_check``), then the Triton depthwise conv of the fp32 input (cast by its
     launcher); and its sum per channel (``channel_sum``, the kernel of every cuDNN conv's bias
-    gradient). At each shape and layout: the copy exactly x.to, the conv and the sum against
-    fp64 references: (op, what, ok)."""
+    gradient), with the cast of a wider upstream (``cast_with_channel_sum``) and after SiLU's
+    backward (``silu_backward_bias_grad``). At each shape and layout: the copy exactly x.to, the
+    conv and the sums against fp64 references: (op, what, ok)."""
     on_gpu = device.type == "cuda"
     dtype = cases.default_dtype(device) if on_gpu else torch.float64
+    sum_tol = TOL["fp32"] if dtype == torch.float64 else TOL["bf16"]  # sums returned in ``dtype``
     out = []
     for shape in SHAPES if on_gpu else SHAPES[1:]:  # the interpreter: small shapes, as case_list
         gen = torch.Generator().manual_seed(shape[1])
@@ -183,13 +185,20 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
             local, = depthwise.forward(xd, [w.to(device, dtype)], [b.to(device, dtype)], dtype)
             cast, cast_sum = modulated_silu.cast_with_pixel_sum(xd, dtype)
             bias_grad = modulated_silu.channel_sum(xd, torch.float32)
+            rounded, rounded_sum = modulated_silu.cast_with_channel_sum(xd, dtype)
+            d_z, d_z_sum = modulated_silu.silu_backward_bias_grad([xd], rounded)
             cases.sync(device)
             what = f"{list(shape)} {layout} fp32 -> {str(dtype)[6:]}"
             out += [("depthwise_conv", f"fp32 input {what}", cases.rel_err(local.cpu(), want_conv) <= TOL["bf16"]),
                     ("modulated_silu", f"cast with pixel sums {what}",
                      torch.equal(cast.cpu(), want_copy) and cases.rel_err(cast_sum.cpu(), want_sum) <= TOL["fp32"]),
                     ("conv_bias_grad", f"channel sum {what}",
-                     cases.rel_err(bias_grad.cpu(), want_sum.sum(0)) <= TOL["fp32"])]
+                     cases.rel_err(bias_grad.cpu(), want_sum.sum(0)) <= TOL["fp32"]),
+                    ("conv_bias_grad", f"cast with channel sum {what}",
+                     torch.equal(rounded.cpu(), want_copy)
+                     and cases.rel_err(rounded_sum.cpu().double(), want_copy.double().sum((0, 2, 3))) <= sum_tol),
+                    ("conv_bias_grad", f"SiLU backward with the bias gradient {what}",
+                     cases.rel_err(d_z_sum.cpu().double(), d_z.cpu().double().sum((0, 2, 3))) <= sum_tol)]
             op, check, ok = _cfc_copy_check(xd, dtype, gen)
             out.append((op, f"{check} {layout}", ok))
             out += [(op, f"{check} {layout}", ok) for op, check, ok in _normalized_cfc_checks(xd, dtype, gen)]

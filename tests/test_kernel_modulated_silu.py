@@ -173,10 +173,55 @@ def test_silu_backward_sums_gradients(n_grads, layout):
     parity.assert_close("d_z", got, want, 1e-12)
 
 
+@pytest.mark.parametrize("n_grads", [1, 3])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 130, 33, 40)])
+def test_silu_backward_bias_grad(n_grads, layout, shape):
+    """silu_backward_bias_grad(grads, z): silu_backward's d_z, and d_z as stored summed over the
+    batch and the pixels (the bias gradient of z's conv) in z's dtype. Computed in fp64 (an fp64
+    gradient), stored in fp32: the sum is the stored values' (the gap to the unrounded values'
+    sum is about 1e-8 here, the tolerance 1e-12)."""
+    z = _z(shape, torch.float32, layout)
+    grads = [torch.randn(shape, dtype=torch.float64, device=DEVICE) for _ in range(n_grads)]
+    with parity.poisoned_outputs():
+        d_z, d_bias = modulated_silu.silu_backward_bias_grad(grads, z)
+    assert torch.equal(d_z, modulated_silu.silu_backward(grads, z))
+    assert d_bias.dtype == torch.float32 and d_bias.shape == (shape[1],)
+    parity.assert_close("d_bias", d_bias.double(), d_z.double().sum((0, 2, 3)).float().double(), 1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 130, 33, 40)])
+def test_cast_with_channel_sum(layout, shape):
+    """cast_with_channel_sum(x, dtype): x.to(dtype) exactly, in x's layout, and that copy summed
+    over the batch and the pixels (a conv's bias gradient from its rounded upstream) in ``dtype``:
+    fp64 to fp32 here, the stored values' sum (about 1e-8 from the unrounded values')."""
+    x = _z(shape, torch.float64, layout)
+    with parity.poisoned_outputs():
+        copy, channel_sum = modulated_silu.cast_with_channel_sum(x, torch.float32)
+    assert torch.equal(copy, x.float()) and channel_sum.dtype == torch.float32
+    if layout == "channels_last":
+        assert copy.is_contiguous(memory_format=torch.channels_last)
+    parity.assert_close("channel_sum", channel_sum.double(), copy.double().sum((0, 2, 3)).float().double(), 1e-12)
+
+
+def test_opcheck_silu_backward_bias_grad():
+    z = _z((2, 3, 5, 6), torch.float32, "channels_last")
+    torch.library.opcheck(torch.ops.liquiddiff.silu_backward_bias_grad.default,
+                          ([torch.randn_like(z), torch.randn(2, 3, 5, 6, device=DEVICE)], z))
+
+
+def test_opcheck_cast_with_channel_sum():
+    torch.library.opcheck(torch.ops.liquiddiff.cast_with_channel_sum.default,
+                          (_z((2, 3, 5, 6), torch.float64, "channels_last"), torch.float32))
+
+
 def test_silu_backward_checks_its_gradients():
     z = torch.randn(1, 2, 3, 3, device=DEVICE)
     with pytest.raises(ValueError, match="grads: expected one to three"):
         modulated_silu.silu_backward([z] * 4, z)
+    with pytest.raises(ValueError, match="grads: expected one to three"):
+        modulated_silu.silu_backward_bias_grad([], z)
 
 
 @pytest.mark.parametrize("n_grads", [2, 3])

@@ -407,9 +407,10 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
     reads, and the CfC kernel writes its output in bf16 with its pixel sum, which the spatial
     mix reads: the block's forward casts no fp32 activation to bf16 (the conv cast n by a pass of
     its own before, and the mix its input with cast_with_pixel_sum); its backward casts one, the
-    FeedForward's fp32 upstream gradient for cuDNN (n's copy for the 7x7's weight gradient is
-    remade with n by one AdaLN pass, where backward cast n); and the output and every gradient
-    are those of the block that casts."""
+    FeedForward's fp32 upstream gradient for cuDNN, by the pass that also sums it for the bias
+    gradient (cast_with_channel_sum; n's copy for the 7x7's weight gradient is remade with n by
+    one AdaLN pass, where backward cast n); and the output and every gradient are those of the
+    block that casts."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from liquiddiff.kernels import recompute
@@ -422,6 +423,12 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
         return _cast(x, dtype)
 
     monkeypatch.setattr(recompute, "cast_with_pixel_sum", counted_cast)
+
+    def counted_bias_cast(x, dtype, _cast=recompute.cast_with_channel_sum):
+        casts.append(("cast_with_channel_sum", tuple(x.shape)))
+        return _cast(x, dtype)
+
+    monkeypatch.setattr(recompute, "cast_with_channel_sum", counted_bias_cast)
 
     class Casts(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -447,12 +454,14 @@ def test_fused_block_under_autocast_casts_no_activation_for_the_cfc_backbone(mon
     raw_u = torch.randn(2, 6, 5, 5).to(memory_format=torch.channels_last)
     temb, t, up = torch.randn(2, 16), torch.rand(2), torch.randn(2, 6, 5, 5)
     out, grads = run(block, True, Casts(), contextlib.nullcontext())
-    assert casts == []
+    assert casts == [("cast_with_channel_sum", tuple(raw_u.shape))]  # backward's: no aten cast forward
+    casts.clear()
     run(copy.deepcopy(block), True, contextlib.nullcontext(), Casts())
-    assert casts == [tuple(raw_u.shape)]
+    assert casts == [("cast_with_channel_sum", tuple(raw_u.shape))]  # and none in backward
     casts.clear()
     ref, ref_grads = run(copy.deepcopy(block), False, contextlib.nullcontext(), contextlib.nullcontext())
-    assert casts == [("cast_with_pixel_sum", tuple(raw_u.shape))]  # the mix's, where the CfC wrote no copy
+    # The mix's, where the CfC wrote no copy; the FFN's upstream in backward.
+    assert casts == [("cast_with_pixel_sum", tuple(raw_u.shape)), ("cast_with_channel_sum", tuple(raw_u.shape))]
     assert torch.equal(out, ref)
     for g, r in zip(grads, ref_grads):
         assert torch.equal(g, r)

@@ -383,6 +383,26 @@ def test_backward_casts_no_parameter(conv_kernels):
     assert all(t.grad is not None and t.grad.dtype == t.dtype for t in ins.values())
 
 
+@pytest.mark.parametrize("setting, sums", [
+    ("auto", {"silu_backward_bias_grad": 1, "channel_sum": 3}),  # the backbone 1x1's with d_z
+    ("auto,conv_bias_grad=torch", {"silu_backward_bias_grad": 0, "channel_sum": 0}),  # aten's
+])
+def test_backbone_bias_gradient_comes_from_silus_backward(monkeypatch, setting, sums):
+    """The backbone's 1x1 bias gradient (and the folded 7x7 bias's, made from it) is summed by
+    the SiLU backward pass that writes d_z, not by a channel_sum of d_z: three channel sums
+    left (the f, g and h heads' 1x1 biases), and the gradients are the reference's."""
+    from liquiddiff.kernels import recompute
+
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    calls = {name: 0 for name in sums}
+    for name in sums:
+        real = getattr(recompute, name)
+        monkeypatch.setattr(recompute, name, lambda *a, _real=real, _name=name: calls.update(
+            {_name: calls[_name] + 1}) or _real(*a))
+    parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), _raw(torch.float32), 1e-5)
+    assert calls == sums
+
+
 def test_double_backward_raises():
     """The backward launches Triton kernels: a gradient of a gradient must fail loudly, not come
     back without its second-order terms."""

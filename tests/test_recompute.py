@@ -181,7 +181,8 @@ def test_feedforward_keeps_its_input_and_remakes_the_hidden_tensor(x_dtype):
     """Under autocast, as the fused block calls it (its AdaLN writes x in bf16; fp32 outside a
     block): the FFN keeps x alone, not its hidden tensor (twice as wide), which backward remakes
     from x with the same conv: the output and every gradient are bit for bit those of the two
-    convs keeping it."""
+    convs keeping it (the bias gradients summed by the passes that round their gradients, in the
+    order the conv's own reduction sums them)."""
     raw = {"x": torch.randn(2, 6, 5, 7).to(x_dtype, memory_format=torch.channels_last),
            "w1": torch.randn(12, 6, 1, 1), "b1": torch.randn(12), "w2": torch.randn(6, 12, 1, 1),
            "b2": torch.randn(6), "residual": torch.randn(2, 6, 5, 7).to(memory_format=torch.channels_last)}
@@ -205,6 +206,87 @@ def test_feedforward_keeps_its_input_and_remakes_the_hidden_tensor(x_dtype):
     assert torch.equal(out, ref)
     for name in raw:
         assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def _feedforward_inputs(dtype=torch.float64, layout=torch.channels_last, biases=True, residual=True,
+                        residual_dtype=None):
+    return {"x": torch.randn(2, 6, 5, 7, dtype=dtype).to(memory_format=layout),
+            "w1": torch.randn(12, 6, 1, 1, dtype=dtype), "b1": torch.randn(12, dtype=dtype) if biases else None,
+            "w2": torch.randn(5, 12, 1, 1, dtype=dtype), "b2": torch.randn(5, dtype=dtype) if biases else None,
+            "residual": torch.randn(2, 5, 5, 7, dtype=residual_dtype or dtype).to(memory_format=layout)
+            if residual else None}
+
+
+@pytest.mark.parametrize("setting", ["auto", "auto,modulated_silu=torch", "auto,conv_bias_grad=torch",
+                                     "auto,pointwise_conv=triton"])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("biases, residual", [(True, True), (True, False), (False, True)])
+def test_feedforward_matches_reference(monkeypatch, setting, dtype, tol, layout, biases, residual):
+    """The FeedForward node against functional.feedforward: value and every gradient, on each
+    path its backward takes (SiLU's backward and the bias gradients on Triton or aten, the
+    second conv on cuDNN or the Triton pointwise kernels)."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    raw = _feedforward_inputs(dtype, layout, biases, residual)
+    ins, ref_ins = leaves(raw), leaves(raw)
+    absent = {k: None for k, v in raw.items() if v is None}
+    with poisoned_outputs():
+        out, ref = kernels.feedforward(**ins, **absent), functional.feedforward(**ref_ins, **absent)
+    assert out.is_contiguous(memory_format=layout)
+    up = torch.randn_like(ref)
+    assert_close("out", out, ref, tol)
+    with poisoned_outputs():
+        got = grads_of(out, ins, up)
+    want = grads_of(ref, ref_ins, up)
+    for name in ins:
+        assert_close(name, got[name], want[name], tol)
+
+
+@pytest.mark.parametrize("setting, bias_passes", [
+    ("auto", ["silu_backward_bias_grad", "cast_with_channel_sum"]),
+    ("auto,conv_bias_grad=torch", []),  # aten's convolution_backward sums both
+    ("auto,modulated_silu=torch", ["cast_with_channel_sum", "channel_sum"]),  # aten's SiLU backward
+])
+def test_feedforward_bias_gradients_come_from_its_passes(monkeypatch, setting, bias_passes):
+    """Both bias gradients from passes the backward makes anyway: SiLU's backward sums the hidden
+    gradient as it writes it, and the cast of the wider upstream (an fp64 residual stream into
+    fp32 convs) sums the rounded copy; no channel_sum reads either gradient back."""
+    monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
+    passes = []
+    for name in ("silu_backward_bias_grad", "cast_with_channel_sum", "channel_sum"):
+        real = getattr(recompute, name)
+        monkeypatch.setattr(recompute, name, lambda *a, _name=name, _real=real: passes.append(_name) or _real(*a))
+    raw = _feedforward_inputs(torch.float32, residual_dtype=torch.float64)
+    ins, ref_ins = leaves(raw), leaves(raw)
+    out, ref = kernels.feedforward(**ins), functional.feedforward(**ref_ins)
+    assert out.dtype == ref.dtype == torch.float64
+    up = torch.randn_like(ref)
+    got, want = grads_of(out, ins, up), grads_of(ref, ref_ins, up)
+    assert sorted(passes) == sorted(bias_passes)
+    for name in ins:
+        assert_close(name, got[name], want[name], 1e-5)
+
+
+@pytest.mark.parametrize("wanted", [("x",), ("b1",), ("w2", "b2"), ("residual",), ("w1", "residual")])
+def test_feedforward_partial_gradients(wanted):
+    """Only some inputs require grad: theirs are the reference's, the others stay None."""
+    raw = _feedforward_inputs()
+    ins = {k: v.clone().requires_grad_(k in wanted) for k, v in raw.items()}
+    ref_ins = {k: v.clone().requires_grad_(k in wanted) for k, v in raw.items()}
+    out, ref = kernels.feedforward(**ins), functional.feedforward(**ref_ins)
+    up = torch.randn_like(ref)
+    got = torch.autograd.grad(out, [ins[k] for k in wanted], up)
+    want = torch.autograd.grad(ref, [ref_ins[k] for k in wanted], up)
+    for name, g, w in zip(wanted, got, want):
+        assert_close(name, g, w, 1e-12)
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_feedforward_gradcheck(residual):
+    ins = leaves(_feedforward_inputs(residual=residual, layout=torch.contiguous_format))
+    names = [k for k, v in ins.items() if v is not None]
+    assert torch.autograd.gradcheck(lambda *a: kernels.feedforward(**dict(zip(names, a))),
+                                    tuple(ins[k] for k in names))
 
 
 def _mix_inputs(dtype=torch.float32):

@@ -16,7 +16,11 @@ meet in fp32 after cuDNN's input gradient), and with one "gradient" a cast that 
 the pixels (:func:`cast_with_pixel_sum`: the spatial mix's input before cuDNN's conv); with
 neither output, a per-channel sum over the batch and the pixels (:func:`channel_sum`: the bias
 gradient of a convolution left to cuDNN, where aten's bf16 reduction ran at a fraction of the
-bandwidth: 15 ms of the fused H100 step for about 10 GB).
+bandwidth: 15 ms of the fused H100 step for about 10 GB). That bias gradient also comes out of
+a pass that writes the conv's upstream gradient anyway, summed as stored (rounded to its dtype,
+as the conv's own reduction would read it): SiLU's backward (:func:`silu_backward_bias_grad`:
+the FeedForward's first conv, the CfC backbone's 1x1) and the cast of a wider upstream
+(:func:`cast_with_channel_sum`: the FeedForward's last conv, under the fp32 residual stream).
 
 Memory moved per element: the forward reads z and writes a (in the convolution's dtype: no cast
 copy); the backward reads d_a and z and writes d_z, and leaves d_scale and d_shift as
@@ -43,8 +47,8 @@ from liquiddiff import functional
 
 from . import _eager, _tensors, runtime
 
-__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "sum_gradients", "cast_with_pixel_sum",
-           "channel_sum"]
+__all__ = ["modulated_silu", "forward", "backward", "silu_backward", "silu_backward_bias_grad", "sum_gradients",
+           "cast_with_pixel_sum", "cast_with_channel_sum", "channel_sum"]
 
 # Streaming tiles as the CfC kernel's (measured there on an H200); the backward holds two input
 # tiles and two accumulators, fewer than the CfC backward's five and three, so it keeps the
@@ -94,13 +98,15 @@ if triton is not None:
         sgo_b, sgo_c, sgo_p, sgo2_b, sgo2_c, sgo2_p, sgo3_b, sgo3_c, sgo3_p,
         sz_b, sz_c, sz_p, sdz_b, sdz_c, sdz_p, ss_b, ss_c, sh_b, sh_c, batch_start,
         GRADS: tl.constexpr, SILU: tl.constexpr, MODULATED: tl.constexpr, NEED_DZ: tl.constexpr,
-        NEED_PARAMS: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr, SPLIT_BATCH: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
+        NEED_PARAMS: tl.constexpr, SUM_STORED: tl.constexpr, COMPUTE: tl.constexpr, WIDE: tl.constexpr,
+        SPLIT_BATCH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, TILES: tl.constexpr,
     ):
         # GRADS (1-3) upstream gradients of the same activation, summed in registers (the CfC
         # backbone's SiLU feeds three convs; any strides, a broadcast one included). MODULATED
-        # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread), and
-        # NEED_PARAMS sums it over the pixels (the second partial; the first stays zero).
+        # False: plain SiLU, y = z. SILU False: no activation, d_z is the sum (z unread).
+        # Unmodulated, NEED_PARAMS sums d_z over the pixels (the second partial; the first stays
+        # zero); SUM_STORED: d_z as stored, rounded to its dtype (a bias gradient: the sum the
+        # next conv's own reduction of d_z would make).
         pid_p = tl.program_id(0)
         pid_b = _tensors.batch_item(2, batch_start, SPLIT_BATCH)
         cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -135,9 +141,12 @@ if triton is not None:
                 dy = go
             if NEED_PARAMS:
                 # Masked lanes hold garbage (inf * 0 is NaN): select, don't rely on zeros.
-                if SILU:
+                if SILU and MODULATED:
                     acc_scale += tl.where(mask, dy * z, 0.0)
-                acc_shift += tl.where(mask, dy, 0.0)
+                if SUM_STORED:
+                    acc_shift += tl.where(mask, dy.to(dz_ptr.dtype.element_ty).to(COMPUTE), 0.0)
+                else:
+                    acc_shift += tl.where(mask, dy, 0.0)
             if NEED_DZ:
                 if MODULATED:
                     dy = dy * one_plus
@@ -185,9 +194,12 @@ def forward(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dtype: to
 
 
 def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, silu: bool = True,
-                     dz_dtype: typing.Optional[torch.dtype] = None):
+                     dz_dtype: typing.Optional[torch.dtype] = None, sum_stored: bool = False):
     """(d_z or an empty tensor, partials [2, programs, B, C] or None): one launch over z. ``silu``
-    False: d_z (in ``dz_dtype``) is the sum of ``grads``, z only gives its shape and layout."""
+    False: d_z (in ``dz_dtype``) is the sum of ``grads``, z only gives its shape and layout.
+    ``sum_stored`` (unmodulated): the pixel sums are of d_z as stored, not of its unrounded values."""
+    if sum_stored and (scale is not None or not need_dz):
+        raise ValueError("sum_stored: only for an unmodulated d_z that is stored")
     B, C, H, W = z.shape
     P = H * W
     d_z = _tensors.empty_activation(z, dz_dtype or z.dtype) if need_dz else z.new_empty(0)
@@ -208,7 +220,7 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
         *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
         *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
         GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params,
-        COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
+        SUM_STORED=sum_stored, COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
         TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
@@ -249,6 +261,11 @@ def backward(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift
     return d_z if needs[0] else None, d_scale, d_shift
 
 
+def _check_silu_grads(grads) -> None:
+    if not 1 <= len(grads) <= 3:
+        raise ValueError(f"grads: expected one to three gradients, got {len(grads)}")
+
+
 @_tensors.launches_on_input_device
 def _silu_backward_kernels(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torch.Tensor:
     return _launch_backward(list(grads), z, None, None, True, False)[0]
@@ -266,10 +283,65 @@ def silu_backward(grads: typing.Sequence[torch.Tensor], z: torch.Tensor) -> torc
     """The gradient of z for ``a = silu(z)`` whose consumers gave ``grads`` (one to three, any
     dtypes), summed in fp32 in registers, in z's dtype: one pass where eager casts, adds and runs
     SiLU's backward (the CfC backbone's SiLU feeds three convolutions)."""
-    if not 1 <= len(grads) <= 3:
-        raise ValueError(f"grads: expected one to three gradients, got {len(grads)}")
+    _check_silu_grads(grads)
     op = _silu_backward_op if _eager.needs_custom_op(z) else _silu_backward_kernels
     return op(grads, z)
+
+
+def _channel_sums(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The [C] sum over the batch and the pixels, in ``dtype``, from :func:`_launch_backward`'s partials."""
+    return partials[1].sum((0, 1)).to(dtype)
+
+
+@_tensors.launches_on_input_device
+def _silu_backward_bias_grad_kernels(grads: typing.Sequence[torch.Tensor], z: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    d_z, partials = _launch_backward(list(grads), z, None, None, True, True, sum_stored=True)
+    return d_z, _channel_sums(partials, z.dtype)
+
+
+_silu_backward_bias_grad_op = torch.library.custom_op("liquiddiff::silu_backward_bias_grad", mutates_args=())(
+    _silu_backward_bias_grad_kernels)
+
+
+@_silu_backward_bias_grad_op.register_fake
+def _(grads, z):
+    return _tensors.empty_activation(z, z.dtype), z.new_empty(z.shape[1])
+
+
+def silu_backward_bias_grad(grads: typing.Sequence[torch.Tensor], z: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`silu_backward`, that d_z summed over the batch and the pixels as stored, rounded to
+    z's dtype, in z's dtype): the gradient of z and the bias gradient of the convolution that made
+    z, whose own reduction would read d_z back (as the reference's conv sums the gradient it
+    receives)."""
+    _check_silu_grads(grads)
+    op = _silu_backward_bias_grad_op if _eager.needs_custom_op(z) else _silu_backward_bias_grad_kernels
+    return op(grads, z)
+
+
+@_tensors.launches_on_input_device
+def _cast_with_channel_sum_kernels(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    copy, partials = _launch_backward([x], x, None, None, True, True, silu=False, dz_dtype=dtype, sum_stored=True)
+    return copy, _channel_sums(partials, dtype)
+
+
+_cast_with_channel_sum_op = torch.library.custom_op("liquiddiff::cast_with_channel_sum", mutates_args=())(
+    _cast_with_channel_sum_kernels)
+
+
+@_cast_with_channel_sum_op.register_fake
+def _(x, dtype):
+    return _tensors.empty_activation(x, dtype), x.new_empty(x.shape[1], dtype=dtype)
+
+
+def cast_with_channel_sum(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x in ``dtype``, in x's layout; that copy summed over the batch and the pixels, in
+    ``dtype``): a convolution's upstream gradient rounded to the conv's dtype and the conv's bias
+    gradient (:func:`channel_sum` of the copy) in one pass, where a cast and a sum read x and
+    then the copy."""
+    op = _cast_with_channel_sum_op if _eager.needs_custom_op(x) else _cast_with_channel_sum_kernels
+    return op(x, dtype)
 
 
 @_tensors.launches_on_input_device
@@ -298,7 +370,7 @@ def cast_with_pixel_sum(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tens
 @_tensors.launches_on_input_device
 def _channel_sum_kernels(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _, partials = _launch_backward([x], x, None, None, False, True, silu=False)
-    return partials[1].sum((0, 1)).to(dtype)
+    return _channel_sums(partials, dtype)
 
 
 _channel_sum_op = torch.library.custom_op("liquiddiff::channel_sum", mutates_args=())(_channel_sum_kernels)

@@ -32,7 +32,9 @@ values from u and the AdaLN's statistics, forward and backward; backward remakes
 Biases on cuDNN, which takes none (aten would add each in a pass over the conv's output and sum
 grad_out for its gradient): the 7x7's goes into the backbone 1x1's GEMM bias, the g/h 3x3s' into
 their SiLU (the Triton modulated SiLU with shift = bias), whose backward's pixel sums give their
-gradients; the 1x1s' are in their GEMMs' epilogue (``recompute._pointwise_as_gemm``).
+gradients; the 1x1s' are in their GEMMs' epilogue (``recompute._pointwise_as_gemm``). The
+backbone 1x1's bias gradient (from which the folded 7x7 bias's comes) is summed by the SiLU
+backward pass that writes its input gradient (``modulated_silu.silu_backward_bias_grad``).
 
 The g and h heads' 1x1 convs run the Triton SiLU -> 1x1 conv forward (``runtime.FORWARD_ONLY``),
 their SiLU and 3x3 bias in its prologue (backward remakes their SiLU for cuDNN as before). In a
@@ -273,9 +275,11 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
                 head_need_bs[1:] = [False, False]
             head_grads = [d_f, d_g, d_h]
             del d_f, d_g, d_h  # the list alone holds them: _heads_backward drops each when used
-            d_z, head_ws, head_bs = _heads_backward(
+            need_dw_b = ctx.folded and need_bs[_DW]
+            d_z, head_ws, head_bs, d_z_sum = _heads_backward(
                 head_grads, z, silu_z, _pick(weights, _HEADS), _pick(bias_shapes, _HEADS), dtype,
-                ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), head_need_bs)
+                ctx.head_triton, ctx.paired, True, _pick(need_ws, _HEADS), head_need_bs,
+                z_bias_grad=_backbone_needs_sum(ctx.folded, need_ws[_PW], need_bs[_PW], need_dw_b))
             del silu_z
             for i, d_w, d_b in zip(_HEADS, head_ws, head_bs):
                 d_ws[i], d_bs[i] = d_w, d_b
@@ -283,7 +287,7 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
                 d_bs[_G_DW], d_bs[_H_DW] = hidden_d_bs
             d_dw, d_ws[_PW], d_bs[_PW], folded_d_b = _pointwise_backbone_backward(
                 d_z, dw, weights[_PW], biases[_DW] if ctx.folded else None, dtype,
-                need_ws[_PW], need_bs[_PW], ctx.folded and need_bs[_DW])
+                need_ws[_PW], need_bs[_PW], need_dw_b, d_z_sum)
             del d_z
             d_ns, d_ws[_DW], d_b = _backbone_backward(d_dw, n, n_conv, weights[_DW], bias_shapes[_DW], dtype, d_n,
                                                       [need_n, need_ws[_DW], need_bs[_DW] and not ctx.folded],
@@ -369,14 +373,24 @@ def _backbone_bias(pw_weight, pw_bias, dw_bias):
     return torch.addmv(pw_bias, pw_weight.flatten(1), dw_bias)
 
 
-def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b, need_dw_b):
+def _backbone_needs_sum(folded: bool, need_w: bool, need_b: bool, need_dw_b: bool) -> bool:
+    """Whether the backbone's 1x1 backward needs d_z's sum over the batch and the pixels (its
+    bias gradient, which the folded 7x7 bias's gradients are made from)."""
+    return need_b or (folded and (need_w or need_dw_b))
+
+
+def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b, need_dw_b, d_z_sum=None):
     """(d_dw, d_weight, d_bias, d_dw_bias) of the backbone's 1x1 conv z = pw(dw) + bias, where
     ``dw_bias`` (not None) is the 7x7's bias folded into the 1x1's (:func:`_backbone_bias`, dw
     kept without it): the weight gradient against dw + dw_bias is the one against dw plus
     outer(sum d_z, dw_bias), and the 7x7's bias gradient, the sum of d_dw = W^T d_z over the
-    pixels, is W^T (sum d_z), with no pass of its own. None where not needed."""
-    need_sum = need_b or (dw_bias is not None and (need_w or need_dw_b))
-    d_dw, d_w, d_b = _conv_backward(d_z, dw, weight, [weight.shape[0]], dtype, 0, 1, [True, need_w, need_sum], False)
+    pixels, is W^T (sum d_z), with no pass of its own. ``d_z_sum``: that sum (the 1x1's bias
+    gradient) where SiLU's backward made it with d_z, else None: cuDNN's backward makes it. None
+    where not needed."""
+    need_sum = _backbone_needs_sum(dw_bias is not None, need_w, need_b, need_dw_b)
+    d_dw, d_w, d_b = _conv_backward(d_z, dw, weight, [weight.shape[0]], dtype, 0, 1,
+                                    [True, need_w, need_sum and d_z_sum is None], False)
+    d_b = d_z_sum if d_z_sum is not None else d_b
     d_dw_bias = None
     if dw_bias is not None:
         if need_w:

@@ -24,10 +24,14 @@ pixel sum of its context) and x itself, for the block's residual: one node, so b
 x's three gradients in one pass (the Triton kernel's epilogue) or two (after cuDNN), and keeps
 the conv-dtype copy of x (what the reference keeps).
 
+``feedforward``: conv1x1 -> SiLU -> conv1x1 (+ residual) as one node that keeps its input
+alone and remakes the hidden tensor (one GEMM); its backward takes both convs' bias gradients
+from passes it makes anyway (SiLU's backward, the upstream's cast), not from reductions of
+their own.
+
 ``recompute_saved``: a context in which autograd keeps, instead of a given tensor, the call that
 made it, and reruns that call when backward needs the tensor. The block uses it for the CfC's
-normalised input (one AdaLN pass from the block's input, which its AdaLN keeps), ``feedforward``
-for its hidden tensor (one GEMM from its input, which its first conv keeps).
+normalised input (one AdaLN pass from the block's input, which its AdaLN keeps).
 
 The convolutions run on cuDNN / the CPU backend (``aten.convolution`` and its backward), except
 the depthwise ones when the ``depthwise_conv`` backend is Triton (``depthwise.py``, opt-in:
@@ -51,18 +55,21 @@ from liquiddiff import functional
 
 from . import _tensors, depthwise, pointwise_conv, runtime
 from .merged_depthwise import merged_depthwise_weight
-from .modulated_silu import (backward as modulated_silu_backward, cast_with_pixel_sum, channel_sum,
-                             forward as modulated_silu_forward, silu_backward, sum_gradients)
+from .modulated_silu import (backward as modulated_silu_backward, cast_with_channel_sum, cast_with_pixel_sum,
+                             channel_sum, forward as modulated_silu_forward, silu_backward, silu_backward_bias_grad,
+                             sum_gradients)
 
 __all__ = ["silu_conv1x1", "silu_convs", "conv1x1", "depthwise_conv", "spatial_mix_input", "recompute_saved"]
 
 
-def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
-    """The dtype the reference's conv runs in: autocast's when it is on, else type promotion."""
+def _conv_dtype(z: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                z_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype the reference's conv runs in: autocast's when it is on, else type promotion
+    (``z_dtype``: of an input in that dtype, on z's device, not z itself)."""
     device_type = z.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.get_autocast_dtype(device_type)
-    return _tensors.result_dtype(z, weight, bias)
+    return torch.promote_types(z_dtype or z.dtype, _tensors.result_dtype(weight, bias))
 
 
 def _triton_depthwise(a: torch.Tensor, weight: torch.Tensor, groups: int) -> bool:
@@ -124,20 +131,28 @@ def _conv_params(weight, bias, dtype):
 def _conv_backward(grad_out, a, weight, bias_shape, dtype, padding: int, groups: int, needs, triton: bool):
     """(d_a, d_weight, d_bias) of :func:`_conv`, in ``dtype``; None where not needed. After
     cuDNN's, the bias gradient is one Triton pass over grad_out (``modulated_silu.channel_sum``)
-    where that op runs Triton, not aten's reduction."""
+    where that op runs Triton, not aten's reduction; a grad_out in a wider dtype (the fp32
+    residual stream's) is rounded to ``dtype`` and summed by that pass
+    (``modulated_silu.cast_with_channel_sum``)."""
     if triton:
         d_a, (d_w,), (d_b,) = depthwise.backward([grad_out], a, [weight], dtype, needs)
         return d_a, d_w, d_b
     need_a, need_w, need_b = needs
     bias_by_triton = need_b and runtime.use_triton("conv_bias_grad", grad_out.device.type)
     # In the conv's dtype, as the reference's conv receives it (an fp32 upstream, the residual
-    # stream's, rounded once): the bias gradient's pass reads the rounded copy too.
-    grad_out = grad_out.to(dtype)
-    d_a, d_w, d_b = torch.ops.aten.convolution_backward(
+    # stream's, rounded once): the bias gradient sums the rounded copy, in the cast's pass.
+    d_b = None
+    if bias_by_triton and grad_out.dtype != dtype:
+        grad_out, d_b = cast_with_channel_sum(grad_out, dtype)
+    elif bias_by_triton:
+        d_b = channel_sum(grad_out, dtype)
+    else:
+        grad_out = grad_out.to(dtype)
+    d_a, d_w, aten_d_b = torch.ops.aten.convolution_backward(
         grad_out, a.to(dtype), weight.to(dtype), bias_shape, [1, 1], [padding, padding], [1, 1],
         False, [0, 0], groups, [need_a, need_w, need_b and not bias_by_triton],
     )
-    return d_a, d_w, channel_sum(grad_out, dtype) if bias_by_triton else d_b
+    return d_a, d_w, d_b if bias_by_triton else aten_d_b
 
 
 def _modulate(z, scale, shift):
@@ -276,11 +291,13 @@ def _heads_forward(a, z_channels: int, weights, biases, dtype, triton: list[bool
 
 
 def _heads_backward(grad_outs, z, a, weights, bias_shapes, dtype, triton: list[bool], paired: list[int],
-                    need_z: bool, need_ws, need_bs):
-    """(d_z, d_ws, d_bs) of :func:`_heads_forward` over z, ``a`` = silu(z) in ``dtype``: each
-    head's input gradient, their sum and SiLU's backward, with as few passes as the backends
-    allow (the pair's epilogue, or one Triton pass over up to three gradients). A head whose
-    gradient is None is skipped; d_ws, d_bs in ``dtype``, None where not needed.
+                    need_z: bool, need_ws, need_bs, z_bias_grad: bool = False):
+    """(d_z, d_ws, d_bs, d_z's bias gradient) of :func:`_heads_forward` over z, ``a`` = silu(z)
+    in ``dtype``: each head's input gradient, their sum and SiLU's backward, with as few passes
+    as the backends allow (the pair's epilogue, or one Triton pass over up to three gradients).
+    A head whose gradient is None is skipped; d_ws, d_bs in ``dtype``, None where not needed.
+    ``z_bias_grad``: d_z summed over the batch and the pixels as the conv that made z would sum
+    it for its bias, by the Triton pass that writes d_z where it runs (else None: the caller's).
 
     ``grad_outs``: a list, emptied (set to None) head by head as each gradient is used, so that a
     caller that hands over its only references frees each before the next head's is made."""
@@ -298,7 +315,7 @@ def _heads_backward(grad_outs, z, a, weights, bias_shapes, dtype, triton: list[b
         grad_outs[i] = None
         if need_z:
             d_as.append(d_ai)
-    d_z = None
+    d_z = d_z_sum = None
     if paired:  # their input gradient + the others', through SiLU's backward: d_z in one pass
         need = [need_z, any(need_ws[i] for i in paired), any(need_bs[i] for i in paired)]
         d_z, pair_ws, pair_bs = depthwise.backward(
@@ -306,11 +323,11 @@ def _heads_backward(grad_outs, z, a, weights, bias_shapes, dtype, triton: list[b
             silu_input=z, addend=_summed(d_as))
         for i, d_w, d_b in zip(paired, pair_ws, pair_bs):
             d_ws[i], d_bs[i] = d_w if need_ws[i] else None, d_b if need_bs[i] else None
-    elif d_as and len(d_as) <= 3 and runtime.use_triton("modulated_silu", z.device.type):
-        d_z = silu_backward(d_as, z)  # the sum and SiLU's backward in one pass
+    elif d_as and len(d_as) <= 3:
+        d_z, d_z_sum = _silu_backward_with_bias_grad(d_as, z, z_bias_grad)
     elif d_as:
         d_z = torch.ops.aten.silu_backward(_summed(d_as).to(z.dtype), z)
-    return d_z, d_ws, d_bs
+    return d_z, d_ws, d_bs, d_z_sum
 
 
 class _SiluConvs(torch.autograd.Function):
@@ -346,7 +363,7 @@ class _SiluConvs(torch.autograd.Function):
         needs = ctx.needs_input_grad
         need_bs = [bias is not None and need for bias, need in zip(ctx.biases, needs[2 + n:])]
         with torch.autocast(z.device.type, enabled=False):
-            d_z, d_ws, d_bs = _heads_backward(
+            d_z, d_ws, d_bs, _ = _heads_backward(
                 list(grad_outs), z, F.silu(z).to(ctx.dtype), weights, [None if b is None else b[0] for b in ctx.biases],
                 ctx.dtype, ctx.triton, ctx.paired, needs[0], needs[2:2 + n], need_bs)
         d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, ctx.weight_dtypes)]
@@ -406,18 +423,92 @@ def silu_conv1x1(z, weight, bias=None, scale=None, shift=None, residual=None):
 
 
 def conv1x1(x, weight, bias=None):
-    """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): the
-    FFN's, from which backward also remakes its hidden tensor (:func:`feedforward`), so an fp32
-    x is kept once, not with a bf16 copy beside it."""
+    """:func:`liquiddiff.functional.conv1x1`, keeping ``x`` itself (not autocast's copy): an
+    fp32 x that backward has anyway is kept once, not with a bf16 copy beside it."""
     _check_conv("x", x, weight, bias, kernel=1, depthwise=False)
     return _RecomputedConv.apply(x, weight, bias, None, None, None, False, 0, 1, False, False)
 
 
+class _FeedForward(torch.autograd.Function):
+    """conv1x1(silu(conv1x1(x, w1, b1)), w2, b2) (+ residual) as one node, saving x and the cast
+    weights only: backward remakes the hidden tensor (twice x's width) by one GEMM from x, which
+    the first conv's weight gradient reads anyway.
+
+    One node, so the first conv's bias gradient comes from SiLU's backward pass, which sums the
+    hidden tensor's gradient over the pixels as it writes it (Triton,
+    ``modulated_silu.silu_backward_bias_grad``), and the second conv's from the pass that rounds
+    the fp32 upstream to the conv's dtype (``cast_with_channel_sum``): no reduction reads either
+    gradient back. ``pointwise_forward``, ``pointwise_backward``: the second conv's passes on the
+    Triton pointwise kernels (SiLU in registers; the forward adds the residual in its epilogue),
+    as :class:`_RecomputedConv`'s."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, pointwise_forward, pointwise_backward):
+        dtype = _conv_dtype(x, w1, b1)
+        out_dtype = _conv_dtype(x, w2, b2, z_dtype=dtype)  # the hidden tensor's conv
+        ctx.param_dtypes = [None if p is None else p.dtype for p in (w1, b1, w2, b2)]
+        ctx.bias_shapes = [None if b is None else list(b.shape) for b in (b1, b2)]
+        (w1, b1), (w2, b2) = _conv_params(w1, b1, dtype), _conv_params(w2, b2, out_dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = _conv(x, w1, b1, dtype, 0, 1, False)
+            if pointwise_forward:
+                out = pointwise_conv.forward(hidden, w2, b2, None, None, out_dtype, residual)
+            else:
+                out = _conv(F.silu(hidden), w2, b2, out_dtype, 0, 1, False)
+                if residual is not None:
+                    out = residual + out
+        ctx.save_for_backward(x, w1, b1, w2)
+        ctx.dtypes = dtype, out_dtype
+        ctx.pointwise_backward = pointwise_backward
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        x, w1, b1, w2 = ctx.saved_tensors
+        dtype, out_dtype = ctx.dtypes
+        need_x, need_w1, need_b1, need_w2, need_b2, need_residual = ctx.needs_input_grad[:6]
+        need_b1, need_b2 = (need and shape is not None for need, shape in zip((need_b1, need_b2), ctx.bias_shapes))
+        need_hidden = need_x or need_w1 or need_b1
+        d_x = d_w1 = d_b1 = None
+        with torch.autocast(x.device.type, enabled=False):
+            hidden = _conv(x, w1, b1, dtype, 0, 1, False)
+            if ctx.pointwise_backward:  # SiLU remade and its backward applied in registers
+                d_hidden, d_w2, d_b2, _, _ = pointwise_conv.backward(
+                    grad_out, hidden, w2, None, None, out_dtype, (need_hidden, need_w2, need_b2, False, False))
+            else:
+                d_a, d_w2, d_b2 = _conv_backward(grad_out, F.silu(hidden), w2, ctx.bias_shapes[1], out_dtype, 0, 1,
+                                                 [need_hidden, need_w2, need_b2], False)
+                if need_hidden:
+                    d_hidden, d_b1 = _silu_backward_with_bias_grad([d_a], hidden, need_b1)
+                    del d_a
+            del hidden
+            if need_hidden:
+                d_x, d_w1, conv_d_b1 = _conv_backward(d_hidden, x, w1, ctx.bias_shapes[0], dtype, 0, 1,
+                                                      [need_x, need_w1, need_b1 and d_b1 is None], False)
+                d_b1 = conv_d_b1 if d_b1 is None else d_b1
+        grads = [_cast(d, p_dtype) for d, p_dtype in zip((d_w1, d_b1, d_w2, d_b2), ctx.param_dtypes)]
+        return (d_x, grads[0], grads[1] if need_b1 else None, grads[2], grads[3] if need_b2 else None,
+                grad_out if need_residual else None, None, None)
+
+
+def _silu_backward_with_bias_grad(grads, z, need_bias: bool):
+    """(d_z for SiLU's backward of the sum of ``grads`` at z, the bias gradient of the conv that
+    made z or None: left to that conv's backward). One pass for both where SiLU's backward and
+    that conv's bias gradient run Triton."""
+    device_type = z.device.type
+    if not runtime.use_triton("modulated_silu", device_type):
+        return torch.ops.aten.silu_backward(_summed(grads).to(z.dtype), z), None
+    if need_bias and runtime.use_triton("conv_bias_grad", device_type):
+        return silu_backward_bias_grad(grads, z)
+    return silu_backward(grads, z), None
+
+
 def feedforward(x, w1, b1, w2, b2, residual=None):
-    """:func:`liquiddiff.functional.feedforward`: :func:`conv1x1`, then :func:`silu_conv1x1`;
-    or, in a call that records no gradient with the Triton pointwise kernels chosen for calls
-    with gradient (``pointwise_conv=triton``, as the CfC heads kernel), one Triton pass that
-    never writes the hidden tensor (``pointwise_conv.feedforward_forward``)."""
+    """:func:`liquiddiff.functional.feedforward` as one node (:class:`_FeedForward`); or, in a
+    call that records no gradient with the Triton pointwise kernels chosen for calls with
+    gradient (``pointwise_conv=triton``, as the CfC heads kernel), one Triton pass that never
+    writes the hidden tensor (``pointwise_conv.feedforward_forward``)."""
     _tensors.check_activation("x", x)
     for name, weight, bias, inputs in (("w1", w1, b1, x.shape[1]), ("w2", w2, b2, w1.shape[0])):
         _tensors.check_floating(name, weight)
@@ -428,15 +519,14 @@ def feedforward(x, w1, b1, w2, b2, residual=None):
             _tensors.check_vector(f"b{name[1]}", bias, (weight.shape[0],), x.device)
     _check_residual(residual, (x.shape[0], w1.shape[0], *x.shape[2:]), w2, x.device)
     dtype = _conv_dtype(x, w1, b1)
-    if (not _records_grad(x, w1, b1, w2, b2, residual) and w2.shape[0] <= pointwise_conv.MAX_FEEDFORWARD_CHANNELS
+    grad = _records_grad(x, w1, b1, w2, b2, residual)
+    if (not grad and w2.shape[0] <= pointwise_conv.MAX_FEEDFORWARD_CHANNELS
             and _conv_dtype(x, w2, b2) == dtype and _triton_pointwise(x, w2, 1, True)):
         return pointwise_conv.feedforward_forward(x, w1, b1, w2, b2, dtype, residual)
-    hidden = conv1x1(x, w1, b1)
-    # Backward remakes the hidden tensor (twice x's width) from x, which conv1x1 keeps for its
-    # weight gradient: one GEMM in backward, where the block would otherwise remake x by an
-    # AdaLN pass of the same traffic.
-    with recompute_saved((hidden, conv1x1, (x, w1, b1))):
-        return silu_conv1x1(hidden, w2, b2, residual=residual)
+    # The second conv's kernels as silu_conv1x1 picks them (runtime.FORWARD_ONLY).
+    forward = _triton_pointwise(x, w2, 1, True, grad=False)
+    backward = grad and _triton_pointwise(x, w2, 1, True)
+    return _FeedForward.apply(x, w1, b1, w2, b2, residual, forward, backward)
 
 
 def depthwise_conv(x, weight, bias=None):
