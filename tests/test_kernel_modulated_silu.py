@@ -283,6 +283,23 @@ def test_gpu_cast_with_pixel_sum_to_bf16(layout):
     parity.assert_close("pixel_sum", pixel_sum, x.sum((2, 3)), 1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gpu_bias_gradients_in_bf16(layout):
+    """The FeedForward's two bias gradients at the model's size: the fp32 upstream's bf16 copy
+    bit for bit x.to's and its sum that copy's; SiLU's backward d_z that of silu_backward, and
+    its sum d_z's as stored (bf16), each to bf16's rounding of the result."""
+    x = _z((8, 64, 256, 256), torch.float32, layout)
+    copy, copy_sum = modulated_silu.cast_with_channel_sum(x, torch.bfloat16)
+    assert torch.equal(copy, x.bfloat16()) and copy_sum.dtype == torch.bfloat16
+    parity.assert_close("copy_sum", copy_sum.double(), copy.double().sum((0, 2, 3)), 1e-2)
+    z = _z((8, 128, 256, 256), torch.bfloat16, layout)
+    grad = torch.randn_like(z)
+    d_z, d_bias = modulated_silu.silu_backward_bias_grad([grad], z)
+    assert torch.equal(d_z, modulated_silu.silu_backward([grad], z))
+    parity.assert_close("d_bias", d_bias.double(), d_z.double().sum((0, 2, 3)), 1e-2)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("shape", [(2, 5, 6, 7), (3, 130, 33, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

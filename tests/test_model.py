@@ -484,7 +484,9 @@ def test_fused_block_writes_n_once_in_the_convs_dtype(monkeypatch, u_dtype, sett
     writes n in bf16 alone (and backward remakes that alone, for the 7x7's weight gradient); the
     CfC kernels remake n in fp32 from u. Before, norm1 also wrote n in fp32 for the CfC kernel
     to read (and remade both in backward). The same output and gradients of u and of every
-    parameter, bit for bit, with and without gradient."""
+    parameter, bit for bit, with and without gradient; for a bf16 u also where the AdaLN
+    backward kernel rounds n's two gradients' sum and u's fp32 residual gradient as it loads
+    them, where an in-place add and a cast pass did."""
     from liquiddiff.kernels import adaln
 
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)

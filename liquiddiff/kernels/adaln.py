@@ -170,6 +170,8 @@ if triton is not None:
         g = tl.load(g_ptr + b * sg_b + c64 * sg_c + p64 * sg_p, mask=mask, other=0.0).to(COMPUTE)
         if HAS_GRAD_OUT2:  # out's second upstream gradient, summed here rather than by a pass of its own
             g += tl.load(g2_ptr + b * sg2_b + c64 * sg2_c + p64 * sg2_p, mask=mask, other=0.0).to(COMPUTE)
+            # Rounded as grad_out.add_(grad_out2) would store it (nothing to round in fp32 and wider).
+            g = g.to(g_ptr.dtype.element_ty).to(COMPUTE)
         s = tl.load(s_ptr + b * ss_b + c64 * ss_c + p64 * ss_p, mask=mask, other=0.0).to(COMPUTE)
         mean = tl.load(mean_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
         rstd = tl.load(rstd_ptr + b * P + p, mask=mask_p, other=0.0).to(COMPUTE)
@@ -189,8 +191,10 @@ if triton is not None:
             mean_dxhat_xhat = tl.sum(dxhat * x_hat, axis=0) / C
             ds = rstd[None, :] * (dxhat - mean_dxhat[None, :] - x_hat * mean_dxhat_xhat[None, :])
             if HAS_GRAD_S:
+                # In s's dtype, as autograd hands a tensor its gradients: a wider one (the fp32
+                # residual stream's, for a bf16 x) rounded as it is loaded, not by a cast pass.
                 gs = tl.load(gs_ptr + b * sgs_b + c64 * sgs_c + p64 * sgs_p, mask=mask, other=0.0)
-                ds += gs.to(COMPUTE)
+                ds += gs.to(s_ptr.dtype.element_ty).to(COMPUTE)
             if WRITE_DS:
                 tl.store(ds_ptr + b * sd_b + c64 * sd_c + p64 * sd_p,
                          ds.to(ds_ptr.dtype.element_ty), mask=mask)
@@ -468,9 +472,11 @@ def normalize(x, scale, shift, eps: float, out_dtype=None) -> tuple[torch.Tensor
 
 def normalize_backward(grad_outs, grad_x, x, mean, rstd, scale, shift_dtype: torch.dtype, needs) -> tuple:
     """(d x, d scale, d shift) of :func:`normalize`'s out for the upstream gradient, the sum of
-    ``grad_outs`` (one or two: two consumers' gradients, summed in registers), plus ``grad_x`` (or
-    None), the gradient x receives from its other consumers, added in the same pass; None where
-    ``needs`` (three flags) says so."""
+    ``grad_outs`` (one or two: two consumers' gradients, summed in registers and rounded to the
+    first one's dtype, as an in-place add would store the sum), plus ``grad_x`` (or None), the
+    gradient x receives from its other consumers, in any dtype (rounded to x's as it is loaded,
+    as autograd would cast it), added in the same pass; None where ``needs`` (three flags) says
+    so."""
     need_x, need_scale, need_shift = needs
     launch = _adaln_backward if _eager.needs_custom_op(x) else _backward_kernels
     ds, _, dparams = launch(grad_outs[0], grad_x, x, scale, mean, rstd, x.dtype, None, need_x, need_scale or need_shift,

@@ -223,9 +223,10 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
     ``n_conv`` as the forward had them (or remade). d_ns: n's gradient as a list of one tensor.
     ``normalization`` (residual, mean, rstd, scale, shift): n's exact values, remade from the
     residual by the CfC backward kernel; d_n is then in their dtype (fp32 under autocast), not
-    n's, and where the 7x7's input gradient comes in a narrower dtype (cuDNN's, under autocast)
-    d_ns holds the two apart, for the AdaLN backward kernel that follows to add them as it loads
-    them (their sum in d_n's dtype, as an add would make it)."""
+    n's, and where the 7x7's input gradient comes from cuDNN d_ns holds the two apart, for the
+    AdaLN backward kernel that follows to add them as it loads them (their sum rounded as an
+    in-place add into the CfC op's would store it); d_residual is the upstream gradient itself,
+    which that kernel rounds to the residual's dtype as it loads it."""
     dw, z, g_hidden, h_hidden, *rest = saved
     small, weights, biases = rest[:_SMALL], rest[_SMALL:_SMALL + _CONVS], rest[_SMALL + _CONVS:]
     need_n, need_residual = needs[:2]
@@ -296,7 +297,9 @@ def _backward(ctx, grad_out, n, n_conv, saved, needs, normalization=None):
     weight_dtypes, bias_dtypes = ctx.param_dtypes
     d_ws = [None if d is None else d.to(w_dtype) for d, w_dtype in zip(d_ws, weight_dtypes)]
     d_bs = [None if d is None else d.to(b_dtype) for d, b_dtype in zip(d_bs, bias_dtypes)]
-    d_residual = grad_out.to(ctx.residual_dtype) if need_residual else None
+    d_residual = None
+    if need_residual:
+        d_residual = grad_out if normalization is not None else grad_out.to(ctx.residual_dtype)
     return d_ns, d_residual, d_small, d_ws, d_bs
 
 
@@ -402,10 +405,10 @@ def _pointwise_backbone_backward(d_z, dw, weight, dw_bias, dtype, need_w, need_b
 
 def _backbone_backward(d_dw, n, n_conv, weight, bias_shape, dtype, d_n_cfc, needs, triton: bool, apart: bool):
     """The 7x7 conv's ([d_n], d_weight, d_bias), d_n summed with the CfC op's ``d_n_cfc``: in the
-    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add, or,
-    ``apart``, where d_n_cfc is wider than the conv's d_n (then the sum of the two as the add
-    would make it), [d_n_cfc, the conv's d_n] for the caller's next kernel to add. The weight
-    gradient reads ``n_conv`` (n in ``dtype``, or None: n, cast)."""
+    Triton kernel's epilogue (written once, in n's wider dtype), else by one in-place add into
+    d_n_cfc, or, ``apart``, [d_n_cfc, the conv's d_n] for the caller's next kernel to add (the
+    AdaLN backward, which rounds their sum as that add would store it). The weight gradient
+    reads ``n_conv`` (n in ``dtype``, or None: n, cast)."""
     k = weight.shape[-1]
     conv_input = n if n_conv is None else n_conv
     if triton:
@@ -414,7 +417,7 @@ def _backbone_backward(d_dw, n, n_conv, weight, bias_shape, dtype, d_n_cfc, need
     d_n, d_w, d_b = _conv_backward(d_dw, conv_input, weight, bias_shape, dtype, k // 2, n.shape[1], needs, False)
     if d_n is None:
         return [d_n_cfc], d_w, d_b
-    if apart and torch.promote_types(d_n_cfc.dtype, d_n.dtype) == d_n_cfc.dtype != d_n.dtype:
+    if apart:
         return [d_n_cfc, d_n], d_w, d_b
     return [d_n_cfc.add_(d_n)], d_w, d_b  # d_n_cfc: the CfC op's fresh output, n's dtype
 
