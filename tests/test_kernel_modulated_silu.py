@@ -196,13 +196,21 @@ def test_cast_with_channel_sum(layout, shape):
     """cast_with_channel_sum(x, dtype): x.to(dtype) exactly, in x's layout, and that copy summed
     over the batch and the pixels (a conv's bias gradient from its rounded upstream) in ``dtype``:
     fp64 to fp32 here, the stored values' sum (about 1e-8 from the unrounded values')."""
-    x = _z(shape, torch.float64, layout)
-    with parity.poisoned_outputs():
-        copy, channel_sum = modulated_silu.cast_with_channel_sum(x, torch.float32)
-    assert torch.equal(copy, x.float()) and channel_sum.dtype == torch.float32
-    if layout == "channels_last":
-        assert copy.is_contiguous(memory_format=torch.channels_last)
+    copy, channel_sum = _checked_cast(modulated_silu.cast_with_channel_sum, _z(shape, torch.float64, layout),
+                                      torch.float32)
+    assert channel_sum.dtype == torch.float32
     parity.assert_close("channel_sum", channel_sum.double(), copy.double().sum((0, 2, 3)).float().double(), 1e-12)
+
+
+def _checked_cast(cast, x, dtype):
+    """``cast(x, dtype)``'s (copy, sums), its outputs NaN-poisoned, the copy checked: exactly
+    x.to(dtype), in x's memory format."""
+    with parity.poisoned_outputs():
+        copy, sums = cast(x, dtype)
+    assert torch.equal(copy, x.to(dtype))
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        assert copy.is_contiguous(memory_format=torch.channels_last)
+    return copy, sums
 
 
 def test_opcheck_silu_backward_bias_grad():
@@ -260,11 +268,8 @@ def test_cast_with_pixel_sum(layout, shape):
     interpreter rounds to bf16 toward zero; the gpu test below checks bf16) in x's memory format,
     and x summed over its pixels, in x's dtype; outputs NaN-poisoned."""
     x = _z(shape, torch.float32, layout)
-    with parity.poisoned_outputs():
-        copy, pixel_sum = modulated_silu.cast_with_pixel_sum(x, torch.float64)
-    assert torch.equal(copy, x.double()) and pixel_sum.dtype == torch.float32
-    if layout == "channels_last":
-        assert copy.is_contiguous(memory_format=torch.channels_last)
+    _, pixel_sum = _checked_cast(modulated_silu.cast_with_pixel_sum, x, torch.float64)
+    assert pixel_sum.dtype == torch.float32
     parity.assert_close("pixel_sum", pixel_sum, x.sum((2, 3)), 1e-6)
 
 
