@@ -220,8 +220,8 @@ def _launch_backward(grads, z, scale, shift, need_dz: bool, need_params: bool, s
         *go, z, *params, d_z_flat, z if partials is None else partials, B, C, P,
         *sgo[0], *sgo[1], *sgo[2], *sz, *sdz, *param_strides,
         GRADS=len(grads), SILU=silu, MODULATED=modulated, NEED_DZ=need_dz, NEED_PARAMS=need_params,
-        SUM_STORED=sum_stored, COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c, BLOCK_P=block_p,
-        TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
+        SUM_STORED=sum_stored, COMPUTE=compute, WIDE=_tensors.wide_offsets(*go, z, d_z_flat), BLOCK_C=block_c,
+        BLOCK_P=block_p, TILES=tiles, num_warps=num_warps, **_tensors.COMPILE_OPTIONS,
     )
     return d_z, partials
 
