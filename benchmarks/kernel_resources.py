@@ -244,6 +244,8 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
     hidden, w_ffn = _meta((B, 2 * C, H, W), half), torch.empty(C, 2 * C, 1, 1, dtype=half, device="meta")
     w_mix, b16 = torch.empty(C, C, 1, 1, dtype=half, device="meta"), torch.empty(C, dtype=half, device="meta")
     mod = torch.empty(B, C, dtype=half, device="meta")
+    w_inner = torch.empty(2 * C, C, 1, 1, dtype=half, device="meta")
+    b_inner = torch.empty(2 * C, dtype=half, device="meta")
     out += [  # opt-in: the FeedForward's last conv (with the block's residual), the spatial mix's (modulated, NCHW)
         ("SiLU -> 1x1 conv forward + residual, 128 -> 64", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._forward_kernels(hidden, w_ffn, b16, None, None, half, x32)),
@@ -259,11 +261,16 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
         # head, its 3x3 in the prologue (opt-in, with the Triton depthwise kernels)
         ("1x1 conv -> SiLU forward", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._conv1x1_silu_kernels(a16, w_mix, b16, half)),
+        # with gradient: the same writing the conv's output too (the backbone's z; the
+        # FeedForward's hidden tensor remade in backward), and the FeedForward's first conv
+        ("1x1 conv forward, 64 -> 128", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._conv1x1_kernels(a16, w_inner, b_inner, half)),
+        ("1x1 conv -> its output and SiLU forward, 64 -> 128", "pointwise_conv", "_silu_conv1x1_kernel",
+         lambda: pw._conv1x1_and_silu_kernels(a16, w_inner, b_inner, half)),
         # opt-in, without gradient: the FeedForward's two convs in one pass, at the first and
         # (the widest it takes) the second level
         ("FeedForward forward + residual, 64 -> 128 -> 64", "pointwise_conv", "_feedforward_kernel",
-         lambda: pw._feedforward_kernels(a16, torch.empty(2 * C, C, 1, 1, dtype=half, device="meta"),
-                                         torch.empty(2 * C, dtype=half, device="meta"), w_ffn, b16, half, x32)),
+         lambda: pw._feedforward_kernels(a16, w_inner, b_inner, w_ffn, b16, half, x32)),
         ("FeedForward forward + residual, 128 -> 256 -> 128", "pointwise_conv", "_feedforward_kernel",
          lambda: pw._feedforward_kernels(_meta((B, 128, H // 2, W // 2), half),
                                          torch.empty(256, 128, 1, 1, dtype=half, device="meta"),

@@ -7,6 +7,7 @@ opcheck; bf16 on the GPU. Then the forward with a depthwise conv in its prologue
 (``pointwise_conv.depthwise_forward``, the CfC's g and h heads without gradient) against
 functional.depthwise_silu_conv1x1, and with SiLU in its epilogue instead
 (``pointwise_conv.conv1x1_silu_forward``, the CfC backbone's 1x1) against functional.conv1x1_silu;
+without SiLU (``conv1x1_forward``) and with both outputs (``conv1x1_and_silu_forward``);
 and the FeedForward's two convs in one forward (``pointwise_conv.feedforward_forward``, through
 ``kernels.feedforward``) against functional.feedforward."""
 import pytest
@@ -342,6 +343,51 @@ def test_gpu_silu_epilogue_bf16_at_the_cfc_levels(K):
     raw = {k: v.bfloat16() for k, v in _inputs(8, K, K, size, size, fmt=torch.channels_last).items() if v is not None}
     out = pointwise_conv.conv1x1_silu_forward(raw["z"], raw["weight"], raw["bias"], torch.bfloat16)
     assert parity.rel_err(out, functional.conv1x1_silu(*(raw[k].double() for k in ("z", "weight", "bias")))) < 2e-2
+
+
+# ------------------------------------------ the plain conv, and the conv with its SiLU both out
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("shape, bias", [((2, 40, 24, 5, 7), True), ((1, 3, 65, 4, 4), False),
+                                         ((3, 130, 17, 9, 9), True)])
+def test_conv_and_silu_outputs_parity(dtype, tol, fmt, shape, bias):
+    """conv1x1_forward (no SiLU) against functional.conv1x1; conv1x1_and_silu_forward's conv
+    output bit for bit conv1x1_forward's (the FeedForward's forward and its backward's remake
+    must agree exactly: the same tiles) and its SiLU that of the conv (functional.conv1x1_silu),
+    all NaN-poisoned, in z's memory format."""
+    raw = _inputs(*shape, dtype=dtype, fmt=fmt, bias=bias)
+    args = (raw["z"], raw["weight"], raw["bias"], dtype)
+    with parity.poisoned_outputs():
+        plain = pointwise_conv.conv1x1_forward(*args)
+        pre, activated = pointwise_conv.conv1x1_and_silu_forward(*args)
+    parity.assert_close("out", plain, functional.conv1x1(raw["z"], raw["weight"], raw["bias"]), tol)
+    parity.assert_close("silu", activated, functional.conv1x1_silu(raw["z"], raw["weight"], raw["bias"]), tol)
+    assert torch.equal(pre, plain)
+    assert all(t.is_contiguous(memory_format=fmt) for t in (plain, pre, activated))
+
+
+def test_conv_and_silu_outputs_opcheck():
+    raw = _inputs(2, 37, 21, 5, 3, fmt=torch.channels_last)
+    for op in (torch.ops.liquiddiff.conv1x1_forward.default, torch.ops.liquiddiff.conv1x1_and_silu_forward.default):
+        for bias in (raw["bias"], None):
+            torch.library.opcheck(op, (raw["z"], raw["weight"], bias, torch.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K, N", [(64, 64), (64, 128), (256, 256), (256, 512)])
+def test_gpu_conv_and_silu_outputs_bf16(K, N):
+    """The CfC backbone's 1x1 (N = K) and the FeedForward's first conv (N = 2K) at their first
+    and third levels, batch 8, channels_last, bf16: the remake's conv output bit for bit the
+    forward's, both outputs within bf16 rounding of fp64."""
+    size = 256 * 64 // K
+    raw = {k: v.bfloat16() for k, v in _inputs(8, K, N, size, size, fmt=torch.channels_last).items() if v is not None}
+    args = (raw["z"], raw["weight"], raw["bias"], torch.bfloat16)
+    plain = pointwise_conv.conv1x1_forward(*args)
+    pre, activated = pointwise_conv.conv1x1_and_silu_forward(*args)
+    assert torch.equal(pre, plain)
+    exact = [raw[k].double() for k in ("z", "weight", "bias")]
+    assert parity.rel_err(plain, functional.conv1x1(*exact)) < 2e-2
+    assert parity.rel_err(activated, functional.conv1x1_silu(*exact)) < 2e-2
 
 
 # ----------------------------------------------------------- the FeedForward's convs in one pass

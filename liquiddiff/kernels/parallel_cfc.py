@@ -163,14 +163,16 @@ def _forward(ctx, n, residual, small, weights, biases, n_conv, copy_dtype, grad,
         dw = _conv(n if n_conv is None else n_conv, weights[_DW], dw_bias, dtype, weights[_DW].shape[-1] // 2,
                    channels, ctx.dw_triton)
         # The Triton SiLU -> 1x1 conv forward (runtime.FORWARD_ONLY) runs the g and h 1x1s
-        # with their SiLU (and 3x3 bias) in the prologue; without gradient also the
-        # backbone's 1x1 with its SiLU in the epilogue (z, which backward needs, is never
-        # written) and, with the Triton depthwise kernels chosen, the g and h 3x3s in the
-        # heads' prologue (never written).
+        # with their SiLU (and 3x3 bias) in the prologue, and the backbone's 1x1 with its SiLU
+        # in the epilogue: z, which backward needs, written by the same pass, and without
+        # gradient never written; with the Triton depthwise kernels chosen and no gradient, the
+        # g and h 3x3s in the heads' prologue (never written).
         pointwise_forward = _triton_pointwise(n, weights[_PW], 1, True, grad=False)
         forward_only = not grad and pointwise_forward
         if forward_only:
             z, silu_z = None, pointwise_conv.conv1x1_silu_forward(dw, weights[_PW], z_bias, dtype)
+        elif pointwise_forward:
+            z, silu_z = pointwise_conv.conv1x1_and_silu_forward(dw, weights[_PW], z_bias, dtype)
         else:
             z = _conv(dw, weights[_PW], z_bias, dtype, 0, 1, False)
             silu_z = F.silu(z)

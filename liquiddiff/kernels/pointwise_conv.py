@@ -60,7 +60,8 @@ except Exception:  # Triton missing: runtime.use_triton is False, no launcher is
 
 from . import _eager, _tensors
 
-__all__ = ["forward", "depthwise_forward", "conv1x1_silu_forward", "feedforward_forward", "backward", "OP_NAME"]
+__all__ = ["forward", "depthwise_forward", "conv1x1_silu_forward", "conv1x1_and_silu_forward", "conv1x1_forward",
+           "feedforward_forward", "backward", "OP_NAME"]
 
 OP_NAME = "pointwise_conv"
 _BLOCK_P = 64
@@ -69,6 +70,12 @@ _MAX_BLOCK_K = 32
 _MAX_WGRAD_BLOCK = 64
 _WGRAD_MIN_PROGRAMS = 1024
 _WARPS = 4
+# The plain conv and the conv writing its output and SiLU both (the FeedForward's first conv and
+# its remake in backward, whose outputs must agree bit for bit: the same tiles): at most this many
+# output channels a program. Both outputs of a 128-wide tile took 134 registers (3 blocks of 4
+# warps per SM, sm_90, Triton 3.6 and 3.9), 64 wide 72 (7 blocks); a 128-channel output reads
+# the input tile twice (the second time from L2).
+_PLAIN_BLOCK_N = 64
 # The backward tiles hold a product tile and two operand tiles of up to 64 x 128: 8 warps keep
 # them under 128 registers a thread (benchmarks.kernel_resources).
 _BWD_WARPS = 8
@@ -173,12 +180,12 @@ if triton is not None:
 
     @triton.jit
     def _silu_conv1x1_kernel(
-        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, dw_ptr, dwb_ptr, res_ptr, out_ptr, P,
+        z_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, dw_ptr, dwb_ptr, res_ptr, out_ptr, pre_ptr, P,
         sz_b, sz_k, sz_p, so_b, so_n, so_p, sw_n, sw_k, s_bias, ss_b, ss_k, sh_b, sh_k,
         sdw_k, sdw_y, sdw_x, s_dwb, height, width, sr_b, sr_n, sr_p, batch_start,
         K: tl.constexpr, N: tl.constexpr, HAS_BIAS: tl.constexpr, MODULATED: tl.constexpr,
         KSIZE: tl.constexpr, HAS_DW_BIAS: tl.constexpr, ACTIVATE: tl.constexpr, SILU_OUT: tl.constexpr,
-        HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr,
+        STORE_PRE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, CONV: tl.constexpr,
         DOT: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
         SPLIT_BATCH: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
@@ -197,6 +204,8 @@ if triton is not None:
                                 KSIZE, HAS_DW_BIAS, CONV, DOT, ACC, WIDE, BLOCK_P, BLOCK_N, BLOCK_K)
         mask = p_mask[:, None] & n_mask[None, :]
         out = acc.to(CONV)  # the conv's output, as cuDNN writes it
+        if STORE_PRE:  # that output too (pre_ptr: out's layout and dtype), before the SiLU below
+            tl.store(pre_ptr + pid_b * so_b + rows * so_p + ns[None, :] * so_n, out, mask=mask)
         if SILU_OUT:  # then SiLU of it, rounded again, as aten's SiLU of the conv's output
             out = out.to(ACC)
             out = (out * tl.sigmoid(out)).to(CONV)
@@ -384,17 +393,22 @@ def _depthwise_taps(dw_weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor
 
 
 def _launch_forward(z, weight, bias, scale, shift, dtype, residual, dw_weight=None, dw_bias=None,
-                    silu_out: bool = False) -> torch.Tensor:
+                    silu_out: bool = False, activate: bool = True, keep_pre: bool = False):
     """The forward kernel: with ``dw_weight`` ([K, 1, k, k]), conv1x1(silu(depthwise_conv(z) +
     dw_bias)) (no modulation, no residual); with ``silu_out``, silu(conv1x1(z)) (no modulation,
-    no residual); else conv1x1(silu(z modulated)) + residual."""
+    no residual), and with ``keep_pre`` (conv1x1(z), that) both; without ``activate``,
+    conv1x1(z) (no modulation, no residual); else conv1x1(silu(z modulated)) + residual."""
     B, K, H, W = z.shape
     N = weight.shape[0]
     out = _allocate_out(z, weight, residual, dtype)
+    pre = _allocate_out(z, weight, None, dtype) if keep_pre else out
+    result = (pre, out) if keep_pre else out
     params, param_strides = _modulation_args(scale, shift, z)
-    (z, out), (sz, so) = _tensors.flat_all(z, out)
+    (z, out, pre), (sz, so, _) = _tensors.flat_all(z, out, pre)
     res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
+    if keep_pre or not activate:
+        block_n = min(block_n, _PLAIN_BLOCK_N)
     options = {"num_warps": _WARPS}
     if dw_weight is None:
         dw_args, dw_strides = (z, z), (0, 0, 0, 0)
@@ -409,16 +423,17 @@ def _launch_forward(z, weight, bias, scale, shift, dtype, residual, dw_weight=No
     conv, dot, acc = dot_dtypes(dtype, z.device)
     _tensors.launch_over_batch(
         _silu_conv1x1_kernel, (_tensors.cdiv(H * W, _BLOCK_P), _tensors.cdiv(N, block_n)), B,
-        z, weight, weight if bias is None else bias, *params, *dw_args, res, out, H * W,
+        z, weight, weight if bias is None else bias, *params, *dw_args, res, out, pre, H * W,
         *sz, *so, weight.stride(0), weight.stride(1), 0 if bias is None else bias.stride(0), *param_strides,
         *dw_strides, H, W, *sr,
         K=K, N=N, HAS_BIAS=bias is not None, MODULATED=scale is not None,
         KSIZE=0 if dw_weight is None else dw_weight.shape[-1], HAS_DW_BIAS=dw_bias is not None,
-        ACTIVATE=not silu_out, SILU_OUT=silu_out, HAS_RESIDUAL=residual is not None, CONV=conv, DOT=dot, ACC=acc,
+        ACTIVATE=activate and not silu_out, SILU_OUT=silu_out, STORE_PRE=keep_pre,
+        HAS_RESIDUAL=residual is not None, CONV=conv, DOT=dot, ACC=acc,
         WIDE=_tensors.wide_offsets(z, out, res),
         BLOCK_P=_BLOCK_P, BLOCK_N=block_n, BLOCK_K=block_k, **options, **_tensors.COMPILE_OPTIONS,
     )
-    return out
+    return result
 
 
 @_tensors.launches_on_input_device
@@ -497,6 +512,55 @@ def conv1x1_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Opt
     (as cuDNN writes it and aten's SiLU reads it), where a SiLU pass read the conv's output back;
     in z's memory format. No autograd: a forward for calls that record no gradient."""
     op = _conv1x1_silu_op if _eager.needs_custom_op(z) else _conv1x1_silu_kernels
+    return op(z, weight, bias, dtype)
+
+
+@_tensors.launches_on_input_device
+def _conv1x1_and_silu_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                              dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_forward(z, weight, bias, None, None, dtype, None, silu_out=True, keep_pre=True)
+
+
+_conv1x1_and_silu_op = torch.library.custom_op("liquiddiff::conv1x1_and_silu_forward", mutates_args=())(
+    _conv1x1_and_silu_kernels)
+
+
+@_conv1x1_and_silu_op.register_fake
+def _(z, weight, bias, dtype):
+    return _allocate_out(z, weight, None, dtype), _allocate_out(z, weight, None, dtype)
+
+
+def conv1x1_and_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(conv1x1(z), its SiLU), both in ``dtype`` and z's memory format, by one pass: the conv
+    output as :func:`conv1x1_forward` writes it (the same tiles, so the same bits) and its SiLU
+    as :func:`conv1x1_silu_forward` does, where a SiLU pass read the conv's output back (the
+    CfC backbone's 1x1 in training, which backward needs z of; the FeedForward's first conv
+    remade in backward). No autograd."""
+    op = _conv1x1_and_silu_op if _eager.needs_custom_op(z) else _conv1x1_and_silu_kernels
+    return op(z, weight, bias, dtype)
+
+
+@_tensors.launches_on_input_device
+def _conv1x1_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                     dtype: torch.dtype) -> torch.Tensor:
+    return _launch_forward(z, weight, bias, None, None, dtype, None, activate=False)
+
+
+_conv1x1_op = torch.library.custom_op("liquiddiff::conv1x1_forward", mutates_args=())(_conv1x1_kernels)
+
+
+@_conv1x1_op.register_fake
+def _(z, weight, bias, dtype):
+    return _allocate_out(z, weight, None, dtype)
+
+
+def conv1x1_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """:func:`liquiddiff.functional.conv1x1` in ``dtype``, in z's memory format, on this file's
+    forward kernel without its SiLU: the FeedForward's first conv, so that its backward's remake
+    (:func:`conv1x1_and_silu_forward`) gives the same bits. No autograd."""
+    op = _conv1x1_op if _eager.needs_custom_op(z) else _conv1x1_kernels
     return op(z, weight, bias, dtype)
 
 

@@ -450,7 +450,10 @@ class _FeedForward(torch.autograd.Function):
         ctx.bias_shapes = [None if b is None else list(b.shape) for b in (b1, b2)]
         (w1, b1), (w2, b2) = _conv_params(w1, b1, dtype), _conv_params(w2, b2, out_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            hidden = _conv(x, w1, b1, dtype, 0, 1, False)
+            # With the Triton forward kernel (pointwise_forward), the first conv runs on it too:
+            # backward remakes the hidden tensor with its SiLU by one pass of the same tiles.
+            hidden = (pointwise_conv.conv1x1_forward(x, w1, b1, dtype) if pointwise_forward
+                      else _conv(x, w1, b1, dtype, 0, 1, False))
             if pointwise_forward:
                 out = pointwise_conv.forward(hidden, w2, b2, None, None, out_dtype, residual)
             else:
@@ -459,7 +462,7 @@ class _FeedForward(torch.autograd.Function):
                     out = residual + out
         ctx.save_for_backward(x, w1, b1, w2)
         ctx.dtypes = dtype, out_dtype
-        ctx.pointwise_backward = pointwise_backward
+        ctx.pointwise = pointwise_forward, pointwise_backward
         return out
 
     @staticmethod
@@ -470,15 +473,18 @@ class _FeedForward(torch.autograd.Function):
         need_x, need_w1, need_b1, need_w2, need_b2, need_residual = ctx.needs_input_grad[:6]
         need_b1, need_b2 = (need and shape is not None for need, shape in zip((need_b1, need_b2), ctx.bias_shapes))
         need_hidden = need_x or need_w1 or need_b1
+        pointwise_forward, pointwise_backward = ctx.pointwise
         d_x = d_w1 = d_b1 = None
         with torch.autocast(x.device.type, enabled=False):
-            hidden = _conv(x, w1, b1, dtype, 0, 1, False)
-            if ctx.pointwise_backward:  # SiLU remade and its backward applied in registers
+            if pointwise_backward:  # SiLU remade and its backward applied in registers
+                hidden = _remade_hidden(x, w1, b1, dtype, pointwise_forward, activation=False)
                 d_hidden, d_w2, d_b2, _, _ = pointwise_conv.backward(
                     grad_out, hidden, w2, None, None, out_dtype, (need_hidden, need_w2, need_b2, False, False))
             else:
-                d_a, d_w2, d_b2 = _conv_backward(grad_out, F.silu(hidden), w2, ctx.bias_shapes[1], out_dtype, 0, 1,
+                hidden, a = _remade_hidden(x, w1, b1, dtype, pointwise_forward, activation=True)
+                d_a, d_w2, d_b2 = _conv_backward(grad_out, a, w2, ctx.bias_shapes[1], out_dtype, 0, 1,
                                                  [need_hidden, need_w2, need_b2], False)
+                del a
                 if need_hidden:
                     d_hidden, d_b1 = _silu_backward_with_bias_grad([d_a], hidden, need_b1)
                     del d_a
@@ -490,6 +496,16 @@ class _FeedForward(torch.autograd.Function):
         grads = [_cast(d, p_dtype) for d, p_dtype in zip((d_w1, d_b1, d_w2, d_b2), ctx.param_dtypes)]
         return (d_x, grads[0], grads[1] if need_b1 else None, grads[2], grads[3] if need_b2 else None,
                 grad_out if need_residual else None, None, None)
+
+
+def _remade_hidden(x, w1, b1, dtype, triton: bool, activation: bool):
+    """The FeedForward's hidden tensor as its forward made it (the Triton forward kernel's, or
+    aten's GEMM), with its SiLU when ``activation``: (hidden, silu(hidden)), by one pass on
+    Triton, where a SiLU pass read the GEMM's output back."""
+    if triton and activation:
+        return pointwise_conv.conv1x1_and_silu_forward(x, w1, b1, dtype)
+    hidden = pointwise_conv.conv1x1_forward(x, w1, b1, dtype) if triton else _conv(x, w1, b1, dtype, 0, 1, False)
+    return (hidden, F.silu(hidden)) if activation else hidden
 
 
 def _silu_backward_with_bias_grad(grads, z, need_bias: bool):
