@@ -9,7 +9,8 @@ pointwise kernels with its heads + gate kernels; the forward alone of the CfC's 
 its 3x3 in the 1x1 conv's prologue; first the spatial mix's fp32 input (its bf16
 copy and pixel sums in one Triton pass or by the CfC kernel that writes it, its Triton depthwise
 conv, cast by the launcher; the CfC kernels remaking their x from it as AdaLN's output, the
-AdaLN backward with two upstream gradients), its
+AdaLN backward with two upstream gradients, the bias-gradient sums, the 1x1 conv writing its
+output and SiLU both), its
 merged depthwise kernel and context shift) at shapes whose channel and pixel counts are not multiples of any block size (C = 3, 65,
 130; H*W = 35, 117, 1320), in NCHW,
 channels_last and channel slices of a wider tensor, in bf16, fp32 and the autocast mix (bf16
@@ -35,7 +36,7 @@ import torch
 
 from benchmarks import cases
 from liquiddiff import functional, kernels
-from liquiddiff.kernels import depthwise, runtime
+from liquiddiff.kernels import depthwise, pointwise_conv, runtime
 
 # The modules (the package's attributes of those names are the ops).
 modulated_silu = importlib.import_module("liquiddiff.kernels.modulated_silu")
@@ -201,8 +202,27 @@ def fp32_input_checks(device: torch.device) -> list[tuple[str, str, bool]]:
                      cases.rel_err(d_z_sum.cpu().double(), d_z.cpu().double().sum((0, 2, 3))) <= sum_tol)]
             op, check, ok = _cfc_copy_check(xd, dtype, gen)
             out.append((op, f"{check} {layout}", ok))
+            out.append(_conv_outputs_check(xd.to(dtype), gen, what))
             out += [(op, f"{check} {layout}", ok) for op, check, ok in _normalized_cfc_checks(xd, dtype, gen)]
     return out
+
+
+def _conv_outputs_check(x: torch.Tensor, gen: torch.Generator, what: str) -> tuple[str, str, bool]:
+    """The 1x1 conv of ``x`` to twice its channels with its output and SiLU both written
+    (``pointwise_conv.conv1x1_and_silu_forward``, the FeedForward's hidden tensor remade in
+    backward; the CfC backbone's z in training), and alone (``conv1x1_forward``, its forward):
+    the two conv outputs equal, both against fp64."""
+    channels = x.shape[1]
+    w = (torch.randn(2 * channels, channels, 1, 1, generator=gen) / channels ** 0.5).to(x.device, x.dtype)
+    b = torch.randn(2 * channels, generator=gen).to(x.device, x.dtype)
+    plain = pointwise_conv.conv1x1_forward(x, w, b, x.dtype)
+    pre, activated = pointwise_conv.conv1x1_and_silu_forward(x, w, b, x.dtype)
+    cases.sync(x.device)
+    exact = [t.cpu().double() for t in (x, w, b)]
+    tol = TOL["fp32"] if x.dtype == torch.float64 else TOL["bf16"]
+    ok = (torch.equal(pre, plain) and cases.rel_err(plain.cpu(), functional.conv1x1(*exact)) <= tol
+          and cases.rel_err(activated.cpu(), functional.conv1x1_silu(*exact)) <= tol)
+    return "pointwise_conv", f"1x1 conv, its output and SiLU both {what}", ok
 
 
 def main(argv=None) -> int:
