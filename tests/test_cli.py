@@ -89,10 +89,10 @@ def test_info_names_device_versions_and_backends(capsys):
         line = next(line for line in lines if op in line)
         assert ("triton" in line or "torch" in line) and len(line.split()) > 3  # backend and a reason
     # Where the interpreter runs the kernels: the pointwise conv's forward kernel's choice (every
-    # call's, and sampling's variants) follows its line (runtime.FORWARD_ONLY).
+    # call's, and its variants') follows its line (runtime.FORWARD_ONLY).
     pointwise = next(i for i, line in enumerate(lines) if "pointwise_conv" in line)
     assert lines[pointwise].split()[1] == "torch" and lines[pointwise + 1].split()[:1] == ["triton"]
-    assert "without gradient" in lines[pointwise + 1]
+    assert "forward kernel and its variants" in lines[pointwise + 1]
 
 
 @pytest.mark.parametrize("command, options, device, expected", [

@@ -76,8 +76,9 @@ OPT_IN = {
 # gated by the same op, keep the training choice (the first's forward, 0.42 ms, did not beat
 # torch.compile's 0.36; the second is not timed yet).
 FORWARD_ONLY = {
-    "pointwise_conv": "Triton's SiLU -> 1x1 conv forward kernel (and, without gradient, its variants): it measured "
-                      "faster than SiLU + cuDNN's forward (benchmarks/RESULTS.md)",
+    "pointwise_conv": "Triton's SiLU -> 1x1 conv forward kernel and its variants (the CfC backbone's 1x1 with its "
+                      "SiLU, the FeedForward's first conv): it measured faster than SiLU + cuDNN's forward "
+                      "(benchmarks/RESULTS.md)",
 }
 
 # Ops whose kernels spill below a compute capability, so that auto keeps PyTorch's path there.
