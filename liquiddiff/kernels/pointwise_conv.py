@@ -47,6 +47,12 @@ sizes is estimated under cuDNN's 3x3 plus this forward's up to 128 channels and 
 (``MAX_DEPTHWISE_HEAD_CHANNELS``); not timed on a GPU yet. And the FeedForward's two convs in one
 forward (``feedforward_forward``, opt-in, without gradient): the hidden tensor, written and read
 back between them on the default path, stays in registers a chunk at a time.
+
+Without the prologue's SiLU, the forward is a plain 1x1 conv (``conv1x1_forward``), or, with
+SiLU in the epilogue, writes the conv's output and its SiLU both (``conv1x1_and_silu_forward``:
+the CfC backbone's z, which backward needs, and silu(z) for its heads; the FeedForward's hidden
+tensor and its SiLU, remade in backward from the plain conv's tiles, bit for bit), where a SiLU
+pass read the conv's output back.
 """
 import typing
 
