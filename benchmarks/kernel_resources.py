@@ -260,11 +260,11 @@ def launches(half: torch.dtype = torch.bfloat16, size: tuple = SHAPE) -> list[tu
         # without gradient: the CfC backbone's 1x1, SiLU in the epilogue (auto); the g or h
         # head, its 3x3 in the prologue (opt-in, with the Triton depthwise kernels)
         ("1x1 conv -> SiLU forward", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._conv1x1_silu_kernels(a16, w_mix, b16, half)),
+         lambda: pw._conv1x1_kernels(a16, w_mix, b16, half, True)),
         # with gradient: the same writing the conv's output too (the backbone's z; the
         # FeedForward's hidden tensor remade in backward), and the FeedForward's first conv
         ("1x1 conv forward, 64 -> 128", "pointwise_conv", "_silu_conv1x1_kernel",
-         lambda: pw._conv1x1_kernels(a16, w_inner, b_inner, half)),
+         lambda: pw._conv1x1_kernels(a16, w_inner, b_inner, half, False)),
         ("1x1 conv -> its output and SiLU forward, 64 -> 128", "pointwise_conv", "_silu_conv1x1_kernel",
          lambda: pw._conv1x1_and_silu_kernels(a16, w_inner, b_inner, half)),
         # opt-in, without gradient: the FeedForward's two convs in one pass, at the first and

@@ -226,12 +226,12 @@ def test_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
     the Triton pointwise forward's epilogue, the g and h heads' SiLU -> 1x1 convs with their SiLU
     and 3x3 bias in its prologue (not the CfC heads kernel: its forward did not beat cuDNN's),
     and with the Triton depthwise kernels their 3x3 convs too; a call with gradient runs the g and
-    h heads' forward alone (the backbone keeps z for backward; the 3x3s feed the saved hidden
-    tensors). Both the reference's values."""
+    h heads' forward and the backbone's 1x1 writing z (which backward keeps) with its SiLU (the
+    3x3s feed the saved hidden tensors). Both the reference's values."""
     from liquiddiff.kernels import pointwise_conv
 
     monkeypatch.setenv("LIQUIDDIFF_KERNELS", setting)
-    names = ("forward", "depthwise_forward", "conv1x1_silu_forward")
+    names = ("forward", "depthwise_forward", "conv1x1_silu_forward", "conv1x1_and_silu_forward")
     calls = dict.fromkeys(names, 0)
     for name in names:
         real = getattr(pointwise_conv, name)
@@ -241,11 +241,12 @@ def test_the_1x1s_run_the_pointwise_forward(monkeypatch, setting, launches):
     on = launches != (0, 0)  # the pointwise forward on
     with parity.poisoned_outputs(), torch.no_grad():
         out = _call(kernels.parallel_cfc)(**raw)
-    assert calls == dict(zip(names, (*launches, int(on))))
+    assert calls == dict(zip(names, (*launches, int(on), 0)))
     parity.assert_close("out", out, _call(functional.parallel_cfc)(**raw), 1e-12)
     calls.update(dict.fromkeys(names, 0))
     parity.check_op(_call(kernels.parallel_cfc), _call(functional.parallel_cfc), raw, 1e-12)
-    assert calls == {"forward": 2 * on, "depthwise_forward": 0, "conv1x1_silu_forward": 0}
+    assert calls == {"forward": 2 * on, "depthwise_forward": 0, "conv1x1_silu_forward": 0,
+                     "conv1x1_and_silu_forward": int(on)}
 
 
 def _normalized_raw(dtype=torch.float64, shape=(2, 6, 5, 7)):

@@ -413,7 +413,7 @@ def _launch_forward(z, weight, bias, scale, shift, dtype, residual, dw_weight=No
     (z, out, pre), (sz, so, _) = _tensors.flat_all(z, out, pre)
     res, sr = (out, (0, 0, 0)) if residual is None else _tensors.flat_pixels(residual)
     block_n, block_k = _blocks(K, N)
-    if keep_pre or not activate:
+    if keep_pre or not (activate or silu_out):
         block_n = min(block_n, _PLAIN_BLOCK_N)
     options = {"num_warps": _WARPS}
     if dw_weight is None:
@@ -498,17 +498,26 @@ def depthwise_forward(x: torch.Tensor, dw_weight: torch.Tensor, dw_bias: typing.
 
 
 @_tensors.launches_on_input_device
-def _conv1x1_silu_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                          dtype: torch.dtype) -> torch.Tensor:
-    return _launch_forward(z, weight, bias, None, None, dtype, None, silu_out=True)
+def _conv1x1_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                     dtype: torch.dtype, silu: bool) -> torch.Tensor:
+    return _launch_forward(z, weight, bias, None, None, dtype, None, silu_out=silu, activate=False)
 
 
-_conv1x1_silu_op = torch.library.custom_op("liquiddiff::conv1x1_silu_forward", mutates_args=())(_conv1x1_silu_kernels)
+_conv1x1_op = torch.library.custom_op("liquiddiff::conv1x1_forward", mutates_args=())(_conv1x1_kernels)
 
 
-@_conv1x1_silu_op.register_fake
-def _(z, weight, bias, dtype):
+@_conv1x1_op.register_fake
+def _(z, weight, bias, dtype, silu):
     return _allocate_out(z, weight, None, dtype)
+
+
+def conv1x1_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
+                    dtype: torch.dtype) -> torch.Tensor:
+    """:func:`liquiddiff.functional.conv1x1` in ``dtype``, in z's memory format, on this file's
+    forward kernel without its SiLU: the FeedForward's first conv, so that its backward's remake
+    (:func:`conv1x1_and_silu_forward`) gives the same bits. No autograd."""
+    op = _conv1x1_op if _eager.needs_custom_op(z) else _conv1x1_kernels
+    return op(z, weight, bias, dtype, False)
 
 
 def conv1x1_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
@@ -517,8 +526,8 @@ def conv1x1_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Opt
     its SiLU, without gradient): SiLU in the conv's epilogue, of its output rounded to ``dtype``
     (as cuDNN writes it and aten's SiLU reads it), where a SiLU pass read the conv's output back;
     in z's memory format. No autograd: a forward for calls that record no gradient."""
-    op = _conv1x1_silu_op if _eager.needs_custom_op(z) else _conv1x1_silu_kernels
-    return op(z, weight, bias, dtype)
+    op = _conv1x1_op if _eager.needs_custom_op(z) else _conv1x1_kernels
+    return op(z, weight, bias, dtype, True)
 
 
 @_tensors.launches_on_input_device
@@ -544,29 +553,6 @@ def conv1x1_and_silu_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing
     CfC backbone's 1x1 in training, which backward needs z of; the FeedForward's first conv
     remade in backward). No autograd."""
     op = _conv1x1_and_silu_op if _eager.needs_custom_op(z) else _conv1x1_and_silu_kernels
-    return op(z, weight, bias, dtype)
-
-
-@_tensors.launches_on_input_device
-def _conv1x1_kernels(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                     dtype: torch.dtype) -> torch.Tensor:
-    return _launch_forward(z, weight, bias, None, None, dtype, None, activate=False)
-
-
-_conv1x1_op = torch.library.custom_op("liquiddiff::conv1x1_forward", mutates_args=())(_conv1x1_kernels)
-
-
-@_conv1x1_op.register_fake
-def _(z, weight, bias, dtype):
-    return _allocate_out(z, weight, None, dtype)
-
-
-def conv1x1_forward(z: torch.Tensor, weight: torch.Tensor, bias: typing.Optional[torch.Tensor],
-                    dtype: torch.dtype) -> torch.Tensor:
-    """:func:`liquiddiff.functional.conv1x1` in ``dtype``, in z's memory format, on this file's
-    forward kernel without its SiLU: the FeedForward's first conv, so that its backward's remake
-    (:func:`conv1x1_and_silu_forward`) gives the same bits. No autograd."""
-    op = _conv1x1_op if _eager.needs_custom_op(z) else _conv1x1_kernels
     return op(z, weight, bias, dtype)
 
 
