@@ -450,10 +450,7 @@ class _FeedForward(torch.autograd.Function):
         ctx.bias_shapes = [None if b is None else list(b.shape) for b in (b1, b2)]
         (w1, b1), (w2, b2) = _conv_params(w1, b1, dtype), _conv_params(w2, b2, out_dtype)
         with torch.autocast(x.device.type, enabled=False):
-            # With the Triton forward kernel (pointwise_forward), the first conv runs on it too:
-            # backward remakes the hidden tensor with its SiLU by one pass of the same tiles.
-            hidden = (pointwise_conv.conv1x1_forward(x, w1, b1, dtype) if pointwise_forward
-                      else _conv(x, w1, b1, dtype, 0, 1, False))
+            hidden = _hidden(x, w1, b1, dtype, pointwise_forward, activation=False)
             if pointwise_forward:
                 out = pointwise_conv.forward(hidden, w2, b2, None, None, out_dtype, residual)
             else:
@@ -477,11 +474,11 @@ class _FeedForward(torch.autograd.Function):
         d_x = d_w1 = d_b1 = None
         with torch.autocast(x.device.type, enabled=False):
             if pointwise_backward:  # SiLU remade and its backward applied in registers
-                hidden = _remade_hidden(x, w1, b1, dtype, pointwise_forward, activation=False)
+                hidden = _hidden(x, w1, b1, dtype, pointwise_forward, activation=False)
                 d_hidden, d_w2, d_b2, _, _ = pointwise_conv.backward(
                     grad_out, hidden, w2, None, None, out_dtype, (need_hidden, need_w2, need_b2, False, False))
             else:
-                hidden, a = _remade_hidden(x, w1, b1, dtype, pointwise_forward, activation=True)
+                hidden, a = _hidden(x, w1, b1, dtype, pointwise_forward, activation=True)
                 d_a, d_w2, d_b2 = _conv_backward(grad_out, a, w2, ctx.bias_shapes[1], out_dtype, 0, 1,
                                                  [need_hidden, need_w2, need_b2], False)
                 del a
@@ -498,10 +495,11 @@ class _FeedForward(torch.autograd.Function):
                 grad_out if need_residual else None, None, None)
 
 
-def _remade_hidden(x, w1, b1, dtype, triton: bool, activation: bool):
-    """The FeedForward's hidden tensor as its forward made it (the Triton forward kernel's, or
-    aten's GEMM), with its SiLU when ``activation``: (hidden, silu(hidden)), by one pass on
-    Triton, where a SiLU pass read the GEMM's output back."""
+def _hidden(x, w1, b1, dtype, triton: bool, activation: bool):
+    """The FeedForward's hidden tensor, made the same way in its forward and its backward's
+    remake (the Triton forward kernel's tiles where the forward kernel runs, else aten's GEMM),
+    with its SiLU when ``activation``: (hidden, silu(hidden)), by one pass on Triton, where a
+    SiLU pass read the GEMM's output back."""
     if triton and activation:
         return pointwise_conv.conv1x1_and_silu_forward(x, w1, b1, dtype)
     hidden = pointwise_conv.conv1x1_forward(x, w1, b1, dtype) if triton else _conv(x, w1, b1, dtype, 0, 1, False)
